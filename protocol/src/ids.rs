@@ -1,0 +1,200 @@
+//! Identifiers. Names that end up in MQTT topics share one charset
+//! (`^[a-z0-9][a-z0-9._-]{0,62}$`, SECURITY MQTT-2), so `+`, `#`, `/`, `$` and
+//! control characters can never reach a topic. They are checked when built and
+//! when decoded: an invalid id makes the whole message fail to decode.
+
+use crate::hexser::byte_newtype;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+
+/// Longest identifier, in bytes.
+pub const MAX_ID_LEN: usize = 63;
+
+/// Why a string is not a valid identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdError {
+    #[error("{what} is empty")]
+    Empty { what: &'static str },
+    #[error("{what} is {len} bytes long; the limit is {MAX_ID_LEN}")]
+    TooLong { what: &'static str, len: usize },
+    #[error(
+        "{what} has {found:?} at byte {at}; allowed are a-z, 0-9 and (not first) '.', '_', '-'"
+    )]
+    BadChar {
+        what: &'static str,
+        at: usize,
+        found: char,
+    },
+}
+
+/// Checks the shared identifier charset.
+pub fn validate_id(what: &'static str, s: &str) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty { what });
+    }
+    if s.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong { what, len: s.len() });
+    }
+    for (at, c) in s.char_indices() {
+        let ok = c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || (at > 0 && matches!(c, '.' | '_' | '-'));
+        if !ok {
+            return Err(IdError::BadChar { what, at, found: c });
+        }
+    }
+    Ok(())
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates and wraps `s`.
+            pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+                let s = s.into();
+                validate_id($what, &s)?;
+                Ok(Self(s))
+            }
+            /// The identifier text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                Self::new(s)
+            }
+        }
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::new(s)
+            }
+        }
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A device's identity; also its MQTT client id and topic segment.
+    DeviceId,
+    "device id"
+);
+string_id!(
+    /// A fleet: the set of devices that share manifests and a beacon.
+    FleetId,
+    "fleet id"
+);
+string_id!(
+    /// A rollout, chosen by the operator; salts the bucket function.
+    RolloutId,
+    "rollout id"
+);
+
+/// A SHA-256 digest (artifacts, configuration blobs).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest(pub [u8; 32]);
+byte_newtype!(Digest, 32);
+
+impl Digest {
+    /// SHA-256 of `data`.
+    pub fn sha256(data: &[u8]) -> Self {
+        Digest(Sha256::digest(data).into())
+    }
+}
+
+/// Names a release: SHA-256 of the release body bytes exactly as the release keys
+/// signed them (adding a signature does not change it).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReleaseId(pub [u8; 32]);
+byte_newtype!(ReleaseId, 32);
+
+impl ReleaseId {
+    /// The id of a release whose signed body is `body`.
+    pub fn of_body(body: &[u8]) -> Self {
+        ReleaseId(Sha256::digest(body).into())
+    }
+
+    /// First 8 bytes as hex, for logs and tables.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..8])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_accept_the_charset() {
+        for ok in ["a", "0", "dev-001", "rpi4.eu_west-1", &"a".repeat(63)] {
+            assert!(DeviceId::new(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn ids_reject_wildcards_and_others() {
+        let cases: &[(&str, &str)] = &[
+            ("", "empty"),
+            ("-dev", "leading dash"),
+            (".dev", "leading dot"),
+            ("Dev", "upper case"),
+            ("dev/1", "slash"),
+            ("dev+", "plus"),
+            ("dev#", "hash"),
+            ("$sys", "dollar"),
+            ("dev 1", "space"),
+            ("dev\n", "newline"),
+            ("dev\0", "nul"),
+            ("dév", "non-ascii"),
+        ];
+        for (bad, why) in cases {
+            assert!(DeviceId::new(*bad).is_err(), "{why}: {bad:?}");
+        }
+        assert_eq!(
+            DeviceId::new("a".repeat(64)),
+            Err(IdError::TooLong {
+                what: "device id",
+                len: 64
+            })
+        );
+    }
+
+    #[test]
+    fn ids_fail_decoding_when_invalid() {
+        let bytes = postcard::to_allocvec(&"bad/id".to_string()).unwrap();
+        assert!(postcard::from_bytes::<DeviceId>(&bytes).is_err());
+        let bytes = postcard::to_allocvec(&"good-id".to_string()).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<DeviceId>(&bytes).unwrap().as_str(),
+            "good-id"
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! The MQTT topic tree (DESIGN §3). Topics are built and parsed only here.
+//!
+//! | topic | direction | retained |
+//! |---|---|---|
+//! | `{p}/fleet/{fleet}/manifest/{rollout}` | coordinator → devices | yes |
+//! | `{p}/fleet/{fleet}/beacon` | coordinator → devices | yes |
+//! | `{p}/fleet/{fleet}/keys` | coordinator → devices | yes |
+//! | `{p}/dev/{device}/desired` | coordinator → device | yes |
+//! | `{p}/dev/{device}/hello` | device → coordinator | no |
+//! | `{p}/dev/{device}/report` | device → coordinator | no |
+//! | `{p}/dev/{device}/online` | device (Last Will) | yes |
+//! | `{p}/ops/cmd` | operator → coordinator | no |
+//! | `{p}/ops/rollout/{rollout}/status` | coordinator → operators | yes |
+//! | `{p}/ops/events` | coordinator → operators | no |
+
+use crate::ids::{DeviceId, FleetId, IdError, RolloutId};
+
+/// Default prefix.
+pub const DEFAULT_PREFIX: &str = "swell/v1";
+
+/// Shared-subscription group the coordinator replicas join for ingest.
+pub const SHARE_GROUP: &str = "swell";
+
+/// Why a topic or prefix was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopicError {
+    #[error(
+        "topic prefix {0:?} is invalid: levels of [A-Za-z0-9._-], no wildcards, no leading '$'"
+    )]
+    BadPrefix(String),
+    #[error("topic {0:?} is outside prefix")]
+    ForeignPrefix(String),
+    #[error("topic {0:?} is not part of the Swell topic tree")]
+    Unknown(String),
+    #[error("topic {topic:?}: {source}")]
+    BadId { topic: String, source: IdError },
+}
+
+/// A parsed Swell topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    Manifest { fleet: FleetId, rollout: RolloutId },
+    Beacon { fleet: FleetId },
+    Keys { fleet: FleetId },
+    Desired { device: DeviceId },
+    Hello { device: DeviceId },
+    Report { device: DeviceId },
+    Online { device: DeviceId },
+    OpsCmd,
+    OpsStatus { rollout: RolloutId },
+    OpsEvents,
+}
+
+/// Builds and parses topics under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            prefix: DEFAULT_PREFIX.to_string(),
+        }
+    }
+}
+
+impl Topics {
+    /// Topics under `prefix` (one or more `/`-separated levels).
+    pub fn new(prefix: &str) -> Result<Self, TopicError> {
+        let ok = !prefix.is_empty()
+            && !prefix.starts_with('$')
+            && prefix.len() <= 128
+            && prefix.split('/').all(|level| {
+                !level.is_empty()
+                    && level
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            });
+        if !ok {
+            return Err(TopicError::BadPrefix(prefix.to_string()));
+        }
+        Ok(Topics {
+            prefix: prefix.to_string(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn manifest(&self, fleet: &FleetId, rollout: &RolloutId) -> String {
+        format!("{}/fleet/{fleet}/manifest/{rollout}", self.prefix)
+    }
+    /// Every manifest of a fleet (subscription filter).
+    pub fn manifests(&self, fleet: &FleetId) -> String {
+        format!("{}/fleet/{fleet}/manifest/+", self.prefix)
+    }
+    pub fn beacon(&self, fleet: &FleetId) -> String {
+        format!("{}/fleet/{fleet}/beacon", self.prefix)
+    }
+    pub fn keys(&self, fleet: &FleetId) -> String {
+        format!("{}/fleet/{fleet}/keys", self.prefix)
+    }
+    pub fn desired(&self, device: &DeviceId) -> String {
+        format!("{}/dev/{device}/desired", self.prefix)
+    }
+    pub fn hello(&self, device: &DeviceId) -> String {
+        format!("{}/dev/{device}/hello", self.prefix)
+    }
+    pub fn report(&self, device: &DeviceId) -> String {
+        format!("{}/dev/{device}/report", self.prefix)
+    }
+    pub fn online(&self, device: &DeviceId) -> String {
+        format!("{}/dev/{device}/online", self.prefix)
+    }
+    /// Filter for one device-to-coordinator channel of every device
+    /// (`hello`, `report` or `online`).
+    pub fn all_devices(&self, channel: &str) -> String {
+        format!("{}/dev/+/{channel}", self.prefix)
+    }
+    /// `filter` as an MQTT 5 shared subscription of the coordinator group.
+    pub fn shared(&self, filter: &str) -> String {
+        format!("$share/{SHARE_GROUP}/{filter}")
+    }
+    pub fn ops_cmd(&self) -> String {
+        format!("{}/ops/cmd", self.prefix)
+    }
+    pub fn ops_status(&self, rollout: &RolloutId) -> String {
+        format!("{}/ops/rollout/{rollout}/status", self.prefix)
+    }
+    /// Every rollout status (subscription filter).
+    pub fn ops_statuses(&self) -> String {
+        format!("{}/ops/rollout/+/status", self.prefix)
+    }
+    pub fn ops_events(&self) -> String {
+        format!("{}/ops/events", self.prefix)
+    }
+
+    /// Parses a concrete topic (no wildcards) of this tree.
+    pub fn parse(&self, topic: &str) -> Result<Topic, TopicError> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+            .ok_or_else(|| TopicError::ForeignPrefix(topic.to_string()))?;
+        let bad_id = |source| TopicError::BadId {
+            topic: topic.to_string(),
+            source,
+        };
+        let levels: Vec<&str> = rest.split('/').collect();
+        let parsed = match levels.as_slice() {
+            ["fleet", f, "manifest", r] => Topic::Manifest {
+                fleet: FleetId::new(*f).map_err(bad_id)?,
+                rollout: RolloutId::new(*r).map_err(bad_id)?,
+            },
+            ["fleet", f, "beacon"] => Topic::Beacon {
+                fleet: FleetId::new(*f).map_err(bad_id)?,
+            },
+            ["fleet", f, "keys"] => Topic::Keys {
+                fleet: FleetId::new(*f).map_err(bad_id)?,
+            },
+            ["dev", d, channel] => {
+                let device = DeviceId::new(*d).map_err(bad_id)?;
+                match *channel {
+                    "desired" => Topic::Desired { device },
+                    "hello" => Topic::Hello { device },
+                    "report" => Topic::Report { device },
+                    "online" => Topic::Online { device },
+                    _ => return Err(TopicError::Unknown(topic.to_string())),
+                }
+            }
+            ["ops", "cmd"] => Topic::OpsCmd,
+            ["ops", "events"] => Topic::OpsEvents,
+            ["ops", "rollout", r, "status"] => Topic::OpsStatus {
+                rollout: RolloutId::new(*r).map_err(bad_id)?,
+            },
+            _ => return Err(TopicError::Unknown(topic.to_string())),
+        };
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_build_and_parse_round_trip() {
+        let t = Topics::default();
+        let f = FleetId::new("plant-7").unwrap();
+        let r = RolloutId::new("fw-2.3").unwrap();
+        let d = DeviceId::new("rpi-0042").unwrap();
+        let cases = [
+            (
+                t.manifest(&f, &r),
+                Topic::Manifest {
+                    fleet: f.clone(),
+                    rollout: r.clone(),
+                },
+            ),
+            (t.beacon(&f), Topic::Beacon { fleet: f.clone() }),
+            (t.keys(&f), Topic::Keys { fleet: f.clone() }),
+            (t.desired(&d), Topic::Desired { device: d.clone() }),
+            (t.hello(&d), Topic::Hello { device: d.clone() }),
+            (t.report(&d), Topic::Report { device: d.clone() }),
+            (t.online(&d), Topic::Online { device: d.clone() }),
+            (t.ops_cmd(), Topic::OpsCmd),
+            (t.ops_status(&r), Topic::OpsStatus { rollout: r.clone() }),
+            (t.ops_events(), Topic::OpsEvents),
+        ];
+        for (s, want) in cases {
+            assert_eq!(t.parse(&s).unwrap(), want, "{s}");
+        }
+        assert_eq!(t.manifest(&f, &r), "swell/v1/fleet/plant-7/manifest/fw-2.3");
+        assert_eq!(
+            t.shared(&t.all_devices("report")),
+            "$share/swell/swell/v1/dev/+/report"
+        );
+    }
+
+    #[test]
+    fn topics_parse_rejects_wildcards_and_strangers() {
+        let t = Topics::default();
+        for bad in [
+            "swell/v1/dev/+/report",
+            "swell/v1/dev/#",
+            "swell/v1/dev/a#/report",
+            "swell/v1/dev/$sys/report",
+            "swell/v1/dev/UPPER/report",
+            "swell/v1/dev/x/other",
+            "swell/v1/dev/x/report/extra",
+            "swell/v1/dev//report",
+            "swell/v2/dev/x/report",
+            "other/dev/x/report",
+            "swell/v1",
+            "swell/v1x/ops/cmd",
+            "",
+        ] {
+            assert!(t.parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn topics_prefix_validation() {
+        assert!(Topics::new("swell/v1").is_ok());
+        assert!(Topics::new("acme/prod.eu/swell").is_ok());
+        for bad in ["", "/x", "x/", "a//b", "a/+", "a/#", "$SYS", "a b"] {
+            assert!(Topics::new(bad).is_err(), "{bad:?}");
+        }
+    }
+}

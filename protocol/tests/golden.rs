@@ -1,0 +1,340 @@
+//! Golden vectors for protocol v1 (`protocol/tests/golden/v1/`).
+//!
+//! Each fixture is the exact bytes of one message (`.bin`, and `.hex` for eyes),
+//! with a JSON description of what it decodes to. The test rebuilds every message
+//! from fixed content and public test keys, checks the bytes equal the fixture,
+//! decodes each fixture through the real verify path and compares the JSON, and
+//! re-encodes the decoded value byte-identically.
+//!
+//! After an intended change (which is a protocol change: see docs/protocol.md), run
+//! `SWELL_BLESS_GOLDEN=1 cargo test -p swell-protocol --test golden` and commit.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use swell_protocol::envelope::{
+    self, Audience, Header, Message, MessageKind, Stamp, UnverifiedEnvelope,
+};
+use swell_protocol::messages::*;
+use swell_protocol::threshold::{ThresholdMessage, ThresholdSigned};
+use swell_protocol::{EnvelopeError, PublicKey, SecretKey, version};
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1")
+}
+
+fn bless() -> bool {
+    std::env::var_os("SWELL_BLESS_GOLDEN").is_some()
+}
+
+/// Writes the fixture when blessing; otherwise checks it and returns it.
+fn fixture(name: &str, bytes: &[u8], description: &Value) -> Vec<u8> {
+    let d = dir();
+    let bin = d.join(format!("{name}.bin"));
+    let hex_path = d.join(format!("{name}.hex"));
+    let json_path = d.join(format!("{name}.json"));
+    let pretty = serde_json::to_string_pretty(description).unwrap() + "\n";
+    if bless() {
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(&bin, bytes).unwrap();
+        std::fs::write(&hex_path, hex::encode(bytes) + "\n").unwrap();
+        std::fs::write(&json_path, &pretty).unwrap();
+    }
+    let stored = std::fs::read(&bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    assert_eq!(
+        hex::encode(&stored),
+        hex::encode(bytes),
+        "{name}.bin differs from the encoder's output"
+    );
+    let stored_hex = std::fs::read_to_string(&hex_path).unwrap();
+    assert_eq!(
+        stored_hex.trim(),
+        hex::encode(&stored),
+        "{name}.hex does not match {name}.bin"
+    );
+    stored
+}
+
+fn stored_json(name: &str) -> Value {
+    let p = dir().join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// Decodes an envelope fixture through the real verify path and re-seals it.
+fn check_envelope<T: Message + PartialEq + std::fmt::Debug>(
+    name: &str,
+    built: Vec<u8>,
+    signer: &str,
+    key: &SecretKey,
+    want_body: &T,
+) {
+    let described = |h: &Header, body: &T| {
+        json!({
+            "kind": T::KIND.name(),
+            "signer": signer,
+            "signer_public_key": key.public().to_string(),
+            "size_bytes": built.len(),
+            "header": h,
+            "payload": body,
+        })
+    };
+    let parsed = UnverifiedEnvelope::parse(&built).unwrap();
+    let stored = fixture(name, &built, &described(&parsed.header, want_body));
+
+    let env = UnverifiedEnvelope::parse(&stored).unwrap();
+    let v = env.verify::<T>(&key.public(), T0 + 1).unwrap();
+    assert_eq!(&v.body, want_body, "{name}: decoded body");
+    assert_eq!(
+        described(&v.header, &v.body),
+        stored_json(name),
+        "{name}.json"
+    );
+    let stamp = Stamp {
+        epoch: v.header.epoch,
+        seq: v.header.seq,
+        issued_at: v.header.issued_at,
+        expires_at: v.header.expires_at,
+        audience: v.header.audience.clone(),
+    };
+    let resealed = envelope::seal(key, stamp, &v.body).unwrap();
+    assert_eq!(
+        resealed, stored,
+        "{name}: re-encoding is not byte-identical"
+    );
+}
+
+fn check_threshold<T: ThresholdMessage + PartialEq + std::fmt::Debug + serde::Serialize>(
+    name: &str,
+    built: &ThresholdSigned,
+    signers: &[(&str, &SecretKey)],
+    trusted: &[PublicKey],
+    threshold: u8,
+    want_body: &T,
+) {
+    let bytes = built.encode().unwrap();
+    let description = json!({
+        "kind": T::KIND.name(),
+        "id_sha256_of_body": built.id().to_string(),
+        "signers": signers.iter().map(|(n, k)| json!({"name": n, "public_key": k.public().to_string(), "key_id": k.key_id().to_string()})).collect::<Vec<_>>(),
+        "threshold": threshold,
+        "size_bytes": bytes.len(),
+        "body": want_body,
+    });
+    let stored = fixture(name, &bytes, &description);
+    let obj = ThresholdSigned::decode(&stored).unwrap();
+    let body: T = obj.verify(trusted, threshold).unwrap();
+    assert_eq!(&body, want_body);
+    assert_eq!(description, stored_json(name));
+    let mut again = ThresholdSigned::new(&body).unwrap();
+    for (_, k) in signers {
+        again.sign(k).unwrap();
+    }
+    assert_eq!(
+        again.encode().unwrap(),
+        stored,
+        "{name}: re-encoding is not byte-identical"
+    );
+}
+
+#[test]
+fn golden_v1_keys_file() {
+    let mut keys = vec![];
+    let named: Vec<(String, SecretKey)> = vec![
+        ("root-0".into(), root(0)),
+        ("root-1".into(), root(1)),
+        ("release-0".into(), release_key(0)),
+        ("release-1".into(), release_key(1)),
+        ("release-2".into(), release_key(2)),
+        ("coordinator-0".into(), coordinator_key()),
+        ("operator-0".into(), operator_key()),
+        ("device-42".into(), device_key(42)),
+    ];
+    for (name, k) in &named {
+        keys.push(json!({
+            "name": name,
+            "seed": hex::encode(k.to_seed()),
+            "public_key": k.public().to_string(),
+            "key_id": k.key_id().to_string(),
+        }));
+    }
+    let v = json!({
+        "warning": "TEST KEYS: seeds are public (seed = SHA-256(\"swell test key/\" || name)). Never trust them in a real fleet.",
+        "keys": keys,
+    });
+    let p = dir().join("keys.json");
+    let pretty = serde_json::to_string_pretty(&v).unwrap() + "\n";
+    if bless() {
+        std::fs::create_dir_all(dir()).unwrap();
+        std::fs::write(&p, &pretty).unwrap();
+    }
+    let stored: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    assert_eq!(stored, v);
+}
+
+#[test]
+fn golden_v1_keylist() {
+    let trusted = [root(0).public(), root(1).public()];
+    check_threshold(
+        "keylist",
+        &key_list(),
+        &[("root-0", &root(0)), ("root-1", &root(1))],
+        &trusted,
+        2,
+        &key_list_body(),
+    );
+}
+
+#[test]
+fn golden_v1_release() {
+    let trusted = key_list_body().release_keys;
+    check_threshold(
+        "release",
+        &release(),
+        &[
+            ("release-0", &release_key(0)),
+            ("release-1", &release_key(1)),
+        ],
+        &trusted,
+        2,
+        &release_body(),
+    );
+}
+
+#[test]
+fn golden_v1_manifest() {
+    check_envelope(
+        "manifest",
+        manifest(),
+        "coordinator-0",
+        &coordinator_key(),
+        &manifest_body(),
+    );
+}
+
+#[test]
+fn golden_v1_beacon() {
+    check_envelope(
+        "beacon",
+        beacon(),
+        "coordinator-0",
+        &coordinator_key(),
+        &beacon_body(),
+    );
+}
+
+#[test]
+fn golden_v1_directive() {
+    check_envelope(
+        "directive",
+        directive(),
+        "coordinator-0",
+        &coordinator_key(),
+        &directive_body(),
+    );
+}
+
+#[test]
+fn golden_v1_hello() {
+    check_envelope(
+        "hello",
+        hello(),
+        "device-42",
+        &device_key(42),
+        &hello_body(),
+    );
+}
+
+#[test]
+fn golden_v1_report() {
+    check_envelope(
+        "report",
+        report(),
+        "device-42",
+        &device_key(42),
+        &report_body(),
+    );
+    check_envelope(
+        "report-rolled-back",
+        report_failed(),
+        "device-42",
+        &device_key(42),
+        &report_failed_body(),
+    );
+}
+
+#[test]
+fn golden_v1_unsupported() {
+    check_envelope(
+        "unsupported",
+        unsupported(),
+        "device-42",
+        &device_key(42),
+        &unsupported_body(),
+    );
+}
+
+/// A message from a future protocol version 2 with a kind v1 does not know: a v1
+/// reader still reads the frozen header, refuses the payload, and can answer.
+#[test]
+fn golden_v1_reads_v2_header_and_answers_unsupported() {
+    let key = device_key(42);
+    let header = Header {
+        proto: 2,
+        kind: 99,
+        key_id: key.key_id(),
+        epoch: 5,
+        seq: 12,
+        issued_at: T0 + 61,
+        expires_at: 0,
+        audience: Audience::Any,
+    };
+    let header_bytes = postcard::to_allocvec(&header).unwrap();
+    let payload = b"\x07future payload".to_vec();
+    let sig = key.sign("swell/kind-99/v2", &[&header_bytes, &payload]);
+    let mut bytes = header_bytes;
+    bytes.extend_from_slice(&postcard::to_allocvec(&payload).unwrap());
+    bytes.extend_from_slice(&sig.0);
+    let description =
+        json!({"kind": "future (proto 2, kind 99)", "header": header, "size_bytes": bytes.len()});
+    let stored = fixture("future-v2", &bytes, &description);
+    assert_eq!(stored_json("future-v2"), description);
+
+    let env = UnverifiedEnvelope::parse(&stored).unwrap();
+    assert_eq!(env.header, header);
+    assert_eq!(env.kind(), None);
+    assert!(!version::understands(&env.header));
+    assert_eq!(
+        env.verify::<Report>(&key.public(), T0 + 100),
+        Err(EnvelopeError::UnsupportedProto { got: 2 })
+    );
+    assert_eq!(version::unsupported(&env.header), unsupported_body());
+}
+
+/// Encoded sizes of every kind; the Report budget is part of the protocol's promise
+/// (cellular links are billed per byte).
+#[test]
+fn golden_v1_size_budgets() {
+    let sizes = [
+        ("keylist", key_list().encode().unwrap().len()),
+        ("release", release().encode().unwrap().len()),
+        ("manifest", manifest().len()),
+        ("beacon", beacon().len()),
+        ("directive", directive().len()),
+        ("hello", hello().len()),
+        ("report", report().len()),
+        ("report-rolled-back", report_failed().len()),
+        ("unsupported", unsupported().len()),
+    ];
+    for (name, n) in sizes {
+        println!("{name:>20}: {n} bytes");
+    }
+    assert!(
+        report().len() <= 160,
+        "signed Report is {} bytes; budget 160",
+        report().len()
+    );
+    assert!(beacon().len() <= 128, "beacon is {} bytes", beacon().len());
+    assert!(MessageKind::ALL.len() == 8);
+}
