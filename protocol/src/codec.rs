@@ -42,9 +42,11 @@ pub fn check_len(what: &'static str, bytes: &[u8], max: usize) -> Result<(), Cod
     Ok(())
 }
 
-/// Decodes exactly one `T` from `bytes`, which must be at most `max` long and
-/// hold nothing after the value.
-pub fn decode_exact<T: DeserializeOwned>(
+/// Decodes exactly one `T` from `bytes`, which must be at most `max` long, hold
+/// nothing after the value, and be the value's one canonical encoding (postcard
+/// itself accepts overlong varints; found by fuzzing). So every value has exactly
+/// one byte form, and digests of bytes name values.
+pub fn decode_exact<T: Serialize + DeserializeOwned>(
     what: &'static str,
     bytes: &[u8],
     max: usize,
@@ -57,7 +59,23 @@ pub fn decode_exact<T: DeserializeOwned>(
             extra: rest.len(),
         });
     }
+    check_canonical(what, &value, bytes)?;
     Ok(value)
+}
+
+/// Fails unless `bytes` is exactly how `value` encodes.
+pub fn check_canonical<T: Serialize>(
+    what: &'static str,
+    value: &T,
+    bytes: &[u8],
+) -> Result<(), CodecError> {
+    if encode(what, value)? != bytes {
+        return Err(CodecError::Malformed {
+            what,
+            reason: "non-canonical encoding (overlong varint)".into(),
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn malformed(what: &'static str, e: postcard::Error) -> CodecError {
@@ -82,6 +100,21 @@ mod tests {
                 extra: 1
             })
         );
+    }
+
+    // Regression from the `payloads` fuzz target: 0xff 0x00 is an overlong varint
+    // for 127, which postcard alone accepts.
+    #[test]
+    fn codec_rejects_overlong_varints() {
+        assert_eq!(decode_exact::<u16>("u16", &[0x7f], 8), Ok(127));
+        assert!(matches!(
+            decode_exact::<u16>("u16", &[0xff, 0x00], 8),
+            Err(CodecError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode_exact::<u64>("u64", &[0x80, 0x80, 0x00], 8),
+            Err(CodecError::Malformed { .. })
+        ));
     }
 
     #[test]

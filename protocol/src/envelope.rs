@@ -233,8 +233,18 @@ impl<'a> UnverifiedEnvelope<'a> {
         let (header, rest) = postcard::take_from_bytes::<Header>(bytes)
             .map_err(|e| codec::malformed("envelope header", e))?;
         let header_bytes = &bytes[..bytes.len() - rest.len()];
+        codec::check_canonical("envelope header", &header, header_bytes)?;
+        let before_payload = rest.len();
         let (payload, rest) = postcard::take_from_bytes::<&[u8]>(rest)
             .map_err(|e| codec::malformed("envelope payload", e))?;
+        let prefix = codec::encode("payload length", &(payload.len() as u64))?;
+        if before_payload - rest.len() != prefix.len() + payload.len() {
+            return Err(CodecError::Malformed {
+                what: "envelope payload",
+                reason: "non-canonical encoding (overlong varint)".into(),
+            }
+            .into());
+        }
         let (sig, rest) = rest
             .split_first_chunk::<64>()
             .ok_or(CodecError::Malformed {

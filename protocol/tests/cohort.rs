@@ -1,4 +1,5 @@
 //! Bucket spread and wave membership over many devices.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use proptest::prelude::*;
 use swell_protocol::cohort::{self, PPM_FULL, bucket, open_below, wave_of};

@@ -1,5 +1,6 @@
 //! Envelope rejection paths: every way a message can be forged, replayed across
 //! types, expired, truncated or padded is refused with its own error.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
@@ -341,4 +342,26 @@ proptest! {
             let _ = env.verify::<Manifest>(&coordinator_key().public(), T0);
         }
     }
+}
+
+/// Overlong varints in the header or the payload length are refused: every
+/// envelope has one byte form.
+#[test]
+fn envelope_non_canonical_encodings_are_refused() {
+    let good = report();
+    assert_eq!(good[0], 1, "proto varint");
+    let mut overlong = vec![0x81, 0x00];
+    overlong.extend_from_slice(&good[1..]);
+    let e = UnverifiedEnvelope::parse(&overlong).unwrap_err();
+    assert_eq!(e.reason(), "malformed", "{e}");
+
+    let env = UnverifiedEnvelope::parse(&good).unwrap();
+    let header_len = postcard::to_allocvec(&env.header).unwrap().len();
+    let payload_len = good[header_len];
+    assert!(payload_len < 0x80);
+    let mut b = good[..header_len].to_vec();
+    b.extend_from_slice(&[payload_len | 0x80, 0x00]);
+    b.extend_from_slice(&good[header_len + 1..]);
+    let e = UnverifiedEnvelope::parse(&b).unwrap_err();
+    assert_eq!(e.reason(), "malformed", "{e}");
 }

@@ -8,6 +8,7 @@
 //!
 //! After an intended change (which is a protocol change: see docs/protocol.md), run
 //! `SWELL_BLESS_GOLDEN=1 cargo test -p swell-protocol --test golden` and commit.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Threshold objects: distinct keys (SIG-2), key rotation, release validation.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 

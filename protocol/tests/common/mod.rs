@@ -2,6 +2,7 @@
 //! golden vectors are exactly these, so the bytes pin both the encoding and the
 //! signing rules.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use swell_protocol::cohort::{self, Label, Selector};
 use swell_protocol::envelope::{Audience, Stamp, seal};

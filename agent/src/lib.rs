@@ -1,0 +1,11 @@
+//! The Swell device agent (library). Small by design: a device may have 64 MiB of
+//! RAM and a flaky cellular link.
+//!
+//! # Layout
+//! - [`trust`]: the small, atomically written trust file (STATE-2) holding the
+//!   anti-replay and anti-rollback floors (FRESH-1, FRESH-2, VER-1, VER-2).
+//!
+//! The MQTT session, manifest evaluation, downloader, installers and probes are
+//! tracked in issue 4 and not part of this crate yet.
+
+pub mod trust;

@@ -1,0 +1,332 @@
+//! Trust state: the few facts that must never go backwards.
+//!
+//! Kept apart from the sled journal (STATE-2) in one small file written atomically
+//! (temp file, fsync, rename, fsync of the directory) and guarded by a SHA-256
+//! checksum, so a torn or corrupted write is detected rather than trusted. Losing
+//! the journal must not lower any floor held here (VER-2).
+//!
+//! File layout: `b"SWTRUST1"` ‖ SHA-256(body) ‖ body, body = postcard(TrustState).
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use swell_protocol::RolloutId;
+use swell_protocol::codec;
+
+const MAGIC: &[u8; 8] = b"SWTRUST1";
+/// Largest trust file read (it holds one entry per rollout ever seen, pruned).
+pub const MAX_TRUST_FILE: usize = 256 * 1024;
+/// Most rollouts whose replay floor is remembered; the oldest are pruned.
+pub const MAX_ROLLOUT_FLOORS: usize = 1024;
+
+/// The persisted floors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustState {
+    /// Newest accepted key list version.
+    pub key_list_version: u64,
+    /// Lowest release counter the device may install (VER-1).
+    pub counter_floor: u64,
+    /// Latest trusted time seen, Unix seconds (FRESH-2).
+    pub time_floor: u64,
+    /// Highest coordinator epoch seen (ROLL-4).
+    pub epoch_floor: u64,
+    /// Last accepted (epoch, seq) per rollout manifest (FRESH-1).
+    pub manifest_floor: BTreeMap<RolloutId, (u64, u64)>,
+    /// Last accepted (epoch, seq) of this device's directive.
+    pub directive_floor: (u64, u64),
+    /// The device's own report counter (MQTT-6); the next report uses this + 1.
+    pub report_seq: u64,
+}
+
+/// Why trust state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustError {
+    #[error("trust file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("trust file {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// Whether a coordinator message is new enough to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Newer than anything seen: act on it.
+    New,
+    /// The same (epoch, seq) again (QoS 1 duplicate, retained re-delivery): no
+    /// second effect (VER-4).
+    Duplicate,
+    /// Older than what was accepted: a replay (FRESH-1) or a deposed leader
+    /// (ROLL-4).
+    Stale,
+}
+
+fn compare(floor: Option<(u64, u64)>, epoch: u64, seq: u64) -> Freshness {
+    match floor {
+        None => Freshness::New,
+        Some(f) if (epoch, seq) > f => Freshness::New,
+        Some(f) if (epoch, seq) == f => Freshness::Duplicate,
+        Some(_) => Freshness::Stale,
+    }
+}
+
+impl TrustState {
+    /// Checks a manifest's (epoch, seq) for `rollout` against the floors.
+    pub fn manifest_freshness(&self, rollout: &RolloutId, epoch: u64, seq: u64) -> Freshness {
+        if epoch < self.epoch_floor {
+            return Freshness::Stale;
+        }
+        compare(self.manifest_floor.get(rollout).copied(), epoch, seq)
+    }
+
+    /// Records an accepted manifest. Call only for [`Freshness::New`].
+    pub fn accept_manifest(&mut self, rollout: &RolloutId, epoch: u64, seq: u64) {
+        self.epoch_floor = self.epoch_floor.max(epoch);
+        self.manifest_floor.insert(rollout.clone(), (epoch, seq));
+        while self.manifest_floor.len() > MAX_ROLLOUT_FLOORS {
+            // Drop the rollout with the oldest floor; its manifests are long gone.
+            let oldest = self
+                .manifest_floor
+                .iter()
+                .min_by_key(|(_, v)| **v)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => self.manifest_floor.remove(&k),
+                None => break,
+            };
+        }
+    }
+
+    /// Checks a directive's (epoch, seq).
+    pub fn directive_freshness(&self, epoch: u64, seq: u64) -> Freshness {
+        if epoch < self.epoch_floor {
+            return Freshness::Stale;
+        }
+        compare(
+            Some(self.directive_floor).filter(|f| *f != (0, 0)),
+            epoch,
+            seq,
+        )
+    }
+
+    /// The device's clock, never earlier than the persisted floor (FRESH-2).
+    pub fn trusted_now(&self, clock: u64) -> u64 {
+        clock.max(self.time_floor)
+    }
+
+    /// Raises the time floor to a time seen in a verified message.
+    pub fn observe_time(&mut self, t: u64) {
+        self.time_floor = self.time_floor.max(t);
+    }
+
+    /// Raises the release counter floor after a commit; never lowers it.
+    pub fn raise_counter_floor(&mut self, counter: u64) {
+        self.counter_floor = self.counter_floor.max(counter);
+    }
+
+    /// Takes the next report sequence number.
+    pub fn next_report_seq(&mut self) -> u64 {
+        self.report_seq += 1;
+        self.report_seq
+    }
+}
+
+/// The trust file on disk.
+#[derive(Debug, Clone)]
+pub struct TrustFile {
+    path: PathBuf,
+}
+
+impl TrustFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        TrustFile { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, source: std::io::Error) -> TrustError {
+        TrustError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, reason: impl Into<String>) -> TrustError {
+        TrustError::Corrupt {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Reads the state; `Ok(None)` when the file does not exist yet.
+    pub fn load(&self) -> Result<Option<TrustState>, TrustError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(e)),
+        };
+        if bytes.len() > MAX_TRUST_FILE {
+            return Err(self.corrupt(format!("{} bytes, limit {MAX_TRUST_FILE}", bytes.len())));
+        }
+        let rest = bytes
+            .strip_prefix(MAGIC.as_slice())
+            .ok_or_else(|| self.corrupt("bad magic"))?;
+        let (sum, body) = rest
+            .split_first_chunk::<32>()
+            .ok_or_else(|| self.corrupt("truncated"))?;
+        if Sha256::digest(body).as_slice() != sum {
+            return Err(self.corrupt("checksum mismatch"));
+        }
+        codec::decode_exact("trust state", body, MAX_TRUST_FILE)
+            .map(Some)
+            .map_err(|e| self.corrupt(e.to_string()))
+    }
+
+    /// Writes the state atomically and durably: when this returns, the new state
+    /// survives a power cut, and a power cut during the call leaves the old one.
+    pub fn store(&self, state: &TrustState) -> Result<(), TrustError> {
+        let body = codec::encode("trust state", state).map_err(|e| self.corrupt(e.to_string()))?;
+        let mut bytes = Vec::with_capacity(8 + 32 + body.len());
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&Sha256::digest(&body));
+        bytes.extend_from_slice(&body);
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = self.path.with_extension("tmp");
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| self.io(e))?;
+            f.write_all(&bytes).map_err(|e| self.io(e))?;
+            f.sync_all().map_err(|e| self.io(e))?;
+        }
+        fs::rename(&tmp, &self.path).map_err(|e| self.io(e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// Moves a corrupt file aside (STATE-3) so the agent can start from its
+    /// pinned configuration and report the rebuild, instead of crash-looping.
+    pub fn quarantine(&self) -> Result<PathBuf, TrustError> {
+        let mut aside = self.path.clone().into_os_string();
+        aside.push(".corrupt");
+        let aside = PathBuf::from(aside);
+        fs::rename(&self.path, &aside).map_err(|e| self.io(e))?;
+        Ok(aside)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout(s: &str) -> RolloutId {
+        RolloutId::new(s).unwrap()
+    }
+
+    fn sample() -> TrustState {
+        let mut s = TrustState {
+            key_list_version: 3,
+            counter_floor: 22,
+            time_floor: 1_795_651_200,
+            ..TrustState::default()
+        };
+        s.accept_manifest(&rollout("fw-2-3"), 4, 17);
+        s
+    }
+
+    #[test]
+    fn trust_round_trips_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = TrustFile::new(dir.path().join("trust.bin"));
+        assert_eq!(f.load().unwrap(), None);
+        f.store(&sample()).unwrap();
+        assert_eq!(f.load().unwrap(), Some(sample()));
+        assert!(!dir.path().join("trust.tmp").exists());
+    }
+
+    #[test]
+    fn trust_any_corruption_is_detected_and_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = TrustFile::new(dir.path().join("trust.bin"));
+        f.store(&sample()).unwrap();
+        let good = fs::read(f.path()).unwrap();
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x40;
+            fs::write(f.path(), &b).unwrap();
+            assert!(
+                matches!(f.load(), Err(TrustError::Corrupt { .. })),
+                "byte {i}"
+            );
+        }
+        for n in 0..good.len() {
+            fs::write(f.path(), &good[..n]).unwrap();
+            assert!(f.load().is_err(), "truncated to {n}");
+        }
+        let aside = f.quarantine().unwrap();
+        assert!(aside.exists());
+        assert_eq!(f.load().unwrap(), None);
+    }
+
+    #[test]
+    fn trust_manifest_replay_and_duplicates() {
+        let mut s = sample();
+        let r = rollout("fw-2-3");
+        assert_eq!(s.manifest_freshness(&r, 4, 17), Freshness::Duplicate);
+        assert_eq!(s.manifest_freshness(&r, 4, 16), Freshness::Stale);
+        assert_eq!(s.manifest_freshness(&r, 4, 18), Freshness::New);
+        assert_eq!(s.manifest_freshness(&r, 5, 1), Freshness::New);
+        assert_eq!(
+            s.manifest_freshness(&rollout("other"), 4, 1),
+            Freshness::New
+        );
+        // A newer leader epoch fences every older message, of any rollout (ROLL-4).
+        s.accept_manifest(&r, 6, 1);
+        assert_eq!(
+            s.manifest_freshness(&rollout("other"), 5, 99),
+            Freshness::Stale
+        );
+        assert_eq!(s.directive_freshness(5, 99), Freshness::Stale);
+        assert_eq!(s.directive_freshness(6, 1), Freshness::New);
+    }
+
+    #[test]
+    fn trust_floors_never_go_down() {
+        let mut s = sample();
+        s.raise_counter_floor(10);
+        assert_eq!(s.counter_floor, 22);
+        s.observe_time(5);
+        assert_eq!(s.trusted_now(0), 1_795_651_200);
+        assert_eq!(s.trusted_now(1_795_651_300), 1_795_651_300);
+        assert_eq!(s.next_report_seq(), 1);
+        assert_eq!(s.next_report_seq(), 2);
+    }
+
+    #[test]
+    fn trust_rollout_floors_are_bounded() {
+        let mut s = TrustState::default();
+        for i in 0..(MAX_ROLLOUT_FLOORS + 10) {
+            s.accept_manifest(&rollout(&format!("r{i}")), 1, i as u64);
+        }
+        assert_eq!(s.manifest_floor.len(), MAX_ROLLOUT_FLOORS);
+        assert!(!s.manifest_floor.contains_key(&rollout("r0")));
+    }
+}

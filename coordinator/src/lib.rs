@@ -1,0 +1,10 @@
+//! The Swell coordinator (library).
+//!
+//! # Layout
+//! - [`rollout::planner`]: waves of a rollout spec → `open_below` per wave and the
+//!   wave each device belongs to, agreeing exactly with what devices compute.
+//!
+//! The health gate, state machine, registry, store and MQTT transport are tracked in
+//! issue 3 and not part of this crate yet.
+
+pub mod rollout;

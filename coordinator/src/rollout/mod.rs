@@ -1,0 +1,3 @@
+//! Rollout logic: pure functions of (spec, observations, now).
+
+pub mod planner;

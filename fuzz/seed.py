@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Seeds fuzz/corpus/* from the golden vectors (protocol/tests/golden/v1).
+
+Envelope fixtures seed `envelope` and `pipeline`; their payloads (cut out of the
+envelope per docs/protocol.md) seed `payloads` with the type byte in front;
+threshold fixtures seed `threshold` and, as bodies, `payloads`.
+Run after blessing new golden vectors; the output is committed."""
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent
+GOLDEN = ROOT.parent / "protocol/tests/golden/v1"
+CORPUS = ROOT / "corpus"
+
+# payload type byte used by fuzz_targets/payloads.rs
+ENVELOPE_KINDS = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5}
+
+
+def varint(b, i):
+    out, shift = 0, 0
+    while True:
+        byte = b[i]
+        i += 1
+        out |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return out, i
+
+
+def envelope_payload(b):
+    _, i = varint(b, 0)  # proto
+    kind, i = varint(b, i)
+    i += 8  # key id
+    for _ in range(4):  # epoch, seq, issued_at, expires_at
+        _, i = varint(b, i)
+    tag, i = varint(b, i)
+    if tag in (1, 2):
+        n, i = varint(b, i)
+        i += n
+    n, i = varint(b, i)
+    return kind, b[i:i + n]
+
+
+def threshold_body(b):
+    kind, i = varint(b, 0)
+    n, i = varint(b, i)
+    return kind, b[i:i + n]
+
+
+def write(target, name, data):
+    d = CORPUS / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+
+
+for f in sorted(GOLDEN.glob("*.bin")):
+    b = f.read_bytes()
+    name = "golden-" + f.stem
+    if f.stem in ("release", "keylist"):
+        write("threshold", name, b)
+        kind, body = threshold_body(b)
+        write("payloads", name, bytes([6 if kind == 16 else 7]) + body)
+        continue
+    write("envelope", name, b)
+    if f.stem == "manifest":
+        write("pipeline", name, b)
+    kind, payload = envelope_payload(b)
+    if kind in ENVELOPE_KINDS:
+        write("payloads", name, bytes([ENVELOPE_KINDS[kind]]) + payload)
+
+for name, text in [("eq", "hw=rev3"), ("in", "region in (eu,us),!beta"), ("mix", "a,b!=c,d notin (x)")]:
+    write("selector", name, text.encode())
+for name, text in [("report", "swell/v1/dev/rpi-0042/report"), ("manifest", "swell/v1/fleet/f/manifest/r"),
+                   ("status", "swell/v1/ops/rollout/r/status")]:
+    write("topics", name, text.encode())
+print("seeded", sum(1 for _ in CORPUS.rglob("*") if _.is_file()), "files")

@@ -1,0 +1,12 @@
+//! Harness for end-to-end tests: real brokers and real processes.
+//!
+//! # Layout
+//! - [`mosquitto`]: starts Debian's Mosquitto on a free loopback port with a config
+//!   whose queue and in-flight limits are raised (its defaults silently drop QoS 1
+//!   messages under fan-in), and stops it on drop.
+//!
+//! Whether Mosquitto is required is read once from `SWELL_TEST_MOSQUITTO`:
+//! `required` (what `.ci/run` sets) makes a missing Mosquitto a test failure;
+//! otherwise a missing Mosquitto skips the test with a line on stderr.
+
+pub mod mosquitto;
