@@ -8,7 +8,9 @@ use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(env) = UnverifiedEnvelope::parse(data) else { return };
+    let Ok(env) = UnverifiedEnvelope::parse(data) else {
+        return;
+    };
     let _ = env.kind();
     let _ = swell_protocol::version::understands(&env.header);
     let coord = test_key("coordinator-0").public();

@@ -27,7 +27,9 @@ fn threshold_body<T: ThresholdMessage>(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((which, rest)) = data.split_first() else { return };
+    let Some((which, rest)) = data.split_first() else {
+        return;
+    };
     match which % 8 {
         0 => envelope_payload::<Manifest>(rest),
         1 => envelope_payload::<Beacon>(rest),
