@@ -31,6 +31,9 @@ pub struct Manifest {
     /// The threshold-signed release, verbatim (SIG-1: the coordinator key alone
     /// cannot name content).
     pub release: ThresholdSigned,
+    /// Retry generation: a device that failed this rollout's release under a lower
+    /// value may try again (the operator's `retry`).
+    pub retry: u32,
 }
 
 /// Rollout state as devices need it. Wire order fixed: only append.

@@ -130,6 +130,7 @@ pub fn manifest_body() -> Manifest {
         open_below: cohort::open_below(10_000),
         state: RolloutState::Active,
         release: release(),
+        retry: 0,
     }
 }
 
