@@ -1,3 +1,10 @@
 //! Rollout logic: pure functions of (spec, observations, now).
 
+pub mod health_gate;
 pub mod planner;
+pub mod schedule;
+pub mod spec;
+pub mod state;
+
+#[cfg(test)]
+mod state_tests;

@@ -6,16 +6,40 @@
 //! (those devices only, `open_below = 0`), and the percentage steps follow as waves
 //! 1..; without canaries the steps are waves 0...
 
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use swell_protocol::cohort::{self, format_percent};
 use swell_protocol::messages::fleet_limits::MAX_CANARY;
 use swell_protocol::{DeviceId, RolloutId};
 
-/// A rollout's waves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A rollout's waves. Deserializing validates, like [`WavePlan::new`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawPlan", into = "RawPlan")]
 pub struct WavePlan {
     canary: Vec<DeviceId>,
     steps_ppm: Vec<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RawPlan {
+    canary: Vec<DeviceId>,
+    steps_ppm: Vec<u32>,
+}
+
+impl TryFrom<RawPlan> for WavePlan {
+    type Error = PlanError;
+    fn try_from(r: RawPlan) -> Result<Self, PlanError> {
+        WavePlan::new(r.canary, r.steps_ppm)
+    }
+}
+
+impl From<WavePlan> for RawPlan {
+    fn from(p: WavePlan) -> RawPlan {
+        RawPlan {
+            canary: p.canary,
+            steps_ppm: p.steps_ppm,
+        }
+    }
 }
 
 /// A plan that cannot run.
@@ -48,6 +72,11 @@ impl WavePlan {
 
     pub fn canary(&self) -> &[DeviceId] {
         &self.canary
+    }
+
+    /// The cumulative percentage steps, in ppm.
+    pub fn steps_ppm(&self) -> &[u32] {
+        &self.steps_ppm
     }
 
     fn offset(&self) -> usize {

@@ -1,0 +1,246 @@
+//! The health gate: counts in, verdict out. Pure.
+//!
+//! Counting rules (ROLL-1, ROLL-6): one vote per enrolled device, its latest report
+//! for this rollout; devices outside the opened waves do not count. A wave's
+//! `population` is the devices assigned to it that were online at some point since
+//! it opened: offline devices do not block a wave, and late arrivals join the count
+//! when they show up.
+//!
+//! Two checks:
+//! - **breach**, any time, on cumulative counts over every opened wave: a critical
+//!   failure, or a failure rate whose 95 % Wilson lower bound is above
+//!   `max_failure_rate` (so one early failure among two reports is already enough
+//!   evidence, one among fifty is not). This is how a late failure in an earlier
+//!   wave stops the rollout.
+//! - **gate**, after the bake: enough reports, success share at or above the
+//!   threshold and failure share at or below the limit, on point estimates; once the
+//!   install deadline has passed, silent and unfinished devices count as failed.
+
+use super::spec::GateSpec;
+use serde::{Deserialize, Serialize};
+use swell_protocol::cohort::PPM_FULL;
+
+/// Device counts of one wave (or of several, added up).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveCounts {
+    /// Devices of the wave seen online since it opened.
+    pub population: u32,
+    pub healthy: u32,
+    pub failed: u32,
+    pub in_progress: u32,
+    /// Failures whose reason is in the critical list.
+    pub critical: u32,
+}
+
+impl WaveCounts {
+    /// Devices that have not reported for this rollout yet.
+    pub fn silent(&self) -> u32 {
+        self.population
+            .saturating_sub(self.healthy + self.failed + self.in_progress)
+    }
+
+    /// Devices with a final report.
+    pub fn finished(&self) -> u32 {
+        self.healthy + self.failed
+    }
+
+    pub fn add(&mut self, o: &WaveCounts) {
+        self.population += o.population;
+        self.healthy += o.healthy;
+        self.failed += o.failed;
+        self.in_progress += o.in_progress;
+        self.critical += o.critical;
+    }
+}
+
+/// The gate's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    Proceed,
+    /// Not yet: the reason says what is missing.
+    Hold(String),
+    /// Stop: the reason says what breached.
+    Halt(String),
+}
+
+fn pct(ppm: u64) -> String {
+    swell_protocol::cohort::format_percent(ppm.min(u64::from(PPM_FULL)) as u32)
+}
+
+fn share_ppm(part: u32, whole: u32) -> u64 {
+    if whole == 0 {
+        return 0;
+    }
+    u64::from(part) * u64::from(PPM_FULL) / u64::from(whole)
+}
+
+/// 95 % Wilson score lower bound of `k` successes in `n` trials, in ppm.
+pub fn wilson_lower_ppm(k: u32, n: u32) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let n_f = f64::from(n);
+    let p = f64::from(k) / n_f;
+    let z2 = z * z;
+    let centre = p + z2 / (2.0 * n_f);
+    let margin = z * (p * (1.0 - p) / n_f + z2 / (4.0 * n_f * n_f)).sqrt();
+    let lower = ((centre - margin) / (1.0 + z2 / n_f)).max(0.0);
+    (lower * f64::from(PPM_FULL)).floor() as u64
+}
+
+/// A breach on cumulative counts, if there is one.
+pub fn breach(gate: &GateSpec, cumulative: &WaveCounts) -> Option<String> {
+    if cumulative.critical > 0 {
+        return Some(format!("{} critical failure(s)", cumulative.critical));
+    }
+    let reported = cumulative.finished() + cumulative.in_progress;
+    let lower = wilson_lower_ppm(cumulative.failed, reported);
+    if lower > u64::from(gate.max_failure_rate_ppm) {
+        return Some(format!(
+            "{} of {} devices failed: failure rate at least {} (95% confidence), limit {}",
+            cumulative.failed,
+            reported,
+            pct(lower),
+            pct(u64::from(gate.max_failure_rate_ppm))
+        ));
+    }
+    None
+}
+
+/// The gate for one wave after its bake. `timed_out`: the install deadline of the
+/// wave has passed.
+pub fn evaluate(
+    gate: &GateSpec,
+    wave: &WaveCounts,
+    cumulative: &WaveCounts,
+    timed_out: bool,
+) -> Verdict {
+    if let Some(reason) = breach(gate, cumulative) {
+        return Verdict::Halt(reason);
+    }
+    let late = if timed_out {
+        wave.silent() + wave.in_progress
+    } else {
+        0
+    };
+    let failed = wave.failed + late;
+    let considered =
+        wave.healthy + wave.failed + wave.in_progress + if timed_out { wave.silent() } else { 0 };
+    let need = gate.min_devices.min(wave.population);
+    if wave.finished() < need {
+        return Verdict::Hold(format!("{} of {} reports needed", wave.finished(), need));
+    }
+    if considered == 0 {
+        return Verdict::Proceed;
+    }
+    let failure = share_ppm(failed, considered);
+    if failure > u64::from(gate.max_failure_rate_ppm) {
+        return Verdict::Halt(format!(
+            "{failed} of {considered} devices failed ({}{}), limit {}",
+            pct(failure),
+            if late > 0 {
+                format!(", {late} silent or unfinished past the install timeout")
+            } else {
+                String::new()
+            },
+            pct(u64::from(gate.max_failure_rate_ppm))
+        ));
+    }
+    let success = share_ppm(wave.healthy, considered);
+    if success < u64::from(gate.success_threshold_ppm) {
+        let msg = format!(
+            "{} of {considered} devices healthy ({}), {} needed",
+            wave.healthy,
+            pct(success),
+            pct(u64::from(gate.success_threshold_ppm))
+        );
+        return if timed_out {
+            Verdict::Halt(msg)
+        } else {
+            Verdict::Hold(msg)
+        };
+    }
+    Verdict::Proceed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> GateSpec {
+        GateSpec {
+            min_devices: 5,
+            success_threshold_ppm: 900_000,
+            max_failure_rate_ppm: 100_000,
+            ..GateSpec::default()
+        }
+    }
+
+    fn c(population: u32, healthy: u32, failed: u32, in_progress: u32) -> WaveCounts {
+        WaveCounts {
+            population,
+            healthy,
+            failed,
+            in_progress,
+            critical: 0,
+        }
+    }
+
+    #[test]
+    fn health_gate_table() {
+        let g = gate();
+        let table: &[(WaveCounts, bool, &str)] = &[
+            (c(10, 10, 0, 0), false, "proceed"),
+            (c(10, 9, 1, 0), false, "proceed"),
+            (c(10, 3, 0, 7), false, "hold"),   // 3 of 5 reports
+            (c(3, 3, 0, 0), false, "proceed"), // min capped at population
+            (c(0, 0, 0, 0), false, "proceed"), // empty wave
+            (c(10, 8, 0, 2), false, "hold"),   // 80% healthy, waiting
+            (c(10, 8, 0, 2), true, "halt"),    // the 2 count as failed now
+            (c(10, 9, 0, 0), true, "proceed"), // 1 silent = 10%, at the limit
+            (c(10, 7, 0, 0), true, "halt"),    // 3 silent = 30%
+            (c(100, 88, 0, 12), false, "hold"),
+        ];
+        for (counts, timed_out, want) in table {
+            let v = evaluate(&g, counts, counts, *timed_out);
+            let got = match v {
+                Verdict::Proceed => "proceed",
+                Verdict::Hold(_) => "hold",
+                Verdict::Halt(_) => "halt",
+            };
+            assert_eq!(got, *want, "{counts:?} timed_out={timed_out}: {v:?}");
+        }
+    }
+
+    // RO-002: a breach halts whatever the wave's own numbers say.
+    #[test]
+    fn health_gate_breach_uses_confidence_bound() {
+        let g = gate();
+        // 1 failure of 2: lower bound ~9.5% > ... no: 1/2 lower bound is 9.45%, under 10%.
+        assert_eq!(breach(&g, &c(2, 1, 1, 0)), None);
+        assert!(breach(&g, &c(3, 1, 2, 0)).is_some());
+        assert_eq!(breach(&g, &c(50, 49, 1, 0)), None);
+        assert!(breach(&g, &c(100, 70, 30, 0)).is_some());
+        let mut crit = c(100, 99, 1, 0);
+        crit.critical = 1;
+        assert!(breach(&g, &crit).unwrap().contains("critical"));
+        // A late failure in an earlier wave breaches through the cumulative counts.
+        let wave = c(10, 10, 0, 0);
+        let cumulative = c(20, 12, 8, 0);
+        assert!(matches!(
+            evaluate(&g, &wave, &cumulative, false),
+            Verdict::Halt(_)
+        ));
+    }
+
+    #[test]
+    fn health_gate_wilson_bounds() {
+        assert_eq!(wilson_lower_ppm(0, 10), 0);
+        assert_eq!(wilson_lower_ppm(0, 0), 0);
+        let b = wilson_lower_ppm(1, 2);
+        assert!((94_000..96_000).contains(&b), "{b}");
+        let b = wilson_lower_ppm(50, 100);
+        assert!((403_000..405_000).contains(&b), "{b}");
+    }
+}
