@@ -7,4 +7,5 @@
 //! The health gate, state machine, registry, store and MQTT transport are tracked in
 //! issue 3 and not part of this crate yet.
 
+pub mod fleet;
 pub mod rollout;

@@ -273,10 +273,18 @@ fn open_wave(
     });
 }
 
+fn start_rollback(s: &mut RolloutState, now: u64) {
+    s.phase = Phase::RollingBack;
+    // The rollback deadline base: devices that never come back cannot hold the
+    // rollout in RollingBack forever.
+    s.widened_at = now;
+}
+
 fn breach_policy(
     spec: &RolloutSpec,
     s: &mut RolloutState,
     reason: String,
+    now: u64,
     out: &mut Vec<Decision>,
 ) {
     out.push(Decision::Breach {
@@ -295,7 +303,7 @@ fn breach_policy(
             });
         }
         BreachPolicy::Rollback => {
-            s.phase = Phase::RollingBack;
+            start_rollback(s, now);
             out.push(Decision::StartRollback { reason });
         }
     }
@@ -373,7 +381,7 @@ fn step_once(spec: &RolloutSpec, state: &RolloutState, obs: &Observations) -> St
     ) && s.started
         && let Some(reason) = health_gate::breach(gate, &obs.cumulative())
     {
-        breach_policy(spec, &mut s, reason, &mut out);
+        breach_policy(spec, &mut s, reason, obs.now, &mut out);
         return Step {
             next: s,
             decisions: out,
@@ -425,12 +433,13 @@ fn step_once(spec: &RolloutSpec, state: &RolloutState, obs: &Observations) -> St
                         }
                         s.waiting = Some(reason);
                     }
-                    Verdict::Halt(reason) => breach_policy(spec, &mut s, reason, &mut out),
+                    Verdict::Halt(reason) => breach_policy(spec, &mut s, reason, obs.now, &mut out),
                 }
             }
         }
         Phase::RollingBack => {
-            if obs.still_installed == 0 {
+            let deadline = s.widened_at.saturating_add(gate.install_timeout_secs);
+            if obs.still_installed == 0 || obs.now >= deadline {
                 s.phase = Phase::RolledBack;
                 out.push(Decision::RollbackDone);
             }
@@ -567,7 +576,7 @@ pub fn command(
                     spec.id
                 ));
             }
-            s.phase = Phase::RollingBack;
+            start_rollback(&mut s, now);
             s.halt_reason = Some("rollback by operator".into());
             out.push(Decision::StartRollback {
                 reason: "operator".into(),

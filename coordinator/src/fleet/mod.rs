@@ -1,0 +1,5 @@
+//! The fleet as the coordinator knows it: enrolled devices and, per rollout, who
+//! is in which wave and how each is doing.
+
+pub mod registry;
+pub mod tracker;

@@ -1,0 +1,385 @@
+//! Per-rollout membership and counts, updated in O(1) per report (no rescans on
+//! the hot path). A device is a member when it is approved, its labels match the
+//! selector and a wave reaches it. It counts once (its latest report, ROLL-6), and
+//! only after its wave opened; it joins its wave's population when seen online
+//! after the opening.
+
+use crate::rollout::health_gate::WaveCounts;
+use crate::rollout::planner::WavePlan;
+use crate::rollout::state::Observations;
+use std::collections::{BTreeMap, HashMap};
+use swell_protocol::cohort::{self, Selector};
+use swell_protocol::messages::Phase;
+use swell_protocol::{DeviceId, ReleaseId, RolloutId};
+
+/// How a member is doing in this rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    NoReport,
+    InProgress,
+    Healthy,
+    Failed { critical: bool },
+}
+
+impl Class {
+    /// The class of a report's phase.
+    pub fn of(phase: &Phase, critical: &[u16]) -> Class {
+        match phase {
+            Phase::Committed => Class::Healthy,
+            Phase::Failed(r) | Phase::RolledBack(r) | Phase::Rejected(r) => Class::Failed {
+                critical: critical.contains(&r.code),
+            },
+            _ => Class::InProgress,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    wave: u16,
+    bucket: u64,
+    canary: bool,
+    class: Class,
+    /// Counted in its wave's population.
+    seen: bool,
+}
+
+/// Membership and counts of one rollout.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    rollout: RolloutId,
+    release: ReleaseId,
+    plan: WavePlan,
+    selector: Selector,
+    critical: Vec<u16>,
+    open_below: u64,
+    started: bool,
+    members: HashMap<DeviceId, Member>,
+    /// Members not opened yet, by bucket (for `max_in_flight` sub-steps).
+    closed: BTreeMap<u64, Vec<DeviceId>>,
+    counts: Vec<WaveCounts>,
+}
+
+impl Tracker {
+    pub fn new(
+        rollout: RolloutId,
+        release: ReleaseId,
+        plan: WavePlan,
+        selector: Selector,
+        critical: Vec<u16>,
+    ) -> Self {
+        let waves = plan.wave_count();
+        Tracker {
+            rollout,
+            release,
+            plan,
+            selector,
+            critical,
+            open_below: 0,
+            started: false,
+            members: HashMap::new(),
+            closed: BTreeMap::new(),
+            counts: vec![WaveCounts::default(); waves],
+        }
+    }
+
+    fn is_open(&self, m: &Member) -> bool {
+        self.started && (m.canary || cohort::is_open(m.bucket, self.open_below))
+    }
+
+    /// Adds (or refreshes) an approved device with `labels`; returns whether it is
+    /// a member. A member never leaves (its vote stays), even if its labels change.
+    pub fn consider(
+        &mut self,
+        device: &DeviceId,
+        labels: &[swell_protocol::cohort::Label],
+        online: bool,
+    ) -> bool {
+        if self.members.contains_key(device) {
+            if online {
+                self.mark_seen(device);
+            }
+            return true;
+        }
+        if !self.selector.matches(labels) {
+            return false;
+        }
+        let Some(wave) = self.plan.wave_of(&self.rollout, device) else {
+            return false;
+        };
+        let m = Member {
+            wave: wave as u16,
+            bucket: cohort::bucket(&self.rollout, device),
+            canary: self.plan.canary().contains(device),
+            class: Class::NoReport,
+            seen: false,
+        };
+        let open = self.is_open(&m);
+        if !open {
+            self.closed
+                .entry(m.bucket)
+                .or_default()
+                .push(device.clone());
+        }
+        self.members.insert(device.clone(), m);
+        if open && online {
+            self.mark_seen(device);
+        }
+        true
+    }
+
+    fn mark_seen(&mut self, device: &DeviceId) {
+        let open = match self.members.get(device) {
+            Some(m) => self.is_open(m),
+            None => return,
+        };
+        if let Some(m) = self.members.get_mut(device)
+            && open
+            && !m.seen
+        {
+            m.seen = true;
+            self.counts[usize::from(m.wave)].population += 1;
+        }
+    }
+
+    /// A member came online.
+    pub fn on_online(&mut self, device: &DeviceId) {
+        self.mark_seen(device);
+    }
+
+    /// Applies the manifest's `open_below` (it only grows); `online` says which of
+    /// the newly opened devices are online now. Cost: the newly opened devices.
+    pub fn open(&mut self, open_below: u64, online: impl Fn(&DeviceId) -> bool) {
+        let first = !self.started;
+        self.started = true;
+        self.open_below = self.open_below.max(open_below);
+        let mut newly: Vec<DeviceId> = Vec::new();
+        if first {
+            newly.extend(
+                self.members
+                    .iter()
+                    .filter(|(_, m)| m.canary)
+                    .map(|(d, _)| d.clone()),
+            );
+        }
+        let limit = self.open_below;
+        let opened = if limit == u64::MAX {
+            std::mem::take(&mut self.closed)
+        } else {
+            let keep = self.closed.split_off(&limit);
+            std::mem::replace(&mut self.closed, keep)
+        };
+        newly.extend(opened.into_values().flatten());
+        for d in newly {
+            if online(&d) {
+                self.mark_seen(&d);
+            }
+        }
+    }
+
+    /// A verified report for this rollout. Returns whether it counted.
+    pub fn on_report(&mut self, device: &DeviceId, release: &ReleaseId, phase: &Phase) -> bool {
+        if release != &self.release {
+            return false;
+        }
+        let Some(m) = self.members.get(device) else {
+            return false;
+        };
+        // ROLL-6: devices outside the opened waves do not vote.
+        if !self.is_open(m) {
+            return false;
+        }
+        self.mark_seen(device);
+        let new = Class::of(phase, &self.critical);
+        let Some(m) = self.members.get_mut(device) else {
+            return false;
+        };
+        let c = &mut self.counts[usize::from(m.wave)];
+        remove(c, m.class);
+        add(c, new);
+        m.class = new;
+        true
+    }
+
+    /// The operator's retry: failed members go back to "no report yet".
+    pub fn retry(&mut self) {
+        for m in self.members.values_mut() {
+            if let Class::Failed { .. } = m.class {
+                let c = &mut self.counts[usize::from(m.wave)];
+                remove(c, m.class);
+                m.class = Class::NoReport;
+            }
+        }
+    }
+
+    pub fn counts(&self) -> &[WaveCounts] {
+        &self.counts
+    }
+
+    pub fn members(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Members still running (or installing) the release.
+    pub fn still_installed(&self) -> u32 {
+        self.counts.iter().map(|c| c.healthy + c.in_progress).sum()
+    }
+
+    /// With `max_in_flight`: the next `open_below` so that at most `cap` opened
+    /// devices are unfinished, or `None` when none may start now.
+    pub fn next_step(&self, cap: u32, wave_target: u64) -> Option<u64> {
+        let busy: u32 = self.counts.iter().map(|c| c.in_progress + c.silent()).sum();
+        let budget = cap.saturating_sub(busy) as usize;
+        if budget == 0 {
+            return None;
+        }
+        // The bucket of the first device that must stay shut: opening below it
+        // starts exactly `budget` more devices (bucket ties open together).
+        let next = self
+            .closed
+            .range(self.open_below..)
+            .flat_map(|(b, ds)| ds.iter().map(move |_| *b))
+            .nth(budget);
+        Some(next.map_or(wave_target, |b| b.min(wave_target)))
+    }
+
+    /// Observations for the state machine.
+    pub fn observe(&self, now: u64, max_in_flight: Option<u32>, wave_target: u64) -> Observations {
+        Observations {
+            now,
+            waves: self.counts.clone(),
+            next_step: max_in_flight.and_then(|cap| self.next_step(cap, wave_target)),
+            still_installed: self.still_installed(),
+        }
+    }
+}
+
+fn add(c: &mut WaveCounts, class: Class) {
+    match class {
+        Class::NoReport => {}
+        Class::InProgress => c.in_progress += 1,
+        Class::Healthy => c.healthy += 1,
+        Class::Failed { critical } => {
+            c.failed += 1;
+            c.critical += u32::from(critical);
+        }
+    }
+}
+
+fn remove(c: &mut WaveCounts, class: Class) {
+    match class {
+        Class::NoReport => {}
+        Class::InProgress => c.in_progress -= 1,
+        Class::Healthy => c.healthy -= 1,
+        Class::Failed { critical } => {
+            c.failed -= 1;
+            c.critical -= u32::from(critical);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swell_protocol::cohort::{Label, PPM_FULL};
+    use swell_protocol::messages::{Reason, reason};
+
+    fn dev(i: u32) -> DeviceId {
+        DeviceId::new(format!("d{i}")).unwrap()
+    }
+
+    fn tracker(canary: usize, steps: &[u32], selector: &str) -> Tracker {
+        Tracker::new(
+            RolloutId::new("t").unwrap(),
+            ReleaseId([1; 32]),
+            WavePlan::new((0..canary).map(|i| dev(i as u32)).collect(), steps.to_vec()).unwrap(),
+            Selector::parse(selector).unwrap(),
+            vec![reason::CRASH_LOOP],
+        )
+    }
+
+    fn labels(hw: &str) -> Vec<Label> {
+        vec![Label {
+            key: "hw".into(),
+            value: hw.into(),
+        }]
+    }
+
+    #[test]
+    fn tracker_counts_only_opened_members_once() {
+        let mut t = tracker(0, &[500_000, PPM_FULL], "hw=a");
+        for i in 0..100 {
+            t.consider(&dev(i), &labels(if i % 10 == 0 { "b" } else { "a" }), true);
+        }
+        assert_eq!(t.members(), 90);
+        let release = ReleaseId([1; 32]);
+        // Before anything opens no report counts (ROLL-6).
+        assert!(!t.on_report(&dev(1), &release, &Phase::Committed));
+        t.open(cohort::open_below(500_000), |_| true);
+        let wave0 = t.counts()[0].population;
+        assert!(wave0 > 30 && wave0 < 60, "{wave0}");
+        assert_eq!(t.counts()[1].population, 0);
+        let (mut counted, mut refused) = (0, 0);
+        for i in 0..100 {
+            // Twice: the second report replaces the first.
+            t.on_report(&dev(i), &release, &Phase::Installing);
+            if t.on_report(&dev(i), &release, &Phase::Committed) {
+                counted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert_eq!(counted, wave0);
+        assert_eq!(refused, 100 - wave0);
+        assert_eq!(t.counts()[0].healthy, wave0);
+        assert_eq!(t.counts()[0].in_progress, 0);
+        // Another release's report does not count.
+        assert!(!t.on_report(&dev(1), &ReleaseId([2; 32]), &Phase::Committed));
+    }
+
+    #[test]
+    fn tracker_late_failure_and_critical() {
+        let mut t = tracker(2, &[PPM_FULL], "");
+        t.consider(&dev(0), &[], true);
+        t.consider(&dev(1), &[], false);
+        t.open(0, |d| d == &dev(0));
+        assert_eq!(
+            t.counts()[0].population,
+            1,
+            "offline canary not counted yet"
+        );
+        t.on_online(&dev(1));
+        assert_eq!(t.counts()[0].population, 2);
+        let r = ReleaseId([1; 32]);
+        t.on_report(&dev(0), &r, &Phase::Committed);
+        t.on_report(
+            &dev(0),
+            &r,
+            &Phase::Failed(Reason {
+                code: reason::CRASH_LOOP,
+                detail: String::new(),
+            }),
+        );
+        assert_eq!(t.counts()[0].healthy, 0);
+        assert_eq!(t.counts()[0].failed, 1);
+        assert_eq!(t.counts()[0].critical, 1);
+        t.retry();
+        assert_eq!(t.counts()[0].failed, 0);
+        assert_eq!(t.counts()[0].critical, 0);
+        assert_eq!(t.counts()[0].silent(), 2);
+    }
+
+    #[test]
+    fn tracker_next_step_respects_budget() {
+        let mut t = tracker(0, &[PPM_FULL], "");
+        for i in 0..50 {
+            t.consider(&dev(i), &[], true);
+        }
+        t.open(0, |_| true);
+        let step = t.next_step(5, u64::MAX).unwrap();
+        t.open(step, |_| true);
+        let busy: u32 = t.counts().iter().map(|c| c.silent() + c.in_progress).sum();
+        assert_eq!(busy, 5);
+        assert_eq!(t.next_step(5, u64::MAX), None);
+    }
+}
