@@ -7,5 +7,7 @@
 //! The health gate, state machine, registry, store and MQTT transport are tracked in
 //! issue 3 and not part of this crate yet.
 
+pub mod durable;
 pub mod fleet;
 pub mod rollout;
+pub mod store;

@@ -7,4 +7,4 @@ pub mod spec;
 pub mod state;
 
 #[cfg(test)]
-mod state_tests;
+pub(crate) mod state_tests;
