@@ -266,6 +266,12 @@ impl<'a> UnverifiedEnvelope<'a> {
         })
     }
 
+    /// The payload bytes, unverified: only for self-signed kinds, which must read
+    /// the signer's key from the payload (see `Hello::verify_self_signed`).
+    pub(crate) fn unverified_payload(&self) -> &'a [u8] {
+        self.payload
+    }
+
     /// The message kind, if this version knows it.
     pub fn kind(&self) -> Option<MessageKind> {
         MessageKind::from_raw(self.header.kind)

@@ -365,3 +365,22 @@ fn envelope_non_canonical_encodings_are_refused() {
     let e = UnverifiedEnvelope::parse(&b).unwrap_err();
     assert_eq!(e.reason(), "malformed", "{e}");
 }
+
+#[test]
+fn envelope_hello_is_self_signed() {
+    let good = hello();
+    let env = UnverifiedEnvelope::parse(&good).unwrap();
+    let v = Hello::verify_self_signed(&env, T0).unwrap();
+    assert_eq!(v.body, hello_body());
+
+    // A Hello announcing one key but signed by another is forged.
+    let forged = seal(&device_key(7), device_stamp(1), &hello_body()).unwrap();
+    let env = UnverifiedEnvelope::parse(&forged).unwrap();
+    let e = Hello::verify_self_signed(&env, T0).unwrap_err();
+    assert_eq!(e.reason(), "forged", "{e}");
+
+    // A report is not a hello.
+    let r = report();
+    let env = UnverifiedEnvelope::parse(&r).unwrap();
+    assert!(Hello::verify_self_signed(&env, T0).is_err());
+}
