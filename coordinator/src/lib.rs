@@ -9,5 +9,6 @@
 
 pub mod durable;
 pub mod fleet;
+pub mod ops;
 pub mod rollout;
 pub mod store;

@@ -3,9 +3,9 @@
 //! device's persisted monotonic counter (MQTT-6).
 
 use super::{check_count, check_text};
+use crate::codec::{self, CodecError};
 use crate::cohort::{Label, MAX_LABELS, validate_label_key, validate_label_value};
 use crate::crypto::PublicKey;
-use crate::codec::{self, CodecError};
 use crate::envelope::{EnvelopeError, Message, MessageKind, UnverifiedEnvelope, Verified};
 use crate::ids::{DeviceId, FleetId, ReleaseId, RolloutId, validate_id};
 use serde::{Deserialize, Serialize};
@@ -63,11 +63,19 @@ impl Hello {
     /// proves possession of the key; binding it to the device id is the
     /// coordinator's enrollment decision. A device already enrolled is verified
     /// with its enrolled key instead ([`UnverifiedEnvelope::verify`]).
-    pub fn verify_self_signed(env: &UnverifiedEnvelope<'_>, now: u64) -> Result<Verified<Hello>, EnvelopeError> {
+    pub fn verify_self_signed(
+        env: &UnverifiedEnvelope<'_>,
+        now: u64,
+    ) -> Result<Verified<Hello>, EnvelopeError> {
         let payload = env.unverified_payload();
         codec::check_len("hello", payload, Self::MAX_PAYLOAD)?;
         let ((_, _, key), _) = postcard::take_from_bytes::<(DeviceId, FleetId, PublicKey)>(payload)
-            .map_err(|e| EnvelopeError::Codec(CodecError::Malformed { what: "hello", reason: e.to_string() }))?;
+            .map_err(|e| {
+                EnvelopeError::Codec(CodecError::Malformed {
+                    what: "hello",
+                    reason: e.to_string(),
+                })
+            })?;
         env.verify::<Hello>(&key, now)
     }
 }
