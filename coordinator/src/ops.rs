@@ -656,7 +656,7 @@ mod tests {
         let bad: &[(&str, serde_json::Value, &str)] = &[
             ("waves", serde_json::json!(["50%", "10%"]), "cumulative"),
             ("waves", serde_json::json!(["150%"]), "above 100%"),
-            ("selector", serde_json::json!("hw=="), "selector"),
+            ("selector", serde_json::json!("hw in ()"), "selector"),
             ("success_threshold", serde_json::json!("120%"), "above 100%"),
             ("bake", serde_json::json!("soon"), "bake"),
             ("policy", serde_json::json!("explode"), "policy"),
