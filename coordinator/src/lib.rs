@@ -7,8 +7,13 @@
 //! The health gate, state machine, registry, store and MQTT transport are tracked in
 //! issue 3 and not part of this crate yet.
 
+pub mod broker;
 pub mod durable;
+pub mod engine;
 pub mod fleet;
+pub mod keyfile;
 pub mod ops;
 pub mod rollout;
+pub mod server;
 pub mod store;
+pub mod transport;

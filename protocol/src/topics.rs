@@ -12,6 +12,7 @@
 //! | `{p}/ops/cmd` | operator → coordinator | no |
 //! | `{p}/ops/rollout/{rollout}/status` | coordinator → operators | yes |
 //! | `{p}/ops/events` | coordinator → operators | no |
+//! | `{p}/ops/coordinator` | coordinator (Last Will) | yes |
 
 use crate::ids::{DeviceId, FleetId, IdError, RolloutId};
 
@@ -50,6 +51,7 @@ pub enum Topic {
     OpsCmd,
     OpsStatus { rollout: RolloutId },
     OpsEvents,
+    CoordinatorOnline,
 }
 
 /// Builds and parses topics under one prefix.
@@ -137,6 +139,10 @@ impl Topics {
     pub fn ops_events(&self) -> String {
         format!("{}/ops/events", self.prefix)
     }
+    /// Retained `online`, replaced by the Last Will `offline`.
+    pub fn coordinator_online(&self) -> String {
+        format!("{}/ops/coordinator", self.prefix)
+    }
 
     /// Parses a concrete topic (no wildcards) of this tree.
     pub fn parse(&self, topic: &str) -> Result<Topic, TopicError> {
@@ -172,6 +178,7 @@ impl Topics {
             }
             ["ops", "cmd"] => Topic::OpsCmd,
             ["ops", "events"] => Topic::OpsEvents,
+            ["ops", "coordinator"] => Topic::CoordinatorOnline,
             ["ops", "rollout", r, "status"] => Topic::OpsStatus {
                 rollout: RolloutId::new(*r).map_err(bad_id)?,
             },
@@ -208,6 +215,7 @@ mod tests {
             (t.ops_cmd(), Topic::OpsCmd),
             (t.ops_status(&r), Topic::OpsStatus { rollout: r.clone() }),
             (t.ops_events(), Topic::OpsEvents),
+            (t.coordinator_online(), Topic::CoordinatorOnline),
         ];
         for (s, want) in cases {
             assert_eq!(t.parse(&s).unwrap(), want, "{s}");

@@ -1,0 +1,1033 @@
+//! The coordinator engine: everything between the MQTT session and the pure
+//! rollout logic, without doing network I/O itself ("sans-IO", like rumqttc's
+//! state). It takes incoming messages and clock ticks, updates the registry,
+//! trackers and store, and returns what must be published. The server loop
+//! ([`crate::server`]) carries that out.
+//!
+//! Ordering (STATE-1): a rollout transition is committed and flushed to the store
+//! before its manifest is returned for publishing; device facts are written before
+//! the caller acknowledges the messages that carried them (the caller flushes once
+//! per batch, then acks).
+
+use crate::fleet::registry::{DeviceRecord, Enrollment, RegistryError};
+use crate::fleet::tracker::Tracker;
+use crate::ops::{self, Op, OpsParser, Refused, Request};
+use crate::rollout::spec::RolloutSpec;
+use crate::rollout::state::{self, Command, Observations, Phase, RolloutState};
+use crate::store::{DecisionEntry, RolloutRecord, Store, StoreError, StoredReport};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use swell_protocol::envelope::{Audience, EnvelopeError, Stamp, UnverifiedEnvelope, seal};
+use swell_protocol::messages::{
+    Beacon, Hello, KeyList, Manifest, Release, Report, RolloutState as ManifestState,
+};
+use swell_protocol::threshold::ThresholdSigned;
+use swell_protocol::topics::{Topic, Topics};
+use swell_protocol::{DeviceId, FleetId, MessageKind, RolloutId, SecretKey, version};
+use tracing::{info, warn};
+
+/// Most devices waiting for approval at once (a flood of Hellos cannot grow the
+/// registry without bound).
+pub const MAX_PENDING_DEVICES: usize = 10_000;
+
+/// What the engine was configured with.
+#[derive(Debug)]
+pub struct Settings {
+    pub fleet: FleetId,
+    pub topics: Topics,
+    pub key: SecretKey,
+    /// The root-signed key list, as published to devices, and its content.
+    pub key_list: ThresholdSigned,
+    pub keys: KeyList,
+    pub epoch: u64,
+    pub enrollment_tokens: Vec<String>,
+    pub beacon_ttl: Duration,
+    pub manifest_ttl: Duration,
+}
+
+/// One message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Out {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// MQTT 5 correlation data for replies.
+    pub correlation: Option<Vec<u8>>,
+}
+
+/// Where a command's reply goes.
+#[derive(Debug, Clone, Default)]
+pub struct ReplyTo {
+    pub response_topic: Option<String>,
+    pub correlation: Option<Vec<u8>>,
+}
+
+/// Counters, for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub reports: u64,
+    pub hellos: u64,
+    pub commands_accepted: u64,
+    pub commands_refused: u64,
+    pub manifests: u64,
+}
+
+struct Live {
+    rec: RolloutRecord,
+    tracker: Tracker,
+    /// (wave, open_below, state, retry) of the newest manifest.
+    published: Option<(u16, u64, ManifestState, u32)>,
+    published_at: u64,
+}
+
+/// The engine.
+pub struct Engine {
+    s: Settings,
+    store: Arc<dyn Store>,
+    devices: HashMap<DeviceId, DeviceRecord>,
+    pending: usize,
+    rollouts: BTreeMap<RolloutId, Live>,
+    ops: OpsParser,
+    pub counters: Counters,
+    log_gate: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("devices", &self.devices.len())
+            .field("rollouts", &self.rollouts.len())
+            .finish()
+    }
+}
+
+/// Why the engine could not start or go on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("signing failed: {0}")]
+    Sign(#[from] EnvelopeError),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+fn manifest_view(st: &RolloutState) -> (u16, u64, ManifestState, u32) {
+    (st.wave, st.open_below, st.manifest_state(), st.retry)
+}
+
+fn wave_target(spec: &RolloutSpec, st: &RolloutState) -> u64 {
+    spec.plan
+        .open_below(usize::from(st.wave))
+        .unwrap_or(u64::MAX)
+}
+
+impl Engine {
+    /// Loads the store, rebuilds registry and trackers, and returns what must be
+    /// (re)published: key list, beacon, every stored manifest (same content, this
+    /// epoch) and statuses.
+    pub fn start(
+        s: Settings,
+        store: Arc<dyn Store>,
+        now: u64,
+    ) -> Result<(Engine, Vec<Out>), EngineError> {
+        if !s.keys.coordinator_keys.contains(&s.key.public()) {
+            return Err(EngineError::Config(format!(
+                "coordinator key {} is not in the key list's coordinator keys",
+                s.key.key_id()
+            )));
+        }
+        let loaded = store.load()?;
+        for key in &loaded.corrupt {
+            warn!(%key, "corrupt record set aside; the coordinator rebuilt without it");
+        }
+        let ops = OpsParser::new(s.keys.operator_keys.clone());
+        let mut e = Engine {
+            s,
+            store,
+            devices: HashMap::new(),
+            pending: 0,
+            rollouts: BTreeMap::new(),
+            ops,
+            counters: Counters::default(),
+            log_gate: HashMap::new(),
+        };
+        for mut d in loaded.devices {
+            // Online state is learned again from the retained online topics.
+            d.online = false;
+            if d.enrollment == Enrollment::Pending {
+                e.pending += 1;
+            }
+            e.devices.insert(d.id.clone(), d);
+        }
+        for rec in loaded.rollouts {
+            let tracker = e.new_tracker(&rec);
+            e.rollouts.insert(
+                rec.spec.id.clone(),
+                Live {
+                    rec,
+                    tracker,
+                    published: None,
+                    published_at: 0,
+                },
+            );
+        }
+        for (rollout, device, rep) in loaded.reports {
+            if let Some(l) = e.rollouts.get_mut(&rollout) {
+                l.tracker.on_report(&device, &rep.release, &rep.phase);
+            }
+        }
+        let mut out = vec![Out {
+            topic: e.s.topics.keys(&e.s.fleet),
+            payload: e
+                .s
+                .key_list
+                .encode()
+                .map_err(|err| EngineError::Config(err.to_string()))?,
+            retain: true,
+            correlation: None,
+        }];
+        out.extend(e.beacon(now)?);
+        let ids: Vec<RolloutId> = e.rollouts.keys().cloned().collect();
+        for id in ids {
+            out.extend(e.publish_if_changed(&id, now, true)?);
+        }
+        info!(
+            epoch = e.s.epoch,
+            devices = e.devices.len(),
+            rollouts = e.rollouts.len(),
+            "coordinator state loaded"
+        );
+        Ok((e, out))
+    }
+
+    fn new_tracker(&self, rec: &RolloutRecord) -> Tracker {
+        let mut t = Tracker::new(
+            rec.spec.id.clone(),
+            rec.spec.release_id(),
+            rec.spec.plan.clone(),
+            rec.spec.selector.clone(),
+            rec.spec.gate.critical_reasons.clone(),
+        );
+        for d in self.devices.values() {
+            if d.enrollment == Enrollment::Approved && d.fleet == rec.spec.fleet {
+                t.consider(&d.id, &d.labels, d.online);
+            }
+        }
+        if rec.state.started {
+            let devices = &self.devices;
+            t.open(rec.state.open_below, |id| {
+                devices.get(id).is_some_and(|d| d.online)
+            });
+        }
+        t
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.s.epoch
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.s.topics
+    }
+
+    /// Subscriptions the coordinator needs (ingest through a shared subscription).
+    pub fn subscriptions(&self) -> Vec<String> {
+        let t = &self.s.topics;
+        vec![
+            t.shared(&t.all_devices("hello")),
+            t.shared(&t.all_devices("report")),
+            t.all_devices("online"),
+            t.ops_cmd(),
+        ]
+    }
+
+    fn reject(&mut self, reason: &'static str, what: &str, detail: &dyn std::fmt::Display) {
+        *self.counters.rejected.entry(reason).or_default() += 1;
+        // At most one line per reason every 10 s, saying how many were suppressed.
+        let now = Instant::now();
+        let entry = self
+            .log_gate
+            .entry(reason)
+            .or_insert((now - Duration::from_secs(60), 0));
+        if now.duration_since(entry.0) >= Duration::from_secs(10) {
+            warn!(reason, suppressed = entry.1, "rejected {what}: {detail}");
+            *entry = (now, 0);
+        } else {
+            entry.1 += 1;
+        }
+    }
+
+    /// Handles one incoming publish. Device facts are written to the store but not
+    /// flushed: call [`Engine::flush`] before acknowledging.
+    pub fn handle(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        reply: ReplyTo,
+        now: u64,
+    ) -> Result<Vec<Out>, EngineError> {
+        let parsed = match self.s.topics.parse(topic) {
+            Ok(t) => t,
+            Err(e) => {
+                self.reject("bad_topic", "message", &e);
+                return Ok(vec![]);
+            }
+        };
+        match parsed {
+            Topic::Hello { device } => self.on_hello(&device, payload, now),
+            Topic::Report { device } => self.on_report(&device, payload, now),
+            Topic::Online { device } => {
+                self.on_online(&device, payload, now);
+                Ok(vec![])
+            }
+            Topic::OpsCmd => self.on_command(payload, reply, now),
+            _ => Ok(vec![]),
+        }
+    }
+
+    fn on_online(&mut self, device: &DeviceId, payload: &[u8], now: u64) {
+        let online = match payload {
+            b"1" => true,
+            b"0" => false,
+            _ => {
+                self.reject(
+                    "malformed",
+                    "online flag",
+                    &format_args!("device {device}: payload is not 0 or 1"),
+                );
+                return;
+            }
+        };
+        let Some(d) = self.devices.get_mut(device) else {
+            return;
+        };
+        d.online = online;
+        d.last_seen = now;
+        if online && d.enrollment == Enrollment::Approved {
+            for l in self.rollouts.values_mut() {
+                l.tracker.on_online(device);
+            }
+        }
+    }
+
+    fn on_hello(
+        &mut self,
+        topic_device: &DeviceId,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<Vec<Out>, EngineError> {
+        let env = match UnverifiedEnvelope::parse(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                self.reject(e.reason(), "hello", &e);
+                return Ok(vec![]);
+            }
+        };
+        let verified = match self.devices.get(topic_device) {
+            Some(d) => env.verify::<Hello>(&d.key, now),
+            None => Hello::verify_self_signed(&env, now),
+        };
+        let v = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject(
+                    e.reason(),
+                    "hello",
+                    &format_args!("device {topic_device}: {e}"),
+                );
+                return Ok(vec![]);
+            }
+        };
+        let h = v.body;
+        if &h.device != topic_device {
+            self.reject(
+                "forged",
+                "hello",
+                &format_args!("topic names {topic_device}, payload {}", h.device),
+            );
+            return Ok(vec![]);
+        }
+        if h.fleet != self.s.fleet {
+            let e = RegistryError::WrongFleet {
+                device: h.device.clone(),
+                fleet: h.fleet.clone(),
+            };
+            self.reject(e.reason(), "hello", &e);
+            return Ok(vec![]);
+        }
+        if version::negotiate(h.proto_min, h.proto_max).is_err() {
+            self.reject(
+                "unsupported",
+                "hello",
+                &format_args!(
+                    "device {}: protocol {}..={}",
+                    h.device, h.proto_min, h.proto_max
+                ),
+            );
+            return Ok(vec![]);
+        }
+        let token_ok = h
+            .enrollment_token
+            .as_ref()
+            .is_some_and(|t| self.s.enrollment_tokens.iter().any(|k| k == t));
+        let newly_approved;
+        match self.devices.get_mut(&h.device) {
+            Some(d) => {
+                if let Err(e) = d.accept_seq(v.header.seq) {
+                    self.reject(e.reason(), "hello", &e);
+                    return Ok(vec![]);
+                }
+                d.update_from_hello(&h, now);
+                newly_approved = d.enrollment == Enrollment::Pending && token_ok;
+                if newly_approved {
+                    d.enrollment = Enrollment::Approved;
+                    self.pending -= 1;
+                }
+            }
+            None => {
+                let enrollment = if token_ok {
+                    Enrollment::Approved
+                } else {
+                    Enrollment::Pending
+                };
+                if enrollment == Enrollment::Pending {
+                    if self.pending >= MAX_PENDING_DEVICES {
+                        self.reject(
+                            "too_many_pending",
+                            "hello",
+                            &format_args!("device {}", h.device),
+                        );
+                        return Ok(vec![]);
+                    }
+                    self.pending += 1;
+                    info!(device = %h.device, "device awaits approval");
+                }
+                newly_approved = enrollment == Enrollment::Approved;
+                self.devices.insert(
+                    h.device.clone(),
+                    DeviceRecord::from_hello(&h, v.header.seq, now, enrollment),
+                );
+            }
+        }
+        self.counters.hellos += 1;
+        let rec = self.devices.get(&h.device).cloned();
+        if let Some(rec) = rec {
+            self.store.put_device(&rec)?;
+            if rec.enrollment == Enrollment::Approved {
+                if newly_approved {
+                    info!(device = %rec.id, "device enrolled");
+                }
+                for l in self
+                    .rollouts
+                    .values_mut()
+                    .filter(|l| l.rec.spec.fleet == rec.fleet)
+                {
+                    l.tracker.consider(&rec.id, &rec.labels, true);
+                }
+            }
+        }
+        Ok(vec![])
+    }
+
+    fn on_report(
+        &mut self,
+        topic_device: &DeviceId,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<Vec<Out>, EngineError> {
+        let env = match UnverifiedEnvelope::parse(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                self.reject(e.reason(), "report", &e);
+                return Ok(vec![]);
+            }
+        };
+        let Some(d) = self.devices.get(topic_device) else {
+            let e = RegistryError::Unknown(topic_device.clone());
+            self.reject(e.reason(), "report", &e);
+            return Ok(vec![]);
+        };
+        if env.kind() == Some(MessageKind::Unsupported) {
+            if let Ok(v) = env.verify::<swell_protocol::messages::Unsupported>(&d.key, now) {
+                warn!(device = %topic_device, kind = v.body.kind, proto = v.body.proto, "device cannot read a message we sent");
+            }
+            return Ok(vec![]);
+        }
+        let v = match env.verify::<Report>(&d.key, now) {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject(
+                    e.reason(),
+                    "report",
+                    &format_args!("device {topic_device}: {e}"),
+                );
+                return Ok(vec![]);
+            }
+        };
+        if &v.body.device != topic_device {
+            self.reject(
+                "forged",
+                "report",
+                &format_args!("topic names {topic_device}, payload {}", v.body.device),
+            );
+            return Ok(vec![]);
+        }
+        let Some(d) = self.devices.get_mut(topic_device) else {
+            return Ok(vec![]);
+        };
+        if d.enrollment != Enrollment::Approved {
+            let e = RegistryError::NotApproved(topic_device.clone());
+            self.reject(e.reason(), "report", &e);
+            return Ok(vec![]);
+        }
+        if let Err(e) = d.accept_seq(v.header.seq) {
+            self.reject(e.reason(), "report", &e);
+            return Ok(vec![]);
+        }
+        d.last_seen = now;
+        if v.body.phase == swell_protocol::messages::Phase::Committed {
+            d.running = Some(v.body.release);
+        }
+        let rec = d.clone();
+        self.store.put_device(&rec)?;
+        self.counters.reports += 1;
+        let r = v.body;
+        if let Some(rollout) = &r.rollout
+            && let Some(l) = self.rollouts.get_mut(rollout)
+            && l.tracker.on_report(&r.device, &r.release, &r.phase)
+        {
+            self.store.put_report(
+                rollout,
+                &r.device,
+                &StoredReport {
+                    release: r.release,
+                    phase: r.phase.clone(),
+                },
+            )?;
+        }
+        Ok(vec![])
+    }
+
+    fn reply(
+        &self,
+        id: Option<&str>,
+        reply_to: Option<&str>,
+        reply: &ReplyTo,
+        body: Value,
+    ) -> Vec<Out> {
+        let topic = reply
+            .response_topic
+            .clone()
+            .or_else(|| reply_to.map(str::to_string));
+        let Some(topic) = topic else { return vec![] };
+        // A reply never goes into the Swell tree or a wildcard.
+        if topic.contains(['+', '#'])
+            || topic.starts_with(self.s.topics.prefix())
+            || topic.is_empty()
+        {
+            return vec![];
+        }
+        let mut body = body;
+        if let Some(id) = id {
+            body["id"] = json!(id);
+        }
+        vec![Out {
+            topic,
+            payload: body.to_string().into_bytes(),
+            retain: false,
+            correlation: reply.correlation.clone(),
+        }]
+    }
+
+    fn on_command(
+        &mut self,
+        payload: &[u8],
+        reply: ReplyTo,
+        now: u64,
+    ) -> Result<Vec<Out>, EngineError> {
+        let req = match self.ops.parse(payload, now) {
+            Ok(r) => r,
+            Err(Refused {
+                id,
+                reply_to,
+                reason,
+                message,
+            }) => {
+                self.counters.commands_refused += 1;
+                self.reject(reason, "command", &message);
+                let body = json!({"ok": false, "reason": reason, "message": message});
+                return Ok(self.reply(id.as_deref(), reply_to.as_deref(), &reply, body));
+            }
+        };
+        let Request {
+            id,
+            reply_to,
+            op,
+            signer,
+        } = req;
+        let op_name = op.name();
+        let result = self.apply(op, now);
+        let (mut out, body) = match result {
+            Ok((out, message, status)) => {
+                self.counters.commands_accepted += 1;
+                info!(op = op_name, signer = ?signer.map(|k| k.to_string()), "{message}");
+                (
+                    out,
+                    json!({"ok": true, "op": op_name, "message": message, "status": status}),
+                )
+            }
+            Err((reason, message)) => {
+                self.counters.commands_refused += 1;
+                info!(op = op_name, reason, "command refused: {message}");
+                (
+                    vec![],
+                    json!({"ok": false, "op": op_name, "reason": reason, "message": message}),
+                )
+            }
+        };
+        out.extend(self.reply(id.as_deref(), reply_to.as_deref(), &reply, body));
+        Ok(out)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &mut self,
+        op: Op,
+        now: u64,
+    ) -> Result<(Vec<Out>, String, Value), (&'static str, String)> {
+        if let Some((rollout, cmd)) = op.as_command() {
+            let rollout = rollout.clone();
+            return self.apply_command(&rollout, cmd, now);
+        }
+        match op {
+            Op::Create {
+                spec,
+                allow_overlap,
+            } => self.create(*spec, allow_overlap, now),
+            Op::Approve { device } => {
+                let d = self.devices.get_mut(&device).ok_or((
+                    "unknown_device",
+                    format!("device {device} has not said hello"),
+                ))?;
+                if d.enrollment == Enrollment::Approved {
+                    return Err(("already", format!("device {device} is already approved")));
+                }
+                d.enrollment = Enrollment::Approved;
+                self.pending -= 1;
+                let rec = d.clone();
+                self.store
+                    .put_device(&rec)
+                    .map_err(|e| ("store", e.to_string()))?;
+                self.store.flush().map_err(|e| ("store", e.to_string()))?;
+                for l in self
+                    .rollouts
+                    .values_mut()
+                    .filter(|l| l.rec.spec.fleet == rec.fleet)
+                {
+                    l.tracker.consider(&rec.id, &rec.labels, rec.online);
+                }
+                Ok((
+                    vec![],
+                    format!("device {device} approved"),
+                    json!({"device": device.as_str()}),
+                ))
+            }
+            Op::Status { rollout } => match rollout {
+                Some(r) => {
+                    let l = self
+                        .rollouts
+                        .get(&r)
+                        .ok_or(("unknown_rollout", format!("no rollout {r}")))?;
+                    Ok((vec![], format!("status of {r}"), status_json(l, now)))
+                }
+                None => {
+                    let all: Vec<Value> = self
+                        .rollouts
+                        .values()
+                        .map(|l| status_json(l, now))
+                        .collect();
+                    Ok((vec![], format!("{} rollouts", all.len()), json!(all)))
+                }
+            },
+            _ => Err(("invalid", "unsupported operation".into())),
+        }
+    }
+
+    fn create(
+        &mut self,
+        spec: ops::CreateSpec,
+        allow_overlap: bool,
+        now: u64,
+    ) -> Result<(Vec<Out>, String, Value), (&'static str, String)> {
+        let spec = spec.into_spec(&self.s.fleet).map_err(|m| ("invalid", m))?;
+        if spec.fleet != self.s.fleet {
+            return Err((
+                "invalid",
+                format!(
+                    "this coordinator serves fleet {}, not {}",
+                    self.s.fleet, spec.fleet
+                ),
+            ));
+        }
+        if self.rollouts.contains_key(&spec.id) {
+            return Err(("exists", format!("rollout {} already exists", spec.id)));
+        }
+        let release: Release = spec
+            .release
+            .verify(&self.s.keys.release_keys, self.s.keys.release_threshold)
+            .map_err(|e| {
+                (
+                    "unsigned",
+                    format!("release {}: {e}", spec.release_id().short()),
+                )
+            })?;
+        if !allow_overlap {
+            for l in self
+                .rollouts
+                .values()
+                .filter(|l| !l.rec.state.is_final() && l.rec.spec.fleet == spec.fleet)
+            {
+                if !ops::provably_disjoint(&l.rec.spec.selector, &spec.selector) {
+                    return Err((
+                        "overlap",
+                        format!(
+                            "selector {:?} may select devices of active rollout {} ({:?}); narrow it or pass allow_overlap",
+                            spec.selector.to_string(),
+                            l.rec.spec.id,
+                            l.rec.spec.selector.to_string()
+                        ),
+                    ));
+                }
+            }
+        }
+        let rec = RolloutRecord {
+            spec,
+            state: RolloutState::new(),
+            manifest_seq: 0,
+            decisions: 0,
+            created_at: now,
+        };
+        self.store
+            .commit_rollout(&rec, None)
+            .map_err(|e| ("store", e.to_string()))?;
+        let id = rec.spec.id.clone();
+        let tracker = self.new_tracker(&rec);
+        let members = tracker.members();
+        self.rollouts.insert(
+            id.clone(),
+            Live {
+                rec,
+                tracker,
+                published: None,
+                published_at: 0,
+            },
+        );
+        info!(rollout = %id, version = %release.version, members, "rollout created");
+        let mut out = self
+            .step_rollout(&id, now)
+            .map_err(|e| ("store", e.to_string()))?;
+        let status = self
+            .rollouts
+            .get(&id)
+            .map(|l| status_json(l, now))
+            .unwrap_or(Value::Null);
+        out.extend(self.event(
+            &id,
+            now,
+            json!({"event": "created", "version": release.version, "members": members}),
+        ));
+        Ok((
+            out,
+            format!(
+                "rollout {id} created: release {} with {members} matching devices",
+                release.version
+            ),
+            status,
+        ))
+    }
+
+    fn apply_command(
+        &mut self,
+        id: &RolloutId,
+        cmd: Command,
+        now: u64,
+    ) -> Result<(Vec<Out>, String, Value), (&'static str, String)> {
+        let l = self
+            .rollouts
+            .get(id)
+            .ok_or(("unknown_rollout", format!("no rollout {id}")))?;
+        let st =
+            state::command(&l.rec.spec, &l.rec.state, &cmd, now).map_err(|m| ("refused", m))?;
+        if cmd == Command::Retry
+            && let Some(l) = self.rollouts.get_mut(id)
+        {
+            l.tracker.retry();
+        }
+        let mut out = self
+            .commit(id, st, None, Some(cmd.clone()), now)
+            .map_err(|e| ("store", e.to_string()))?;
+        out.extend(
+            self.step_rollout(id, now)
+                .map_err(|e| ("store", e.to_string()))?,
+        );
+        let status = self
+            .rollouts
+            .get(id)
+            .map(|l| status_json(l, now))
+            .unwrap_or(Value::Null);
+        Ok((
+            out,
+            format!("{cmd:?} applied to {id}").to_lowercase(),
+            status,
+        ))
+    }
+
+    /// Stores a transition (with its inputs) and returns its events and manifest.
+    fn commit(
+        &mut self,
+        id: &RolloutId,
+        st: state::Step,
+        obs: Option<Observations>,
+        cmd: Option<Command>,
+        now: u64,
+    ) -> Result<Vec<Out>, EngineError> {
+        let epoch = self.s.epoch;
+        let Some(l) = self.rollouts.get_mut(id) else {
+            return Ok(vec![]);
+        };
+        if st.next == l.rec.state && st.decisions.is_empty() {
+            return Ok(vec![]);
+        }
+        let entry = DecisionEntry {
+            at: now,
+            epoch,
+            before: l.rec.state.clone(),
+            observations: obs,
+            command: cmd,
+            decisions: st.decisions.clone(),
+            after: st.next.clone(),
+        };
+        let mut rec = l.rec.clone();
+        rec.state = st.next;
+        rec.decisions += 1;
+        if l.published != Some(manifest_view(&rec.state)) && rec.state.started {
+            rec.manifest_seq += 1;
+        }
+        // STATE-1: durable before anything is published.
+        self.store.commit_rollout(&rec, Some(&entry))?;
+        l.rec = rec;
+        if l.rec.state.started {
+            let devices = &self.devices;
+            l.tracker.open(l.rec.state.open_below, |d| {
+                devices.get(d).is_some_and(|d| d.online)
+            });
+        }
+        for d in &st.decisions {
+            info!(rollout = %id, wave = l.rec.state.wave, phase = l.rec.state.phase_name(), decision = ?d, "rollout decision");
+        }
+        let mut out = Vec::new();
+        for d in &st.decisions {
+            out.extend(self.event(id, now, serde_json::to_value(d).unwrap_or(Value::Null)));
+        }
+        out.extend(self.publish_if_changed(id, now, false)?);
+        Ok(out)
+    }
+
+    fn event(&self, id: &RolloutId, now: u64, body: Value) -> Vec<Out> {
+        let mut ev = json!({"at": now, "epoch": self.s.epoch, "rollout": id.as_str()});
+        if let (Value::Object(e), Value::Object(b)) = (&mut ev, body) {
+            e.extend(b);
+        }
+        vec![Out {
+            topic: self.s.topics.ops_events(),
+            payload: ev.to_string().into_bytes(),
+            retain: false,
+            correlation: None,
+        }]
+    }
+
+    /// Publishes the manifest and status when what devices see changed, when the
+    /// manifest nears expiry, or when forced (start of a new epoch).
+    fn publish_if_changed(
+        &mut self,
+        id: &RolloutId,
+        now: u64,
+        force: bool,
+    ) -> Result<Vec<Out>, EngineError> {
+        let ttl = self.s.manifest_ttl.as_secs();
+        let Some(l) = self.rollouts.get_mut(id) else {
+            return Ok(vec![]);
+        };
+        let mut out = Vec::new();
+        let view = manifest_view(&l.rec.state);
+        let stale = now >= l.published_at.saturating_add(ttl / 2);
+        if l.rec.state.started && (force || l.published != Some(view) || stale) {
+            if l.published.is_some() && l.published == Some(view) {
+                // Same content re-signed for freshness: a new seq, durably first.
+                l.rec.manifest_seq += 1;
+                self.store.commit_rollout(&l.rec, None)?;
+            }
+            let m = Manifest {
+                rollout: l.rec.spec.id.clone(),
+                fleet: l.rec.spec.fleet.clone(),
+                selector: l.rec.spec.selector.clone(),
+                canary: l.rec.spec.plan.canary().to_vec(),
+                wave: l.rec.state.wave,
+                open_below: l.rec.state.open_below,
+                state: l.rec.state.manifest_state(),
+                release: l.rec.spec.release.clone(),
+                retry: l.rec.state.retry,
+            };
+            let stamp = Stamp {
+                epoch: self.s.epoch,
+                seq: l.rec.manifest_seq,
+                issued_at: now,
+                expires_at: now + ttl,
+                audience: Audience::Fleet(l.rec.spec.fleet.clone()),
+            };
+            let bytes = seal(&self.s.key, stamp, &m)?;
+            l.published = Some(view);
+            l.published_at = now;
+            self.counters.manifests += 1;
+            out.push(Out {
+                topic: self.s.topics.manifest(&l.rec.spec.fleet, id),
+                payload: bytes,
+                retain: true,
+                correlation: None,
+            });
+        }
+        out.push(Out {
+            topic: self.s.topics.ops_status(id),
+            payload: status_json(l, now).to_string().into_bytes(),
+            retain: true,
+            correlation: None,
+        });
+        Ok(out)
+    }
+
+    fn step_rollout(&mut self, id: &RolloutId, now: u64) -> Result<Vec<Out>, EngineError> {
+        let Some(l) = self.rollouts.get(id) else {
+            return Ok(vec![]);
+        };
+        if l.rec.state.is_final() {
+            return Ok(vec![]);
+        }
+        let obs = l.tracker.observe(
+            now,
+            l.rec.spec.max_in_flight,
+            wave_target(&l.rec.spec, &l.rec.state),
+        );
+        let st = state::step(&l.rec.spec, &l.rec.state, &obs);
+        self.commit(id, st, Some(obs), None, now)
+    }
+
+    /// Evaluates every active rollout; also re-signs manifests before they expire.
+    pub fn tick(&mut self, now: u64) -> Result<Vec<Out>, EngineError> {
+        let ids: Vec<RolloutId> = self.rollouts.keys().cloned().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(self.step_rollout(&id, now)?);
+            let stale = self.rollouts.get(&id).is_some_and(|l| {
+                l.rec.state.started
+                    && now
+                        >= l.published_at
+                            .saturating_add(self.s.manifest_ttl.as_secs() / 2)
+            });
+            if stale {
+                out.extend(self.publish_if_changed(&id, now, true)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A signed freshness beacon (FRESH-3).
+    pub fn beacon(&self, now: u64) -> Result<Vec<Out>, EngineError> {
+        let stamp = Stamp {
+            epoch: self.s.epoch,
+            seq: now,
+            issued_at: now,
+            expires_at: now + self.s.beacon_ttl.as_secs().max(1),
+            audience: Audience::Fleet(self.s.fleet.clone()),
+        };
+        let b = Beacon {
+            fleet: self.s.fleet.clone(),
+            key_list_version: self.s.keys.version,
+        };
+        Ok(vec![Out {
+            topic: self.s.topics.beacon(&self.s.fleet),
+            payload: seal(&self.s.key, stamp, &b)?,
+            retain: true,
+            correlation: None,
+        }])
+    }
+
+    /// Makes device facts durable (before acknowledging their messages).
+    pub fn flush(&self) -> Result<(), EngineError> {
+        self.store.flush()?;
+        Ok(())
+    }
+
+    /// Status of one rollout, as published.
+    pub fn status(&self, id: &RolloutId, now: u64) -> Option<Value> {
+        self.rollouts.get(id).map(|l| status_json(l, now))
+    }
+
+    pub fn device(&self, id: &DeviceId) -> Option<&DeviceRecord> {
+        self.devices.get(id)
+    }
+
+    pub fn rollout_state(&self, id: &RolloutId) -> Option<&RolloutState> {
+        self.rollouts.get(id).map(|l| &l.rec.state)
+    }
+}
+
+fn status_json(l: &Live, now: u64) -> Value {
+    let st = &l.rec.state;
+    let spec = &l.rec.spec;
+    let waves: Vec<Value> = l
+        .tracker
+        .counts()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "index": i,
+                "label": spec.plan.wave_label(i),
+                "opened": st.started && i <= usize::from(st.wave),
+                "population": c.population,
+                "healthy": c.healthy,
+                "failed": c.failed,
+                "in_progress": c.in_progress,
+                "silent": c.silent(),
+            })
+        })
+        .collect();
+    let paused_by = match &st.phase {
+        Phase::Paused { reason, .. } => serde_json::to_value(reason).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    json!({
+        "rollout": spec.id.as_str(),
+        "fleet": spec.fleet.as_str(),
+        "release": spec.release_id().to_string(),
+        "phase": st.phase_name(),
+        "paused_by": paused_by,
+        "wave": st.wave,
+        "waves": waves,
+        "open_below": st.open_below.to_string(),
+        "manifest_state": format!("{:?}", st.manifest_state()),
+        "manifest_seq": l.rec.manifest_seq,
+        "retry": st.retry,
+        "waiting": st.waiting,
+        "halt_reason": st.halt_reason,
+        "members": l.tracker.members(),
+        "selector": spec.selector.to_string(),
+        "policy": spec.policy,
+        "updated_at": now,
+    })
+}

@@ -1,0 +1,3 @@
+//! Network edges of the coordinator.
+
+pub mod mqtt;

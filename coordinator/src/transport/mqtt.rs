@@ -1,0 +1,221 @@
+//! The MQTT session: rumqttc (MQTT 5) driven by a task that backs off with jitter
+//! after errors and subscribes again whenever the broker did not keep the session
+//! (MQTT-5) — rumqttc does neither by itself.
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub credentials: Option<(String, String)>,
+    pub keep_alive: Duration,
+    /// Largest packet accepted from the broker (DL-1).
+    pub max_packet: u32,
+    /// Keep the session (subscriptions, queued QoS 1) across reconnects.
+    pub persistent: bool,
+}
+
+/// Why a broker URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("broker URL {url:?}: {reason}")]
+pub struct UrlError {
+    pub url: String,
+    pub reason: &'static str,
+}
+
+/// Parses `mqtt://host:port` (port defaults to 1883; `[::1]:1883` for IPv6).
+pub fn parse_url(url: &str) -> Result<(String, u16), UrlError> {
+    let err = |reason| UrlError {
+        url: url.to_string(),
+        reason,
+    };
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| err("only mqtt:// (plain TCP) is supported by this build"))?;
+    let rest = rest.trim_end_matches('/');
+    if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(|| err("unclosed '['"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| err("bad port"))?,
+            None if after.is_empty() => 1883,
+            None => return Err(err("junk after ']'")),
+        };
+        return Ok((host.to_string(), port));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().map_err(|_| err("bad port"))?),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(err("no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Something the session delivers to its owner.
+#[derive(Debug)]
+pub enum Incoming {
+    /// (Re)connected; subscriptions are in place.
+    Connected {
+        session_present: bool,
+    },
+    Publish(Publish),
+}
+
+/// A running session.
+#[derive(Debug)]
+pub struct Session {
+    pub client: AsyncClient,
+    pub incoming: mpsc::Receiver<Incoming>,
+    /// Whether the broker connection is up (for readiness).
+    pub connected: watch::Receiver<bool>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Exponential backoff with full jitter: uniform in `[0, min(max, min·2^n)]`,
+/// so a fleet that lost its broker does not reconnect in lockstep.
+pub fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_MIN
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    let mut b = [0u8; 8];
+    // No randomness is a degraded mode, not an error: fall back to the ceiling.
+    if getrandom::fill(&mut b).is_err() {
+        return ceiling;
+    }
+    let r = u64::from_le_bytes(b);
+    let ms = ceiling.as_millis() as u64;
+    Duration::from_millis(if ms == 0 { 0 } else { r % (ms + 1) }).max(Duration::from_millis(10))
+}
+
+/// Starts the session task. It runs until `cancel` fires.
+pub fn spawn(
+    cfg: MqttConfig,
+    subscriptions: Vec<(String, QoS)>,
+    will: Option<LastWill>,
+    cancel: CancellationToken,
+) -> Session {
+    let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    opts.set_keep_alive(cfg.keep_alive);
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(Some(cfg.max_packet));
+    opts.set_clean_start(!cfg.persistent);
+    if cfg.persistent {
+        opts.set_session_expiry_interval(Some(7 * 24 * 3600));
+    }
+    if let Some((u, p)) = &cfg.credentials {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(w) = will {
+        opts.set_last_will(w);
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    let (tx, rx) = mpsc::channel(4_096);
+    let (up_tx, up_rx) = watch::channel(false);
+    let sub_client = client.clone();
+    tokio::spawn(async move {
+        let mut attempt = 0u32;
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => break,
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    attempt = 0;
+                    let _ = up_tx.send(true);
+                    info!(host = %cfg.host, port = cfg.port, session_present = ack.session_present, "connected to broker");
+                    if !ack.session_present {
+                        for (filter, qos) in &subscriptions {
+                            if let Err(e) = sub_client.try_subscribe(filter.clone(), *qos) {
+                                warn!(%filter, error = %e, "subscribe request failed");
+                            }
+                        }
+                    }
+                    if tx
+                        .send(Incoming::Connected {
+                            session_present: ack.session_present,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send(Incoming::Publish(p)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = up_tx.send(false);
+                    let wait = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        let _ = up_tx.send(false);
+    });
+    Session {
+        client,
+        incoming: rx,
+        connected: up_rx,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_url_parsing() {
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(parse_url("mqtt://broker").unwrap(), ("broker".into(), 1883));
+        assert_eq!(
+            parse_url("mqtt://[::1]:1885/").unwrap(),
+            ("::1".into(), 1885)
+        );
+        for bad in [
+            "http://x",
+            "mqtt://",
+            "mqtt://h:port",
+            "mqtt://[::1",
+            "mqtts://h:8883",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mqtt_backoff_is_bounded_and_grows() {
+        for attempt in 0..40 {
+            let b = backoff(attempt);
+            assert!(b <= BACKOFF_MAX, "{b:?}");
+        }
+        // The ceiling grows: over many draws the late attempts wait longer.
+        let early: u128 = (0..200).map(|_| backoff(0).as_millis()).sum();
+        let late: u128 = (0..200).map(|_| backoff(10).as_millis()).sum();
+        assert!(late > early * 10, "early {early} late {late}");
+    }
+}
