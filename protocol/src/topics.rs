@@ -122,9 +122,13 @@ impl Topics {
     pub fn all_devices(&self, channel: &str) -> String {
         format!("{}/dev/+/{channel}", self.prefix)
     }
-    /// `filter` as an MQTT 5 shared subscription of the coordinator group.
+    /// `filter` as an MQTT 5 shared subscription of the coordinator replicas.
+    /// One group per filter (`swell-report`, …): rumqttd keys a shared group by
+    /// its name alone, so two filters in one group would share one cursor and
+    /// lose messages; per-filter groups behave the same on every broker.
     pub fn shared(&self, filter: &str) -> String {
-        format!("$share/{SHARE_GROUP}/{filter}")
+        let channel = filter.rsplit('/').next().unwrap_or("all");
+        format!("$share/{SHARE_GROUP}-{channel}/{filter}")
     }
     pub fn ops_cmd(&self) -> String {
         format!("{}/ops/cmd", self.prefix)

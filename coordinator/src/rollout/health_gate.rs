@@ -128,7 +128,8 @@ pub fn evaluate(
     let considered =
         wave.healthy + wave.failed + wave.in_progress + if timed_out { wave.silent() } else { 0 };
     let need = gate.min_devices.min(wave.population);
-    if wave.finished() < need {
+    // Past the deadline every device of the wave is final (silence is failure).
+    if !timed_out && wave.finished() < need {
         return Verdict::Hold(format!("{} of {} reports needed", wave.finished(), need));
     }
     if considered == 0 {

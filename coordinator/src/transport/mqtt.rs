@@ -69,7 +69,7 @@ pub enum Incoming {
     Connected {
         session_present: bool,
     },
-    Publish(Publish),
+    Publish(Box<Publish>),
 }
 
 /// A running session.
@@ -155,7 +155,7 @@ pub fn spawn(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send(Incoming::Publish(p)).await.is_err() {
+                    if tx.send(Incoming::Publish(Box::new(p))).await.is_err() {
                         break;
                     }
                 }
