@@ -80,7 +80,12 @@ pub async fn run(
     let client = session.client.clone();
     let mut incoming = session.incoming;
     let mut connected = session.connected.clone();
-    let mut pending_initial = Some(initial);
+    // Queued in order before anything a tick may publish (rumqttc sends them once
+    // connected): a restarted coordinator must never publish an older manifest
+    // after a newer one.
+    for o in initial {
+        publish(&client, o);
+    }
     let mut tick = tokio::time::interval(cfg.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beacon = tokio::time::interval(cfg.beacon_interval);
@@ -110,9 +115,6 @@ pub async fn run(
                     match m {
                         Incoming::Connected { session_present } => {
                             publish(&client, Out { topic: online_topic.clone(), payload: b"online".to_vec(), retain: true, correlation: None });
-                            if let Some(initial) = pending_initial.take() {
-                                outs.extend(initial);
-                            }
                             debug!(session_present, "session ready");
                         }
                         Incoming::Publish(p) => {

@@ -44,10 +44,29 @@ fn hello(i: u32, k: &SecretKey, seq: u64, token: Option<&str>, fleet_name: &str)
         counter_floor: 0,
         enrollment_token: token.map(str::to_string),
     };
-    seal(k, Stamp { epoch: 1, seq, issued_at: unix_now(), expires_at: 0, audience: Audience::Any }, &h).unwrap()
+    seal(
+        k,
+        Stamp {
+            epoch: 1,
+            seq,
+            issued_at: unix_now(),
+            expires_at: 0,
+            audience: Audience::Any,
+        },
+        &h,
+    )
+    .unwrap()
 }
 
-fn report(i: u32, k: &SecretKey, seq: u64, rollout: &str, release: ReleaseId, phase: Phase, expires_at: u64) -> Vec<u8> {
+fn report(
+    i: u32,
+    k: &SecretKey,
+    seq: u64,
+    rollout: &str,
+    release: ReleaseId,
+    phase: Phase,
+    expires_at: u64,
+) -> Vec<u8> {
     let r = Report {
         device: dev(i),
         rollout: Some(RolloutId::new(rollout).unwrap()),
@@ -56,7 +75,18 @@ fn report(i: u32, k: &SecretKey, seq: u64, rollout: &str, release: ReleaseId, ph
         probes: vec![],
         metrics: Metrics::default(),
     };
-    seal(k, Stamp { epoch: 1, seq, issued_at: unix_now(), expires_at, audience: Audience::Any }, &r).unwrap()
+    seal(
+        k,
+        Stamp {
+            epoch: 1,
+            seq,
+            issued_at: unix_now(),
+            expires_at,
+            audience: Audience::Any,
+        },
+        &r,
+    )
+    .unwrap()
 }
 
 impl T {
@@ -64,17 +94,31 @@ impl T {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
         let (e, _) = Engine::start(settings(1), store, unix_now()).unwrap();
-        T { e, _dir: dir, now: unix_now() }
+        T {
+            e,
+            _dir: dir,
+            now: unix_now(),
+        }
     }
 
     fn send(&mut self, topic: String, payload: &[u8]) {
-        self.e.handle(&topic, payload, ReplyTo::default(), self.now).unwrap();
+        self.e
+            .handle(&topic, payload, ReplyTo::default(), self.now)
+            .unwrap();
     }
 
     fn command(&mut self, cmd: Value) -> Value {
         let mut cmd = cmd;
         cmd["reply_to"] = json!("replies");
-        let out = self.e.handle("swell/v1/ops/cmd", cmd.to_string().as_bytes(), ReplyTo::default(), self.now).unwrap();
+        let out = self
+            .e
+            .handle(
+                "swell/v1/ops/cmd",
+                cmd.to_string().as_bytes(),
+                ReplyTo::default(),
+                self.now,
+            )
+            .unwrap();
         let reply = out.iter().find(|o| o.topic == "replies").expect("a reply");
         serde_json::from_slice(&reply.payload).unwrap()
     }
@@ -84,8 +128,16 @@ impl T {
     }
 
     fn healthy(&self, rollout: &str) -> u64 {
-        let s = self.e.status(&RolloutId::new(rollout).unwrap(), self.now).unwrap();
-        s["waves"].as_array().unwrap().iter().map(|w| w["healthy"].as_u64().unwrap() + w["failed"].as_u64().unwrap()).sum()
+        let s = self
+            .e
+            .status(&RolloutId::new(rollout).unwrap(), self.now)
+            .unwrap();
+        s["waves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["healthy"].as_u64().unwrap() + w["failed"].as_u64().unwrap())
+            .sum()
     }
 }
 
@@ -100,7 +152,10 @@ fn topic_hello(i: u32) -> String {
 fn engine_ingest_rejections_are_counted_and_change_nothing() {
     let mut t = T::new();
     for i in 0..4 {
-        t.send(topic_hello(i), &hello(i, &key(i), 1, Some(TOKEN), "plant-7"));
+        t.send(
+            topic_hello(i),
+            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+        );
     }
     assert_eq!(t.e.counters.hellos, 4);
     let rel = release(2, "2.0.0");
@@ -115,19 +170,45 @@ fn engine_ingest_rejections_are_counted_and_change_nothing() {
     t.send(topic_report(0), &vec![0u8; 70_000]);
     assert_eq!(t.rejected("oversized"), 1);
     // Signed by another device's key.
-    t.send(topic_report(0), &report(0, &key(1), 5, "r", id, Phase::Committed, 0));
+    t.send(
+        topic_report(0),
+        &report(0, &key(1), 5, "r", id, Phase::Committed, 0),
+    );
     assert_eq!(t.rejected("forged"), 1);
     // Device 1's valid report published on device 0's topic.
-    t.send(topic_report(0), &report(1, &key(1), 5, "r", id, Phase::Committed, 0));
+    t.send(
+        topic_report(0),
+        &report(1, &key(1), 5, "r", id, Phase::Committed, 0),
+    );
     assert_eq!(t.rejected("forged"), 2);
     // Expired.
-    t.send(topic_report(0), &report(0, &key(0), 5, "r", id, Phase::Committed, t.now - 1));
+    t.send(
+        topic_report(0),
+        &report(0, &key(0), 5, "r", id, Phase::Committed, t.now - 1),
+    );
     assert_eq!(t.rejected("expired"), 1);
     // Unknown device.
-    t.send(topic_report(9), &report(9, &key(9), 5, "r", id, Phase::Committed, 0));
+    t.send(
+        topic_report(9),
+        &report(9, &key(9), 5, "r", id, Phase::Committed, 0),
+    );
     assert_eq!(t.rejected("unknown_device"), 1);
     // A device-signed beacon-kind message on the report topic.
-    let beacon = seal(&key(0), Stamp { epoch: 1, seq: 9, issued_at: t.now, expires_at: t.now + 60, audience: Audience::Any }, &Beacon { fleet: fleet(), key_list_version: 1 }).unwrap();
+    let beacon = seal(
+        &key(0),
+        Stamp {
+            epoch: 1,
+            seq: 9,
+            issued_at: t.now,
+            expires_at: t.now + 60,
+            audience: Audience::Any,
+        },
+        &Beacon {
+            fleet: fleet(),
+            key_list_version: 1,
+        },
+    )
+    .unwrap();
     t.send(topic_report(0), &beacon);
     assert_eq!(t.rejected("wrong_kind"), 1);
     // Wildcards and strangers in the topic.
@@ -142,14 +223,34 @@ fn engine_ingest_rejections_are_counted_and_change_nothing() {
     assert_eq!(ok(&t), 1);
     t.send(topic_report(0), &good);
     assert_eq!(t.rejected("replayed"), 1);
-    t.send(topic_report(0), &report(0, &key(0), 4, "r", id, Phase::Failed(Reason { code: 14, detail: String::new() }), 0));
+    t.send(
+        topic_report(0),
+        &report(
+            0,
+            &key(0),
+            4,
+            "r",
+            id,
+            Phase::Failed(Reason {
+                code: 14,
+                detail: String::new(),
+            }),
+            0,
+        ),
+    );
     assert_eq!(t.rejected("replayed"), 2);
     assert_eq!(ok(&t), 1);
     let s = t.e.status(&RolloutId::new("r").unwrap(), t.now).unwrap();
-    assert_eq!(s["waves"][0]["failed"], 0, "the replayed failure did not count");
+    assert_eq!(
+        s["waves"][0]["failed"], 0,
+        "the replayed failure did not count"
+    );
     assert_eq!(t.e.device(&dev(0)).unwrap().last_seq, 5);
     // Another release's report does not count for this rollout.
-    t.send(topic_report(1), &report(1, &key(1), 5, "r", ReleaseId([7; 32]), Phase::Committed, 0));
+    t.send(
+        topic_report(1),
+        &report(1, &key(1), 5, "r", ReleaseId([7; 32]), Phase::Committed, 0),
+    );
     assert_eq!(ok(&t), 1);
     assert_eq!(t.e.counters.reports, 2);
 }
@@ -157,9 +258,15 @@ fn engine_ingest_rejections_are_counted_and_change_nothing() {
 #[test]
 fn engine_hello_rejections() {
     let mut t = T::new();
-    t.send(topic_hello(0), &hello(0, &key(0), 1, Some(TOKEN), "plant-7"));
+    t.send(
+        topic_hello(0),
+        &hello(0, &key(0), 1, Some(TOKEN), "plant-7"),
+    );
     // Re-enrolling device 0 under another key.
-    t.send(topic_hello(0), &hello(0, &key(5), 2, Some(TOKEN), "plant-7"));
+    t.send(
+        topic_hello(0),
+        &hello(0, &key(5), 2, Some(TOKEN), "plant-7"),
+    );
     assert_eq!(t.rejected("forged"), 1);
     assert_eq!(t.e.device(&dev(0)).unwrap().key, key(0).public());
     // Announcing one key, signed by another (self-signature check).
@@ -171,13 +278,22 @@ fn engine_hello_rejections() {
     assert_eq!(t.rejected("forged"), 2);
     assert!(t.e.device(&dev(1)).is_none());
     // Another fleet.
-    t.send(topic_hello(2), &hello(2, &key(2), 1, Some(TOKEN), "other-fleet"));
+    t.send(
+        topic_hello(2),
+        &hello(2, &key(2), 1, Some(TOKEN), "other-fleet"),
+    );
     assert_eq!(t.rejected("wrong_fleet"), 1);
     // Replayed hello.
-    t.send(topic_hello(0), &hello(0, &key(0), 1, Some(TOKEN), "plant-7"));
+    t.send(
+        topic_hello(0),
+        &hello(0, &key(0), 1, Some(TOKEN), "plant-7"),
+    );
     assert_eq!(t.rejected("replayed"), 1);
     // Hello on another device's topic.
-    t.send(topic_hello(3), &hello(0, &key(0), 7, Some(TOKEN), "plant-7"));
+    t.send(
+        topic_hello(3),
+        &hello(0, &key(0), 7, Some(TOKEN), "plant-7"),
+    );
     assert_eq!(t.rejected("forged"), 3);
     // Garbage online flag.
     t.send("swell/v1/dev/dev-0000/online".into(), b"yes");
@@ -192,11 +308,17 @@ fn engine_unapproved_devices_do_not_vote_until_approved() {
     let rel = release(2, "2.0.0");
     let r = t.command(create_cmd("r", &rel, &["100%"], json!({})));
     assert_eq!(r["status"]["members"], 0, "{r}");
-    t.send(topic_report(0), &report(0, &key(0), 2, "r", rel.id(), Phase::Committed, 0));
+    t.send(
+        topic_report(0),
+        &report(0, &key(0), 2, "r", rel.id(), Phase::Committed, 0),
+    );
     assert_eq!(t.rejected("not_approved"), 1);
     let r = t.command(json!({"op": "approve", "device": "dev-0000"}));
     assert_eq!(r["ok"], true, "{r}");
-    t.send(topic_report(0), &report(0, &key(0), 3, "r", rel.id(), Phase::Committed, 0));
+    t.send(
+        topic_report(0),
+        &report(0, &key(0), 3, "r", rel.id(), Phase::Committed, 0),
+    );
     assert_eq!(t.healthy("r"), 1);
 }
 
@@ -205,16 +327,30 @@ fn engine_unapproved_devices_do_not_vote_until_approved() {
 fn engine_reports_from_unopened_waves_do_not_count() {
     let mut t = T::new();
     for i in 0..40 {
-        t.send(topic_hello(i), &hello(i, &key(i), 1, Some(TOKEN), "plant-7"));
+        t.send(
+            topic_hello(i),
+            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+        );
     }
     let rel = release(2, "2.0.0");
-    let r = t.command(create_cmd("r", &rel, &["10%", "100%"], json!({"bake": "1h"})));
+    let r = t.command(create_cmd(
+        "r",
+        &rel,
+        &["10%", "100%"],
+        json!({"bake": "1h"}),
+    ));
     assert_eq!(r["ok"], true);
     for i in 0..40 {
-        t.send(topic_report(i), &report(i, &key(i), 2, "r", rel.id(), Phase::Committed, 0));
+        t.send(
+            topic_report(i),
+            &report(i, &key(i), 2, "r", rel.id(), Phase::Committed, 0),
+        );
     }
     let s = t.e.status(&RolloutId::new("r").unwrap(), t.now).unwrap();
     let in_first: u64 = s["waves"][0]["healthy"].as_u64().unwrap();
     assert!(in_first > 0 && in_first < 15, "{s:#}");
-    assert_eq!(s["waves"][1]["healthy"], 0, "wave 1 is not open: its reports do not count");
+    assert_eq!(
+        s["waves"][1]["healthy"], 0,
+        "wave 1 is not open: its reports do not count"
+    );
 }

@@ -308,43 +308,12 @@ impl Devices {
             inner: inner.clone(),
             topics: topics.clone(),
         };
+        client
+            .subscribe(topics.beacon(&fleet()), QoS::AtLeastOnce)
+            .await
+            .unwrap();
         // Hello from everyone, online flags.
-        let hellos: Vec<(String, Vec<u8>, String)> = {
-            let mut st = inner.lock().unwrap();
-            st.devs
-                .iter_mut()
-                .map(|dv| {
-                    dv.seq += 1;
-                    let hello = Hello {
-                        device: dv.id.clone(),
-                        fleet: fleet(),
-                        key: dv.key.public(),
-                        labels: dv.labels.clone(),
-                        hardware: "sim".into(),
-                        agent_version: "test".into(),
-                        proto_min: 1,
-                        proto_max: 1,
-                        boot: 1,
-                        running: None,
-                        counter_floor: 0,
-                        enrollment_token: Some(TOKEN.into()),
-                    };
-                    let stamp = Stamp {
-                        epoch: 1,
-                        seq: dv.seq,
-                        issued_at: unix_now(),
-                        expires_at: 0,
-                        audience: Audience::Any,
-                    };
-                    (
-                        topics.hello(&dv.id),
-                        seal(&dv.key, stamp, &hello).unwrap(),
-                        topics.online(&dv.id),
-                    )
-                })
-                .collect()
-        };
-        for (t, p, online) in hellos {
+        for (t, p, online) in hellos(&inner, &topics) {
             client.publish(t, QoS::AtLeastOnce, false, p).await.unwrap();
             client
                 .publish(online, QoS::AtLeastOnce, true, "1")
@@ -354,7 +323,23 @@ impl Devices {
         let c2 = client.clone();
         let t2 = topics.clone();
         tokio::spawn(async move {
+            let mut epoch_seen = 0;
             while let Some(p) = rx.recv().await {
+                if p.topic.ends_with(b"/beacon") {
+                    // A coordinator epoch not seen before: it restarted and may
+                    // have missed our Hellos, so say hello again (as agents do).
+                    let coord = test_key("coordinator-0").public();
+                    if let Ok(env) = UnverifiedEnvelope::parse(&p.payload)
+                        && let Ok(v) = env.verify::<Beacon>(&coord, unix_now())
+                        && v.header.epoch > epoch_seen
+                    {
+                        for (t, payload, _) in hellos(&inner, &t2) {
+                            let _ = c2.publish(t, QoS::AtLeastOnce, false, payload).await;
+                        }
+                        epoch_seen = v.header.epoch;
+                    }
+                    continue;
+                }
                 let outs = on_manifest(&inner, &t2, &p.payload);
                 for (topic, payload) in outs {
                     let _ = c2.publish(topic, QoS::AtLeastOnce, false, payload).await;
@@ -412,6 +397,42 @@ impl Devices {
     pub fn topics(&self) -> &Topics {
         &self.topics
     }
+}
+
+fn hellos(inner: &Arc<Mutex<DevState>>, topics: &Topics) -> Vec<(String, Vec<u8>, String)> {
+    let mut st = inner.lock().unwrap();
+    st.devs
+        .iter_mut()
+        .map(|dv| {
+            dv.seq += 1;
+            let hello = Hello {
+                device: dv.id.clone(),
+                fleet: fleet(),
+                key: dv.key.public(),
+                labels: dv.labels.clone(),
+                hardware: "sim".into(),
+                agent_version: "test".into(),
+                proto_min: 1,
+                proto_max: 1,
+                boot: 1,
+                running: None,
+                counter_floor: 0,
+                enrollment_token: Some(TOKEN.into()),
+            };
+            let stamp = Stamp {
+                epoch: 1,
+                seq: dv.seq,
+                issued_at: unix_now(),
+                expires_at: 0,
+                audience: Audience::Any,
+            };
+            (
+                topics.hello(&dv.id),
+                seal(&dv.key, stamp, &hello).unwrap(),
+                topics.online(&dv.id),
+            )
+        })
+        .collect()
 }
 
 fn report_bytes(
@@ -627,6 +648,46 @@ impl Operator {
             )
             .await
             .unwrap();
+    }
+
+    /// Sends `cmd` until a reply comes (a coordinator that is still starting has
+    /// not subscribed yet, and commands are not retained).
+    pub async fn command_when_up(&mut self, cmd: Value, secs: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            self.n += 1;
+            let id = format!("req-{}", self.n);
+            let mut c = cmd.clone();
+            c["id"] = json!(id);
+            let props = PublishProperties {
+                response_topic: Some("test/replies".into()),
+                ..Default::default()
+            };
+            self.client
+                .publish_with_properties(
+                    Topics::default().ops_cmd(),
+                    QoS::AtLeastOnce,
+                    false,
+                    c.to_string(),
+                    props,
+                )
+                .await
+                .unwrap();
+            let attempt = tokio::time::Instant::now() + Duration::from_millis(300);
+            while let Ok(Some(p)) = tokio::time::timeout_at(attempt, self.rx.recv()).await {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                if let Some(v) = self.absorb(&p)
+                    && topic == "test/replies"
+                    && v["id"] == id
+                {
+                    return v;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reply to {cmd} within {secs} s"
+            );
+        }
     }
 
     pub async fn next_reply(&mut self) -> Value {
