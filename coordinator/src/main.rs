@@ -15,7 +15,7 @@ use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::keyfile::{self, Role};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
-use swell_coordinator::transport::mqtt::{MqttConfig, parse_url};
+use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_coordinator::{broker, durable};
 use swell_protocol::messages::{KeyList, RootOfTrust};
 use swell_protocol::threshold::ThresholdSigned;
@@ -45,6 +45,15 @@ struct Cli {
     /// MQTT client id.
     #[arg(long, env = "SWELL_CLIENT_ID")]
     client_id: Option<String>,
+    /// CA certificate (PEM) that signed the broker's certificate (mqtts://).
+    #[arg(long, env = "SWELL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "SWELL_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "SWELL_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
     /// Start an in-process MQTT 5 broker on this address and use it.
     #[arg(long, env = "SWELL_EMBEDDED_BROKER", num_args = 0..=1, default_missing_value = "127.0.0.1:1883")]
     embedded_broker: Option<SocketAddr>,
@@ -101,6 +110,9 @@ struct FileConfig {
     username: Option<String>,
     password: Option<String>,
     client_id: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
     embedded_broker: Option<SocketAddr>,
     embedded_broker_v4: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
@@ -183,7 +195,31 @@ fn config(cli: Cli) -> Result<Config> {
         (None, Some(a)) => format!("mqtt://{a}"),
         (None, None) => bail!("--broker or --embedded-broker is required"),
     };
-    let (host, port) = parse_url(&broker_url)?;
+    let url = parse_url(&broker_url)?;
+    let read =
+        |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let (ca, cert, key) = (
+        cli.ca_file.or(file.ca_file),
+        cli.client_cert.or(file.client_cert),
+        cli.client_key.or(file.client_key),
+    );
+    let tls = if url.tls {
+        let ca = ca.with_context(|| format!("{broker_url} is TLS: --ca-file is required"))?;
+        let client = match (cert, key) {
+            (Some(c), Some(k)) => Some((read(&c)?, read(&k)?)),
+            (None, None) => None,
+            _ => bail!("--client-cert and --client-key go together"),
+        };
+        Some(TlsPem {
+            ca: read(&ca)?,
+            client,
+        })
+    } else {
+        if ca.is_some() || cert.is_some() || key.is_some() {
+            bail!("TLS files given but {broker_url} is not mqtts://");
+        }
+        None
+    };
     let fleet = FleetId::new(required("fleet", cli.fleet.or(file.fleet))?).context("--fleet")?;
     let topics = Topics::new(
         &cli.topic_prefix
@@ -229,8 +265,9 @@ fn config(cli: Cli) -> Result<Config> {
     }
     Ok(Config {
         mqtt: MqttConfig {
-            host,
-            port,
+            host: url.host,
+            port: url.port,
+            tls,
             client_id: cli
                 .client_id
                 .or(file.client_id)

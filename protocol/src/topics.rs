@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(t.manifest(&f, &r), "swell/v1/fleet/plant-7/manifest/fw-2.3");
         assert_eq!(
             t.shared(&t.all_devices("report")),
-            "$share/swell/swell/v1/dev/+/report"
+            "$share/swell-report/swell/v1/dev/+/report"
         );
     }
 

@@ -52,6 +52,12 @@ impl Mosquitto {
     /// Mosquitto is absent and not required; a required-but-missing broker is
     /// `Failed`.
     pub fn start() -> Result<Self, StartError> {
+        Self::start_with("")
+    }
+
+    /// Like [`Mosquitto::start`], with more configuration appended (extra
+    /// listeners, for instance a TLS one on a port from [`free_port`]).
+    pub fn start_with(extra: &str) -> Result<Self, StartError> {
         let Some(bin) = find("mosquitto") else {
             return Err(if required() {
                 StartError::Failed(
@@ -69,7 +75,9 @@ impl Mosquitto {
             .map_err(|e| StartError::Failed(e.to_string()))?
             .port();
         let conf = dir.path().join("mosquitto.conf");
-        let text = format!("listener {port} 127.0.0.1\nallow_anonymous true\n{TUNED_LIMITS}");
+        let text = format!(
+            "per_listener_settings false\nallow_anonymous true\n{TUNED_LIMITS}listener {port} 127.0.0.1\n{extra}"
+        );
         std::fs::write(&conf, text).map_err(|e| StartError::Failed(e.to_string()))?;
         let mut child = Command::new(&bin)
             .arg("-c")
@@ -129,6 +137,14 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel picks; the window before use is tiny).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
 }
 
 /// Starts a broker or explains the skip; `None` means skip this test.

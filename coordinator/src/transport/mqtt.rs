@@ -5,6 +5,7 @@
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,28 @@ pub struct MqttConfig {
     pub max_packet: u32,
     /// Keep the session (subscriptions, queued QoS 1) across reconnects.
     pub persistent: bool,
+    /// TLS (rustls with ring), for `mqtts://` brokers.
+    pub tls: Option<TlsPem>,
+}
+
+/// PEM material for TLS: the CA that signed the broker's certificate, and
+/// optionally a client certificate and key for mutual TLS.
+#[derive(Clone)]
+pub struct TlsPem {
+    pub ca: Vec<u8>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        write!(
+            f,
+            "TlsPem {{ ca: {} bytes, client auth: {} }}",
+            self.ca.len(),
+            self.client.is_some()
+        )
+    }
 }
 
 /// Why a broker URL was refused.
@@ -32,34 +55,61 @@ pub struct UrlError {
     pub reason: &'static str,
 }
 
-/// Parses `mqtt://host:port` (port defaults to 1883; `[::1]:1883` for IPv6).
-pub fn parse_url(url: &str) -> Result<(String, u16), UrlError> {
+/// A parsed broker URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+/// Parses `mqtt://host:port` (default port 1883) or `mqtts://host:port` (TLS,
+/// default 8883); `[::1]:1883` for IPv6.
+pub fn parse_url(url: &str) -> Result<BrokerUrl, UrlError> {
     let err = |reason| UrlError {
         url: url.to_string(),
         reason,
     };
-    let rest = url
+    let (rest, tls) = if let Some(r) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| err("only mqtt:// (plain TCP) is supported by this build"))?;
+    {
+        (r, false)
+    } else if let Some(r) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
+        (r, true)
+    } else {
+        return Err(err("use mqtt://host:port or mqtts://host:port"));
+    };
+    let default_port = if tls { 8883 } else { 1883 };
     let rest = rest.trim_end_matches('/');
     if let Some(v6) = rest.strip_prefix('[') {
         let (host, after) = v6.split_once(']').ok_or_else(|| err("unclosed '['"))?;
         let port = match after.strip_prefix(':') {
             Some(p) => p.parse().map_err(|_| err("bad port"))?,
-            None if after.is_empty() => 1883,
+            None if after.is_empty() => default_port,
             None => return Err(err("junk after ']'")),
         };
-        return Ok((host.to_string(), port));
+        return Ok(BrokerUrl {
+            host: host.to_string(),
+            port,
+            tls,
+        });
     }
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().map_err(|_| err("bad port"))?),
-        None => (rest, 1883),
+        None => (rest, default_port),
     };
     if host.is_empty() {
         return Err(err("no host"));
     }
-    Ok((host.to_string(), port))
+    Ok(BrokerUrl {
+        host: host.to_string(),
+        port,
+        tls,
+    })
 }
 
 /// Something the session delivers to its owner.
@@ -120,6 +170,15 @@ pub fn spawn(
     }
     if let Some(w) = will {
         opts.set_last_will(w);
+    }
+    if let Some(tls) = &cfg.tls {
+        // ring, not aws-lc: installed once per process; a second install is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: tls.ca.clone(),
+            alpn: None,
+            client_auth: tls.client.clone(),
+        }));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
     let (tx, rx) = mpsc::channel(4_096);
@@ -187,21 +246,34 @@ mod tests {
 
     #[test]
     fn mqtt_url_parsing() {
+        let u = |h: &str, port, tls| BrokerUrl {
+            host: h.into(),
+            port,
+            tls,
+        };
         assert_eq!(
             parse_url("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884)
+            u("127.0.0.1", 1884, false)
         );
-        assert_eq!(parse_url("mqtt://broker").unwrap(), ("broker".into(), 1883));
+        assert_eq!(
+            parse_url("mqtt://broker").unwrap(),
+            u("broker", 1883, false)
+        );
         assert_eq!(
             parse_url("mqtt://[::1]:1885/").unwrap(),
-            ("::1".into(), 1885)
+            u("::1", 1885, false)
         );
+        assert_eq!(
+            parse_url("mqtts://broker").unwrap(),
+            u("broker", 8883, true)
+        );
+        assert_eq!(parse_url("ssl://[::1]:9000").unwrap(), u("::1", 9000, true));
         for bad in [
             "http://x",
             "mqtt://",
             "mqtt://h:port",
             "mqtt://[::1",
-            "mqtts://h:8883",
+            "mqtts://",
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }

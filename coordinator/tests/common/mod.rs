@@ -85,7 +85,7 @@ pub fn release_hex(r: &ThresholdSigned) -> String {
 pub struct TestBroker {
     pub host: String,
     pub port: u16,
-    _mosquitto: Option<swell_e2e::mosquitto::Mosquitto>,
+    pub _mosquitto: Option<swell_e2e::mosquitto::Mosquitto>,
 }
 
 impl TestBroker {
@@ -137,6 +137,7 @@ pub fn mqtt_config(b: &TestBroker, client_id: &str) -> MqttConfig {
         keep_alive: Duration::from_secs(10),
         max_packet: 256 * 1024,
         persistent: true,
+        tls: None,
     }
 }
 
@@ -489,10 +490,6 @@ fn on_manifest(
         m.open_below,
         m.state,
     ));
-    eprintln!(
-        "sim: manifest {} seq {} state {:?}",
-        m.rollout, v.header.seq, m.state
-    );
     let mut outs = Vec::new();
     for i in 0..st.devs.len() {
         let d = &st.devs[i];

@@ -1,0 +1,185 @@
+//! Quick local figure for the coordinator's report ingest (the full fleet benchmark
+//! is `BENCHMARKS.md`'s job): N enrolled devices each send one signed report, fed
+//! through the engine (verify, replay check, registry, tracker, sled write) and
+//! flushed once per 512 like the server loop does. Printed beside the baseline of
+//! the same run: bare signature verification of the same reports.
+//!
+//! `cargo run --release -p swell-coordinator --example ingest_rate -- 20000`
+#![allow(clippy::unwrap_used)]
+
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use swell_coordinator::engine::{Engine, ReplyTo, Settings};
+use swell_coordinator::store::SledStore;
+use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
+use swell_protocol::messages::*;
+use swell_protocol::testkeys::test_key;
+use swell_protocol::threshold::ThresholdSigned;
+use swell_protocol::topics::Topics;
+use swell_protocol::{DeviceId, Digest, FleetId, RolloutId};
+
+fn main() {
+    let n: u32 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20_000);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let fleet = FleetId::new("bench").unwrap();
+    let kl = KeyList {
+        version: 1,
+        expires_at: now + 3600,
+        roots: vec![test_key("root-0").public()],
+        root_threshold: 1,
+        release_keys: vec![test_key("release-0").public()],
+        release_threshold: 1,
+        coordinator_keys: vec![test_key("coordinator-0").public()],
+        operator_keys: vec![],
+    };
+    let mut signed_kl = ThresholdSigned::new(&kl).unwrap();
+    signed_kl.sign(&test_key("root-0")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let settings = Settings {
+        fleet: fleet.clone(),
+        topics: Topics::default(),
+        key: test_key("coordinator-0"),
+        key_list: signed_kl,
+        keys: kl,
+        epoch: 1,
+        enrollment_tokens: vec!["t".into()],
+        beacon_ttl: Duration::from_secs(60),
+        manifest_ttl: Duration::from_secs(3600),
+    };
+    let (mut engine, _) = Engine::start(settings, store, now).unwrap();
+    let t = Topics::default();
+    let keys: Vec<_> = (0..n).map(|i| test_key(&format!("bench-{i}"))).collect();
+    let ids: Vec<_> = (0..n)
+        .map(|i| DeviceId::new(format!("d{i}")).unwrap())
+        .collect();
+    for i in 0..n as usize {
+        let h = Hello {
+            device: ids[i].clone(),
+            fleet: fleet.clone(),
+            key: keys[i].public(),
+            labels: vec![],
+            hardware: "sim".into(),
+            agent_version: "b".into(),
+            proto_min: 1,
+            proto_max: 1,
+            boot: 1,
+            running: None,
+            counter_floor: 0,
+            enrollment_token: Some("t".into()),
+        };
+        let b = seal(
+            &keys[i],
+            Stamp {
+                epoch: 1,
+                seq: 1,
+                issued_at: now,
+                expires_at: 0,
+                audience: Audience::Any,
+            },
+            &h,
+        )
+        .unwrap();
+        engine
+            .handle(&t.hello(&ids[i]), &b, ReplyTo::default(), now)
+            .unwrap();
+    }
+    engine.flush().unwrap();
+    let body = Release {
+        counter: 1,
+        version: "1".into(),
+        created_at: now,
+        artifacts: vec![Artifact {
+            name: "a".into(),
+            kind: ArtifactKind::Bundle,
+            digest: Digest::sha256(b"a"),
+            length: 1,
+            urls: vec![],
+        }],
+        config: None,
+        hardware: vec!["sim".into()],
+        exposure: None,
+        rollback: None,
+    };
+    let mut rel = ThresholdSigned::new(&body).unwrap();
+    rel.sign(&test_key("release-0")).unwrap();
+    let cmd = json!({"op": "create", "spec": {"rollout": "r", "release": hex::encode(rel.encode().unwrap()), "waves": ["100%"], "bake": "1h"}});
+    engine
+        .handle(
+            &t.ops_cmd(),
+            cmd.to_string().as_bytes(),
+            ReplyTo::default(),
+            now,
+        )
+        .unwrap();
+    let rollout = RolloutId::new("r").unwrap();
+    let reports: Vec<Vec<u8>> = (0..n as usize)
+        .map(|i| {
+            let r = Report {
+                device: ids[i].clone(),
+                rollout: Some(rollout.clone()),
+                release: rel.id(),
+                phase: Phase::Committed,
+                probes: vec![],
+                metrics: Metrics::default(),
+            };
+            seal(
+                &keys[i],
+                Stamp {
+                    epoch: 1,
+                    seq: 2,
+                    issued_at: now,
+                    expires_at: 0,
+                    audience: Audience::Any,
+                },
+                &r,
+            )
+            .unwrap()
+        })
+        .collect();
+
+    let start = Instant::now();
+    for (i, b) in reports.iter().enumerate() {
+        let env = UnverifiedEnvelope::parse(b).unwrap();
+        env.verify::<Report>(&keys[i].public(), now).unwrap();
+    }
+    let verify = start.elapsed();
+
+    let start = Instant::now();
+    for (i, b) in reports.iter().enumerate() {
+        engine
+            .handle(&t.report(&ids[i]), b, ReplyTo::default(), now)
+            .unwrap();
+        if i % 512 == 511 {
+            engine.flush().unwrap();
+        }
+    }
+    engine.flush().unwrap();
+    let ingest = start.elapsed();
+    let status = engine.status(&rollout, now).unwrap();
+    assert_eq!(
+        status["waves"][0]["healthy"].as_u64().unwrap(),
+        u64::from(n)
+    );
+    let rate = |d: Duration| f64::from(n) / d.as_secs_f64();
+    println!("devices:             {n}");
+    println!(
+        "baseline verify:     {:>10.0} reports/s (parse + verify_strict only)",
+        rate(verify)
+    );
+    println!(
+        "engine ingest:       {:>10.0} reports/s (verify, replay floor, tracker, sled, flush/512)",
+        rate(ingest)
+    );
+    println!(
+        "ingest / verify:     {:>10.2}",
+        verify.as_secs_f64() / ingest.as_secs_f64()
+    );
+}

@@ -1,0 +1,118 @@
+//! The coordinator reaches a broker over TLS (rustls with ring): Mosquitto with a
+//! TLS listener whose certificate a test CA signed. A wrong CA never connects.
+//! Needs Mosquitto (skipped with a line when absent and not required).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use swell_coordinator::engine::Engine;
+use swell_coordinator::server::{self, LoopConfig, unix_now};
+use swell_coordinator::store::SledStore;
+use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem};
+use swell_e2e::mosquitto::{self, Mosquitto, StartError};
+use tokio_util::sync::CancellationToken;
+
+fn ca() -> (String, Issuer<'static, KeyPair>) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), Issuer::new(params, key))
+}
+
+async fn run_coordinator(
+    cfg: MqttConfig,
+) -> (
+    CancellationToken,
+    tokio::sync::watch::Receiver<bool>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
+    let cancel = CancellationToken::new();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let lc = LoopConfig {
+            tick: Duration::from_millis(200),
+            beacon_interval: Duration::from_secs(10),
+        };
+        server::run(engine, initial, cfg, lc, c, tx).await.unwrap();
+    });
+    (cancel, rx, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_connects_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, issuer) = ca();
+    let srv_key = KeyPair::generate().unwrap();
+    let srv = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&srv_key, &issuer)
+        .unwrap();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("ca.pem"), &ca_pem).unwrap();
+    std::fs::write(p("server.pem"), srv.pem()).unwrap();
+    std::fs::write(p("server.key"), srv_key.serialize_pem()).unwrap();
+    let tls_port = mosquitto::free_port();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        p("ca.pem").display(),
+        p("server.pem").display(),
+        p("server.key").display()
+    );
+    let broker = match Mosquitto::start_with(&extra) {
+        Ok(m) => m,
+        Err(StartError::Missing) => {
+            eprintln!("SKIPPED coordinator_connects_over_tls: mosquitto not installed");
+            return;
+        }
+        Err(StartError::Failed(e)) => panic!("{e}"),
+    };
+    let plain = TestBroker {
+        host: "127.0.0.1".into(),
+        port: broker.port(),
+        _mosquitto: None,
+    };
+    let mut cfg = mqtt_config(&plain, "tls-coordinator");
+    cfg.port = tls_port;
+    cfg.tls = Some(TlsPem {
+        ca: ca_pem.into_bytes(),
+        client: None,
+    });
+    let (cancel, mut ready, _d) = run_coordinator(cfg.clone()).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !*ready.borrow() {
+            ready.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("connected over TLS");
+    // An operator on the plain listener of the same broker gets answers.
+    let mut op = Operator::start(&plain).await;
+    let r = op.command_when_up(json!({"op": "status"}), 10).await;
+    assert_eq!(r["ok"], true, "{r}");
+    cancel.cancel();
+
+    // A CA that did not sign the broker's certificate: no connection.
+    let (other_ca, _) = ca();
+    cfg.client_id = "tls-wrong-ca".into();
+    cfg.tls = Some(TlsPem {
+        ca: other_ca.into_bytes(),
+        client: None,
+    });
+    let (cancel, ready, _d2) = run_coordinator(cfg).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !*ready.borrow(),
+        "connected although the broker's certificate is not trusted"
+    );
+    cancel.cancel();
+}
