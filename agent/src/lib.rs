@@ -4,8 +4,11 @@
 //! # Layout
 //! - [`trust`]: the small, atomically written trust file (STATE-2) holding the
 //!   anti-replay and anti-rollback floors (FRESH-1, FRESH-2, VER-1, VER-2).
+//! - [`evaluate`]: manifest and directive → verdict (install, roll back, refuse
+//!   with a reason, or nothing to do), pure.
 //!
 //! The MQTT session, manifest evaluation, downloader, installers and probes are
 //! tracked in issue 4 and not part of this crate yet.
 
+pub mod evaluate;
 pub mod trust;
