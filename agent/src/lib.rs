@@ -6,9 +6,11 @@
 //!   anti-replay and anti-rollback floors (FRESH-1, FRESH-2, VER-1, VER-2).
 //! - [`evaluate`]: manifest and directive → verdict (install, roll back, refuse
 //!   with a reason, or nothing to do), pure.
+//! - [`deployment`]: the install state machine and crash recovery, pure.
 //!
-//! The MQTT session, manifest evaluation, downloader, installers and probes are
-//! tracked in issue 4 and not part of this crate yet.
+//! The MQTT session, sled journal, downloader, installers and probes are tracked
+//! in issue 4 and not part of this crate yet.
 
+pub mod deployment;
 pub mod evaluate;
 pub mod trust;
