@@ -197,11 +197,9 @@ pub fn step(job: &Job, event: Event, policy: &Policy) -> (Job, Vec<Action>) {
                 fresh_after_activation,
             },
             Event::ProbesOk { now },
-        ) => {
-            if now >= since.saturating_add(policy.probation_secs) && *fresh_after_activation {
-                j.stage = Stage::Committed;
-                out.extend([Action::Commit, Action::Report(Phase::Committed)]);
-            }
+        ) if now >= since.saturating_add(policy.probation_secs) && *fresh_after_activation => {
+            j.stage = Stage::Committed;
+            out.extend([Action::Commit, Action::Report(Phase::Committed)]);
         }
         (Stage::Probation { .. }, Event::ProbeFailed(r)) => roll_back(&mut j, r, &mut out),
         (Stage::RollingBack { reason }, Event::RolledBack) => {
