@@ -1,7 +1,9 @@
 //! `swell`: the operator CLI.
 
 mod decode;
+mod demo;
 mod keys;
+mod ops_client;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +27,9 @@ enum Command {
     /// Decode a Swell message file (envelope or threshold object), verifying it
     /// when keys are given.
     Decode(decode::DecodeArgs),
+    /// Run a real rollout end to end in this process: embedded broker,
+    /// coordinator and a simulated fleet running the agent logic.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Decode(args) => decode::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -654,6 +654,26 @@ impl Engine {
                     Ok((vec![], format!("{} rollouts", all.len()), json!(all)))
                 }
             },
+            Op::Fleet => {
+                let mut running: BTreeMap<String, u64> = BTreeMap::new();
+                let (mut approved, mut online) = (0u64, 0u64);
+                for d in self.devices.values() {
+                    approved += u64::from(d.enrollment == Enrollment::Approved);
+                    online += u64::from(d.online);
+                    let key = d
+                        .running
+                        .map_or_else(|| "none".to_string(), |r| r.to_string());
+                    *running.entry(key).or_default() += 1;
+                }
+                let body = json!({
+                    "devices": self.devices.len(),
+                    "approved": approved,
+                    "pending": self.pending,
+                    "online": online,
+                    "running": running,
+                });
+                Ok((vec![], format!("{} devices", self.devices.len()), body))
+            }
             _ => Err(("invalid", "unsupported operation".into())),
         }
     }

@@ -64,6 +64,8 @@ pub enum Op {
     Status {
         rollout: Option<RolloutId>,
     },
+    /// Inventory: devices by enrollment, liveness and running release.
+    Fleet,
 }
 
 impl Op {
@@ -78,6 +80,7 @@ impl Op {
             Op::Retry { .. } => "retry",
             Op::Approve { .. } => "approve",
             Op::Status { .. } => "status",
+            Op::Fleet => "fleet",
         }
     }
 

@@ -1,0 +1,534 @@
+//! `swell demo`: a real rollout end to end in one process — an MQTT broker
+//! (embedded rumqttd, or `--broker`), the coordinator, and a simulated fleet
+//! running the real agent logic with a simulated installer. It rolls v1 → v2
+//! through a canary and three waves, then a bad v3 that breaches the health gate
+//! and rolls back, and prints what happened.
+//!
+//! The keys are derived from `--seed` and printed as demo keys: never use them for
+//! a real fleet.
+
+use crate::ops_client::OpsClient;
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use swell_agent::sim::{self, SimConfig};
+use swell_coordinator::engine::{Engine, Settings};
+use swell_coordinator::server::{self, LoopConfig, unix_now};
+use swell_coordinator::store::SledStore;
+use swell_coordinator::transport::mqtt::{MqttConfig, parse_url};
+use swell_coordinator::{broker, durable};
+use swell_protocol::cohort::Label;
+use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
+use swell_protocol::threshold::ThresholdSigned;
+use swell_protocol::topics::Topics;
+use swell_protocol::{DeviceId, Digest, FleetId, ReleaseId, SecretKey};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 200)]
+    devices: usize,
+    /// Share of devices whose probes fail on the bad release v3.
+    #[arg(long, default_value_t = 0.3)]
+    bad_fraction: f64,
+    /// Use this broker (mqtt://host:port) instead of the embedded one.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Seed for keys and device behaviour: the same seed gives the same run.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// MQTT connections the simulated devices share (default: one per 500 devices).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Bake time of each wave.
+    #[arg(long, default_value = "2s")]
+    bake: String,
+    /// No live view; only the summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Cancels the in-process coordinator when dropped (also on early errors).
+struct StopOnDrop(CancellationToken);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+fn demo_key(seed: u64, name: &str) -> SecretKey {
+    let mut h = Sha256::new();
+    h.update(format!("swell demo key/{seed}/{name}").as_bytes());
+    SecretKey::from_seed(&h.finalize().into())
+}
+
+fn release(counter: u64, version: &str, keys: &[&SecretKey]) -> Result<ThresholdSigned> {
+    let content = format!("demo app {version}");
+    let body = Release {
+        counter,
+        version: version.into(),
+        created_at: unix_now(),
+        artifacts: vec![Artifact {
+            name: "app.tar".into(),
+            kind: ArtifactKind::Bundle,
+            digest: Digest::sha256(content.as_bytes()),
+            length: content.len() as u64,
+            urls: vec![],
+        }],
+        config: None,
+        hardware: vec!["rpi4".into()],
+        exposure: None,
+        rollback: None,
+    };
+    let mut r = ThresholdSigned::new(&body)?;
+    for k in keys {
+        r.sign(k)?;
+    }
+    Ok(r)
+}
+
+/// Deterministic per-device draw in [0, 1).
+fn draw(seed: u64, device: &DeviceId) -> f64 {
+    let mut h = Sha256::new();
+    h.update(seed.to_be_bytes());
+    h.update(device.as_str().as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.bad_fraction) {
+        bail!("--bad-fraction must be between 0 and 1");
+    }
+    if args.devices < 10 {
+        bail!("--devices must be at least 10");
+    }
+    let bake =
+        humantime::parse_duration(&args.bake).with_context(|| format!("--bake {:?}", args.bake))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(demo(args, bake))
+}
+
+struct Timeline {
+    started: Instant,
+}
+
+impl Timeline {
+    fn say(&self, msg: impl std::fmt::Display) {
+        println!("[{:>5.1}s] {msg}", self.started.elapsed().as_secs_f64());
+    }
+}
+
+async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
+    let t = Timeline {
+        started: Instant::now(),
+    };
+    let seed = args.seed;
+    let root = demo_key(seed, "root");
+    let (rel_a, rel_b) = (demo_key(seed, "release-a"), demo_key(seed, "release-b"));
+    let coord = demo_key(seed, "coordinator");
+    let kl = KeyList {
+        version: 1,
+        expires_at: unix_now() + 86_400,
+        roots: vec![root.public()],
+        root_threshold: 1,
+        release_keys: vec![rel_a.public(), rel_b.public()],
+        release_threshold: 2,
+        coordinator_keys: vec![coord.public()],
+        operator_keys: vec![],
+    };
+    let mut signed_kl = ThresholdSigned::new(&kl)?;
+    signed_kl.sign(&root)?;
+    let v1 = release(1, "1.0.0", &[&rel_a, &rel_b])?;
+    let v2 = release(2, "2.0.0", &[&rel_a, &rel_b])?;
+    let v3 = release(3, "3.0.0-bad", &[&rel_a, &rel_b])?;
+    t.say(format!("demo keys from seed {seed} (never use them for a real fleet); releases signed by 2 of 2 release keys:"));
+    for (v, r) in [("1.0.0", &v1), ("2.0.0", &v2), ("3.0.0-bad", &v3)] {
+        t.say(format!("  {v:<10} release id {}", r.id().short()));
+    }
+
+    let (host, port) = match &args.broker {
+        Some(url) => {
+            let u = parse_url(url)?;
+            if u.tls {
+                bail!("the demo connects without TLS; give an mqtt:// broker");
+            }
+            (u.host, u.port)
+        }
+        None => {
+            let addr = broker::free_addr("127.0.0.1")?;
+            broker::start(addr, None).map_err(anyhow::Error::msg)?;
+            t.say(format!("embedded MQTT broker (rumqttd) on {addr}"));
+            (addr.ip().to_string(), addr.port())
+        }
+    };
+
+    let state = tempfile::tempdir()?;
+    let fleet = FleetId::new("demo")?;
+    let topics = Topics::default();
+    let settings = Settings {
+        fleet: fleet.clone(),
+        topics: topics.clone(),
+        key: coord,
+        key_list: signed_kl,
+        keys: kl.clone(),
+        epoch: durable::next_epoch(&state.path().join("epoch"))?,
+        enrollment_tokens: vec!["demo-token".into()],
+        beacon_ttl: Duration::from_secs(3),
+        manifest_ttl: Duration::from_secs(3_600),
+    };
+    let store = Arc::new(SledStore::open(&state.path().join("db"))?);
+    let (engine, initial) = Engine::start(settings, store, unix_now())?;
+    let cancel = CancellationToken::new();
+    let _stop = StopOnDrop(cancel.clone());
+    let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+    let mqtt = MqttConfig {
+        host: host.clone(),
+        port,
+        client_id: format!("swell-demo-coordinator-{}", std::process::id()),
+        credentials: None,
+        keep_alive: Duration::from_secs(30),
+        max_packet: 256 * 1024,
+        persistent: false,
+        tls: None,
+    };
+    let loop_cfg = LoopConfig {
+        tick: Duration::from_millis(200),
+        beacon_interval: Duration::from_secs(1),
+    };
+    let coordinator = tokio::spawn(server::run(
+        engine,
+        initial,
+        mqtt,
+        loop_cfg,
+        cancel.clone(),
+        ready_tx,
+    ));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !*ready_rx.borrow() {
+            if ready_rx.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await
+    .context("the coordinator could not connect to the broker")?;
+    t.say("coordinator connected");
+
+    let bad_id = v3.id();
+    let bad_fraction = args.bad_fraction;
+    let connections = args
+        .connections
+        .unwrap_or(args.devices.div_ceil(500))
+        .clamp(1, 64);
+    let sim_cfg = SimConfig {
+        host: host.clone(),
+        port,
+        fleet: fleet.clone(),
+        topics: topics.clone(),
+        keys: kl,
+        devices: args.devices,
+        connections,
+        prefix: "dev-".into(),
+        seed,
+        enrollment_token: "demo-token".into(),
+        labels: Arc::new(|i| {
+            vec![
+                Label {
+                    key: "hw".into(),
+                    value: "rpi4".into(),
+                },
+                Label {
+                    key: "region".into(),
+                    value: if i % 2 == 0 { "eu".into() } else { "us".into() },
+                },
+            ]
+        }),
+        hardware: "rpi4".into(),
+        outcome: Arc::new(move |dev: &DeviceId, rel: &ReleaseId| {
+            *rel != bad_id || draw(seed, dev) >= bad_fraction
+        }),
+        initial: Some((v1.id(), 1)),
+        probation: Duration::from_secs(1),
+        work: Duration::from_millis(150),
+    };
+    let fleet_sim = sim::start(sim_cfg).await.map_err(anyhow::Error::msg)?;
+    t.say(format!(
+        "{} simulated devices on {connections} MQTT connection(s), running 1.0.0",
+        args.devices
+    ));
+
+    let mut ops = OpsClient::connect(
+        &host,
+        port,
+        topics,
+        &format!("swell-demo-operator-{}", std::process::id()),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let f = ops
+            .command(json!({"op": "fleet"}), Duration::from_secs(10))
+            .await?;
+        if f["status"]["approved"].as_u64() == Some(args.devices as u64) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {} devices enrolled within 120 s",
+                f["status"]["approved"],
+                args.devices
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.say(format!(
+        "all {} devices enrolled (token), announced their labels and keys",
+        args.devices
+    ));
+
+    let bake_s = format!("{}ms", bake.as_millis());
+    let good = json!({"op": "create", "spec": {
+        "rollout": "fw-v2", "release": hex::encode(v2.encode()?), "selector": "hw=rpi4",
+        "canary": ["dev-00000", "dev-00001"], "waves": ["10%", "50%", "100%"],
+        "min_devices": 1, "success_threshold": "95%", "max_failure_rate": "5%",
+        "bake": bake_s, "install_timeout": "60s", "policy": "pause"}});
+    let s2 = rollout(&mut ops, &t, good, args.quiet).await?;
+    let bad = json!({"op": "create", "spec": {
+        "rollout": "fw-v3", "release": hex::encode(v3.encode()?), "selector": "hw=rpi4",
+        "waves": ["10%", "50%", "100%"], "min_devices": 1, "success_threshold": "95%",
+        "max_failure_rate": "5%", "bake": bake_s, "install_timeout": "60s", "policy": "rollback"}});
+    let s3 = rollout(&mut ops, &t, bad, args.quiet).await?;
+
+    // Let the last rolled-back reports land before the inventory.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let inventory = ops
+        .command(json!({"op": "fleet"}), Duration::from_secs(10))
+        .await?;
+    println!();
+    println!("Summary");
+    summary(&ops, "fw-v2", "2.0.0", &s2);
+    summary(&ops, "fw-v3", "3.0.0-bad", &s3);
+    println!("fleet inventory (devices by running release):");
+    let names = [
+        (v1.id().to_string(), "1.0.0"),
+        (v2.id().to_string(), "2.0.0"),
+        (v3.id().to_string(), "3.0.0-bad"),
+    ];
+    if let Some(map) = inventory["status"]["running"].as_object() {
+        for (id, n) in map {
+            let name = names
+                .iter()
+                .find(|(i, _)| i == id)
+                .map_or(id.as_str(), |(_, v)| *v);
+            println!("  {name:<10} {n}");
+        }
+    }
+    let sent = fleet_sim
+        .stats
+        .bytes_sent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let reports = fleet_sim
+        .stats
+        .reports
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "devices sent {reports} signed reports, {} bytes on the wire ({} bytes per device)",
+        sent,
+        sent / args.devices as u64
+    );
+    println!(
+        "the coordinator sent one signed manifest per wave change, whatever the fleet size: {} wave changes",
+        manifests(&ops)
+    );
+    fleet_sim.stop().await;
+    cancel.cancel();
+    let _ = coordinator.await;
+    let ok = s2["phase"] == "completed" && s3["phase"] == "rolled_back";
+    t.say(if ok {
+        "demo finished: fw-v2 completed, fw-v3 rolled back"
+    } else {
+        "demo finished with an unexpected outcome"
+    });
+    if !ok {
+        bail!(
+            "expected fw-v2 completed and fw-v3 rolled back, got {} and {}",
+            s2["phase"],
+            s3["phase"]
+        );
+    }
+    Ok(())
+}
+
+fn manifests(ops: &OpsClient) -> usize {
+    ops.events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["decision"].as_str(),
+                Some("open_wave" | "widen" | "pause" | "start_rollback" | "complete")
+            )
+        })
+        .count()
+}
+
+const FINAL: [&str; 4] = ["completed", "rolled_back", "aborted", "paused"];
+
+async fn rollout(ops: &mut OpsClient, t: &Timeline, create: Value, quiet: bool) -> Result<Value> {
+    let id = create["spec"]["rollout"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let r = ops.command(create, Duration::from_secs(10)).await?;
+    if r["ok"] != true {
+        bail!("create {id} refused: {}", r["message"]);
+    }
+    t.say(format!("{id}: {}", r["message"].as_str().unwrap_or("")));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let mut shown = String::new();
+    let mut events_seen = ops.events.len();
+    loop {
+        for e in &ops.events[events_seen..] {
+            if e["rollout"] == id.as_str() {
+                t.say(format!("{id}: {}", describe(e)));
+            }
+        }
+        events_seen = ops.events.len();
+        if let Some(s) = ops.statuses.get(&id) {
+            let view = watch_view(s);
+            if !quiet && view != shown {
+                print!("{view}");
+                shown = view;
+            }
+            if FINAL.contains(&s["phase"].as_str().unwrap_or("")) {
+                return Ok(s.clone());
+            }
+        }
+        if !ops.next(deadline).await {
+            bail!("{id} did not finish within 300 s");
+        }
+    }
+}
+
+fn describe(e: &Value) -> String {
+    match e["decision"]
+        .as_str()
+        .unwrap_or(e["event"].as_str().unwrap_or(""))
+    {
+        "open_wave" => format!("wave {} opened", e["wave"]),
+        "widen" => format!("wave {} widened", e["wave"]),
+        "start_bake" => format!("wave {} installed, baking", e["wave"]),
+        "gate_passed" => format!("wave {} passed its health gate", e["wave"]),
+        "breach" => format!(
+            "BREACH: {} (policy {})",
+            e["reason"].as_str().unwrap_or(""),
+            e["policy"].as_str().unwrap_or("")
+        ),
+        "start_rollback" => "rolling back".into(),
+        "rollback_done" => "rolled back".into(),
+        "complete" => "completed".into(),
+        "wait" => format!("waiting: {}", e["reason"].as_str().unwrap_or("")),
+        "pause" => "paused".into(),
+        "created" => "created".into(),
+        other => other.to_string(),
+    }
+}
+
+fn bar(done: u64, total: u64) -> String {
+    let width = 20;
+    let filled = (done * width).checked_div(total).unwrap_or(0).min(width) as usize;
+    format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        "-".repeat(width as usize - filled)
+    )
+}
+
+fn watch_view(s: &Value) -> String {
+    let mut out = format!(
+        "  {} {:<12} wave {}  members {}\n",
+        s["rollout"].as_str().unwrap_or(""),
+        s["phase"].as_str().unwrap_or(""),
+        s["wave"],
+        s["members"]
+    );
+    for w in s["waves"].as_array().into_iter().flatten() {
+        let n = |k: &str| w[k].as_u64().unwrap_or(0);
+        let done = n("healthy") + n("failed");
+        out.push_str(&format!(
+            "    {:<7} {} {:>5}/{:<5} healthy {:>5} failed {:>5} installing {:>5}{}\n",
+            w["label"].as_str().unwrap_or(""),
+            bar(done, n("population")),
+            done,
+            n("population"),
+            n("healthy"),
+            n("failed"),
+            n("in_progress"),
+            if w["opened"] == true {
+                ""
+            } else {
+                "  (not open)"
+            }
+        ));
+    }
+    out
+}
+
+fn summary(ops: &OpsClient, id: &str, version: &str, s: &Value) {
+    println!(
+        "{id} ({version}): {}{}",
+        s["phase"].as_str().unwrap_or(""),
+        s["halt_reason"]
+            .as_str()
+            .map(|r| format!(" — {r}"))
+            .unwrap_or_default()
+    );
+    let opened: Vec<(u64, u64)> = ops
+        .events
+        .iter()
+        .filter(|e| e["rollout"] == id && e["decision"] == "open_wave")
+        .filter_map(|e| Some((e["wave"].as_u64()?, e["at"].as_u64()?)))
+        .collect();
+    let end = ops
+        .events
+        .iter()
+        .filter(|e| e["rollout"] == id)
+        .filter_map(|e| e["at"].as_u64())
+        .max()
+        .unwrap_or(0);
+    println!(
+        "  {:<7} {:>8} {:>8} {:>8} {:>8}",
+        "wave", "devices", "healthy", "failed", "time"
+    );
+    for w in s["waves"].as_array().into_iter().flatten() {
+        let i = w["index"].as_u64().unwrap_or(0);
+        let start = opened.iter().find(|(k, _)| *k == i).map(|(_, at)| *at);
+        let stop = opened
+            .iter()
+            .find(|(k, _)| *k == i + 1)
+            .map_or(end, |(_, at)| *at);
+        let time = start.map_or_else(
+            || "-".to_string(),
+            |a| format!("{}s", stop.saturating_sub(a)),
+        );
+        let n = |k: &str| w[k].as_u64().unwrap_or(0);
+        println!(
+            "  {:<7} {:>8} {:>8} {:>8} {:>8}",
+            w["label"].as_str().unwrap_or(""),
+            n("population"),
+            n("healthy"),
+            n("failed"),
+            time
+        );
+    }
+}

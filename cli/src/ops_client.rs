@@ -1,0 +1,177 @@
+//! An operator's MQTT connection: sends JSON commands on `{p}/ops/cmd` with an
+//! MQTT 5 response topic and waits for the reply; follows retained statuses and
+//! the event stream.
+
+use anyhow::{Context as _, Result, bail};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::time::Duration;
+use swell_protocol::topics::Topics;
+use tokio::sync::mpsc;
+
+/// Something the operator connection received.
+#[derive(Debug)]
+pub enum Seen {
+    Reply(Value),
+    Status(Value),
+    Event(Value),
+}
+
+/// An operator connection.
+#[derive(Debug)]
+pub struct OpsClient {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Seen>,
+    topics: Topics,
+    reply_topic: String,
+    n: u64,
+    pub statuses: HashMap<String, Value>,
+    pub events: Vec<Value>,
+}
+
+impl OpsClient {
+    /// Connects and subscribes to replies, statuses and events.
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        topics: Topics,
+        client_id: &str,
+    ) -> Result<OpsClient> {
+        let mut opts = MqttOptions::new(client_id, host, port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(Some(1 << 20));
+        let (client, mut eventloop) = AsyncClient::new(opts, 1_000);
+        let reply_topic = format!("swell-ops/{client_id}/replies");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (up_tx, up_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+        let t = topics.clone();
+        let rt = reply_topic.clone();
+        tokio::spawn(async move {
+            let mut up = Some(up_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(u) = up.take() {
+                            let _ = u.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                        let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {
+                            continue;
+                        };
+                        let seen = if topic == rt {
+                            Seen::Reply(v)
+                        } else if topic == t.ops_events() {
+                            Seen::Event(v)
+                        } else {
+                            Seen::Status(v)
+                        };
+                        if tx.send(seen).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Some(u) = up.take() {
+                            let _ = u.send(Err(e.to_string()));
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(10), up_rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => bail!("cannot connect to the broker at {host}:{port}: {e}"),
+            _ => bail!("no answer from the broker at {host}:{port} within 10 s"),
+        }
+        client
+            .subscribe(reply_topic.clone(), QoS::AtLeastOnce)
+            .await?;
+        client
+            .subscribe(topics.ops_statuses(), QoS::AtLeastOnce)
+            .await?;
+        client
+            .subscribe(topics.ops_events(), QoS::AtLeastOnce)
+            .await?;
+        Ok(OpsClient {
+            client,
+            rx,
+            topics,
+            reply_topic,
+            n: 0,
+            statuses: HashMap::new(),
+            events: Vec::new(),
+        })
+    }
+
+    fn absorb(&mut self, seen: Seen) -> Option<Value> {
+        match seen {
+            Seen::Reply(v) => return Some(v),
+            Seen::Status(v) => {
+                if let Some(r) = v["rollout"].as_str() {
+                    self.statuses.insert(r.to_string(), v);
+                }
+            }
+            Seen::Event(v) => self.events.push(v),
+        }
+        None
+    }
+
+    /// Sends a command and waits for its reply. A coordinator that has not
+    /// subscribed yet does not see commands (they are not retained), so the
+    /// command is sent again until `timeout`.
+    pub async fn command(&mut self, cmd: Value, timeout: Duration) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.n += 1;
+            let id = format!("{}-{}", std::process::id(), self.n);
+            let mut c = cmd.clone();
+            c["id"] = json!(id);
+            let props = PublishProperties {
+                response_topic: Some(self.reply_topic.clone()),
+                ..Default::default()
+            };
+            self.client
+                .publish_with_properties(
+                    self.topics.ops_cmd(),
+                    QoS::AtLeastOnce,
+                    false,
+                    c.to_string(),
+                    props,
+                )
+                .await
+                .context("publishing the command")?;
+            let attempt = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+            while let Ok(Some(seen)) = tokio::time::timeout_at(attempt, self.rx.recv()).await {
+                if let Some(v) = self.absorb(seen)
+                    && v["id"] == id
+                {
+                    return Ok(v);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "no reply from the coordinator within {} s (is it running and connected?)",
+                    timeout.as_secs()
+                );
+            }
+        }
+    }
+
+    /// Waits for the next status or event (or `until`), absorbing it.
+    pub async fn next(&mut self, until: tokio::time::Instant) -> bool {
+        match tokio::time::timeout_at(until, self.rx.recv()).await {
+            Ok(Some(seen)) => {
+                self.absorb(seen);
+                true
+            }
+            _ => false,
+        }
+    }
+}
