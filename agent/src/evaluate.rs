@@ -26,6 +26,8 @@ pub struct Device<'a> {
     pub running: Option<(ReleaseId, Option<RolloutId>)>,
     /// A release this device failed, with the rollout and retry generation then.
     pub failed: Option<(RolloutId, ReleaseId, u32)>,
+    /// An install under way (not yet committed), by rollout and release.
+    pub installing: Option<(RolloutId, ReleaseId)>,
     /// Whether a verified beacon is fresh (FRESH-3).
     pub beacon_fresh: bool,
     /// The device's current directive, verified.

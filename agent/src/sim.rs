@@ -273,42 +273,48 @@ impl Conn {
 
     async fn hello_all(&mut self) {
         for i in 0..self.devs.len() {
-            let (topic, bytes, online) = {
-                let d = &mut self.devs[i];
-                d.seq += 1;
-                let h = Hello {
-                    device: d.id.clone(),
-                    fleet: self.cfg.fleet.clone(),
-                    key: d.key.public(),
-                    labels: d.labels.clone(),
-                    hardware: self.cfg.hardware.clone(),
-                    agent_version: concat!("sim-", env!("CARGO_PKG_VERSION")).into(),
-                    proto_min: 1,
-                    proto_max: 1,
-                    boot: 1,
-                    running: d.running.as_ref().map(|r| r.0),
-                    counter_floor: d.trust.counter_floor,
-                    enrollment_token: Some(self.cfg.enrollment_token.clone()),
-                };
-                let stamp = Stamp {
-                    epoch: 1,
-                    seq: d.seq,
-                    issued_at: unix_now(),
-                    expires_at: 0,
-                    audience: Audience::Any,
-                };
-                let Ok(b) = seal(&d.key, stamp, &h) else {
-                    continue;
-                };
-                (
-                    self.cfg.topics.hello(&d.id),
-                    b,
-                    self.cfg.topics.online(&d.id),
-                )
-            };
-            self.publish(topic, bytes, false).await;
-            self.publish(online, b"1".to_vec(), true).await;
+            self.hello(i).await;
         }
+    }
+
+    /// Hello for device `i`: on connect, on a new coordinator epoch, and whenever
+    /// the release it runs changes (so the fleet inventory stays exact).
+    async fn hello(&mut self, i: usize) {
+        let (topic, bytes, online) = {
+            let d = &mut self.devs[i];
+            d.seq += 1;
+            let h = Hello {
+                device: d.id.clone(),
+                fleet: self.cfg.fleet.clone(),
+                key: d.key.public(),
+                labels: d.labels.clone(),
+                hardware: self.cfg.hardware.clone(),
+                agent_version: concat!("sim-", env!("CARGO_PKG_VERSION")).into(),
+                proto_min: 1,
+                proto_max: 1,
+                boot: 1,
+                running: d.running.as_ref().map(|r| r.0),
+                counter_floor: d.trust.counter_floor,
+                enrollment_token: Some(self.cfg.enrollment_token.clone()),
+            };
+            let stamp = Stamp {
+                epoch: 1,
+                seq: d.seq,
+                issued_at: unix_now(),
+                expires_at: 0,
+                audience: Audience::Any,
+            };
+            let Ok(b) = seal(&d.key, stamp, &h) else {
+                return;
+            };
+            (
+                self.cfg.topics.hello(&d.id),
+                b,
+                self.cfg.topics.online(&d.id),
+            )
+        };
+        self.publish(topic, bytes, false).await;
+        self.publish(online, b"1".to_vec(), true).await;
     }
 
     async fn on_message(&mut self, topic: &str, payload: &[u8]) {
@@ -350,6 +356,11 @@ impl Conn {
                     hardware: &self.cfg.hardware,
                     running: d.running.clone(),
                     failed: d.failed.clone(),
+                    installing: d
+                        .job
+                        .as_ref()
+                        .filter(|j| !j.is_final())
+                        .map(|j| (j.rollout.clone(), j.release)),
                     beacon_fresh: now < self.beacon_until,
                     directive: None,
                 };
@@ -454,8 +465,12 @@ impl Conn {
                     if let Phase::Failed(_) = phase {
                         self.devs[i].failed = Some((job.rollout.clone(), job.release, job.retry));
                     }
+                    let changed = matches!(phase, Phase::RolledBack(_));
                     self.report(i, job.rollout.clone(), job.release, phase)
                         .await;
+                    if changed {
+                        self.hello(i).await;
+                    }
                 }
             }
         }

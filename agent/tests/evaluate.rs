@@ -133,6 +133,7 @@ fn device(c: &Ctx) -> Device<'_> {
         hardware: "rpi4",
         running: None,
         failed: None,
+        installing: None,
         beacon_fresh: true,
         directive: None,
     }

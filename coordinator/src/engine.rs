@@ -378,7 +378,7 @@ impl Engine {
         let newly_approved;
         match self.devices.get_mut(&h.device) {
             Some(d) => {
-                if let Err(e) = d.accept_seq(v.header.seq) {
+                if let Err(e) = d.accept_hello_seq(v.header.seq) {
                     self.reject(e.reason(), "hello", &e);
                     return Ok(vec![]);
                 }

@@ -354,3 +354,27 @@ fn engine_reports_from_unopened_waves_do_not_count() {
         "wave 1 is not open: its reports do not count"
     );
 }
+
+/// Hello and Report travel on different topics; MQTT orders only within a topic.
+/// A Hello processed before an older Report must not make that Report a replay.
+#[test]
+fn engine_hello_and_report_sequences_are_independent() {
+    let mut t = T::new();
+    t.send(
+        topic_hello(0),
+        &hello(0, &key(0), 1, Some(TOKEN), "plant-7"),
+    );
+    let rel = release(2, "2.0.0");
+    t.command(create_cmd("r", &rel, &["100%"], json!({})));
+    // The device sent report seq 5 then hello seq 6; the hello arrives first.
+    t.send(
+        topic_hello(0),
+        &hello(0, &key(0), 6, Some(TOKEN), "plant-7"),
+    );
+    t.send(
+        topic_report(0),
+        &report(0, &key(0), 5, "r", rel.id(), Phase::Committed, 0),
+    );
+    assert_eq!(t.rejected("replayed"), 0);
+    assert_eq!(t.healthy("r"), 1);
+}

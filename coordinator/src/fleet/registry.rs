@@ -25,8 +25,11 @@ pub struct DeviceRecord {
     pub hardware: String,
     pub agent_version: String,
     pub running: Option<ReleaseId>,
-    /// Highest envelope `seq` accepted from the device (Hello and Report share it).
+    /// Highest envelope `seq` accepted in the device's reports.
     pub last_seq: u64,
+    /// Highest `seq` accepted in its Hellos. Kept apart from reports: the two
+    /// travel on different topics, and MQTT orders messages only within one.
+    pub last_hello_seq: u64,
     pub boot: u64,
     pub online: bool,
     pub last_seen: u64,
@@ -77,7 +80,8 @@ impl DeviceRecord {
             hardware: h.hardware.clone(),
             agent_version: h.agent_version.clone(),
             running: h.running,
-            last_seq: seq,
+            last_seq: 0,
+            last_hello_seq: seq,
             boot: h.boot,
             online: true,
             last_seen: now,
@@ -94,6 +98,19 @@ impl DeviceRecord {
             });
         }
         self.last_seq = seq;
+        Ok(())
+    }
+
+    /// Checks and records a newer Hello `seq`.
+    pub fn accept_hello_seq(&mut self, seq: u64) -> Result<(), RegistryError> {
+        if seq <= self.last_hello_seq {
+            return Err(RegistryError::Replayed {
+                device: self.id.clone(),
+                got: seq,
+                have: self.last_hello_seq,
+            });
+        }
+        self.last_hello_seq = seq;
         Ok(())
     }
 
