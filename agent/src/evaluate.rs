@@ -149,10 +149,15 @@ pub fn evaluate(
             return Verdict::NotForMe("pinned to another release");
         }
     }
+    // A rollback reaches what this rollout installed, and installs still under way.
     let installed_here = dev
         .running
         .as_ref()
-        .is_some_and(|(r, by)| *r == release_id && by.as_ref() == Some(&m.rollout));
+        .is_some_and(|(r, by)| *r == release_id && by.as_ref() == Some(&m.rollout))
+        || dev
+            .installing
+            .as_ref()
+            .is_some_and(|(r, rel)| *r == m.rollout && *rel == release_id);
     match m.state {
         RolloutState::RollingBack => {
             return if installed_here {

@@ -525,3 +525,43 @@ fn evaluate_directives() {
         Verdict::NotForMe("pinned to another release")
     );
 }
+
+#[test]
+fn evaluate_rollback_reaches_installs_under_way() {
+    let c = ctx();
+    let rel = signed(&release_body(5), &["release-0", "release-1"]);
+    let id = rel.id();
+    let rolling = || {
+        manifest(M {
+            state: RolloutState::RollingBack,
+            ..M::default()
+        })
+    };
+    // Not running it and not installing it: nothing to roll back.
+    let v = evaluate(
+        &rolling(),
+        &device(&c),
+        &keys(),
+        &mut TrustState::default(),
+        NOW,
+    );
+    assert_eq!(
+        v,
+        Verdict::NotForMe("rolling back a release this device does not run")
+    );
+    // In probation (not committed yet): it must roll back too, or it would commit later.
+    let mut d = device(&c);
+    d.installing = Some((RolloutId::new("r1").unwrap(), id));
+    let v = evaluate(&rolling(), &d, &keys(), &mut TrustState::default(), NOW);
+    assert_eq!(
+        v,
+        Verdict::RollBack {
+            rollout: RolloutId::new("r1").unwrap(),
+            release_id: id
+        }
+    );
+    // An install of the same release for another rollout is not this rollout's.
+    d.installing = Some((RolloutId::new("other").unwrap(), id));
+    let v = evaluate(&rolling(), &d, &keys(), &mut TrustState::default(), NOW);
+    assert!(matches!(v, Verdict::NotForMe(_)), "{v:?}");
+}
