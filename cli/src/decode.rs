@@ -2,11 +2,11 @@
 //! after its signature checks out (SIG-3); without keys only the header (or, for
 //! threshold objects, the signer ids) is shown.
 
-use crate::keys::read_public;
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 use std::path::PathBuf;
+use swell_coordinator::keyfile::read_public;
 use swell_protocol::envelope::{Message, MessageKind, UnverifiedEnvelope};
 use swell_protocol::messages::*;
 use swell_protocol::threshold::{ThresholdMessage, ThresholdSigned};
@@ -44,7 +44,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
         .keys
         .iter()
         .map(|p| read_public(p).map(|(_, k)| k))
-        .collect::<Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     let now = match args.now {
         Some(n) => n,
         None => std::time::SystemTime::now()

@@ -9,7 +9,7 @@ use std::path::Path;
 use swell_protocol::{PublicKey, SecretKey};
 
 /// What a key is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Root,
