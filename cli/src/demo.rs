@@ -310,11 +310,20 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         "max_failure_rate": "5%", "bake": bake_s, "install_timeout": "60s", "policy": "rollback"}});
     let s3 = rollout(&mut ops, &t, bad, args.quiet).await?;
 
-    // Let the last rolled-back reports land before the inventory.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let inventory = ops
-        .command(json!({"op": "fleet"}), Duration::from_secs(10))
-        .await?;
+    // The rollout is rolled back once no device reports the bad release as
+    // installed; their Hellos saying what they run now follow. Wait for those
+    // (bounded) so the inventory shows where the fleet ended.
+    let bad_hex = v3.id().to_string();
+    let until = Instant::now() + Duration::from_secs(5);
+    let inventory = loop {
+        let inv = ops
+            .command(json!({"op": "fleet"}), Duration::from_secs(10))
+            .await?;
+        if inv["status"]["running"].get(&bad_hex).is_none() || Instant::now() > until {
+            break inv;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     println!();
     println!("Summary");
     summary(&ops, "fw-v2", "2.0.0", &s2);
