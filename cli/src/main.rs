@@ -4,6 +4,7 @@ mod decode;
 mod demo;
 mod keys;
 mod ops_client;
+mod rollout;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -30,6 +31,39 @@ enum Command {
     /// Run a real rollout end to end in this process: embedded broker,
     /// coordinator and a simulated fleet running the agent logic.
     Demo(demo::DemoArgs),
+    /// Create, follow and steer rollouts (over the MQTT ops topics).
+    Rollout {
+        #[command(subcommand)]
+        cmd: rollout::RolloutCmd,
+        #[command(flatten)]
+        conn: rollout::Conn,
+    },
+    /// Fleet inventory: devices by enrollment, liveness and running release.
+    Fleet {
+        #[command(flatten)]
+        conn: rollout::Conn,
+    },
+    /// Approve a device waiting for enrollment.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+        #[command(flatten)]
+        conn: rollout::Conn,
+    },
+    /// Follow the coordinator's event stream.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        #[command(flatten)]
+        conn: rollout::Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCmd {
+    /// Approve a device that said hello without an enrollment token.
+    Approve { device: String },
 }
 
 fn main() -> ExitCode {
@@ -41,12 +75,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     let result = match cli.command {
-        Command::Keys(cmd) => keys::run(cmd),
-        Command::Decode(args) => decode::run(args),
-        Command::Demo(args) => demo::run(args),
+        Command::Keys(cmd) => keys::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Decode(args) => decode::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Rollout { cmd, conn } => rollout::rollout(cmd, conn),
+        Command::Fleet { conn } => rollout::fleet(conn),
+        Command::Device {
+            cmd: DeviceCmd::Approve { device },
+            conn,
+        } => rollout::approve(device, conn),
+        Command::Events { count, conn } => rollout::events(count, conn),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

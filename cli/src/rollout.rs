@@ -1,0 +1,334 @@
+//! `swell rollout …`, `swell fleet`, `swell device approve`, `swell events`:
+//! operator commands over the MQTT ops topics, each showing the coordinator's
+//! reply. A refused command prints one line and exits 1.
+
+use crate::ops_client::OpsClient;
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use swell_coordinator::transport::mqtt::parse_url;
+use swell_protocol::topics::{DEFAULT_PREFIX, Topics};
+
+/// Where the coordinator listens.
+#[derive(Debug, Args)]
+pub struct Conn {
+    /// Broker URL.
+    #[arg(
+        long,
+        env = "SWELL_BROKER",
+        default_value = "mqtt://127.0.0.1:1883",
+        global = true
+    )]
+    broker: String,
+    /// Topic prefix.
+    #[arg(long, env = "SWELL_TOPIC_PREFIX", default_value = DEFAULT_PREFIX, global = true)]
+    topic_prefix: String,
+    /// How long to wait for the coordinator's reply.
+    #[arg(long, default_value = "10s", global = true)]
+    timeout: String,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// Create a rollout from a JSON spec file (the ops `create` spec).
+    Create {
+        /// Spec file (JSON); `release` may name a file holding the signed release.
+        spec: PathBuf,
+        /// Allow a selector that may overlap an active rollout.
+        #[arg(long)]
+        allow_overlap: bool,
+    },
+    /// Show one rollout (or all); with --wait, wait for an end state.
+    Status {
+        rollout: Option<String>,
+        /// Exit 0 on completed, 1 on rolled back or aborted, 2 on paused or timeout.
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait with --wait.
+        #[arg(long, default_value = "30m")]
+        wait_timeout: String,
+    },
+    Pause {
+        rollout: String,
+    },
+    Resume {
+        rollout: String,
+    },
+    /// Pass a manual gate, or open the next wave now.
+    Promote {
+        rollout: String,
+    },
+    Abort {
+        rollout: String,
+    },
+    Rollback {
+        rollout: String,
+    },
+    /// Let failed devices try again.
+    Retry {
+        rollout: String,
+    },
+}
+
+async fn connect(c: &Conn) -> Result<OpsClient> {
+    let u = parse_url(&c.broker)?;
+    if u.tls {
+        bail!("the CLI connects without TLS in this version; give an mqtt:// broker");
+    }
+    let topics = Topics::new(&c.topic_prefix)?;
+    OpsClient::connect(
+        &u.host,
+        u.port,
+        topics,
+        &format!("swell-cli-{}", std::process::id()),
+    )
+    .await
+}
+
+fn timeout(c: &Conn) -> Result<Duration> {
+    humantime::parse_duration(&c.timeout).with_context(|| format!("--timeout {:?}", c.timeout))
+}
+
+/// Prints a reply; `Ok(false)` when the coordinator refused.
+fn show(c: &Conn, reply: &Value) -> Result<bool> {
+    let ok = reply["ok"] == true;
+    match c.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(reply)?),
+        Output::Table => {
+            if !ok {
+                eprintln!(
+                    "error: {} ({})",
+                    reply["message"].as_str().unwrap_or("refused"),
+                    reply["reason"].as_str().unwrap_or("refused")
+                );
+                return Ok(false);
+            }
+            println!("{}", reply["message"].as_str().unwrap_or("ok"));
+            match &reply["status"] {
+                Value::Array(all) => all.iter().for_each(print_status),
+                s if s.get("waves").is_some() => print_status(s),
+                _ => {}
+            }
+        }
+    }
+    Ok(ok)
+}
+
+fn print_status(s: &Value) {
+    println!(
+        "{}  phase {}  wave {}  members {}{}",
+        s["rollout"].as_str().unwrap_or(""),
+        s["phase"].as_str().unwrap_or(""),
+        s["wave"],
+        s["members"],
+        s["waiting"]
+            .as_str()
+            .map(|w| format!("  waiting: {w}"))
+            .unwrap_or_default()
+    );
+    for w in s["waves"].as_array().into_iter().flatten() {
+        let n = |k: &str| w[k].as_u64().unwrap_or(0);
+        println!(
+            "  {:<7} devices {:>6} healthy {:>6} failed {:>6} installing {:>6} silent {:>6}{}",
+            w["label"].as_str().unwrap_or(""),
+            n("population"),
+            n("healthy"),
+            n("failed"),
+            n("in_progress"),
+            n("silent"),
+            if w["opened"] == true {
+                ""
+            } else {
+                "  (not open)"
+            }
+        );
+    }
+    if let Some(r) = s["halt_reason"].as_str() {
+        println!("  stopped: {r}");
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub fn rollout(cmd: RolloutCmd, c: Conn) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let t = timeout(&c)?;
+        let simple = |op: &str, r: &str| json!({"op": op, "rollout": r});
+        let cmd_json = match &cmd {
+            RolloutCmd::Create {
+                spec,
+                allow_overlap,
+            } => {
+                let text = std::fs::read_to_string(spec)
+                    .with_context(|| format!("cannot read {}", spec.display()))?;
+                let mut spec_v: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not JSON", spec.display()))?;
+                // `release` may be a path to the encoded signed release.
+                if let Some(r) = spec_v["release"].as_str()
+                    && std::path::Path::new(r).is_file()
+                {
+                    let bytes =
+                        std::fs::read(r).with_context(|| format!("cannot read release {r}"))?;
+                    spec_v["release"] = json!(hex::encode(bytes));
+                }
+                json!({"op": "create", "spec": spec_v, "allow_overlap": allow_overlap})
+            }
+            RolloutCmd::Status { rollout, .. } => json!({"op": "status", "rollout": rollout}),
+            RolloutCmd::Pause { rollout } => simple("pause", rollout),
+            RolloutCmd::Resume { rollout } => simple("resume", rollout),
+            RolloutCmd::Promote { rollout } => simple("promote", rollout),
+            RolloutCmd::Abort { rollout } => simple("abort", rollout),
+            RolloutCmd::Rollback { rollout } => simple("rollback", rollout),
+            RolloutCmd::Retry { rollout } => simple("retry", rollout),
+        };
+        let reply = ops.command(cmd_json, t).await?;
+        let ok = show(&c, &reply)?;
+        if let RolloutCmd::Status {
+            rollout: Some(id),
+            wait: true,
+            wait_timeout,
+        } = &cmd
+            && ok
+        {
+            let limit = humantime::parse_duration(wait_timeout)
+                .with_context(|| format!("--wait-timeout {wait_timeout:?}"))?;
+            return wait_for_end(&mut ops, id, limit, &c).await;
+        }
+        Ok(code(ok))
+    })
+}
+
+/// Waits for an end state: 0 completed, 1 rolled back or aborted, 2 paused or timeout.
+async fn wait_for_end(
+    ops: &mut OpsClient,
+    id: &str,
+    limit: Duration,
+    c: &Conn,
+) -> Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = ops.statuses.get(id) {
+            let phase = s["phase"].as_str().unwrap_or("");
+            let exit = match phase {
+                "completed" => Some(0),
+                "rolled_back" | "aborted" => Some(1),
+                "paused" => Some(2),
+                _ => None,
+            };
+            if let Some(e) = exit {
+                if c.output == Output::Table {
+                    print_status(s);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(s)?);
+                }
+                return Ok(ExitCode::from(e));
+            }
+        }
+        if !ops.next(deadline).await {
+            eprintln!(
+                "error: {id} did not reach an end state within {}",
+                humantime::format_duration(limit)
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
+}
+
+/// `swell fleet`: the inventory.
+pub fn fleet(c: Conn) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let reply = ops.command(json!({"op": "fleet"}), timeout(&c)?).await?;
+        if c.output == Output::Json || reply["ok"] != true {
+            return show(&c, &reply).map(code);
+        }
+        let s = &reply["status"];
+        println!(
+            "devices {}  approved {}  pending {}  online {}",
+            s["devices"], s["approved"], s["pending"], s["online"]
+        );
+        println!("running release:");
+        for (id, n) in s["running"].as_object().into_iter().flatten() {
+            println!("  {:<16} {n}", if id.len() > 16 { &id[..16] } else { id });
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `swell device approve`.
+pub fn approve(device: String, c: Conn) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let reply = ops
+            .command(json!({"op": "approve", "device": device}), timeout(&c)?)
+            .await?;
+        show(&c, &reply).map(code)
+    })
+}
+
+/// `swell events`: follows the event stream until interrupted (or `--count`).
+pub fn events(count: Option<usize>, c: Conn) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let mut seen = 0;
+        loop {
+            while seen < ops.events.len() {
+                let e = &ops.events[seen];
+                match c.output {
+                    Output::Json => println!("{e}"),
+                    Output::Table => {
+                        let what = e["decision"].as_str().or(e["event"].as_str()).unwrap_or("");
+                        let mut rest = e.clone();
+                        for k in ["at", "epoch", "rollout", "decision", "event"] {
+                            if let Some(o) = rest.as_object_mut() {
+                                o.remove(k);
+                            }
+                        }
+                        println!(
+                            "{} {} {} {}",
+                            e["at"],
+                            e["rollout"].as_str().unwrap_or(""),
+                            what,
+                            rest
+                        );
+                    }
+                }
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            if !ops
+                .next(tokio::time::Instant::now() + Duration::from_secs(3600))
+                .await
+            {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    })
+}

@@ -1,0 +1,215 @@
+//! `swell rollout …`, `swell fleet`, `swell events` against a real coordinator
+//! (in this test process) and simulated devices over an embedded broker.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::json;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+use swell_agent::sim::{self, SimConfig};
+use swell_coordinator::engine::{Engine, Settings};
+use swell_coordinator::server::{self, LoopConfig, unix_now};
+use swell_coordinator::store::SledStore;
+use swell_coordinator::transport::mqtt::MqttConfig;
+use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
+use swell_protocol::testkeys::test_key;
+use swell_protocol::threshold::ThresholdSigned;
+use swell_protocol::topics::Topics;
+use swell_protocol::{Digest, FleetId};
+
+fn swell(args: &[&str], broker: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_swell"))
+        .args(args)
+        .args(["--broker", broker])
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_rollout_commands_against_a_coordinator() {
+    let addr = swell_coordinator::broker::free_addr("127.0.0.1").unwrap();
+    swell_coordinator::broker::start(addr, None).unwrap();
+    let broker = format!("mqtt://{addr}");
+    let kl = KeyList {
+        version: 1,
+        expires_at: unix_now() + 3_600,
+        roots: vec![test_key("root-0").public()],
+        root_threshold: 1,
+        release_keys: vec![test_key("release-0").public()],
+        release_threshold: 1,
+        coordinator_keys: vec![test_key("coordinator-0").public()],
+        operator_keys: vec![],
+    };
+    let mut signed_kl = ThresholdSigned::new(&kl).unwrap();
+    signed_kl.sign(&test_key("root-0")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = FleetId::new("f").unwrap();
+    let settings = Settings {
+        fleet: fleet.clone(),
+        topics: Topics::default(),
+        key: test_key("coordinator-0"),
+        key_list: signed_kl,
+        keys: kl.clone(),
+        epoch: 1,
+        enrollment_tokens: vec!["tok".into()],
+        beacon_ttl: Duration::from_secs(3),
+        manifest_ttl: Duration::from_secs(3_600),
+    };
+    let (engine, initial) = Engine::start(
+        settings,
+        Arc::new(SledStore::open(&dir.path().join("db")).unwrap()),
+        unix_now(),
+    )
+    .unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (tx, _rx) = tokio::sync::watch::channel(false);
+    let mqtt = MqttConfig {
+        host: "127.0.0.1".into(),
+        port: addr.port(),
+        client_id: "cli-test-coordinator".into(),
+        credentials: None,
+        keep_alive: Duration::from_secs(30),
+        max_packet: 256 * 1024,
+        persistent: false,
+        tls: None,
+    };
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let lc = LoopConfig {
+            tick: Duration::from_millis(200),
+            beacon_interval: Duration::from_secs(1),
+        };
+        server::run(engine, initial, mqtt, lc, c, tx).await.unwrap();
+    });
+    let fleet_sim = sim::start(SimConfig {
+        host: "127.0.0.1".into(),
+        port: addr.port(),
+        fleet,
+        topics: Topics::default(),
+        keys: kl,
+        devices: 20,
+        connections: 2,
+        prefix: "d-".into(),
+        seed: 3,
+        enrollment_token: "tok".into(),
+        labels: Arc::new(|_| vec![]),
+        hardware: "sim".into(),
+        outcome: Arc::new(|_, _| true),
+        initial: None,
+        probation: Duration::from_secs(1),
+        work: Duration::from_millis(50),
+    })
+    .await
+    .unwrap();
+
+    // Wait (by asking) until all 20 devices are enrolled.
+    let b = broker.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..100 {
+            let o = swell(&["fleet", "-o", "json"], &b);
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            if v["status"]["approved"] == 20 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("devices did not enroll");
+    })
+    .await
+    .unwrap();
+
+    let body = Release {
+        counter: 1,
+        version: "1.0".into(),
+        created_at: unix_now(),
+        artifacts: vec![Artifact {
+            name: "a".into(),
+            kind: ArtifactKind::Bundle,
+            digest: Digest::sha256(b"a"),
+            length: 1,
+            urls: vec![],
+        }],
+        config: None,
+        hardware: vec!["sim".into()],
+        exposure: None,
+        rollback: None,
+    };
+    let mut rel = ThresholdSigned::new(&body).unwrap();
+    rel.sign(&test_key("release-0")).unwrap();
+    let rel_path = dir.path().join("release.bin");
+    std::fs::write(&rel_path, rel.encode().unwrap()).unwrap();
+    let spec_path = dir.path().join("spec.json");
+    let spec = json!({"rollout": "cli-1", "release": rel_path.display().to_string(), "waves": ["50%", "100%"], "bake": "1s", "install_timeout": "20s"});
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+
+    let b = broker.clone();
+    let spec_s = spec_path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let o = swell(&["rollout", "create", &spec_s], &b);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}{err}");
+        assert!(out.contains("rollout cli-1 created"), "{out}");
+        // Waits for the end: 0 = completed.
+        let o = swell(
+            &[
+                "rollout",
+                "status",
+                "cli-1",
+                "--wait",
+                "--wait-timeout",
+                "60s",
+            ],
+            &b,
+        );
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}{err}");
+        assert!(out.contains("phase completed"), "{out}");
+        // Refused: one line, exit 1.
+        let o = swell(&["rollout", "pause", "cli-1"], &b);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            err.starts_with("error: ") && err.lines().count() == 1,
+            "{err}"
+        );
+        let o = swell(&["rollout", "abort", "no-such"], &b);
+        assert_eq!(o.status.code(), Some(1));
+        // Inventory and events.
+        let o = swell(&["fleet"], &b);
+        let (out, _) = text(&o);
+        assert!(out.contains("devices 20  approved 20"), "{out}");
+        let o = swell(&["rollout", "status", "-o", "json"], &b);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["status"][0]["rollout"], "cli-1");
+    })
+    .await
+    .unwrap();
+
+    // No coordinator there: a clear line, not a hang or a panic.
+    let dead = format!(
+        "mqtt://127.0.0.1:{}",
+        swell_coordinator::broker::free_addr("127.0.0.1")
+            .unwrap()
+            .port()
+    );
+    let o = tokio::task::spawn_blocking(move || {
+        swell(&["rollout", "status", "x", "--timeout", "1s"], &dead)
+    })
+    .await
+    .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.starts_with("error: ") && !err.contains("panicked"),
+        "{err}"
+    );
+    fleet_sim.stop().await;
+    cancel.cancel();
+}
