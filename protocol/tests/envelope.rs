@@ -13,6 +13,21 @@ use swell_protocol::envelope::{
 use swell_protocol::messages::*;
 use swell_protocol::{EnvelopeError, ReleaseId, RolloutId};
 
+/// An envelope built by hand (bypassing `seal`'s own checks), signed under `domain`.
+fn hand_sealed(
+    key: &swell_protocol::SecretKey,
+    domain: &str,
+    header: &Header,
+    payload: &[u8],
+) -> Vec<u8> {
+    let hb = postcard::to_allocvec(header).unwrap();
+    let sig = key.sign(domain, &[&hb, payload]);
+    let mut b = hb;
+    b.extend_from_slice(&postcard::to_allocvec(payload).unwrap());
+    b.extend_from_slice(&sig.0);
+    b
+}
+
 fn verify_report(bytes: &[u8]) -> Result<Report, EnvelopeError> {
     UnverifiedEnvelope::parse(bytes)?
         .verify::<Report>(&device_key(42).public(), T0 + 1)
@@ -92,12 +107,8 @@ fn envelope_cross_type_substitution_is_rejected() {
         kind: MessageKind::Directive as u16,
         ..env.header.clone()
     };
-    let hb = postcard::to_allocvec(&header).unwrap();
     let payload = postcard::to_allocvec(&directive_body()).unwrap();
-    let sig = key.sign(MessageKind::Beacon.domain(), &[&hb, &payload]);
-    let mut grafted = hb;
-    grafted.extend_from_slice(&postcard::to_allocvec(&payload).unwrap());
-    grafted.extend_from_slice(&sig.0);
+    let grafted = hand_sealed(&key, MessageKind::Beacon.domain(), &header, &payload);
     let e = UnverifiedEnvelope::parse(&grafted)
         .unwrap()
         .verify::<DeviceDirective>(&key.public(), T0 + 1)
@@ -173,12 +184,8 @@ fn envelope_coordinator_messages_need_an_expiry() {
         expires_at: 0,
         audience: Audience::Any,
     };
-    let hb = postcard::to_allocvec(&header).unwrap();
     let payload = postcard::to_allocvec(&beacon_body()).unwrap();
-    let sig = key.sign(MessageKind::Beacon.domain(), &[&hb, &payload]);
-    let mut b = hb;
-    b.extend_from_slice(&postcard::to_allocvec(&payload).unwrap());
-    b.extend_from_slice(&sig.0);
+    let b = hand_sealed(&key, MessageKind::Beacon.domain(), &header, &payload);
     let e = UnverifiedEnvelope::parse(&b)
         .unwrap()
         .verify::<Beacon>(&key.public(), T0)
@@ -218,12 +225,8 @@ fn envelope_invalid_content_is_refused_even_when_signed() {
         expires_at: 0,
         audience: Audience::Any,
     };
-    let hb = postcard::to_allocvec(&header).unwrap();
     let payload = postcard::to_allocvec(&body).unwrap();
-    let sig = key.sign(MessageKind::Report.domain(), &[&hb, &payload]);
-    let mut b = hb;
-    b.extend_from_slice(&postcard::to_allocvec(&payload).unwrap());
-    b.extend_from_slice(&sig.0);
+    let b = hand_sealed(&key, MessageKind::Report.domain(), &header, &payload);
     let e = verify_report(&b).unwrap_err();
     assert!(
         matches!(e, EnvelopeError::Invalid { kind: "report", .. }),
@@ -249,11 +252,7 @@ fn envelope_payload_with_invalid_id_fails_closed() {
         expires_at: 0,
         audience: Audience::Any,
     };
-    let hb = postcard::to_allocvec(&header).unwrap();
-    let sig = key.sign(MessageKind::Report.domain(), &[&hb, &payload]);
-    let mut b = hb;
-    b.extend_from_slice(&postcard::to_allocvec(&payload).unwrap());
-    b.extend_from_slice(&sig.0);
+    let b = hand_sealed(&key, MessageKind::Report.domain(), &header, &payload);
     let e = verify_report(&b).unwrap_err();
     assert_eq!(e.reason(), "malformed", "{e}");
 }
@@ -281,11 +280,7 @@ fn envelope_unknown_variant_fails_closed() {
         expires_at: 0,
         audience: Audience::Any,
     };
-    let hb = postcard::to_allocvec(&header).unwrap();
-    let sig = key.sign(MessageKind::Report.domain(), &[&hb, &payload]);
-    let mut b = hb;
-    b.extend_from_slice(&postcard::to_allocvec(&payload).unwrap());
-    b.extend_from_slice(&sig.0);
+    let b = hand_sealed(&key, MessageKind::Report.domain(), &header, &payload);
     assert_eq!(verify_report(&b).unwrap_err().reason(), "malformed");
 }
 
