@@ -18,11 +18,14 @@ pub enum KeysCmd {
     },
     /// Show the public key and key id of a key file (secret or .pub).
     Show { file: PathBuf },
+    /// Make the root-signed key list the coordinator and devices trust.
+    List(crate::release::KeyListArgs),
 }
 
 pub fn run(cmd: KeysCmd) -> Result<()> {
     match cmd {
         KeysCmd::Gen { role, out } => generate(role, &out),
+        KeysCmd::List(args) => crate::release::key_list(args),
         KeysCmd::Show { file } => {
             let (role, public) = read_public(&file)?;
             println!("role:       {}", role.name());

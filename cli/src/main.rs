@@ -4,6 +4,7 @@ mod decode;
 mod demo;
 mod keys;
 mod ops_client;
+mod release;
 mod rollout;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ enum Command {
     /// Run a real rollout end to end in this process: embedded broker,
     /// coordinator and a simulated fleet running the agent logic.
     Demo(demo::DemoArgs),
+    /// Make and sign releases (offline).
+    #[command(subcommand)]
+    Release(release::ReleaseCmd),
     /// Create, follow and steer rollouts (over the MQTT ops topics).
     Rollout {
         #[command(subcommand)]
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => keys::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Decode(args) => decode::run(args).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Release(cmd) => release::release(cmd).map(|()| ExitCode::SUCCESS),
         Command::Rollout { cmd, conn } => rollout::rollout(cmd, conn),
         Command::Fleet { conn } => rollout::fleet(conn),
         Command::Device {
