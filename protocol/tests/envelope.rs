@@ -28,6 +28,20 @@ fn hand_sealed(
     b
 }
 
+/// A v1 Report header signed by `key`, as `seal` would write it.
+fn report_header(key: &swell_protocol::SecretKey) -> Header {
+    Header {
+        proto: 1,
+        kind: MessageKind::Report as u16,
+        key_id: key.key_id(),
+        epoch: 0,
+        seq: 1,
+        issued_at: T0,
+        expires_at: 0,
+        audience: Audience::Any,
+    }
+}
+
 fn verify_report(bytes: &[u8]) -> Result<Report, EnvelopeError> {
     UnverifiedEnvelope::parse(bytes)?
         .verify::<Report>(&device_key(42).public(), T0 + 1)
@@ -215,16 +229,7 @@ fn envelope_invalid_content_is_refused_even_when_signed() {
         Err(EnvelopeError::Invalid { .. })
     ));
     let key = device_key(42);
-    let header = Header {
-        proto: 1,
-        kind: MessageKind::Report as u16,
-        key_id: key.key_id(),
-        epoch: 0,
-        seq: 1,
-        issued_at: T0,
-        expires_at: 0,
-        audience: Audience::Any,
-    };
+    let header = report_header(&key);
     let payload = postcard::to_allocvec(&body).unwrap();
     let b = hand_sealed(&key, MessageKind::Report.domain(), &header, &payload);
     let e = verify_report(&b).unwrap_err();
@@ -242,16 +247,7 @@ fn envelope_payload_with_invalid_id_fails_closed() {
     // payload starts with varint(len) + "rpi-0042": turn '-' into '+'.
     let pos = payload.iter().position(|b| *b == b'-').unwrap();
     payload[pos] = b'+';
-    let header = Header {
-        proto: 1,
-        kind: MessageKind::Report as u16,
-        key_id: key.key_id(),
-        epoch: 0,
-        seq: 1,
-        issued_at: T0,
-        expires_at: 0,
-        audience: Audience::Any,
-    };
+    let header = report_header(&key);
     let b = hand_sealed(&key, MessageKind::Report.domain(), &header, &payload);
     let e = verify_report(&b).unwrap_err();
     assert_eq!(e.reason(), "malformed", "{e}");
@@ -270,16 +266,7 @@ fn envelope_unknown_variant_fails_closed() {
     };
     assert_eq!(payload[committed_idx], 5, "Committed is variant 5");
     payload[committed_idx] = 100;
-    let header = Header {
-        proto: 1,
-        kind: MessageKind::Report as u16,
-        key_id: key.key_id(),
-        epoch: 0,
-        seq: 1,
-        issued_at: T0,
-        expires_at: 0,
-        audience: Audience::Any,
-    };
+    let header = report_header(&key);
     let b = hand_sealed(&key, MessageKind::Report.domain(), &header, &payload);
     assert_eq!(verify_report(&b).unwrap_err().reason(), "malformed");
 }

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use swell_protocol::cohort::{self, format_percent};
-use swell_protocol::messages::fleet_limits::MAX_CANARY;
+use swell_protocol::messages::MAX_CANARY;
 use swell_protocol::{DeviceId, RolloutId};
 
 /// A rollout's waves. Deserializing validates, like [`WavePlan::new`].

@@ -587,7 +587,13 @@ impl Operator {
     }
 
     /// Sends `cmd` with an MQTT 5 response topic and waits for the reply.
-    pub async fn command(&mut self, mut cmd: Value) -> Value {
+    pub async fn command(&mut self, cmd: Value) -> Value {
+        let id = self.send(cmd).await;
+        self.command_reply(&id).await
+    }
+
+    /// Publishes `cmd` with a fresh `id` and the reply topic; returns the id.
+    async fn send(&mut self, mut cmd: Value) -> String {
         self.n += 1;
         let id = format!("req-{}", self.n);
         cmd["id"] = json!(id);
@@ -605,7 +611,7 @@ impl Operator {
             )
             .await
             .unwrap();
-        self.command_reply(&id).await
+        id
     }
 
     /// Waits until the coordinator knows devices `dev-0000` … `dev-{n-1}` (the
@@ -652,24 +658,7 @@ impl Operator {
     pub async fn command_when_up(&mut self, cmd: Value, secs: u64) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
-            self.n += 1;
-            let id = format!("req-{}", self.n);
-            let mut c = cmd.clone();
-            c["id"] = json!(id);
-            let props = PublishProperties {
-                response_topic: Some("test/replies".into()),
-                ..Default::default()
-            };
-            self.client
-                .publish_with_properties(
-                    Topics::default().ops_cmd(),
-                    QoS::AtLeastOnce,
-                    false,
-                    c.to_string(),
-                    props,
-                )
-                .await
-                .unwrap();
+            let id = self.send(cmd.clone()).await;
             let attempt = tokio::time::Instant::now() + Duration::from_millis(300);
             while let Ok(Some(p)) = tokio::time::timeout_at(attempt, self.rx.recv()).await {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();

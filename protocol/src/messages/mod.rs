@@ -8,12 +8,7 @@ mod keylist;
 mod release;
 
 pub use device::{Hello, Metrics, Phase, ProbeResult, Reason, Report, reason};
-/// Limits of the coordinator → device messages.
-pub mod fleet_limits {
-    pub use super::fleet::MAX_CANARY;
-}
-
-pub use fleet::{Beacon, DeviceDirective, Manifest, RolloutState, Unsupported};
+pub use fleet::{Beacon, DeviceDirective, MAX_CANARY, Manifest, RolloutState, Unsupported};
 pub use keylist::{KeyList, KeyListError, RootOfTrust};
 pub use release::{
     Artifact, ArtifactKind, ConfigBlob, ExposureSchedule, ExposureStep, Release, RollbackOf,
