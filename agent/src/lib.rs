@@ -1,7 +1,9 @@
-//! The Swell device agent (library). Small by design: a device may have 64 MiB of
-//! RAM and a flaky cellular link.
+//! The Swell device agent. Small by design: a device may have 64 MiB of RAM and a
+//! flaky cellular link.
 //!
 //! # Layout
+//! - [`config`]: `agent.toml` + `SWELL_AGENT_*` + flags, merged and validated.
+//! - [`identity`]: the device key, created on first start (mode 0600).
 //! - [`trust`]: the small, atomically written trust file (STATE-2) holding the
 //!   anti-replay and anti-rollback floors (FRESH-1, FRESH-2, VER-1, VER-2).
 //! - [`evaluate`]: manifest and directive → verdict (install, roll back, refuse
@@ -9,14 +11,24 @@
 //! - [`deployment`]: the install state machine and crash recovery, pure.
 //! - [`store`]: sled journal of the current install and the bounded report
 //!   outbox (heartbeats evicted first), rebuilt when corrupt.
-//! - [`sim`]: a fleet simulator running this logic for many virtual devices over
-//!   real MQTT connections, with a simulated installer (demo, tests, benchmarks).
-//!
-//! The MQTT session, downloader, installers and probes are tracked in issue 4 and
-//! not part of this crate yet.
+//! - [`download`]: digest-addressed blobs fetched over HTTP(S) with resume,
+//!   length cap, throughput watchdog and deadline.
+//! - [`install`]: the `Installer` trait and its `slots`, `command` and
+//!   `container` backends.
+//! - [`probe`]: command, HTTP and process health probes.
+//! - [`runtime`]: the running agent — MQTT session, outbox delivery, workers.
+//! - [`sim`]: a fleet simulator running the decision logic for many virtual
+//!   devices over real MQTT connections (demo, tests, benchmarks).
 
+pub mod config;
 pub mod deployment;
+pub mod download;
+pub mod durable;
 pub mod evaluate;
+pub mod identity;
+pub mod install;
+pub mod probe;
+pub mod runtime;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod store;

@@ -99,6 +99,23 @@ impl AgentStore {
             .and_then(|b| postcard::from_bytes(&b).ok()))
     }
 
+    /// Stores a small record (what runs, the release of the current job, the
+    /// boot counter) durably.
+    pub fn put<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = postcard::to_allocvec(value).map_err(|e| StoreError::Encode(e.to_string()))?;
+        self.journal.insert(format!("meta/{key}"), bytes)?;
+        self.journal.flush()?;
+        Ok(())
+    }
+
+    /// A record stored with [`AgentStore::put`]; an undecodable one counts as none.
+    pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        Ok(self
+            .journal
+            .get(format!("meta/{key}"))?
+            .and_then(|b| postcard::from_bytes(&b).ok()))
+    }
+
     /// Queues a signed report durably; evicts when full. Returns the key.
     pub fn push(&self, bytes: &[u8], heartbeat: bool) -> Result<u64, StoreError> {
         while self.outbox.len() >= self.cap {

@@ -1,6 +1,8 @@
-//! The MQTT session: rumqttc (MQTT 5) driven by a task that backs off with jitter
-//! after errors and subscribes again whenever the broker did not keep the session
-//! (MQTT-5) — rumqttc does neither by itself.
+//! Swell's MQTT session, shared by the coordinator and the agent: rumqttc (MQTT 5)
+//! driven by a task that backs off with jitter after errors and subscribes again
+//! whenever the broker did not keep the session (MQTT-5) — rumqttc does neither by
+//! itself. [`options`] and [`backoff`] are public for callers that drive their own
+//! event loop (the agent tracks PUBACKs of its outbox).
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish};
@@ -150,13 +152,9 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(if ms == 0 { 0 } else { r % (ms + 1) }).max(Duration::from_millis(10))
 }
 
-/// Starts the session task. It runs until `cancel` fires.
-pub fn spawn(
-    cfg: MqttConfig,
-    subscriptions: Vec<(String, QoS)>,
-    will: Option<LastWill>,
-    cancel: CancellationToken,
-) -> Session {
+/// rumqttc options for `cfg`: manual acks, packet cap, session persistence,
+/// credentials, Last Will and TLS (rustls with ring).
+pub fn options(cfg: &MqttConfig, will: Option<LastWill>) -> MqttOptions {
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(cfg.keep_alive);
     opts.set_manual_acks(true);
@@ -180,6 +178,17 @@ pub fn spawn(
             client_auth: tls.client.clone(),
         }));
     }
+    opts
+}
+
+/// Starts the session task. It runs until `cancel` fires.
+pub fn spawn(
+    cfg: MqttConfig,
+    subscriptions: Vec<(String, QoS)>,
+    will: Option<LastWill>,
+    cancel: CancellationToken,
+) -> Session {
+    let opts = options(&cfg, will);
     let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
     let (tx, rx) = mpsc::channel(4_096);
     let (up_tx, up_rx) = watch::channel(false);
