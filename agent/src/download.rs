@@ -177,6 +177,8 @@ impl Blobs {
                 min: limits.min_bytes_per_sec,
             });
         }
+        // Nothing will resume this: the URLs refused it.
+        let _ = std::fs::remove_file(&part);
         Err(DownloadError::Failed(last))
     }
 
@@ -219,12 +221,6 @@ impl Blobs {
                 })?
                 .map_err(|e| retry(e.to_string()))?;
             let status = resp.status();
-            let mut file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(part)
-                .await
-                .map_err(|e| Attempt::Fatal(e.into()))?;
             match status.as_u16() {
                 206 if have > 0 => {
                     let start = resp
@@ -243,9 +239,7 @@ impl Blobs {
                 }
                 200 => {
                     // No range support: start over.
-                    file.set_len(0)
-                        .await
-                        .map_err(|e| Attempt::Fatal(e.into()))?;
+                    let _ = std::fs::remove_file(part);
                     hasher = Sha256::new();
                     have = 0;
                 }
@@ -256,6 +250,12 @@ impl Blobs {
                 s @ (408 | 429 | 500..=599) => return Err(retry(format!("HTTP {s}"))),
                 s => return Err(Attempt::DeadUrl(format!("HTTP {s}"))),
             }
+            let mut file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(part)
+                .await
+                .map_err(|e| Attempt::Fatal(e.into()))?;
             let window_need = limits
                 .min_bytes_per_sec
                 .saturating_mul(limits.watchdog.as_secs().max(1));

@@ -117,9 +117,10 @@ pub fn evaluate(
     match trust.manifest_freshness(&m.rollout, epoch, seq) {
         Freshness::Duplicate => return Verdict::Duplicate,
         Freshness::Stale => {
+            let release_id = m.release_id();
             return reject(
                 Some(m.rollout),
-                None,
+                Some(release_id),
                 reason::REPLAYED,
                 format!("({epoch}, {seq}) is older than accepted"),
             );

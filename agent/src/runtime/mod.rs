@@ -137,6 +137,8 @@ pub struct Agent {
     last_heartbeat: Instant,
     probes: Vec<ProbeResult>,
     counters: Counters,
+    /// `status.json` is behind (written at most every tick).
+    status_dirty: bool,
     /// Reason to report once connected (store or trust file rebuilt).
     rebuilt: Option<String>,
 }
@@ -243,7 +245,7 @@ impl Agent {
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let (work_tx, work_rx) = mpsc::channel(16);
         let job = store.load_job()?;
-        let job_release = store.get::<Release>("job-release")?;
+        let job_release = store.get::<Option<Release>>("job-release")?.flatten();
         let policy = Policy {
             probation_secs: cfg.probation.as_secs(),
             max_attempts: cfg.max_attempts,
@@ -279,6 +281,7 @@ impl Agent {
             probes: Vec::new(),
             counters: Counters::default(),
             rebuilt,
+            status_dirty: true,
             key,
             cfg,
         };
@@ -314,7 +317,7 @@ impl Agent {
                 true,
             )?;
         }
-        self.write_status();
+        self.status_dirty = true;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut reconnect_at: Option<tokio::time::Instant> = None;
         let mut attempt = 0u32;
@@ -340,7 +343,7 @@ impl Agent {
                             eventloop.pending.clear();
                             self.link.disconnected();
                             reconnect_at = Some(tokio::time::Instant::now() + wait);
-                            self.write_status();
+                            self.status_dirty = true;
                         }
                     }
                 }
@@ -348,7 +351,7 @@ impl Agent {
                     self.busy = false;
                     self.on_work(for_job, work)?;
                     self.next_task();
-                    self.write_status();
+                    self.status_dirty = true;
                 }
                 _ = tick.tick() => {
                     sup.alive();
@@ -357,7 +360,10 @@ impl Agent {
             }
         }
         info!("stopping");
-        if self.link.connected {
+        let was_connected = self.link.connected;
+        self.link.connected = false;
+        self.write_status();
+        if was_connected {
             let _ = self.client.try_publish(
                 self.cfg.topics.online(&self.cfg.device),
                 QoS::AtLeastOnce,
@@ -389,7 +395,8 @@ impl Agent {
         Ok(())
     }
 
-    fn write_status(&self) {
+    fn write_status(&mut self) {
+        self.status_dirty = false;
         let s = Status {
             device: self.cfg.device.to_string(),
             boot: self.boot,
@@ -504,7 +511,11 @@ impl Agent {
             MqttEvent::Incoming(Packet::ConnAck(ack)) => {
                 info!(session_present = ack.session_present, "connected to broker");
                 self.link.connected = true;
-                if !ack.session_present {
+                // Subscribed on every first connect of a process too: whether a
+                // stored session holds our subscriptions is the broker's claim
+                // (rumqttd reports a session for a client id it never saw).
+                if !ack.session_present || !self.link.subscribed {
+                    self.link.subscribed = true;
                     let t = &self.cfg.topics;
                     for filter in [
                         t.keys(&self.cfg.fleet),
@@ -530,10 +541,11 @@ impl Agent {
                     &self.store,
                     &self.cfg.topics.report(&self.cfg.device),
                 );
-                self.write_status();
+                self.status_dirty = true;
             }
             MqttEvent::Incoming(Packet::Publish(p)) => {
                 self.on_publish(&p)?;
+                self.status_dirty = true;
                 // Acknowledged only now: whatever it changed is on disk (MQTT-4).
                 if let Err(e) = self.client.try_ack(&p) {
                     warn!(error = %e, "ack not queued");
@@ -543,6 +555,7 @@ impl Agent {
                 if let Some(key) = self.link.acked(ack.pkid) {
                     self.store.ack(key)?;
                     self.counters.reports_acked += 1;
+                    self.status_dirty = true;
                     self.link.pump(
                         &self.client,
                         &self.store,
@@ -730,12 +743,17 @@ impl Agent {
                 let (job, actions) =
                     Job::start(rollout, release_id, release.counter, retry, previous);
                 info!(version = %release.version, "installing");
-                self.store.put("job-release", &*release)?;
+                self.store
+                    .put("job-release", &Some(release.as_ref().clone()))?;
                 self.job_release = Some(*release);
                 self.commit_step(job, actions)?;
             }
-            Verdict::RollBack { rollout, .. } => {
+            Verdict::RollBack {
+                rollout,
+                release_id,
+            } => {
                 info!(%rollout, "rollout rolling back");
+                self.adopt_for_rollback(&rollout, release_id)?;
                 self.apply(Event::RollbackRequested(Reason {
                     code: reason::OPERATOR,
                     detail: "rollout rolling back".into(),
@@ -764,6 +782,44 @@ impl Agent {
         Ok(())
     }
 
+    /// A rollback can name a release installed by an earlier job than the
+    /// current one: it becomes the current job again (as committed), so the
+    /// state machine takes it back to what ran before it.
+    fn adopt_for_rollback(
+        &mut self,
+        rollout: &RolloutId,
+        release: ReleaseId,
+    ) -> Result<(), AgentError> {
+        if self
+            .job
+            .as_ref()
+            .is_some_and(|j| &j.rollout == rollout && j.release == release)
+        {
+            return Ok(());
+        }
+        if self.job.as_ref().is_some_and(|j| !j.is_final()) {
+            return Ok(()); // another install is under way; it finishes first
+        }
+        let Some(run) = self.installed.running.clone() else {
+            return Ok(());
+        };
+        if run.release != release || run.rollout.as_ref() != Some(rollout) {
+            return Ok(());
+        }
+        let job = Job {
+            rollout: rollout.clone(),
+            release,
+            counter: run.counter,
+            retry: 0,
+            previous: self.installed.previous.as_ref().map(|p| p.release),
+            stage: Stage::Committed,
+            attempt: 1,
+        };
+        self.store.put("job-release", &None::<Release>)?;
+        self.job_release = None;
+        self.commit_step(job, Vec::new())
+    }
+
     fn on_directive(&mut self, payload: &[u8], now: u64) -> Result<(), AgentError> {
         if payload.is_empty() {
             self.directive = None;
@@ -786,6 +842,11 @@ impl Agent {
                 let force = d.force_rollback.clone();
                 self.directive = Some(d);
                 if let Some(rollout) = force {
+                    if let Some(r) = self.installed.running.clone()
+                        && r.rollout.as_ref() == Some(&rollout)
+                    {
+                        self.adopt_for_rollback(&rollout, r.release)?;
+                    }
                     let ours = self.job.as_ref().is_some_and(|j| j.rollout == rollout);
                     if ours {
                         self.apply(Event::RollbackRequested(Reason {
@@ -821,7 +882,7 @@ impl Agent {
         for a in actions {
             self.carry_out(a)?;
         }
-        self.write_status();
+        self.status_dirty = true;
         Ok(())
     }
 
@@ -1118,6 +1179,9 @@ impl Agent {
     }
 
     fn on_tick(&mut self) -> Result<(), AgentError> {
+        if self.status_dirty {
+            self.write_status();
+        }
         let now = self.trust.trusted_now(unix_now());
         if let Some(Job {
             stage:
