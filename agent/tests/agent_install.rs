@@ -169,6 +169,13 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
         .phase(&control, "dev-2", "r-nobeacon", "rejected", 10)
         .await;
     assert_eq!(s.code, Some(reason::NO_FRESH_BEACON));
+    // Held, not dropped: it would install once beacons come. Halt it first.
+    control
+        .publish_manifest(
+            "r-nobeacon",
+            control.manifest("r-nobeacon", &r, RolloutState::Halted),
+        )
+        .await;
     control.start_beacons();
     tokio::time::sleep(Duration::from_millis(800)).await;
 

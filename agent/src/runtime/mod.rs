@@ -59,6 +59,17 @@ pub enum AgentError {
     Http(String),
 }
 
+/// Most manifests held for later evaluation (one per rollout).
+const MAX_HELD: usize = 32;
+
+fn verdict_rollout(v: &Verdict) -> Option<&RolloutId> {
+    match v {
+        Verdict::Install { rollout, .. } | Verdict::RollBack { rollout, .. } => Some(rollout),
+        Verdict::Reject { rollout, .. } => rollout.as_ref(),
+        Verdict::NotForMe(_) | Verdict::Duplicate => None,
+    }
+}
+
 /// Which job a worker's result belongs to.
 type JobKey = (RolloutId, ReleaseId);
 type WorkRx = mpsc::Receiver<(Option<JobKey>, Work)>;
@@ -130,7 +141,9 @@ pub struct Agent {
     /// A commit waiting for the installer: the job to journal once it succeeds.
     committing: Option<(Job, Vec<Action>)>,
     /// Events that arrived during the commit.
-    held: Vec<Event>,
+    held_events: Vec<Event>,
+    /// Manifests that could not act yet, by rollout (bytes, when received).
+    held: std::collections::BTreeMap<RolloutId, (Vec<u8>, u64)>,
     boot: u64,
     started: Instant,
     last_probe: Instant,
@@ -273,7 +286,8 @@ impl Agent {
             busy: false,
             queue: VecDeque::new(),
             committing: None,
-            held: Vec::new(),
+            held_events: Vec::new(),
+            held: Default::default(),
             boot,
             started: Instant::now(),
             last_probe: Instant::now(),
@@ -684,7 +698,11 @@ impl Agent {
         }
         self.apply(Event::FreshMessage {
             now: self.trust.trusted_now(now),
-        })
+        })?;
+        if !self.held.is_empty() && self.job.as_ref().is_none_or(Job::is_final) {
+            self.retry_held()?;
+        }
+        Ok(())
     }
 
     fn device_facts(&self) -> (Option<(ReleaseId, Option<RolloutId>)>, Option<JobKey>) {
@@ -702,6 +720,17 @@ impl Agent {
     }
 
     fn on_manifest(&mut self, payload: &[u8], now: u64) -> Result<(), AgentError> {
+        self.evaluate_manifest(payload, now, false)
+    }
+
+    /// `recheck`: a held manifest evaluated again; if a newer one for its rollout
+    /// arrived meanwhile it is simply dropped, not reported as a replay.
+    fn evaluate_manifest(
+        &mut self,
+        payload: &[u8],
+        now: u64,
+        recheck: bool,
+    ) -> Result<(), AgentError> {
         if payload.is_empty() {
             return Ok(()); // a cleared retained manifest
         }
@@ -722,11 +751,63 @@ impl Agent {
             directive: self.directive.as_ref(),
         };
         let before = self.trust.clone();
-        let verdict = evaluate(payload, &dev, &keys, &mut self.trust, now);
-        if self.trust != before {
-            // Floors raised before anything acts on the manifest (STATE-1).
-            self.persist_trust()?;
+        let mut trial = self.trust.clone();
+        let verdict = evaluate(payload, &dev, &keys, &mut trial, now);
+        // A manifest that cannot act *yet* is held, its floors not raised, and
+        // evaluated again when a fresh beacon arrives or the current install
+        // ends: after a reconnect, queued manifests can arrive before the
+        // retained beacon, and one install runs at a time.
+        let wait = match &verdict {
+            Verdict::Reject {
+                rollout: Some(r),
+                reason,
+                ..
+            } if reason.code == reason::NO_FRESH_BEACON => Some((r.clone(), true)),
+            Verdict::Install { rollout, .. }
+                if self.job.as_ref().is_some_and(|j| !j.is_final()) =>
+            {
+                Some((rollout.clone(), false))
+            }
+            _ => None,
+        };
+        if let Some((rollout, refused)) = wait {
+            let seen = self.held.get(&rollout).is_some_and(|h| h.0 == payload);
+            if self.held.len() >= MAX_HELD && !self.held.contains_key(&rollout) {
+                warn!(%rollout, "too many manifests waiting; dropped");
+                return Ok(());
+            }
+            self.held.insert(rollout.clone(), (payload.to_vec(), now));
+            if refused && !seen {
+                if let Verdict::Reject {
+                    rollout,
+                    release_id: Some(rel),
+                    reason,
+                } = verdict
+                {
+                    self.counters.rejected_manifests += 1;
+                    warn!(
+                        reason = reason::name(reason.code),
+                        "install deferred until a fresh beacon"
+                    );
+                    self.report(rollout, rel, Phase::Rejected(reason), false)?;
+                }
+            } else if !refused {
+                info!(%rollout, "an install is under way; this one waits");
+            }
+            return Ok(());
         }
+        if recheck
+            && matches!(&verdict, Verdict::Reject { reason, .. } if reason.code == reason::REPLAYED)
+        {
+            return Ok(());
+        }
+        self.trust = trial;
+        if let Some(r) = verdict_rollout(&verdict) {
+            self.held.remove(r);
+        }
+        // The raised floors are persisted after the verdict is journaled and
+        // before the ack: a crash in between redelivers the manifest, which then
+        // still counts as new and finds the journaled job (STATE-1, STATE-4).
         match verdict {
             Verdict::Install {
                 rollout,
@@ -735,10 +816,6 @@ impl Agent {
                 retry,
             } => {
                 let _span = info_span!("install", rollout = %rollout, release = %hex::encode(&release_id.0[..6])).entered();
-                if self.job.as_ref().is_some_and(|j| !j.is_final()) {
-                    info!("an install is under way; this one waits");
-                    return Ok(());
-                }
                 let previous = self.installed.running.as_ref().map(|r| r.release);
                 let (job, actions) =
                     Job::start(rollout, release_id, release.counter, retry, previous);
@@ -772,6 +849,9 @@ impl Agent {
             }
             Verdict::Duplicate => self.counters.duplicates += 1,
             Verdict::NotForMe(why) => debug!(why, "manifest not for this device"),
+        }
+        if self.trust != before {
+            self.persist_trust()?;
         }
         // Any verified manifest proves the coordinator is reachable (INST-2).
         if self.trust != before {
@@ -878,11 +958,26 @@ impl Agent {
         {
             self.last_probe = Instant::now();
         }
+        let done = job.is_final();
         self.job = Some(job);
         for a in actions {
             self.carry_out(a)?;
         }
         self.status_dirty = true;
+        if done {
+            self.retry_held()?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates the held manifests again.
+    fn retry_held(&mut self) -> Result<(), AgentError> {
+        let held = std::mem::take(&mut self.held);
+        let now = unix_now();
+        for (rollout, (bytes, _)) in held {
+            debug!(%rollout, "re-evaluating a held manifest");
+            self.evaluate_manifest(&bytes, now, true)?;
+        }
         Ok(())
     }
 
@@ -893,7 +988,7 @@ impl Agent {
         if self.committing.is_some() {
             // A commit is with the installer: its result moves the job on first,
             // then what arrived meanwhile.
-            self.held.push(ev);
+            self.held_events.push(ev);
             return Ok(());
         }
         let (next, actions) = deployment::step(&job, ev, &self.policy);
@@ -1160,7 +1255,7 @@ impl Agent {
                         self.apply(Event::ProbeFailed(r))?;
                     }
                 }
-                for ev in std::mem::take(&mut self.held) {
+                for ev in std::mem::take(&mut self.held_events) {
                     self.apply(ev)?;
                 }
                 Ok(())

@@ -1,0 +1,310 @@
+//! The real `swell-agent` process when things go wrong: downloads cut mid-way
+//! and resumed, a slow server given up on in bounded time, a device offline
+//! whose outbox drains in order afterwards (across a SIGKILL), and SIGKILL at
+//! every journal state in a loop.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use swell_agent::deployment::Stage;
+use swell_protocol::messages::{RolloutState, reason};
+
+fn bundle(version: &str, size: usize, bad: bool) -> Vec<u8> {
+    let mut b = format!("bundle {version}\n").into_bytes();
+    if bad {
+        b.extend_from_slice(b"BAD\n");
+    }
+    // Deterministic filler so every version differs.
+    let mut x: u32 = version.bytes().map(u32::from).sum::<u32>() | 1;
+    while b.len() < size {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        b.push(b'a' + (x % 26) as u8);
+    }
+    b
+}
+
+fn content_probe(dir: &std::path::Path) -> String {
+    format!(
+        "[[probes]]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"! grep -q BAD {}/state/slots/current/artifact-0\"]\n",
+        dir.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_resumes_an_interrupted_download_with_range() {
+    let broker = Broker::start();
+    let files = ArtifactServer::start().await;
+    let control = Control::start(broker.port).await;
+    control.publish_keys().await;
+    control.start_beacons();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start(&AgentSpec::new("dev-r", broker.port), dir.path());
+    control.wait_hello("dev-r", 20).await;
+
+    let data = bundle("2.0", 256 * 1024, false);
+    let url = files.put("big", data.clone(), Mode::DropOnceAfter(100_000));
+    let r = release(2, "2.0", &data, &url);
+    control
+        .publish_manifest(
+            "r-resume",
+            control.manifest("r-resume", &r, RolloutState::Active),
+        )
+        .await;
+    agent
+        .phase(&control, "dev-r", "r-resume", "committed", 30)
+        .await;
+    let reqs = files.requests_for("big");
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0], None);
+    assert_eq!(
+        reqs[1].as_deref(),
+        Some("bytes=100000-"),
+        "resumed where it stopped"
+    );
+    assert_eq!(
+        std::fs::read(agent.state.join("slots/current/artifact-0")).unwrap(),
+        data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_gives_up_on_a_slow_server_in_bounded_time() {
+    let broker = Broker::start();
+    let files = ArtifactServer::start().await;
+    let control = Control::start(broker.port).await;
+    control.publish_keys().await;
+    control.start_beacons();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = AgentSpec::new("dev-s", broker.port);
+    spec.download =
+        "[download]\nmin_bytes_per_sec = 5000\nwatchdog = \"1s\"\ndeadline = \"4s\"\n".into();
+    let agent = AgentProc::start(&spec, dir.path());
+    control.wait_hello("dev-s", 20).await;
+
+    let data = bundle("2.0", 64 * 1024, false);
+    let url = files.put("slow", data.clone(), Mode::Slow(500));
+    let r = release(2, "2.0", &data, &url);
+    let start = Instant::now();
+    control
+        .publish_manifest(
+            "r-slow",
+            control.manifest("r-slow", &r, RolloutState::Active),
+        )
+        .await;
+    let s = agent.phase(&control, "dev-s", "r-slow", "failed", 30).await;
+    let took = start.elapsed();
+    assert_eq!(s.code, Some(reason::SLOW_RETRIEVAL));
+    // Bounded by the 4 s deadline (plus one watchdog period and scheduling).
+    assert!(took < Duration::from_secs(12), "gave up after {took:?}");
+    // It kept resuming rather than starting over.
+    assert!(
+        files
+            .requests_for("slow")
+            .iter()
+            .skip(1)
+            .all(|r| r.is_some())
+    );
+    assert!(agent.active_slot_release().is_none());
+}
+
+/// Offline for a while (and SIGKILLed meanwhile): the reports queued in the
+/// outbox arrive in order after the link is back, none lost, none reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_outbox_drains_in_order_after_an_offline_period() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port).await;
+    let files = ArtifactServer::start().await;
+    let control = Control::start(broker.port).await;
+    control.publish_keys().await;
+    control.start_beacons();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = AgentSpec::new("dev-o", proxy.port);
+    spec.heartbeat = "300ms";
+    let mut agent = AgentProc::start(&spec, dir.path());
+    control.wait_hello("dev-o", 20).await;
+
+    // A download slow enough to still be running when the link goes.
+    let data = bundle("2.0", 48 * 1024, false);
+    let url = files.put("v2", data.clone(), Mode::Slow(40_000));
+    let r = release(2, "2.0", &data, &url);
+    control
+        .publish_manifest("r-off", control.manifest("r-off", &r, RolloutState::Active))
+        .await;
+    agent
+        .phase(&control, "dev-o", "r-off", "downloading", 20)
+        .await;
+    proxy.set_up(false);
+    // Offline: the install goes on, reports and heartbeats pile up.
+    agent
+        .wait_status("probation while offline", 20, |s| {
+            s["job"]["stage"] == "probation" && s["outbox"].as_u64() >= Some(5)
+        })
+        .await;
+    agent.kill9();
+    agent.spawn();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let queued = agent.status()["outbox"].as_u64().unwrap();
+    assert!(queued >= 5, "the outbox survived the restart: {queued}");
+    assert!(
+        !control
+            .phases("dev-o", "r-off")
+            .contains(&"downloaded".to_string()),
+        "nothing got through while offline"
+    );
+    proxy.set_up(true);
+    agent
+        .phase(&control, "dev-o", "r-off", "committed", 30)
+        .await;
+    agent
+        .wait_status("outbox drained", 20, |s| s["outbox"] == 0)
+        .await;
+    assert_eq!(
+        control.phases("dev-o", "r-off"),
+        [
+            "downloading",
+            "downloaded",
+            "installing",
+            "probation",
+            "committed"
+        ]
+    );
+    // Reports and hellos share the device's counter: every number from 1 to the
+    // last one arrived (nothing lost), and reports arrived in counter order.
+    let mut reports: Vec<u64> = control.reports_of("dev-o").iter().map(|s| s.seq).collect();
+    assert!(
+        reports.windows(2).all(|w| w[0] < w[1]),
+        "in order: {reports:?}"
+    );
+    let mut all: Vec<u64> = control
+        .hellos
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| d == "dev-o")
+        .map(|(_, s)| *s)
+        .collect();
+    all.append(&mut reports);
+    all.sort_unstable();
+    all.dedup();
+    let max = *all.last().unwrap();
+    assert_eq!(all, (1..=max).collect::<Vec<_>>(), "no gaps");
+}
+
+/// SIGKILL at random points of many installs (every third one fails its probe):
+/// after a restart each ends committed-and-healthy or rolled back to the previous
+/// release — never a bad release committed, never anything in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_survives_sigkill_at_every_journal_state() {
+    let cycles: u64 = std::env::var("SWELL_AGENT_KILL_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let broker = Broker::start();
+    let files = ArtifactServer::start().await;
+    let control = Control::start(broker.port).await;
+    control.publish_keys().await;
+    control.start_beacons();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = AgentSpec::new("dev-k", broker.port);
+    spec.probes = content_probe(dir.path());
+    let mut agent = AgentProc::start(&spec, dir.path());
+    control.wait_hello("dev-k", 20).await;
+
+    let mut killed_in: BTreeMap<String, u32> = BTreeMap::new();
+    let mut outcomes: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut good_running: Option<String> = None;
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 1..=cycles {
+        let bad = i % 3 == 0;
+        let version = format!("{}.0", i + 1);
+        let data = bundle(&version, 24 * 1024, bad);
+        // ~0.4 s of download at this rate, then install, then 1 s of probation.
+        let url = files.put(&format!("v{i}"), data.clone(), Mode::Slow(60_000));
+        let r = release(i + 1, &version, &data, &url);
+        let id = release_hex_id(&r);
+        let rollout = format!("r-{i}");
+        control
+            .publish_manifest(
+                &rollout,
+                control.manifest(&rollout, &r, RolloutState::Active),
+            )
+            .await;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        tokio::time::sleep(Duration::from_millis(rng % 2200)).await;
+        agent.kill9();
+        // What the journal said at the moment of the kill.
+        let stage = {
+            let (store, _) =
+                swell_agent::store::AgentStore::open(&agent.state.join("db"), 16).unwrap();
+            match store.load_job().unwrap() {
+                Some(j) if j.rollout.as_str() == rollout => match j.stage {
+                    Stage::Downloading => "downloading",
+                    Stage::Installing => "installing",
+                    Stage::Probation { .. } => "probation",
+                    Stage::Committed => "committed",
+                    Stage::RollingBack { .. } => "rolling_back",
+                    Stage::RolledBack { .. } => "rolled_back",
+                    Stage::Failed { .. } => "failed",
+                },
+                _ => "before_job",
+            }
+        };
+        *killed_in.entry(stage.to_string()).or_default() += 1;
+        agent.spawn();
+        let s = agent
+            .wait_status(&format!("cycle {i} ends"), 40, |s| {
+                s["job"]["rollout"] == rollout.as_str()
+                    && ["committed", "rolled_back", "failed"]
+                        .contains(&s["job"]["stage"].as_str().unwrap_or(""))
+            })
+            .await;
+        let end = s["job"]["stage"].as_str().unwrap().to_string();
+        let active = agent.active_slot_release();
+        match end.as_str() {
+            "committed" => {
+                assert!(
+                    !bad,
+                    "cycle {i}: a failing release was committed (killed in {stage})"
+                );
+                assert_eq!(active.as_deref(), Some(id.as_str()), "cycle {i}");
+                assert_eq!(s["running"]["version"], version.as_str());
+                good_running = Some(id);
+                *outcomes.entry("committed").or_default() += 1;
+            }
+            _ => {
+                assert!(
+                    bad || s["job"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("crash_loop")),
+                    "cycle {i}: a good release ended {end}: {s}"
+                );
+                assert_eq!(
+                    active, good_running,
+                    "cycle {i}: back on the previous release"
+                );
+                *outcomes.entry("rolled_back").or_default() += 1;
+            }
+        }
+        assert!(
+            !control
+                .reports_of("dev-k")
+                .iter()
+                .any(|s| s.rollout.as_deref() == Some(rollout.as_str())
+                    && s.phase == "committed"
+                    && bad),
+            "cycle {i}: committed reported for a failing release"
+        );
+    }
+    println!("killed in: {killed_in:?}; outcomes: {outcomes:?}");
+    assert!(
+        killed_in.len() >= 3,
+        "kills spread over several stages: {killed_in:?}"
+    );
+}
