@@ -215,17 +215,88 @@ async fn agent_survives_sigkill_at_every_journal_state() {
     let mut agent = AgentProc::start(&spec, dir.path());
     control.wait_hello("dev-k", 20).await;
 
+    // First, deterministically: die right after journaling each stage (the
+    // agent's crash hook aborts the process there), then restart normally.
+    let mut good_running: Option<String> = None;
+    let stages = [
+        ("downloading", false),
+        ("installing", false),
+        ("probation", false),
+        ("committed", false),
+        ("installing", true),
+        ("probation", true),
+        ("rolling_back", true),
+    ];
+    for (n, (stage, bad)) in stages.into_iter().enumerate() {
+        agent.kill9();
+        let mut crashing = AgentProc::start_env(
+            &spec,
+            dir.path(),
+            vec![("SWELL_AGENT_ABORT_AFTER".into(), stage.into())],
+        );
+        let n = n as u64 + 1;
+        let version = format!("0.{n}");
+        let data = bundle(&version, 24 * 1024, bad);
+        let url = files.put(&format!("d{n}"), data.clone(), Mode::Normal);
+        let r = release(n, &version, &data, &url);
+        let rollout = format!("d-{n}");
+        control
+            .publish_manifest(
+                &rollout,
+                control.manifest(&rollout, &r, RolloutState::Active),
+            )
+            .await;
+        let until = Instant::now() + Duration::from_secs(20);
+        while crashing.running() {
+            assert!(
+                Instant::now() < until,
+                "never reached {stage}:\n{}",
+                crashing.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(crashing.log_text().contains("aborting"), "died in {stage}");
+        drop(crashing);
+        agent.spawn();
+        let s = agent
+            .wait_status(&format!("after a crash in {stage}"), 30, |s| {
+                s["job"]["rollout"] == rollout.as_str()
+                    && ["committed", "rolled_back", "failed"]
+                        .contains(&s["job"]["stage"].as_str().unwrap_or(""))
+            })
+            .await;
+        let end = s["job"]["stage"].as_str().unwrap();
+        if bad {
+            assert_eq!(end, "rolled_back", "crash in {stage}: {s}");
+            assert_eq!(
+                agent.active_slot_release(),
+                good_running,
+                "crash in {stage}"
+            );
+        } else {
+            assert_eq!(end, "committed", "crash in {stage}: {s}");
+            good_running = Some(release_hex_id(&r));
+            assert_eq!(
+                agent.active_slot_release(),
+                good_running,
+                "crash in {stage}"
+            );
+        }
+    }
+    let base = stages.len() as u64;
+
+    // Then SIGKILL at random moments.
     let mut killed_in: BTreeMap<String, u32> = BTreeMap::new();
     let mut outcomes: BTreeMap<&str, u32> = BTreeMap::new();
-    let mut good_running: Option<String> = None;
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in 1..=cycles {
         let bad = i % 3 == 0;
-        let version = format!("{}.0", i + 1);
+        let counter = base + i;
+        let version = format!("{counter}.0");
         let data = bundle(&version, 24 * 1024, bad);
         // ~0.4 s of download at this rate, then install, then 1 s of probation.
         let url = files.put(&format!("v{i}"), data.clone(), Mode::Slow(60_000));
-        let r = release(i + 1, &version, &data, &url);
+        let r = release(counter, &version, &data, &url);
         let id = release_hex_id(&r);
         let rollout = format!("r-{i}");
         control

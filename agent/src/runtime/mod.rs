@@ -150,6 +150,9 @@ pub struct Agent {
     last_heartbeat: Instant,
     probes: Vec<ProbeResult>,
     counters: Counters,
+    /// Crash-test hook (`SWELL_AGENT_ABORT_AFTER=<stage>`): abort right after
+    /// journaling this stage, as a power cut would.
+    abort_after: Option<String>,
     /// `status.json` is behind (written at most every tick).
     status_dirty: bool,
     /// Reason to report once connected (store or trust file rebuilt).
@@ -254,7 +257,13 @@ impl Agent {
             true,
             None,
         );
-        let opts = swell_mqtt::options(&mqtt_cfg, Some(will));
+        let mut opts = swell_mqtt::options(&mqtt_cfg, Some(will));
+        // A fresh session when the process starts (everything coordinators send
+        // devices is retained, and the agent's own state is on disk), kept across
+        // reconnects after that (see `on_mqtt`). Resuming a session from before a
+        // crash relies on the broker redelivering unacknowledged messages, which
+        // not every broker does.
+        opts.set_clean_start(true);
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let (work_tx, work_rx) = mpsc::channel(16);
         let job = store.load_job()?;
@@ -296,6 +305,7 @@ impl Agent {
             counters: Counters::default(),
             rebuilt,
             status_dirty: true,
+            abort_after: std::env::var("SWELL_AGENT_ABORT_AFTER").ok(),
             key,
             cfg,
         };
@@ -346,7 +356,7 @@ impl Agent {
                             if matches!(ev, MqttEvent::Incoming(Packet::ConnAck(_))) {
                                 attempt = 0;
                             }
-                            self.on_mqtt(ev).await?;
+                            self.on_mqtt(ev, eventloop).await?;
                         }
                         Err(e) => {
                             let wait = swell_mqtt::backoff(attempt);
@@ -520,9 +530,14 @@ impl Agent {
 
     // ---- MQTT ----
 
-    async fn on_mqtt(&mut self, ev: MqttEvent) -> Result<(), AgentError> {
+    async fn on_mqtt(
+        &mut self,
+        ev: MqttEvent,
+        eventloop: &mut EventLoop,
+    ) -> Result<(), AgentError> {
         match ev {
             MqttEvent::Incoming(Packet::ConnAck(ack)) => {
+                eventloop.options.set_clean_start(false);
                 info!(session_present = ack.session_present, "connected to broker");
                 self.link.connected = true;
                 // Subscribed on every first connect of a process too: whether a
@@ -950,6 +965,11 @@ impl Agent {
     /// crash recoverable).
     fn commit_step(&mut self, job: Job, actions: Vec<Action>) -> Result<(), AgentError> {
         self.store.save_job(&job)?;
+        if self.abort_after.as_deref() == Some(state::JobStatus::of(&job).stage) {
+            // Crash-test hook: die like a power cut right after this journal write.
+            error!(stage = ?job.stage, "SWELL_AGENT_ABORT_AFTER: aborting");
+            std::process::abort();
+        }
         if let Stage::Probation { .. } = job.stage
             && !matches!(
                 self.job.as_ref().map(|j| &j.stage),
