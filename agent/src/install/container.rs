@@ -1,6 +1,7 @@
 //! Containers through the docker/podman/nerdctl CLI. The artifact's digest is
-//! the image manifest digest and its first URL the repository, so the image is
-//! pulled as `{repository}@sha256:{digest}` — by content, never by tag. Each
+//! the image manifest digest and its first URL names the repository
+//! (`https://registry.example/team/app` → `registry.example/team/app`), so the
+//! image is pulled as `{repository}@sha256:{digest}` — by content, never by tag. Each
 //! release runs as `{name}-{first 12 hex of the release id}`; the previous
 //! release's container is stopped, not removed, so a rollback restarts it.
 
@@ -49,6 +50,12 @@ impl Container {
         let repo = a
             .image
             .as_deref()
+            .map(|u| {
+                u.strip_prefix("https://")
+                    .or_else(|| u.strip_prefix("http://"))
+                    .unwrap_or(u)
+                    .trim_end_matches('/')
+            })
             .filter(|r| valid_repository(r))
             .ok_or_else(|| {
                 InstallError::step("install", "container artifact needs a valid repository URL")
