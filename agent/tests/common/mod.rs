@@ -3,7 +3,7 @@
 //! misbehave on purpose, a TCP proxy that can cut the agent's broker link, and a
 //! coordinator stand-in that signs key lists, beacons and manifests with the test
 //! keys and collects the agent's reports — verified with the key from its Hello.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::type_complexity)]
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
