@@ -53,8 +53,25 @@ impl AgentStore {
     /// Opens `dir`; a store that cannot be opened is moved aside and recreated.
     /// Returns the store and whether it was rebuilt.
     pub fn open(dir: &Path, cap: usize) -> Result<(AgentStore, bool), StoreError> {
-        match Self::open_inner(dir, cap) {
+        // An I/O error (the lock held by a process still exiting, a full disk) is
+        // not corruption: retry briefly, then fail rather than discard the
+        // journal. Only a store sled cannot read is set aside.
+        let mut attempt = 0;
+        let first = loop {
+            match Self::open_inner(dir, cap) {
+                Err(StoreError::Db(sled::Error::Io(e))) if attempt < 20 => {
+                    attempt += 1;
+                    if attempt == 20 {
+                        return Err(StoreError::Db(sled::Error::Io(e)));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                other => break other,
+            }
+        };
+        match first {
             Ok(s) => Ok((s, false)),
+            Err(StoreError::Db(sled::Error::Io(e))) => Err(StoreError::Db(sled::Error::Io(e))),
             Err(_) if dir.exists() => {
                 let mut aside = dir.as_os_str().to_owned();
                 aside.push(format!(".corrupt-{}", std::process::id()));
