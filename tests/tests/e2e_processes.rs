@@ -1,0 +1,335 @@
+//! The whole system as separate processes: `swell-coordinator` (hosting the
+//! embedded broker, or beside Mosquitto when it is required), three
+//! `swell-agent`s with the slots backend and their own state directories, an
+//! artifact HTTP server, and the `swell` CLI for keys, releases and rollouts.
+//! A good release rolls out to completion, a bad one is rolled back, and what
+//! each device runs at the end is read from its own files.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use swell_e2e::http::FileServer;
+use swell_e2e::mosquitto::{self, Mosquitto};
+use swell_e2e::procs::{Proc, bin};
+
+const TOKEN: &str = "e2e-enroll";
+
+fn swell(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin("swell"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn public_hex(dir: &Path, file: &str) -> String {
+    ok(&swell(dir, &["keys", "show", file]))
+        .lines()
+        .find_map(|l| l.strip_prefix("public key: "))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn bundle(version: &str, bad: bool) -> Vec<u8> {
+    format!("app {version}\n{}", if bad { "BAD\n" } else { "" }).into_bytes()
+}
+
+struct Fleet {
+    dir: PathBuf,
+    agents: Vec<(String, Proc)>,
+}
+
+impl Fleet {
+    fn running(&self, device: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.dir.join(device).join("state/slots/current/artifact-0")).ok()
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|(d, p)| format!("--- {d}\n{}", p.log_text()))
+            .collect()
+    }
+}
+
+#[test]
+fn e2e_rollout_and_rollback_across_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // Broker: Mosquitto when CI requires it, else the coordinator's embedded one.
+    let mosq: Option<Mosquitto> = if mosquitto::required() {
+        Some(Mosquitto::start().unwrap_or_else(|e| panic!("mosquitto: {e:?}")))
+    } else {
+        None
+    };
+    let port = mosq
+        .as_ref()
+        .map_or_else(mosquitto::free_port, Mosquitto::port);
+    let broker = format!("mqtt://127.0.0.1:{port}");
+
+    // Keys and the key list, with the CLI.
+    for (role, name) in [
+        ("root", "root"),
+        ("release", "rel"),
+        ("coordinator", "coord"),
+    ] {
+        ok(&swell(
+            d,
+            &["keys", "gen", role, "--out", &format!("{name}.key")],
+        ));
+    }
+    ok(&swell(
+        d,
+        &[
+            "keys",
+            "list",
+            "--root",
+            "root.key",
+            "--release",
+            "rel.key.pub",
+            "--release-threshold",
+            "1",
+            "--coordinator",
+            "coord.key.pub",
+            "--out",
+            "keys.bin",
+        ],
+    ));
+    let root_hex = public_hex(d, "root.key.pub");
+
+    // The coordinator.
+    let mut cmd = Command::new(bin("swell-coordinator"));
+    cmd.args([
+        "--fleet",
+        "e2e",
+        "--key",
+        "coord.key",
+        "--key-list",
+        "keys.bin",
+    ])
+    .args(["--root-key", "root.key.pub", "--enrollment-token", TOKEN])
+    .args(["--beacon-interval", "1s", "--tick", "200ms"])
+    .arg("--state-dir")
+    .arg(d.join("coordinator"))
+    .env("RUST_LOG", "warn,swell_coordinator=info")
+    .current_dir(d);
+    if mosq.is_some() {
+        cmd.args(["--broker", &broker]);
+    } else {
+        cmd.args(["--embedded-broker", &format!("127.0.0.1:{port}")]);
+    }
+    let coordinator = Proc::spawn(cmd, d.join("coordinator.log")).unwrap();
+
+    // Three agents, each with its own state and a probe that fails on BAD bundles.
+    let mut fleet = Fleet {
+        dir: d.to_path_buf(),
+        agents: Vec::new(),
+    };
+    for i in 0..3 {
+        let dev = format!("e2e-{i}");
+        let home = d.join(&dev);
+        std::fs::create_dir_all(&home).unwrap();
+        let cfg = format!(
+            "device_id = \"{dev}\"\nfleet = \"e2e\"\nhardware = \"rpi4\"\nbroker = \"{broker}\"\n\
+             state_dir = \"{state}\"\nenrollment_token = \"{TOKEN}\"\n[labels]\nsite = \"lab\"\n\
+             [trust]\nroots = [\"{root_hex}\"]\n[install]\nprobation = \"1s\"\nprobe_interval = \"200ms\"\n\
+             [[probes]]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"! grep -q BAD {state}/slots/current/artifact-0\"]\n",
+            state = home.join("state").display()
+        );
+        std::fs::write(home.join("agent.toml"), cfg).unwrap();
+        let mut cmd = Command::new(bin("swell-agent"));
+        cmd.arg("--config").arg(home.join("agent.toml")).arg("run");
+        fleet
+            .agents
+            .push((dev, Proc::spawn(cmd, home.join("agent.log")).unwrap()));
+    }
+
+    // Wait for the three devices to be enrolled, through the CLI.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = swell(
+            d,
+            &[
+                "fleet",
+                "-o",
+                "json",
+                "--broker",
+                &broker,
+                "--timeout",
+                "3s",
+            ],
+        );
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if o.status.success() && v["status"]["approved"] == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "devices not enrolled: {text}\n{}\n{}",
+            coordinator.log_text(),
+            fleet.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Releases, served over HTTP.
+    let files = FileServer::start().unwrap();
+    let release = |name: &str, version: &str, counter: &str, bad: bool| {
+        let data = bundle(version, bad);
+        std::fs::write(d.join(name), &data).unwrap();
+        let url = files.put(name, data);
+        let out = format!("{name}.rel");
+        ok(&swell(
+            d,
+            &[
+                "release",
+                "create",
+                "--artifact",
+                name,
+                "--version",
+                version,
+                "--counter",
+                counter,
+                "--hardware",
+                "rpi4",
+                "--url",
+                &url,
+                "--out",
+                &out,
+            ],
+        ));
+        ok(&swell(d, &["release", "sign", &out, "--key", "rel.key"]));
+        out
+    };
+    let good = release("app-2", "2.0.0", "2", false);
+    let bad = release("app-3", "3.0.0", "3", true);
+
+    let spec = |rollout: &str, rel: &str| {
+        let path = d.join(format!("{rollout}.json"));
+        std::fs::write(
+            &path,
+            serde_json::json!({
+                "rollout": rollout,
+                "release": rel,
+                "selector": "site=lab",
+                "canary": ["e2e-0"],
+                "waves": ["50%", "100%"],
+                "min_devices": 1,
+                "bake": "1s",
+                "install_timeout": "60s",
+                "max_failure_rate": "20%",
+                "policy": "rollback",
+            })
+            .to_string(),
+        )
+        .unwrap();
+        path
+    };
+
+    // The good release: canary, 50 %, 100 %, completed.
+    let p = spec("app-v2", &good);
+    ok(&swell(
+        d,
+        &[
+            "rollout",
+            "create",
+            p.to_str().unwrap(),
+            "--broker",
+            &broker,
+        ],
+    ));
+    let o = swell(
+        d,
+        &[
+            "rollout",
+            "status",
+            "app-v2",
+            "--wait",
+            "--wait-timeout",
+            "120s",
+            "--broker",
+            &broker,
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "app-v2 did not complete: {}{}\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        coordinator.log_text(),
+        fleet.logs()
+    );
+    for i in 0..3 {
+        assert_eq!(
+            fleet.running(&format!("e2e-{i}")),
+            Some(bundle("2.0.0", false)),
+            "e2e-{i} runs 2.0.0"
+        );
+    }
+
+    // The bad release fails its probes on the canary: the rollout rolls back.
+    let p = spec("app-v3", &bad);
+    ok(&swell(
+        d,
+        &[
+            "rollout",
+            "create",
+            p.to_str().unwrap(),
+            "--broker",
+            &broker,
+        ],
+    ));
+    let o = swell(
+        d,
+        &[
+            "rollout",
+            "status",
+            "app-v3",
+            "--wait",
+            "--wait-timeout",
+            "120s",
+            "--broker",
+            &broker,
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "app-v3 should end rolled back: {}{}\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        coordinator.log_text(),
+        fleet.logs()
+    );
+    // Every device ends on 2.0.0, read from its own slot.
+    let until = Instant::now() + Duration::from_secs(30);
+    while (0..3).any(|i| fleet.running(&format!("e2e-{i}")) != Some(bundle("2.0.0", false))) {
+        assert!(
+            Instant::now() < until,
+            "not all back on 2.0.0\n{}",
+            fleet.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let inventory: serde_json::Value = serde_json::from_str(&ok(&swell(
+        d,
+        &["fleet", "-o", "json", "--broker", &broker],
+    )))
+    .unwrap();
+    assert_eq!(inventory["status"]["online"], 3, "{inventory}");
+    drop(fleet);
+    drop(coordinator);
+}
