@@ -350,3 +350,59 @@ pub fn http_client(limits: &DownloadConfig) -> Result<reqwest::Client, String> {
     }
     b.build().map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> DownloadConfig {
+        DownloadConfig {
+            min_bytes_per_sec: 1,
+            watchdog: Duration::from_secs(1),
+            deadline: Duration::from_secs(2),
+            ca_pem: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn download_checks_free_space_before_any_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Blobs::new(dir.path()).unwrap();
+        let http = reqwest::Client::new();
+        // No server listens there: the space check must refuse first.
+        let e = blobs
+            .fetch(
+                &http,
+                &Digest([7; 32]),
+                1 << 60,
+                &["http://127.0.0.1:9/x".into()],
+                &limits(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason().code, reason::INSUFFICIENT_SPACE, "{e}");
+        assert!(
+            std::fs::read_dir(dir.path().join("blobs/sha256"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn download_without_urls_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Blobs::new(dir.path()).unwrap();
+        let e = blobs
+            .fetch(
+                &reqwest::Client::new(),
+                &Digest([7; 32]),
+                10,
+                &[],
+                &limits(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason().code, reason::DOWNLOAD_FAILED, "{e}");
+    }
+}

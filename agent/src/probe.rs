@@ -83,3 +83,99 @@ pub async fn run_all(
     }
     Round { results, failure }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::install::{InstallError, Prepared};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[derive(Debug)]
+    struct NoProcess;
+    impl Installer for NoProcess {
+        fn install(&self, _: &Prepared) -> Result<(), InstallError> {
+            Ok(())
+        }
+        fn commit(&self, _: &Prepared) -> Result<(), InstallError> {
+            Ok(())
+        }
+        fn rollback(&self, _: &Prepared) -> Result<(), InstallError> {
+            Ok(())
+        }
+    }
+
+    /// Answers `/ok` with 200 and anything else with 503.
+    async fn health_server() -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let ok = String::from_utf8_lossy(&buf[..n]).starts_with("GET /ok ");
+                let status = if ok {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn probe_http_command_and_process_results() {
+        let port = health_server().await;
+        let t = Duration::from_secs(2);
+        let probes = vec![
+            ProbeConfig::Http {
+                url: format!("http://127.0.0.1:{port}/ok"),
+                timeout: t,
+            },
+            ProbeConfig::Command {
+                argv: vec!["true".into()],
+                timeout: t,
+            },
+        ];
+        let client = reqwest::Client::new();
+        let r = run_all(&probes, &client, &NoProcess).await;
+        assert_eq!(r.failure, None);
+        assert!(r.results.iter().all(|p| p.ok));
+
+        let probes = vec![
+            ProbeConfig::Command {
+                argv: vec!["true".into()],
+                timeout: t,
+            },
+            ProbeConfig::Http {
+                url: format!("http://127.0.0.1:{port}/sick"),
+                timeout: t,
+            },
+            ProbeConfig::Command {
+                argv: vec!["sleep".into(), "5".into()],
+                timeout: Duration::from_millis(200),
+            },
+            ProbeConfig::Process,
+        ];
+        let r = run_all(&probes, &client, &NoProcess).await;
+        let f = r.failure.unwrap();
+        assert_eq!(f.code, reason::PROBE_FAILED);
+        assert!(
+            f.detail.contains("probe 1") && f.detail.contains("503"),
+            "{}",
+            f.detail
+        );
+        assert_eq!(
+            r.results.iter().map(|p| p.ok).collect::<Vec<_>>(),
+            [true, false, false, false]
+        );
+    }
+}

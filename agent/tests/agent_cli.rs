@@ -139,3 +139,59 @@ fn agent_cli_device_key_is_created_once_and_private() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// systemd `Type=notify`: READY once the state is open, watchdog pings from the
+/// main loop, STOPPING on SIGTERM — over a real notify socket.
+#[test]
+fn agent_cli_notifies_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let root = "11".repeat(32);
+    // No broker listens on port 9: the agent runs (and backs off) regardless.
+    // WATCHDOG_PID must name the agent itself, as systemd sets it: `exec` keeps
+    // the shell's pid.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_swell-agent"))
+        .args([
+            "--device-id",
+            "d-1",
+            "--hardware",
+            "rpi4",
+            "--root-key",
+            &root,
+        ])
+        .args(["--broker", "mqtt://127.0.0.1:9"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(got.iter().any(|m: &String| m.contains("READY=1"))
+        && got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING within 10 s");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(child.wait().unwrap().success());
+}
