@@ -266,6 +266,7 @@ async fn agent_survives_sigkill_at_every_journal_state() {
             })
             .await;
         let end = s["job"]["stage"].as_str().unwrap();
+        control.clear_manifest(&rollout).await;
         if bad {
             assert_eq!(end, "rolled_back", "crash in {stage}: {s}");
             assert_eq!(
@@ -337,6 +338,7 @@ async fn agent_survives_sigkill_at_every_journal_state() {
             })
             .await;
         let end = s["job"]["stage"].as_str().unwrap().to_string();
+        control.clear_manifest(&rollout).await;
         let active = agent.active_slot_release();
         match end.as_str() {
             "committed" => {

@@ -9,6 +9,8 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
+use swell_coordinator::ops::OPS_DOMAIN;
+use swell_protocol::SecretKey;
 use swell_protocol::topics::Topics;
 use tokio::sync::mpsc;
 
@@ -28,6 +30,9 @@ pub struct OpsClient {
     topics: Topics,
     reply_topic: String,
     n: u64,
+    /// Operator key: commands are signed with it (required when the key list
+    /// names operator keys).
+    signer: Option<SecretKey>,
     pub statuses: HashMap<String, Value>,
     pub events: Vec<Value>,
 }
@@ -105,8 +110,34 @@ impl OpsClient {
             topics,
             reply_topic,
             n: 0,
+            signer: None,
             statuses: HashMap::new(),
             events: Vec::new(),
+        })
+    }
+
+    /// Signs every command from now on with `key`.
+    pub fn sign_with(&mut self, key: SecretKey) {
+        self.signer = Some(key);
+    }
+
+    /// The command as sent: plain, or wrapped with the operator's signature over
+    /// its exact text, with `issued_at` and a `nonce` (the request id is unique).
+    fn wire(&self, mut c: Value, id: &str) -> Value {
+        let Some(key) = &self.signer else {
+            return c;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        c["issued_at"] = json!(now);
+        c["nonce"] = json!(id);
+        let text = c.to_string();
+        let sig = key.sign(OPS_DOMAIN, &[text.as_bytes()]);
+        json!({
+            "signed": text,
+            "key_id": key.key_id().to_string(),
+            "sig": hex::encode(sig.0),
         })
     }
 
@@ -133,6 +164,7 @@ impl OpsClient {
             let id = format!("{}-{}", std::process::id(), self.n);
             let mut c = cmd.clone();
             c["id"] = json!(id);
+            let c = self.wire(c, &id);
             let props = PublishProperties {
                 response_topic: Some(self.reply_topic.clone()),
                 ..Default::default()
@@ -149,8 +181,11 @@ impl OpsClient {
                 .context("publishing the command")?;
             let attempt = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
             while let Ok(Some(seen)) = tokio::time::timeout_at(attempt, self.rx.recv()).await {
+                // The reply topic is this client's own; a refusal issued before
+                // the coordinator could trust the command (a forged signature)
+                // carries no id, and is the answer to the command in flight.
                 if let Some(v) = self.absorb(seen)
-                    && v["id"] == id
+                    && (v["id"] == id || v["id"].is_null())
                 {
                     return Ok(v);
                 }

@@ -32,6 +32,10 @@ pub struct Conn {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
+    /// Operator key file: sign every command (needed when the key list names
+    /// operator keys).
+    #[arg(long = "operator-key", env = "SWELL_OPERATOR_KEY", global = true)]
+    operator_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -88,13 +92,27 @@ async fn connect(c: &Conn) -> Result<OpsClient> {
         bail!("the CLI connects without TLS in this version; give an mqtt:// broker");
     }
     let topics = Topics::new(&c.topic_prefix)?;
-    OpsClient::connect(
+    let signer = c
+        .operator_key
+        .as_deref()
+        .map(|p| {
+            swell_coordinator::keyfile::read_secret_as(
+                p,
+                swell_coordinator::keyfile::Role::Operator,
+            )
+        })
+        .transpose()?;
+    let mut ops = OpsClient::connect(
         &u.host,
         u.port,
         topics,
         &format!("swell-cli-{}", std::process::id()),
     )
-    .await
+    .await?;
+    if let Some(k) = signer {
+        ops.sign_with(k);
+    }
+    Ok(ops)
 }
 
 fn timeout(c: &Conn) -> Result<Duration> {

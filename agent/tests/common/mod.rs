@@ -557,6 +557,19 @@ impl Control {
             .unwrap();
     }
 
+    /// Clears a rollout's retained manifest (what a coordinator does when a
+    /// rollout is over; rumqttd delivers at most 100 retained messages per
+    /// subscription and drops the rest).
+    pub async fn clear_manifest(&self, rollout: &str) {
+        let topic = self
+            .topics
+            .manifest(&fleet(), &RolloutId::new(rollout).unwrap());
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, Vec::<u8>::new())
+            .await
+            .unwrap();
+    }
+
     pub async fn publish_directive(&self, device_in_topic: &str, d: &DeviceDirective) {
         let bytes = seal(
             &test_key("coordinator-0"),
