@@ -409,12 +409,12 @@ async fn rollout(ops: &mut OpsClient, t: &Timeline, create: Value, quiet: bool) 
     loop {
         for e in &ops.events[events_seen..] {
             if e["rollout"] == id.as_str() {
-                t.say(format!("{id}: {}", describe(e)));
+                t.say(format!("{id}: {}", crate::view::describe(e)));
             }
         }
         events_seen = ops.events.len();
         if let Some(s) = ops.statuses.get(&id) {
-            let view = watch_view(s);
+            let view = crate::view::watch_view(s);
             if !quiet && view != shown {
                 print!("{view}");
                 shown = view;
@@ -427,70 +427,6 @@ async fn rollout(ops: &mut OpsClient, t: &Timeline, create: Value, quiet: bool) 
             bail!("{id} did not finish within 300 s");
         }
     }
-}
-
-fn describe(e: &Value) -> String {
-    match e["decision"]
-        .as_str()
-        .unwrap_or(e["event"].as_str().unwrap_or(""))
-    {
-        "open_wave" => format!("wave {} opened", e["wave"]),
-        "widen" => format!("wave {} widened", e["wave"]),
-        "start_bake" => format!("wave {} installed, baking", e["wave"]),
-        "gate_passed" => format!("wave {} passed its health gate", e["wave"]),
-        "breach" => format!(
-            "BREACH: {} (policy {})",
-            e["reason"].as_str().unwrap_or(""),
-            e["policy"].as_str().unwrap_or("")
-        ),
-        "start_rollback" => "rolling back".into(),
-        "rollback_done" => "rolled back".into(),
-        "complete" => "completed".into(),
-        "wait" => format!("waiting: {}", e["reason"].as_str().unwrap_or("")),
-        "pause" => "paused".into(),
-        "created" => "created".into(),
-        other => other.to_string(),
-    }
-}
-
-fn bar(done: u64, total: u64) -> String {
-    let width = 20;
-    let filled = (done * width).checked_div(total).unwrap_or(0).min(width) as usize;
-    format!(
-        "[{}{}]",
-        "#".repeat(filled),
-        "-".repeat(width as usize - filled)
-    )
-}
-
-fn watch_view(s: &Value) -> String {
-    let mut out = format!(
-        "  {} {:<12} wave {}  members {}\n",
-        s["rollout"].as_str().unwrap_or(""),
-        s["phase"].as_str().unwrap_or(""),
-        s["wave"],
-        s["members"]
-    );
-    for w in s["waves"].as_array().into_iter().flatten() {
-        let n = |k: &str| w[k].as_u64().unwrap_or(0);
-        let done = n("healthy") + n("failed");
-        out.push_str(&format!(
-            "    {:<7} {} {:>5}/{:<5} healthy {:>5} failed {:>5} installing {:>5}{}\n",
-            w["label"].as_str().unwrap_or(""),
-            bar(done, n("population")),
-            done,
-            n("population"),
-            n("healthy"),
-            n("failed"),
-            n("in_progress"),
-            if w["opened"] == true {
-                ""
-            } else {
-                "  (not open)"
-            }
-        ));
-    }
-    out
 }
 
 fn summary(ops: &OpsClient, id: &str, version: &str, s: &Value) {

@@ -6,6 +6,7 @@ mod keys;
 mod ops_client;
 mod release;
 mod rollout;
+mod view;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

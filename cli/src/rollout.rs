@@ -64,6 +64,16 @@ pub enum RolloutCmd {
         #[arg(long, default_value = "30m")]
         wait_timeout: String,
     },
+    /// All rollouts, one line each.
+    List,
+    /// A live view of one rollout: phase, a row per wave with a progress bar,
+    /// the latest events. Ends (with the --wait exit codes) when it does.
+    Watch {
+        rollout: String,
+        /// Stop watching after this long (exit 2).
+        #[arg(long, default_value = "24h")]
+        wait_timeout: String,
+    },
     Pause {
         rollout: String,
     },
@@ -217,6 +227,8 @@ pub fn rollout(cmd: RolloutCmd, c: Conn) -> Result<ExitCode> {
                 json!({"op": "create", "spec": spec_v, "allow_overlap": allow_overlap})
             }
             RolloutCmd::Status { rollout, .. } => json!({"op": "status", "rollout": rollout}),
+            RolloutCmd::List => json!({"op": "status"}),
+            RolloutCmd::Watch { rollout, .. } => json!({"op": "status", "rollout": rollout}),
             RolloutCmd::Pause { rollout } => simple("pause", rollout),
             RolloutCmd::Resume { rollout } => simple("resume", rollout),
             RolloutCmd::Promote { rollout } => simple("promote", rollout),
@@ -225,6 +237,24 @@ pub fn rollout(cmd: RolloutCmd, c: Conn) -> Result<ExitCode> {
             RolloutCmd::Retry { rollout } => simple("retry", rollout),
         };
         let reply = ops.command(cmd_json, t).await?;
+        match &cmd {
+            RolloutCmd::List if reply["ok"] == true && c.output == Output::Table => {
+                let all: Vec<Value> = reply["status"].as_array().cloned().unwrap_or_default();
+                print!("{}", crate::view::list(&all));
+                return Ok(ExitCode::SUCCESS);
+            }
+            RolloutCmd::Watch {
+                rollout,
+                wait_timeout,
+            } if reply["ok"] == true => {
+                let limit = humantime::parse_duration(wait_timeout)
+                    .with_context(|| format!("--wait-timeout {wait_timeout:?}"))?;
+                ops.statuses
+                    .insert(rollout.clone(), reply["status"].clone());
+                return watch(&mut ops, rollout, limit, &c).await;
+            }
+            _ => {}
+        }
         let ok = show(&c, &reply)?;
         if let RolloutCmd::Status {
             rollout: Some(id),
@@ -239,6 +269,63 @@ pub fn rollout(cmd: RolloutCmd, c: Conn) -> Result<ExitCode> {
         }
         Ok(code(ok))
     })
+}
+
+/// Exit code of an end phase: 0 completed, 1 rolled back or aborted, 2 paused.
+fn end_code(phase: &str) -> Option<u8> {
+    match phase {
+        "completed" => Some(0),
+        "rolled_back" | "aborted" => Some(1),
+        "paused" => Some(2),
+        _ => None,
+    }
+}
+
+/// `swell rollout watch`: redraws the live view on every status change (in
+/// place on a terminal, appended otherwise) with the latest events.
+async fn watch(ops: &mut OpsClient, id: &str, limit: Duration, c: &Conn) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stdout().is_terminal();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut shown = String::new();
+    loop {
+        let Some(s) = ops.statuses.get(id).cloned() else {
+            if !ops.next(deadline).await {
+                return Ok(ExitCode::from(2));
+            }
+            continue;
+        };
+        let events: Vec<String> = ops
+            .events
+            .iter()
+            .filter(|e| e["rollout"] == id)
+            .rev()
+            .take(5)
+            .map(|e| format!("  - {}", crate::view::describe(e)))
+            .collect();
+        let view = match c.output {
+            Output::Json => format!("{s}\n"),
+            Output::Table => format!(
+                "{}{}\n",
+                crate::view::watch_view(&s),
+                events.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ),
+        };
+        if view != shown {
+            if tty && c.output == Output::Table {
+                // Redraw in place: cursor home, clear screen.
+                print!("\x1b[H\x1b[2J");
+            }
+            print!("{view}");
+            shown = view;
+        }
+        if let Some(code) = end_code(s["phase"].as_str().unwrap_or("")) {
+            return Ok(ExitCode::from(code));
+        }
+        if !ops.next(deadline).await && tokio::time::Instant::now() >= deadline {
+            return Ok(ExitCode::from(2));
+        }
+    }
 }
 
 /// Waits for an end state: 0 completed, 1 rolled back or aborted, 2 paused or timeout.

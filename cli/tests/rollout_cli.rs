@@ -188,6 +188,22 @@ async fn cli_rollout_commands_against_a_coordinator() {
         let o = swell(&["rollout", "status", "-o", "json"], &b);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(v["status"][0]["rollout"], "cli-1");
+        // The list, and the live view of a finished rollout (exit 0 at once).
+        let o = swell(&["rollout", "list"], &b);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("cli-1"))
+            .unwrap_or_default();
+        assert!(row.contains("completed") && row.contains("20"), "{out}");
+        let o = swell(&["rollout", "watch", "cli-1"], &b);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}{err}");
+        assert!(out.contains("cli-1 completed"), "{out}");
+        assert!(out.contains("[####################]"), "{out}");
+        let o = swell(&["rollout", "watch", "no-such"], &b);
+        assert_eq!(o.status.code(), Some(1));
     })
     .await
     .unwrap();
