@@ -43,8 +43,11 @@ enum Command {
         #[command(flatten)]
         conn: rollout::Conn,
     },
-    /// Fleet inventory: devices by enrollment, liveness and running release.
+    /// Fleet inventory: devices by enrollment, liveness and running release,
+    /// per label; `swell fleet devices` lists devices with filters.
     Fleet {
+        #[command(subcommand)]
+        cmd: Option<FleetCmd>,
         #[command(flatten)]
         conn: rollout::Conn,
     },
@@ -63,6 +66,12 @@ enum Command {
         #[command(flatten)]
         conn: rollout::Conn,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCmd {
+    /// Devices, filtered.
+    Devices(rollout::DeviceFilter),
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,7 +94,11 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
         Command::Release(cmd) => release::release(cmd).map(|()| ExitCode::SUCCESS),
         Command::Rollout { cmd, conn } => rollout::rollout(cmd, conn),
-        Command::Fleet { conn } => rollout::fleet(conn),
+        Command::Fleet { cmd: None, conn } => rollout::fleet(conn),
+        Command::Fleet {
+            cmd: Some(FleetCmd::Devices(f)),
+            conn,
+        } => rollout::devices(f, conn),
         Command::Device {
             cmd: DeviceCmd::Approve { device },
             conn,

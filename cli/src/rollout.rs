@@ -381,6 +381,89 @@ pub fn fleet(c: Conn) -> Result<ExitCode> {
         for (id, n) in s["running"].as_object().into_iter().flatten() {
             println!("  {:<16} {n}", if id.len() > 16 { &id[..16] } else { id });
         }
+        if let Some(labels) = s["by_label"].as_object().filter(|m| !m.is_empty()) {
+            println!("by label:");
+            for (label, releases) in labels {
+                let parts: Vec<String> = releases
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(r, n)| format!("{} {n}", &r[..r.len().min(12)]))
+                    .collect();
+                println!("  {label:<24} {}", parts.join(", "));
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Filters of `swell fleet devices`.
+#[derive(Debug, Args)]
+pub struct DeviceFilter {
+    /// Label selector, e.g. `region=eu,ring in (beta,canary)`.
+    #[arg(long, short = 'l')]
+    selector: Option<String>,
+    /// Running release: a hex prefix of its id, or `none`.
+    #[arg(long)]
+    release: Option<String>,
+    /// Only devices online now.
+    #[arg(long, conflicts_with = "offline")]
+    online: bool,
+    /// Only devices offline now.
+    #[arg(long)]
+    offline: bool,
+    /// At most this many rows.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+}
+
+/// `swell fleet devices`.
+pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let online = if f.online {
+            Some(true)
+        } else if f.offline {
+            Some(false)
+        } else {
+            None
+        };
+        let reply = ops
+            .command(
+                json!({"op": "devices", "selector": f.selector, "release": f.release,
+                       "online": online, "limit": f.limit}),
+                timeout(&c)?,
+            )
+            .await?;
+        if c.output == Output::Json || reply["ok"] != true {
+            return show(&c, &reply).map(code);
+        }
+        println!(
+            "{:<24} {:<9} {:<7} {:<14} LABELS",
+            "DEVICE", "ENROLLED", "ONLINE", "RUNNING"
+        );
+        for d in reply["status"]["devices"].as_array().into_iter().flatten() {
+            let run = d["running"].as_str().map_or("-", |r| &r[..r.len().min(12)]);
+            let labels: Vec<&str> = d["labels"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "{:<24} {:<9} {:<7} {:<14} {}",
+                d["device"].as_str().unwrap_or(""),
+                d["enrollment"].as_str().unwrap_or(""),
+                if d["online"] == true { "yes" } else { "no" },
+                run,
+                labels.join(",")
+            );
+        }
+        let shown = reply["status"]["devices"].as_array().map_or(0, Vec::len);
+        let matched = reply["status"]["matched"].as_u64().unwrap_or(0);
+        if matched as usize > shown {
+            println!("({shown} of {matched} shown; raise --limit)");
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -99,7 +99,12 @@ async fn cli_rollout_commands_against_a_coordinator() {
         prefix: "d-".into(),
         seed: 3,
         enrollment_token: "tok".into(),
-        labels: Arc::new(|_| vec![]),
+        labels: Arc::new(|i| {
+            vec![swell_protocol::cohort::Label {
+                key: "ring".into(),
+                value: if i % 2 == 0 { "a" } else { "b" }.into(),
+            }]
+        }),
         hardware: "sim".into(),
         outcome: Arc::new(|_, _| true),
         initial: None,
@@ -188,6 +193,34 @@ async fn cli_rollout_commands_against_a_coordinator() {
         let o = swell(&["rollout", "status", "-o", "json"], &b);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(v["status"][0]["rollout"], "cli-1");
+        // Devices with filters, and the inventory per label.
+        let o = swell(&["fleet", "devices", "--limit", "5"], &b);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with("d-")).count(),
+            5,
+            "{out}"
+        );
+        assert!(out.contains("(5 of 20 shown"), "{out}");
+        let o = swell(
+            &["fleet", "devices", "-l", "ring=a", "--online", "-o", "json"],
+            &b,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["status"]["matched"], 10, "{v}");
+        assert_eq!(v["status"]["devices"][0]["device"], "d-00000");
+        let o = swell(&["fleet", "devices", "--release", "none", "-o", "json"], &b);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["status"]["matched"], 0, "all run the release now: {v}");
+        let o = swell(
+            &["fleet", "devices", "-l", "ring in (", "--timeout", "3s"],
+            &b,
+        );
+        assert_eq!(o.status.code(), Some(1), "a bad selector is refused");
+        let o = swell(&["fleet"], &b);
+        let (out, _) = text(&o);
+        assert!(out.contains("ring=a") && out.contains("ring=b"), "{out}");
         // The list, and the live view of a finished rollout (exit 0 at once).
         let o = swell(&["rollout", "list"], &b);
         let (out, err) = text(&o);

@@ -656,6 +656,8 @@ impl Engine {
             },
             Op::Fleet => {
                 let mut running: BTreeMap<String, u64> = BTreeMap::new();
+                // label → release → devices: which experience runs where.
+                let mut by_label: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
                 let (mut approved, mut online) = (0u64, 0u64);
                 for d in self.devices.values() {
                     approved += u64::from(d.enrollment == Enrollment::Approved);
@@ -663,6 +665,13 @@ impl Engine {
                     let key = d
                         .running
                         .map_or_else(|| "none".to_string(), |r| r.to_string());
+                    for l in &d.labels {
+                        *by_label
+                            .entry(format!("{}={}", l.key, l.value))
+                            .or_default()
+                            .entry(key.clone())
+                            .or_default() += 1;
+                    }
                     *running.entry(key).or_default() += 1;
                 }
                 let body = json!({
@@ -671,8 +680,54 @@ impl Engine {
                     "pending": self.pending,
                     "online": online,
                     "running": running,
+                    "by_label": by_label,
                 });
                 Ok((vec![], format!("{} devices", self.devices.len()), body))
+            }
+            Op::Devices {
+                selector,
+                release,
+                online,
+                limit,
+            } => {
+                let selector = selector
+                    .as_deref()
+                    .map(swell_protocol::cohort::Selector::parse)
+                    .transpose()
+                    .map_err(|e| ("invalid", format!("selector: {e}")))?;
+                let release = release.map(|r| r.to_ascii_lowercase());
+                let limit = limit.unwrap_or(1_000).min(10_000);
+                let mut matched = 0usize;
+                let mut rows = Vec::new();
+                let mut sorted: Vec<&DeviceRecord> = self.devices.values().collect();
+                sorted.sort_by(|a, b| a.id.cmp(&b.id));
+                for d in sorted {
+                    let run = d.running.map(|r| r.to_string());
+                    let keep = selector.as_ref().is_none_or(|s| s.matches(&d.labels))
+                        && online.is_none_or(|o| o == d.online)
+                        && release.as_deref().is_none_or(|want| match &run {
+                            None => want == "none",
+                            Some(r) => r.starts_with(want),
+                        });
+                    if !keep {
+                        continue;
+                    }
+                    matched += 1;
+                    if rows.len() < limit {
+                        rows.push(json!({
+                            "device": d.id.as_str(),
+                            "enrollment": if d.enrollment == Enrollment::Approved { "approved" } else { "pending" },
+                            "online": d.online,
+                            "running": run,
+                            "hardware": d.hardware,
+                            "agent": d.agent_version,
+                            "labels": d.labels.iter().map(|l| format!("{}={}", l.key, l.value)).collect::<Vec<_>>(),
+                            "last_seen": d.last_seen,
+                        }));
+                    }
+                }
+                let msg = format!("{matched} devices match");
+                Ok((vec![], msg, json!({"matched": matched, "devices": rows})))
             }
             _ => Err(("invalid", "unsupported operation".into())),
         }

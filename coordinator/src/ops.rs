@@ -66,6 +66,18 @@ pub enum Op {
     },
     /// Inventory: devices by enrollment, liveness and running release.
     Fleet,
+    /// Devices, filtered: a label selector (`region=eu,ring in (a,b)`), a
+    /// running release (hex prefix, or `none`), liveness; at most `limit`.
+    Devices {
+        #[serde(default)]
+        selector: Option<String>,
+        #[serde(default)]
+        release: Option<String>,
+        #[serde(default)]
+        online: Option<bool>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
 impl Op {
@@ -81,6 +93,7 @@ impl Op {
             Op::Approve { .. } => "approve",
             Op::Status { .. } => "status",
             Op::Fleet => "fleet",
+            Op::Devices { .. } => "devices",
         }
     }
 
