@@ -64,133 +64,158 @@ impl Fleet {
     }
 }
 
-#[test]
-fn e2e_rollout_and_rollback_across_processes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
-    // Broker: Mosquitto when CI requires it, else the coordinator's embedded one.
-    let mosq: Option<Mosquitto> = if mosquitto::required() {
-        Some(Mosquitto::start().unwrap_or_else(|e| panic!("mosquitto: {e:?}")))
-    } else {
-        None
-    };
-    let port = mosq
-        .as_ref()
-        .map_or_else(mosquitto::free_port, Mosquitto::port);
-    let broker = format!("mqtt://127.0.0.1:{port}");
+struct System {
+    tmp: tempfile::TempDir,
+    broker: String,
+    port: u16,
+    coordinator: Proc,
+    fleet: Fleet,
+    files: FileServer,
+    _mosq: Option<Mosquitto>,
+}
 
-    // Keys and the key list, with the CLI.
-    for (role, name) in [
-        ("root", "root"),
-        ("release", "rel"),
-        ("coordinator", "coord"),
-    ] {
+impl System {
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Keys (with the CLI), the coordinator, `devices` agents, all enrolled.
+    fn start(devices: u64, use_mosquitto: bool) -> System {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        // Broker: Mosquitto when asked for, else the coordinator's embedded one.
+        let mosq: Option<Mosquitto> = if use_mosquitto {
+            Some(Mosquitto::start().unwrap_or_else(|e| panic!("mosquitto: {e:?}")))
+        } else {
+            None
+        };
+        let port = mosq
+            .as_ref()
+            .map_or_else(mosquitto::free_port, Mosquitto::port);
+        let broker = format!("mqtt://127.0.0.1:{port}");
+
+        // Keys and the key list, with the CLI.
+        for (role, name) in [
+            ("root", "root"),
+            ("release", "rel"),
+            ("coordinator", "coord"),
+        ] {
+            ok(&swell(
+                d,
+                &["keys", "gen", role, "--out", &format!("{name}.key")],
+            ));
+        }
         ok(&swell(
             d,
-            &["keys", "gen", role, "--out", &format!("{name}.key")],
-        ));
-    }
-    ok(&swell(
-        d,
-        &[
-            "keys",
-            "list",
-            "--root",
-            "root.key",
-            "--release",
-            "rel.key.pub",
-            "--release-threshold",
-            "1",
-            "--coordinator",
-            "coord.key.pub",
-            "--out",
-            "keys.bin",
-        ],
-    ));
-    let root_hex = public_hex(d, "root.key.pub");
-
-    // The coordinator.
-    let mut cmd = Command::new(bin("swell-coordinator"));
-    cmd.args([
-        "--fleet",
-        "e2e",
-        "--key",
-        "coord.key",
-        "--key-list",
-        "keys.bin",
-    ])
-    .args(["--root-key", "root.key.pub", "--enrollment-token", TOKEN])
-    .args(["--beacon-interval", "1s", "--tick", "200ms"])
-    .arg("--state-dir")
-    .arg(d.join("coordinator"))
-    .env("RUST_LOG", "warn,swell_coordinator=info")
-    .current_dir(d);
-    if mosq.is_some() {
-        cmd.args(["--broker", &broker]);
-    } else {
-        cmd.args(["--embedded-broker", &format!("127.0.0.1:{port}")]);
-    }
-    let coordinator = Proc::spawn(cmd, d.join("coordinator.log")).unwrap();
-
-    // Three agents, each with its own state and a probe that fails on BAD bundles.
-    let mut fleet = Fleet {
-        dir: d.to_path_buf(),
-        agents: Vec::new(),
-    };
-    for i in 0..3 {
-        let dev = format!("e2e-{i}");
-        let home = d.join(&dev);
-        std::fs::create_dir_all(&home).unwrap();
-        let cfg = format!(
-            "device_id = \"{dev}\"\nfleet = \"e2e\"\nhardware = \"rpi4\"\nbroker = \"{broker}\"\n\
-             state_dir = \"{state}\"\nenrollment_token = \"{TOKEN}\"\n[labels]\nsite = \"lab\"\n\
-             [trust]\nroots = [\"{root_hex}\"]\n[install]\nprobation = \"1s\"\nprobe_interval = \"200ms\"\n\
-             [[probes]]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"! grep -q BAD {state}/slots/current/artifact-0\"]\n",
-            state = home.join("state").display()
-        );
-        std::fs::write(home.join("agent.toml"), cfg).unwrap();
-        let mut cmd = Command::new(bin("swell-agent"));
-        cmd.arg("--config").arg(home.join("agent.toml")).arg("run");
-        fleet
-            .agents
-            .push((dev, Proc::spawn(cmd, home.join("agent.log")).unwrap()));
-    }
-
-    // Wait for the three devices to be enrolled, through the CLI.
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let o = swell(
-            d,
             &[
-                "fleet",
-                "-o",
-                "json",
-                "--broker",
-                &broker,
-                "--timeout",
-                "3s",
+                "keys",
+                "list",
+                "--root",
+                "root.key",
+                "--release",
+                "rel.key.pub",
+                "--release-threshold",
+                "1",
+                "--coordinator",
+                "coord.key.pub",
+                "--out",
+                "keys.bin",
             ],
-        );
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        if o.status.success() && v["status"]["approved"] == 3 {
-            break;
+        ));
+        let root_hex = public_hex(d, "root.key.pub");
+
+        // The coordinator.
+        let mut cmd = Command::new(bin("swell-coordinator"));
+        cmd.args([
+            "--fleet",
+            "e2e",
+            "--key",
+            "coord.key",
+            "--key-list",
+            "keys.bin",
+        ])
+        .args(["--root-key", "root.key.pub", "--enrollment-token", TOKEN])
+        .args(["--beacon-interval", "1s", "--tick", "200ms"])
+        .arg("--state-dir")
+        .arg(d.join("coordinator"))
+        .env("RUST_LOG", "warn,swell_coordinator=info")
+        .current_dir(d);
+        if mosq.is_some() {
+            cmd.args(["--broker", &broker]);
+        } else {
+            cmd.args(["--embedded-broker", &format!("127.0.0.1:{port}")]);
         }
-        assert!(
-            Instant::now() < until,
-            "devices not enrolled: {text}\n{}\n{}",
-            coordinator.log_text(),
-            fleet.logs()
-        );
-        std::thread::sleep(Duration::from_millis(500));
+        let coordinator = Proc::spawn(cmd, d.join("coordinator.log")).unwrap();
+
+        // Three agents, each with its own state and a probe that fails on BAD bundles.
+        let mut fleet = Fleet {
+            dir: d.to_path_buf(),
+            agents: Vec::new(),
+        };
+        for i in 0..devices {
+            let dev = format!("e2e-{i}");
+            let home = d.join(&dev);
+            std::fs::create_dir_all(&home).unwrap();
+            let cfg = format!(
+                "device_id = \"{dev}\"\nfleet = \"e2e\"\nhardware = \"rpi4\"\nbroker = \"{broker}\"\n\
+                 state_dir = \"{state}\"\nenrollment_token = \"{TOKEN}\"\n[labels]\nsite = \"lab\"\n\
+                 [trust]\nroots = [\"{root_hex}\"]\n[install]\nprobation = \"1s\"\nprobe_interval = \"200ms\"\n\
+                 [[probes]]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"! grep -q BAD {state}/slots/current/artifact-0\"]\n",
+                state = home.join("state").display()
+            );
+            std::fs::write(home.join("agent.toml"), cfg).unwrap();
+            let mut cmd = Command::new(bin("swell-agent"));
+            cmd.arg("--config").arg(home.join("agent.toml")).arg("run");
+            fleet
+                .agents
+                .push((dev, Proc::spawn(cmd, home.join("agent.log")).unwrap()));
+        }
+
+        // Wait for the three devices to be enrolled, through the CLI.
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = swell(
+                d,
+                &[
+                    "fleet",
+                    "-o",
+                    "json",
+                    "--broker",
+                    &broker,
+                    "--timeout",
+                    "3s",
+                ],
+            );
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if o.status.success() && v["status"]["approved"] == devices {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "devices not enrolled: {text}\n{}\n{}",
+                coordinator.log_text(),
+                fleet.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        System {
+            broker,
+            port,
+            coordinator,
+            fleet,
+            files: FileServer::start().unwrap(),
+            _mosq: mosq,
+            tmp,
+        }
     }
 
-    // Releases, served over HTTP.
-    let files = FileServer::start().unwrap();
-    let release = |name: &str, version: &str, counter: &str, bad: bool| {
+    /// A release of one bundle, created and signed with the CLI; returns its file.
+    fn release(&self, name: &str, version: &str, counter: &str, bad: bool) -> String {
+        let d = self.dir();
         let data = bundle(version, bad);
         std::fs::write(d.join(name), &data).unwrap();
-        let url = files.put(name, data);
+        let url = self.files.put(name, data);
         let out = format!("{name}.rel");
         ok(&swell(
             d,
@@ -213,9 +238,21 @@ fn e2e_rollout_and_rollback_across_processes() {
         ));
         ok(&swell(d, &["release", "sign", &out, "--key", "rel.key"]));
         out
-    };
-    let good = release("app-2", "2.0.0", "2", false);
-    let bad = release("app-3", "3.0.0", "3", true);
+    }
+
+    fn context(&self) -> String {
+        format!("{}\n{}", self.coordinator.log_text(), self.fleet.logs())
+    }
+}
+
+#[test]
+fn e2e_rollout_and_rollback_across_processes() {
+    let sys = System::start(3, mosquitto::required());
+    let d = sys.dir();
+    let broker = sys.broker.clone();
+    let (coordinator, fleet) = (&sys.coordinator, &sys.fleet);
+    let good = sys.release("app-2", "2.0.0", "2", false);
+    let bad = sys.release("app-3", "3.0.0", "3", true);
 
     let spec = |rollout: &str, rel: &str| {
         let path = d.join(format!("{rollout}.json"));
@@ -330,6 +367,88 @@ fn e2e_rollout_and_rollback_across_processes() {
     )))
     .unwrap();
     assert_eq!(inventory["status"]["online"], 3, "{inventory}");
-    drop(fleet);
-    drop(coordinator);
+}
+
+/// Runs `mosquitto_sub` for one message on `topic` (retained or the next one).
+fn sub_one(port: u16, topic: &str, secs: u32) -> Option<serde_json::Value> {
+    let o = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5"])
+        .args(["-t", topic, "-C", "1", "-W", &secs.to_string()])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Plain MQTT tools operate Swell: a rollout created, refused and followed with
+/// `mosquitto_pub`/`mosquitto_sub` JSON only, the devices being real agents.
+#[test]
+fn e2e_operated_with_mosquitto_tools_only() {
+    if swell_e2e::mosquitto::find("mosquitto_pub").is_none() {
+        assert!(
+            !mosquitto::required(),
+            "SWELL_TEST_MOSQUITTO=required but mosquitto_pub is not installed"
+        );
+        eprintln!(
+            "SKIPPED e2e_operated_with_mosquitto_tools_only: mosquitto clients not installed"
+        );
+        return;
+    }
+    let sys = System::start(2, mosquitto::required());
+    let d = sys.dir();
+    let rel = sys.release("tool-2", "2.0.0", "2", false);
+    let release_hex = to_hex(&std::fs::read(d.join(rel)).unwrap());
+    let port = sys.port.to_string();
+    let publish = |json: &str| {
+        let o = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5"])
+            .args(["-t", "swell/v1/ops/cmd", "-m", json])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    // Replies go to `reply_to`; a subscriber waits there first.
+    let ask = |json: &str| {
+        let p = sys.port;
+        let waiter = std::thread::spawn(move || sub_one(p, "e2e/replies", 20));
+        std::thread::sleep(Duration::from_millis(300));
+        publish(json);
+        waiter.join().unwrap().expect("a reply on e2e/replies")
+    };
+    let create = serde_json::json!({
+        "op": "create",
+        "reply_to": "e2e/replies",
+        "spec": {"rollout": "tools-1", "release": release_hex, "waves": ["100%"],
+                 "min_devices": 1, "bake": "1s", "install_timeout": "60s"}
+    });
+    let reply = ask(&create.to_string());
+    assert_eq!(reply["ok"], true, "{reply}\n{}", sys.context());
+    // A refused command answers with a reason, and changes nothing.
+    let reply = ask(r#"{"op":"pause","rollout":"no-such","reply_to":"e2e/replies"}"#);
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["reason"].is_string(), "{reply}");
+    // The retained status topic says when it is done.
+    let until = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = sub_one(sys.port, "swell/v1/ops/rollout/tools-1/status", 5);
+        if s.as_ref().is_some_and(|s| s["phase"] == "completed") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "not completed: {s:?}\n{}",
+            sys.context()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for i in 0..2 {
+        assert_eq!(
+            sys.fleet.running(&format!("e2e-{i}")),
+            Some(bundle("2.0.0", false)),
+            "e2e-{i}"
+        );
+    }
 }
