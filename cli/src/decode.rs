@@ -74,7 +74,7 @@ fn verify_as<T: Message + serde::Serialize>(
     Ok(serde_json::to_value(&v.body)?)
 }
 
-fn envelope(env: &UnverifiedEnvelope<'_>, keys: &[PublicKey], now: u64) -> Result<Value> {
+pub fn envelope(env: &UnverifiedEnvelope<'_>, keys: &[PublicKey], now: u64) -> Result<Value> {
     let kind = env.kind();
     let mut out = json!({
         "format": "envelope",
@@ -127,7 +127,7 @@ fn verify_threshold<T: ThresholdMessage + serde::Serialize>(
     Ok(serde_json::to_value(&body)?)
 }
 
-fn threshold(obj: &ThresholdSigned, keys: &[PublicKey], t: u8) -> Result<Value> {
+pub fn threshold(obj: &ThresholdSigned, keys: &[PublicKey], t: u8) -> Result<Value> {
     let kind = MessageKind::from_raw(obj.kind);
     let mut out = json!({
         "format": "threshold",

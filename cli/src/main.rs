@@ -6,6 +6,7 @@ mod keys;
 mod ops_client;
 mod release;
 mod rollout;
+mod tail;
 mod view;
 
 use clap::{Parser, Subcommand};
@@ -58,6 +59,13 @@ enum Command {
         #[command(flatten)]
         conn: rollout::Conn,
     },
+    /// Raw MQTT: follow topics, decoding and verifying Swell messages.
+    Mqtt {
+        #[command(subcommand)]
+        cmd: MqttCmd,
+        #[command(flatten)]
+        conn: rollout::Conn,
+    },
     /// Follow the coordinator's event stream.
     Events {
         /// Stop after this many events.
@@ -66,6 +74,12 @@ enum Command {
         #[command(flatten)]
         conn: rollout::Conn,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum MqttCmd {
+    /// Print every message on a topic filter (`swell/v1/dev/+/report`).
+    Tail(tail::TailArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +118,10 @@ fn main() -> ExitCode {
             conn,
         } => rollout::approve(device, conn),
         Command::Events { count, conn } => rollout::events(count, conn),
+        Command::Mqtt {
+            cmd: MqttCmd::Tail(args),
+            conn,
+        } => tail::run(args, conn),
     };
     match result {
         Ok(code) => code,

@@ -96,6 +96,18 @@ pub enum RolloutCmd {
     },
 }
 
+impl Conn {
+    /// Broker host, port, topic prefix and output format (plain MQTT only).
+    pub fn endpoint(&self) -> Result<(String, u16, String, Output)> {
+        let u = parse_url(&self.broker)?;
+        if u.tls {
+            bail!("the CLI connects without TLS in this version; give an mqtt:// broker");
+        }
+        Topics::new(&self.topic_prefix)?;
+        Ok((u.host, u.port, self.topic_prefix.clone(), self.output))
+    }
+}
+
 async fn connect(c: &Conn) -> Result<OpsClient> {
     let u = parse_url(&c.broker)?;
     if u.tls {

@@ -351,6 +351,34 @@ fn e2e_rollout_and_rollback_across_processes() {
         coordinator.log_text(),
         fleet.logs()
     );
+    // The fleet topics, decoded and verified from the root key down.
+    let o = swell(
+        d,
+        &[
+            "mqtt",
+            "tail",
+            "swell/v1/fleet/e2e/#",
+            "--decode",
+            "--root-key",
+            "root.key.pub",
+            "--count",
+            "4",
+            "-o",
+            "json",
+            "--broker",
+            &broker,
+        ],
+    );
+    let tail = ok(&o);
+    let seen: Vec<serde_json::Value> = tail
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = seen.iter().filter_map(|v| v["kind"].as_str()).collect();
+    for k in ["keylist", "beacon", "manifest"] {
+        assert!(kinds.contains(&k), "{k} in {tail}");
+    }
+    assert!(seen.iter().all(|v| v["verified"] == true), "{tail}");
     // Every device ends on 2.0.0, read from its own slot.
     let until = Instant::now() + Duration::from_secs(30);
     while (0..3).any(|i| fleet.running(&format!("e2e-{i}")) != Some(bundle("2.0.0", false))) {
