@@ -66,6 +66,8 @@ enum Command {
         #[command(flatten)]
         conn: rollout::Conn,
     },
+    /// Shell completions: `swell completions bash > /etc/bash_completion.d/swell`.
+    Completions { shell: clap_complete::Shell },
     /// Follow the coordinator's event stream.
     Events {
         /// Stop after this many events.
@@ -118,6 +120,11 @@ fn main() -> ExitCode {
             conn,
         } => rollout::approve(device, conn),
         Command::Events { count, conn } => rollout::events(count, conn),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "swell", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Mqtt {
             cmd: MqttCmd::Tail(args),
             conn,

@@ -42,6 +42,23 @@ pub struct Conn {
 pub enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+impl Output {
+    /// Whether this is a machine-readable format (JSON or YAML).
+    pub fn structured(self) -> bool {
+        self != Output::Table
+    }
+}
+
+/// Prints `v` as JSON or YAML.
+pub fn print_structured(o: Output, v: &Value) -> Result<()> {
+    match o {
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(v)?),
+        _ => println!("{}", serde_json::to_string_pretty(v)?),
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,7 +162,7 @@ fn timeout(c: &Conn) -> Result<Duration> {
 fn show(c: &Conn, reply: &Value) -> Result<bool> {
     let ok = reply["ok"] == true;
     match c.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(reply)?),
+        Output::Json | Output::Yaml => print_structured(c.output, reply)?,
         Output::Table => {
             if !ok {
                 eprintln!(
@@ -226,8 +243,7 @@ pub fn rollout(cmd: RolloutCmd, c: Conn) -> Result<ExitCode> {
             } => {
                 let text = std::fs::read_to_string(spec)
                     .with_context(|| format!("cannot read {}", spec.display()))?;
-                let mut spec_v: Value = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not JSON", spec.display()))?;
+                let mut spec_v = parse_spec(spec, &text)?;
                 // `release` may be a path to the encoded signed release.
                 if let Some(r) = spec_v["release"].as_str()
                     && std::path::Path::new(r).is_file()
@@ -283,6 +299,17 @@ pub fn rollout(cmd: RolloutCmd, c: Conn) -> Result<ExitCode> {
     })
 }
 
+/// A rollout spec in YAML (`.yaml`, `.yml`) or JSON.
+pub fn parse_spec(path: &std::path::Path, text: &str) -> Result<Value> {
+    let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+    if yaml {
+        serde_yaml_ng::from_str(text)
+            .with_context(|| format!("{} is not valid YAML", path.display()))
+    } else {
+        serde_json::from_str(text).with_context(|| format!("{} is not JSON", path.display()))
+    }
+}
+
 /// Exit code of an end phase: 0 completed, 1 rolled back or aborted, 2 paused.
 fn end_code(phase: &str) -> Option<u8> {
     match phase {
@@ -317,6 +344,7 @@ async fn watch(ops: &mut OpsClient, id: &str, limit: Duration, c: &Conn) -> Resu
             .collect();
         let view = match c.output {
             Output::Json => format!("{s}\n"),
+            Output::Yaml => format!("---\n{}", serde_yaml_ng::to_string(&s).unwrap_or_default()),
             Output::Table => format!(
                 "{}{}\n",
                 crate::view::watch_view(&s),
@@ -381,7 +409,7 @@ pub fn fleet(c: Conn) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         let mut ops = connect(&c).await?;
         let reply = ops.command(json!({"op": "fleet"}), timeout(&c)?).await?;
-        if c.output == Output::Json || reply["ok"] != true {
+        if c.output.structured() || reply["ok"] != true {
             return show(&c, &reply).map(code);
         }
         let s = &reply["status"];
@@ -447,7 +475,7 @@ pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
                 timeout(&c)?,
             )
             .await?;
-        if c.output == Output::Json || reply["ok"] != true {
+        if c.output.structured() || reply["ok"] != true {
             return show(&c, &reply).map(code);
         }
         println!(
@@ -501,6 +529,9 @@ pub fn events(count: Option<usize>, c: Conn) -> Result<ExitCode> {
                 let e = &ops.events[seen];
                 match c.output {
                     Output::Json => println!("{e}"),
+                    Output::Yaml => {
+                        print!("---\n{}", serde_yaml_ng::to_string(e).unwrap_or_default())
+                    }
                     Output::Table => {
                         let what = e["decision"].as_str().or(e["event"].as_str()).unwrap_or("");
                         let mut rest = e.clone();

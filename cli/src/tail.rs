@@ -230,6 +230,9 @@ pub fn run(args: TailArgs, c: Conn) -> Result<std::process::ExitCode> {
                     let v = describe(&topic, &p.payload, &args, &root, &mut keys);
                     match output {
                         Output::Json => println!("{v}"),
+                        Output::Yaml => {
+                            print!("---\n{}", serde_yaml_ng::to_string(&v).unwrap_or_default())
+                        }
                         Output::Table => println!("{}", line(&v)),
                     }
                     seen += 1;

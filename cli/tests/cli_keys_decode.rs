@@ -160,3 +160,19 @@ fn cli_decode_rejects_tampering_and_garbage_with_one_line() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn cli_completions_for_bash_and_zsh() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_swell"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains("rollout") && text.contains("watch"),
+            "{shell}"
+        );
+    }
+}

@@ -221,6 +221,9 @@ async fn cli_rollout_commands_against_a_coordinator() {
         let o = swell(&["fleet"], &b);
         let (out, _) = text(&o);
         assert!(out.contains("ring=a") && out.contains("ring=b"), "{out}");
+        let o = swell(&["rollout", "status", "cli-1", "-o", "yaml"], &b);
+        let (out, _) = text(&o);
+        assert!(out.contains("phase: completed"), "{out}");
         // The list, and the live view of a finished rollout (exit 0 at once).
         let o = swell(&["rollout", "list"], &b);
         let (out, err) = text(&o);

@@ -317,8 +317,18 @@ fn e2e_rollout_and_rollback_across_processes() {
         );
     }
 
-    // The bad release fails its probes on the canary: the rollout rolls back.
-    let p = spec("app-v3", &bad);
+    // The bad release, from a YAML spec, fails its probes on the canary: the
+    // rollout rolls back.
+    let p = d.join("app-v3.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "rollout: app-v3\nrelease: {bad}\nselector: site=lab\ncanary: [e2e-0]\n\
+             waves: [\"50%\", \"100%\"]\nmin_devices: 1\nbake: 1s\ninstall_timeout: 60s\n\
+             max_failure_rate: \"20%\"\npolicy: rollback\n"
+        ),
+    )
+    .unwrap();
     ok(&swell(
         d,
         &[
