@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use swell_protocol::cohort::Label;
 use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
-use swell_protocol::messages::{Beacon, Hello, KeyList, Metrics, Phase, Reason, Report, reason};
+use swell_protocol::messages::{
+    Beacon, Hello, KeyList, Metrics, Phase, Reason, Release, Report, reason,
+};
 use swell_protocol::topics::Topics;
 use swell_protocol::{DeviceId, FleetId, ReleaseId, RolloutId, SecretKey};
 use tokio::time::Instant;
@@ -50,6 +52,9 @@ pub struct SimConfig {
     pub probation: Duration,
     /// Simulated download and install time (each device adds up to the same again).
     pub work: Duration,
+    /// Download artifacts that carry URLs for real (HTTP, length cap, SHA-256)
+    /// instead of simulating it; at most this many at once per connection.
+    pub fetch_concurrency: usize,
 }
 
 impl std::fmt::Debug for SimConfig {
@@ -69,6 +74,8 @@ pub struct SimStats {
     pub rolled_back: AtomicU64,
     pub rejected: AtomicU64,
     pub bytes_sent: AtomicU64,
+    /// Artifacts downloaded over HTTP and verified.
+    pub downloads: AtomicU64,
 }
 
 /// A running simulated fleet.
@@ -105,6 +112,8 @@ struct VDev {
     previous: Option<(ReleaseId, Option<RolloutId>)>,
     failed: Option<(RolloutId, ReleaseId, u32)>,
     job: Option<Job>,
+    /// The verified release of the current job (its artifacts and URLs).
+    release: Option<Release>,
     seq: u64,
 }
 
@@ -128,6 +137,54 @@ struct Conn {
     next_timer: u64,
     stats: Arc<SimStats>,
     policy: Policy,
+    http: reqwest::Client,
+    fetches: Arc<tokio::sync::Semaphore>,
+    fetched_tx: tokio::sync::mpsc::UnboundedSender<(usize, ReleaseId, Result<(), Reason>)>,
+}
+
+/// Fetches every artifact of `release` that has a URL: the body is read up to
+/// its signed length + 1 and must hash to its digest.
+async fn fetch_release(http: &reqwest::Client, release: &Release) -> Result<(), Reason> {
+    use sha2::Digest as _;
+    let fail = |code, detail: String| Reason {
+        code,
+        detail: detail.chars().take(64).collect(),
+    };
+    for a in release.artifacts.iter().filter(|a| !a.urls.is_empty()) {
+        let mut resp = tokio::time::timeout(Duration::from_secs(30), http.get(&a.urls[0]).send())
+            .await
+            .map_err(|_| fail(reason::SLOW_RETRIEVAL, "no answer".into()))?
+            .map_err(|e| fail(reason::DOWNLOAD_FAILED, e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fail(
+                reason::DOWNLOAD_FAILED,
+                format!("HTTP {}", resp.status()),
+            ));
+        }
+        let mut h = sha2::Sha256::new();
+        let mut n = 0u64;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| fail(reason::DOWNLOAD_FAILED, e.to_string()))?
+        {
+            n += chunk.len() as u64;
+            if n > a.length {
+                return Err(fail(
+                    reason::LENGTH_MISMATCH,
+                    format!("more than {} bytes", a.length),
+                ));
+            }
+            h.update(&chunk);
+        }
+        if n != a.length || h.finalize().as_slice() != a.digest.0 {
+            return Err(fail(
+                reason::DIGEST_MISMATCH,
+                "downloaded bytes differ".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn unix_now() -> u64 {
@@ -196,6 +253,7 @@ async fn run_conn(
             previous: None,
             failed: None,
             job: None,
+            release: None,
             seq: 0,
         })
         .collect();
@@ -203,7 +261,12 @@ async fn run_conn(
         probation_secs: cfg.probation.as_secs(),
         max_attempts: 3,
     };
+    let (fetched_tx, mut fetched_rx) = tokio::sync::mpsc::unbounded_channel();
+    let fetches = Arc::new(tokio::sync::Semaphore::new(cfg.fetch_concurrency.max(1)));
     let mut conn = Conn {
+        http: reqwest::Client::new(),
+        fetches,
+        fetched_tx,
         cfg,
         client,
         devs,
@@ -243,6 +306,19 @@ async fn run_conn(
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             },
             _ = sleep => conn.fire_due().await,
+            Some((i, release, r)) = fetched_rx.recv() => {
+                // A result for the device's current job only.
+                if conn.devs[i].job.as_ref().is_some_and(|j| j.release == release) {
+                    let ev = match r {
+                        Ok(()) => {
+                            conn.stats.downloads.fetch_add(1, Ordering::Relaxed);
+                            Event::Downloaded
+                        }
+                        Err(reason) => Event::DownloadFailed(reason),
+                    };
+                    conn.event(i, ev).await;
+                }
+            }
         }
     }
 }
@@ -380,6 +456,7 @@ impl Conn {
                     let (job, actions) =
                         Job::start(rollout, release_id, release.counter, retry, previous);
                     self.devs[i].job = Some(job);
+                    self.devs[i].release = Some(*release);
                     self.carry_out(i, actions).await;
                 }
                 Verdict::RollBack { .. } => {
@@ -437,7 +514,29 @@ impl Conn {
                 return;
             };
             match a {
-                Action::Download => self.schedule(i, self.jitter(i), Timed::Downloaded),
+                Action::Download => {
+                    let real = self.cfg.fetch_concurrency > 0
+                        && self.devs[i]
+                            .release
+                            .as_ref()
+                            .is_some_and(|r| r.artifacts.iter().any(|a| !a.urls.is_empty()));
+                    match self.devs[i].release.clone().filter(|_| real) {
+                        Some(release) => {
+                            let (http, permits, tx) = (
+                                self.http.clone(),
+                                self.fetches.clone(),
+                                self.fetched_tx.clone(),
+                            );
+                            let id = job.release;
+                            tokio::spawn(async move {
+                                let _permit = permits.acquire_owned().await;
+                                let r = fetch_release(&http, &release).await;
+                                let _ = tx.send((i, id, r));
+                            });
+                        }
+                        None => self.schedule(i, self.jitter(i), Timed::Downloaded),
+                    }
+                }
                 Action::Install => {
                     let work = self.jitter(i);
                     self.schedule(i, work, Timed::Installed);

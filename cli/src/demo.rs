@@ -67,8 +67,19 @@ fn demo_key(seed: u64, name: &str) -> SecretKey {
     SecretKey::from_seed(&h.finalize().into())
 }
 
-fn release(counter: u64, version: &str, keys: &[&SecretKey]) -> Result<ThresholdSigned> {
-    let content = format!("demo app {version}");
+/// The demo's artifact bytes for `version`.
+fn content(version: &str) -> Vec<u8> {
+    format!("demo app {version}\n").repeat(64).into_bytes()
+}
+
+fn release(
+    counter: u64,
+    version: &str,
+    keys: &[&SecretKey],
+    files: &swell_e2e::http::FileServer,
+) -> Result<ThresholdSigned> {
+    let content = content(version);
+    let url = files.put(&format!("app-{version}.tar"), content.clone());
     let body = Release {
         counter,
         version: version.into(),
@@ -76,9 +87,9 @@ fn release(counter: u64, version: &str, keys: &[&SecretKey]) -> Result<Threshold
         artifacts: vec![Artifact {
             name: "app.tar".into(),
             kind: ArtifactKind::Bundle,
-            digest: Digest::sha256(content.as_bytes()),
+            digest: Digest::sha256(&content),
             length: content.len() as u64,
-            urls: vec![],
+            urls: vec![url],
         }],
         config: None,
         hardware: vec!["rpi4".into()],
@@ -149,9 +160,12 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     };
     let mut signed_kl = ThresholdSigned::new(&kl)?;
     signed_kl.sign(&root)?;
-    let v1 = release(1, "1.0.0", &[&rel_a, &rel_b])?;
-    let v2 = release(2, "2.0.0", &[&rel_a, &rel_b])?;
-    let v3 = release(3, "3.0.0-bad", &[&rel_a, &rel_b])?;
+    // Artifacts come from a real HTTP server; devices download and check them.
+    let files = swell_e2e::http::FileServer::start().context("artifact server")?;
+    let v1 = release(1, "1.0.0", &[&rel_a, &rel_b], &files)?;
+    let v2 = release(2, "2.0.0", &[&rel_a, &rel_b], &files)?;
+    let v3 = release(3, "3.0.0-bad", &[&rel_a, &rel_b], &files)?;
+    t.say(format!("artifact server at {}", files.url()));
     t.say(format!("demo keys from seed {seed} (never use them for a real fleet); releases signed by 2 of 2 release keys:"));
     for (v, r) in [("1.0.0", &v1), ("2.0.0", &v2), ("3.0.0-bad", &v3)] {
         t.say(format!("  {v:<10} release id {}", r.id().short()));
@@ -261,6 +275,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         initial: Some((v1.id(), 1)),
         probation: Duration::from_secs(1),
         work: Duration::from_millis(150),
+        fetch_concurrency: 16,
     };
     let fleet_sim = sim::start(sim_cfg).await.map_err(anyhow::Error::msg)?;
     t.say(format!(
@@ -359,6 +374,13 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     println!(
         "the coordinator sent one signed manifest per wave change, whatever the fleet size: {} wave changes",
         manifests(&ops)
+    );
+    println!(
+        "artifacts downloaded over HTTP and verified against their signed digest: {}",
+        fleet_sim
+            .stats
+            .downloads
+            .load(std::sync::atomic::Ordering::Relaxed)
     );
     fleet_sim.stop().await;
     cancel.cancel();

@@ -34,6 +34,18 @@ fn demo_completes_good_rollout_and_rolls_back_bad_one() {
     let inventory = stdout.split("fleet inventory").nth(1).unwrap();
     assert!(inventory.contains("2.0.0      40"), "{inventory}");
     assert!(!inventory.contains("3.0.0-bad"), "{inventory}");
+    // Every device that installed fetched its artifact over HTTP and checked it:
+    // 40 × 2.0.0 plus the few that tried 3.0.0-bad before the rollback.
+    let downloads: u64 = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "artifacts downloaded over HTTP and verified against their signed digest: ",
+            )
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(downloads > 40, "{stdout}");
 }
 
 #[test]

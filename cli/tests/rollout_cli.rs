@@ -110,6 +110,7 @@ async fn cli_rollout_commands_against_a_coordinator() {
         initial: None,
         probation: Duration::from_secs(1),
         work: Duration::from_millis(50),
+        fetch_concurrency: 0,
     })
     .await
     .unwrap();

@@ -38,6 +38,11 @@ impl FileServer {
         Ok(FileServer { port, files, stop })
     }
 
+    /// Base URL (`http://127.0.0.1:port`).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
     /// Serves `data` at `/{name}`; returns its URL.
     pub fn put(&self, name: &str, data: Vec<u8>) -> String {
         if let Ok(mut m) = self.files.lock() {

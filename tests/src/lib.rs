@@ -1,4 +1,5 @@
-//! Harness for end-to-end tests: real brokers and real processes.
+//! Harness for end-to-end tests (real brokers and real processes), also used by
+//! `swell demo` for its artifact server.
 //!
 //! # Layout
 //! - [`mosquitto`]: starts Debian's Mosquitto on a free loopback port with a config
