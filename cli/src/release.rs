@@ -47,19 +47,25 @@ pub enum Kind {
 
 #[derive(Debug, Subcommand)]
 pub enum ReleaseCmd {
-    /// Make an unsigned release from artifact files (digest and length computed).
+    /// Make an unsigned release from artifacts — files, or http(s) URLs that are
+    /// fetched once — with digest and length computed.
     Create {
-        /// Artifact files.
+        /// Artifact files or URLs (a URL is also where devices fetch it, unless
+        /// --url says otherwise).
         #[arg(long = "artifact", required = true)]
-        artifacts: Vec<PathBuf>,
+        artifacts: Vec<String>,
         #[arg(long, value_enum, default_value_t = Kind::Bundle)]
         kind: Kind,
         /// Where devices fetch the artifacts from (one URL per artifact, in order).
         #[arg(long = "url")]
         urls: Vec<String>,
-        /// Configuration paired with the artifacts.
+        /// Configuration paired with the artifacts (a file or an http(s) URL). A
+        /// configuration-only change is a new release with the same artifacts.
         #[arg(long)]
-        config: Option<PathBuf>,
+        config: Option<String>,
+        /// Where devices fetch the configuration from (default: the --config URL).
+        #[arg(long)]
+        config_url: Option<String>,
         /// Display version.
         #[arg(long)]
         version: String,
@@ -130,9 +136,51 @@ pub fn key_list(a: KeyListArgs) -> Result<()> {
     Ok(())
 }
 
-fn digest_file(p: &Path) -> Result<(Digest, u64)> {
-    let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-    Ok((Digest::sha256(&bytes), bytes.len() as u64))
+fn is_url(s: &str) -> bool {
+    s.starts_with("https://") || s.starts_with("http://")
+}
+
+/// Digest and length of a file, or of what a URL serves (streamed, never held
+/// whole in memory).
+fn digest_of(src: &str) -> Result<(Digest, u64)> {
+    use sha2::Digest as _;
+    if !is_url(src) {
+        let p = Path::new(src);
+        let mut f =
+            std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let mut h = sha2::Sha256::new();
+        let n = std::io::copy(&mut f, &mut h)
+            .with_context(|| format!("cannot read {}", p.display()))?;
+        return Ok((Digest(h.finalize().into()), n));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .build()?;
+        let mut resp = client
+            .get(src)
+            .send()
+            .await
+            .with_context(|| format!("cannot fetch {src}"))?;
+        if !resp.status().is_success() {
+            bail!("{src}: HTTP {}", resp.status());
+        }
+        let mut h = sha2::Sha256::new();
+        let mut n = 0u64;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .with_context(|| format!("reading {src}"))?
+        {
+            h.update(&chunk);
+            n += chunk.len() as u64;
+        }
+        Ok((Digest(h.finalize().into()), n))
+    })
 }
 
 pub fn release(cmd: ReleaseCmd) -> Result<()> {
@@ -142,6 +190,7 @@ pub fn release(cmd: ReleaseCmd) -> Result<()> {
             kind,
             urls,
             config,
+            config_url,
             version,
             counter,
             hardware,
@@ -156,27 +205,39 @@ pub fn release(cmd: ReleaseCmd) -> Result<()> {
                 Kind::Container => ArtifactKind::Container,
             };
             let mut list = Vec::new();
-            for (i, p) in artifacts.iter().enumerate() {
-                let (digest, length) = digest_file(p)?;
-                let name = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
+            for (i, src) in artifacts.iter().enumerate() {
+                let (digest, length) = digest_of(src)?;
+                let name = src
+                    .rsplit('/')
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .map(|n| {
+                        n.chars()
+                            .filter(|c| (' '..='~').contains(c))
+                            .take(64)
+                            .collect()
+                    })
                     .unwrap_or_else(|| format!("artifact-{i}"));
+                let url = urls
+                    .get(i)
+                    .cloned()
+                    .or_else(|| is_url(src).then(|| src.clone()));
                 list.push(Artifact {
                     name,
                     kind,
                     digest,
                     length,
-                    urls: urls.get(i).cloned().into_iter().collect(),
+                    urls: url.into_iter().collect(),
                 });
             }
             let config = match config {
-                Some(p) => {
-                    let (digest, length) = digest_file(&p)?;
+                Some(src) => {
+                    let (digest, length) = digest_of(&src)?;
+                    let url = config_url.or_else(|| is_url(&src).then(|| src.clone()));
                     Some(ConfigBlob {
                         digest,
                         length,
-                        urls: vec![],
+                        urls: url.into_iter().collect(),
                     })
                 }
                 None => None,
