@@ -79,18 +79,7 @@ impl Blobs {
     /// Re-reads a stored blob and checks it against its digest and length: what
     /// an installer is handed has just been verified on the same path (INST-1).
     pub fn verify(&self, d: &Digest, length: u64) -> std::io::Result<bool> {
-        let p = self.path(d);
-        let mut f = match std::fs::File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        if f.metadata()?.len() != length {
-            return Ok(false);
-        }
-        let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h)?;
-        Ok(h.finalize().as_slice() == d.0)
+        verify_file(&self.path(d), d, length)
     }
 
     /// Deletes every blob except `keep` (after a commit or rollback).
@@ -325,6 +314,22 @@ impl Blobs {
         }
         Ok(())
     }
+}
+
+/// Whether the file at `p` is exactly `length` bytes hashing to `d` (lengths
+/// are 64-bit everywhere, also on 32-bit devices).
+pub fn verify_file(p: &Path, d: &Digest, length: u64) -> std::io::Result<bool> {
+    let mut f = match std::fs::File::open(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len() != length {
+        return Ok(false);
+    }
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f, &mut h)?;
+    Ok(n == length && h.finalize().as_slice() == d.0)
 }
 
 enum Attempt {

@@ -73,6 +73,16 @@ enum Cmd {
     CheckConfig,
     /// Print the device public key (creating the key on first use).
     Key,
+    /// Check a file against a SHA-256 digest and length, as the agent checks
+    /// every blob before installing it (exit 0 when it matches, 1 otherwise).
+    Verify {
+        file: PathBuf,
+        /// Hex SHA-256.
+        #[arg(long)]
+        sha256: String,
+        #[arg(long)]
+        length: u64,
+    },
 }
 
 struct Systemd {
@@ -168,6 +178,27 @@ fn main() -> anyhow::Result<()> {
             let (key, _) = swell_agent::identity::load_or_create(&c.state_dir.join("device.key"))?;
             println!("{}", hex::encode(key.public().0));
             Ok(())
+        }
+        Cmd::Verify {
+            file,
+            sha256,
+            length,
+        } => {
+            let d: [u8; 32] = hex::decode(sha256.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .context("--sha256 is not 32 bytes of hex")?;
+            let ok = swell_agent::download::verify_file(file, &swell_protocol::Digest(d), *length)
+                .with_context(|| format!("{}", file.display()))?;
+            if ok {
+                println!(
+                    "ok: {} is {length} bytes with the expected SHA-256",
+                    file.display()
+                );
+                Ok(())
+            } else {
+                anyhow::bail!("{} does not match the digest and length", file.display())
+            }
         }
         Cmd::Run => {
             let cfg = load(&cli)?;

@@ -195,3 +195,26 @@ fn agent_cli_notifies_systemd_ready_watchdog_and_stopping() {
     }
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn agent_cli_verify_checks_digest_and_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("blob");
+    std::fs::write(&f, b"some artifact bytes").unwrap();
+    let d = hex::encode(swell_protocol::Digest::sha256(b"some artifact bytes").0);
+    let run = |digest: &str, len: &str| {
+        agent()
+            .arg("verify")
+            .arg(&f)
+            .args(["--sha256", digest, "--length", len])
+            .output()
+            .unwrap()
+    };
+    assert!(run(&d, "19").status.success());
+    assert!(!run(&d, "18").status.success(), "wrong length");
+    let other = hex::encode(swell_protocol::Digest::sha256(b"other").0);
+    assert!(!run(&other, "19").status.success(), "wrong digest");
+    let o = run("zz", "19");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--sha256"));
+}

@@ -264,6 +264,12 @@ impl Agent {
         // crash relies on the broker redelivering unacknowledged messages, which
         // not every broker does.
         opts.set_clean_start(true);
+        // rumqttc sizes its in-flight table to the broker's Receive Maximum
+        // (65,535 on Mosquitto: ~20 MB touched at opt-level "z"). The agent
+        // never has more than the outbox window plus a few others in flight.
+        opts.set_outgoing_inflight_upper_limit(u16::try_from(link::WINDOW * 2).unwrap_or(32));
+        // And asks the broker for no more than this many unacknowledged at once.
+        opts.set_receive_maximum(Some(64));
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let (work_tx, work_rx) = mpsc::channel(16);
         let job = store.load_job()?;

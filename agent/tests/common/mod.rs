@@ -732,7 +732,22 @@ impl AgentProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_swell-agent"))
+        // SWELL_AGENT_BIN runs another build (an ARM one, say) and
+        // SWELL_AGENT_RUNNER a command in front of it (`qemu-aarch64`).
+        let bin = std::env::var("SWELL_AGENT_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_swell-agent").to_string());
+        let runner: Vec<String> = std::env::var("SWELL_AGENT_RUNNER")
+            .map(|r| r.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut cmd = match runner.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .arg("run")
