@@ -98,8 +98,10 @@ enum DeviceCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The embedded broker reports every peer that goes away as an error (the
+    // demo's own coordinator at shutdown): not the operator's business.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,rumqttd=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
