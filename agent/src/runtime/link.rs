@@ -17,8 +17,6 @@ pub const WINDOW: usize = 16;
 #[derive(Debug, Default)]
 pub struct Link {
     pub connected: bool,
-    /// Subscriptions requested at least once by this process.
-    pub subscribed: bool,
     /// One entry per QoS 1 publish requested, in order: the outbox key, if any.
     requested: VecDeque<Option<u64>>,
     /// Packet id → outbox key, for publishes on the wire.

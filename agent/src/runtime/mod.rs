@@ -457,6 +457,20 @@ impl Agent {
         }
     }
 
+    /// The header for the device's next message: its counter (MQTT-6), taken
+    /// and persisted before anything carries it (STATE-1).
+    fn next_stamp(&mut self) -> Result<Stamp, AgentError> {
+        let seq = self.trust.next_report_seq();
+        self.persist_trust()?;
+        Ok(Stamp {
+            epoch: 1,
+            seq,
+            issued_at: self.trust.trusted_now(unix_now()),
+            expires_at: 0,
+            audience: Audience::Any,
+        })
+    }
+
     /// Signs a report with the next persisted counter, queues it durably, sends.
     fn report(
         &mut self,
@@ -465,8 +479,8 @@ impl Agent {
         phase: Phase,
         heartbeat: bool,
     ) -> Result<(), AgentError> {
-        let seq = self.trust.next_report_seq();
-        self.persist_trust()?;
+        let stamp = self.next_stamp()?;
+        let seq = stamp.seq;
         let r = Report {
             device: self.cfg.device.clone(),
             rollout,
@@ -474,13 +488,6 @@ impl Agent {
             phase,
             probes: self.probes.clone(),
             metrics: self.metrics(),
-        };
-        let stamp = Stamp {
-            epoch: 1,
-            seq,
-            issued_at: self.trust.trusted_now(unix_now()),
-            expires_at: 0,
-            audience: Audience::Any,
         };
         match seal(&self.key, stamp, &r) {
             Ok(bytes) => {
@@ -499,8 +506,7 @@ impl Agent {
     }
 
     fn hello(&mut self) -> Result<(), AgentError> {
-        let seq = self.trust.next_report_seq();
-        self.persist_trust()?;
+        let stamp = self.next_stamp()?;
         let h = Hello {
             device: self.cfg.device.clone(),
             fleet: self.cfg.fleet.clone(),
@@ -514,13 +520,6 @@ impl Agent {
             running: self.installed.running.as_ref().map(|r| r.release),
             counter_floor: self.trust.counter_floor,
             enrollment_token: self.cfg.enrollment_token.clone(),
-        };
-        let stamp = Stamp {
-            epoch: 1,
-            seq,
-            issued_at: self.trust.trusted_now(unix_now()),
-            expires_at: 0,
-            audience: Audience::Any,
         };
         match seal(&self.key, stamp, &h) {
             Ok(bytes) => self.link.publish_other(
@@ -546,11 +545,9 @@ impl Agent {
                 eventloop.options.set_clean_start(false);
                 info!(session_present = ack.session_present, "connected to broker");
                 self.link.connected = true;
-                // Subscribed on every first connect of a process too: whether a
-                // stored session holds our subscriptions is the broker's claim
-                // (rumqttd reports a session for a client id it never saw).
-                if !ack.session_present || !self.link.subscribed {
-                    self.link.subscribed = true;
+                // The first connect of a process is a clean start, so this also
+                // subscribes then; later, only when the broker lost the session.
+                if !ack.session_present {
                     let t = &self.cfg.topics;
                     for filter in [
                         t.keys(&self.cfg.fleet),
@@ -871,11 +868,9 @@ impl Agent {
             Verdict::Duplicate => self.counters.duplicates += 1,
             Verdict::NotForMe(why) => debug!(why, "manifest not for this device"),
         }
-        if self.trust != before {
-            self.persist_trust()?;
-        }
         // Any verified manifest proves the coordinator is reachable (INST-2).
         if self.trust != before {
+            self.persist_trust()?;
             self.apply(Event::FreshMessage {
                 now: self.trust.trusted_now(now),
             })?;
