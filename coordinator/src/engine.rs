@@ -64,6 +64,28 @@ pub struct ReplyTo {
     pub correlation: Option<Vec<u8>>,
 }
 
+/// An operator command that changes a rollout, received over MQTT while the
+/// Kubernetes controller owns rollouts: it becomes a patch of the `Rollout`
+/// resource (the single source of truth) and is answered once that patch lands.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    pub op: Op,
+    pub id: Option<String>,
+    pub reply_to: Option<String>,
+    pub reply: ReplyTo,
+    pub signer: Option<swell_protocol::KeyId>,
+}
+
+/// Fleet-wide gauges, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetGauges {
+    pub approved: u64,
+    pub pending: u64,
+    pub online: u64,
+    /// Rollouts by phase name.
+    pub rollouts: BTreeMap<&'static str, u64>,
+}
+
 /// Counters, for metrics and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -93,6 +115,9 @@ pub struct Engine {
     ops: OpsParser,
     pub counters: Counters,
     log_gate: HashMap<&'static str, (Instant, u64)>,
+    /// Set in Kubernetes mode: rollout commands go to the controller.
+    forward_rollout_ops: bool,
+    forwarded: Vec<Forwarded>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -114,6 +139,10 @@ pub enum EngineError {
     Sign(#[from] EnvelopeError),
     #[error("configuration: {0}")]
     Config(String),
+    /// Another replica holds the leader lease now; this one must stop at once
+    /// (its epoch is fenced off, ROLL-4).
+    #[error("leadership lost: another replica holds the lease")]
+    Deposed,
 }
 
 fn manifest_view(st: &RolloutState) -> (u16, u64, ManifestState, u32) {
@@ -155,6 +184,8 @@ impl Engine {
             ops,
             counters: Counters::default(),
             log_gate: HashMap::new(),
+            forward_rollout_ops: false,
+            forwarded: Vec::new(),
         };
         for mut d in loaded.devices {
             // Online state is learned again from the retained online topics.
@@ -225,6 +256,117 @@ impl Engine {
             });
         }
         t
+    }
+
+    /// Kubernetes mode: rollout commands from MQTT are handed to the controller
+    /// ([`Engine::take_forwarded`]) instead of being applied here.
+    pub fn forward_rollout_ops(&mut self, on: bool) {
+        self.forward_rollout_ops = on;
+    }
+
+    /// Commands waiting for the controller.
+    pub fn take_forwarded(&mut self) -> Vec<Forwarded> {
+        std::mem::take(&mut self.forwarded)
+    }
+
+    /// Applies a command from a trusted local source (the Kubernetes controller,
+    /// whose caller was authorised by the API server). Returns what to publish and
+    /// the outcome: a message and the status, or a reason and message.
+    #[allow(clippy::type_complexity)]
+    pub fn apply_local(
+        &mut self,
+        op: Op,
+        now: u64,
+    ) -> (Vec<Out>, Result<(String, Value), (&'static str, String)>) {
+        let name = op.name();
+        match self.apply(op, now) {
+            Ok((out, message, status)) => {
+                info!(op = name, source = "kubernetes", "{message}");
+                (out, Ok((message, status)))
+            }
+            Err((reason, message)) => {
+                info!(
+                    op = name,
+                    source = "kubernetes",
+                    reason,
+                    "refused: {message}"
+                );
+                (vec![], Err((reason, message)))
+            }
+        }
+    }
+
+    /// A reply to an operator command answered outside the engine.
+    pub fn reply_out(
+        &self,
+        id: Option<&str>,
+        reply_to: Option<&str>,
+        reply: &ReplyTo,
+        body: Value,
+    ) -> Vec<Out> {
+        self.reply(id, reply_to, reply, body)
+    }
+
+    /// Forgets a rollout (its `Rollout` resource was deleted): halts it if it is
+    /// still running, clears its retained manifest and status so devices and
+    /// late subscribers stop seeing it, and deletes its records. `false` when
+    /// the engine did not know it.
+    pub fn remove(&mut self, id: &RolloutId, now: u64) -> Result<(bool, Vec<Out>), EngineError> {
+        let Some(l) = self.rollouts.get(id) else {
+            return Ok((false, vec![]));
+        };
+        let mut out = Vec::new();
+        if !l.rec.state.is_final() {
+            // Halt first: an agent that still holds the manifest (offline now,
+            // retained copy cleared) must not keep installing it.
+            if let Ok(st) = state::command(&l.rec.spec, &l.rec.state, &Command::Abort, now) {
+                out.extend(self.commit(id, st, None, Some(Command::Abort), now)?);
+            }
+        }
+        let Some(l) = self.rollouts.remove(id) else {
+            return Ok((false, out));
+        };
+        self.store.delete_rollout(id)?;
+        for topic in [
+            self.s.topics.manifest(&l.rec.spec.fleet, id),
+            self.s.topics.ops_status(id),
+        ] {
+            // An empty retained publish deletes the retained message.
+            out.push(Out {
+                topic,
+                payload: Vec::new(),
+                retain: true,
+                correlation: None,
+            });
+        }
+        out.extend(self.event(id, now, json!({"event": "removed"})));
+        info!(rollout = %id, "rollout removed");
+        Ok((true, out))
+    }
+
+    /// Device and rollout gauges (walks the registry: call it on a timer, not
+    /// per message).
+    pub fn gauges(&self) -> FleetGauges {
+        let mut g = FleetGauges::default();
+        for d in self.devices.values() {
+            match d.enrollment {
+                Enrollment::Approved => g.approved += 1,
+                Enrollment::Pending => g.pending += 1,
+            }
+            g.online += u64::from(d.online);
+        }
+        for l in self.rollouts.values() {
+            *g.rollouts.entry(l.rec.state.phase_name()).or_default() += 1;
+        }
+        g
+    }
+
+    /// Statuses of every rollout, as published.
+    pub fn statuses(&self, now: u64) -> Vec<Value> {
+        self.rollouts
+            .values()
+            .map(|l| status_json(l, now))
+            .collect()
     }
 
     pub fn epoch(&self) -> u64 {
@@ -571,6 +713,17 @@ impl Engine {
             signer,
         } = req;
         let op_name = op.name();
+        if self.forward_rollout_ops && op.changes_rollouts() {
+            self.counters.commands_accepted += 1;
+            self.forwarded.push(Forwarded {
+                op,
+                id,
+                reply_to,
+                reply,
+                signer,
+            });
+            return Ok(vec![]);
+        }
         let result = self.apply(op, now);
         let (mut out, body) = match result {
             Ok((out, message, status)) => {

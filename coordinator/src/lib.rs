@@ -11,7 +11,11 @@ pub mod broker;
 pub mod durable;
 pub mod engine;
 pub mod fleet;
+pub mod http;
+#[cfg(feature = "kube")]
+pub mod k8s;
 pub mod keyfile;
+pub mod metrics;
 pub mod ops;
 pub mod rollout;
 pub mod server;

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::keyfile::{self, Role};
-use swell_coordinator::server::{self, LoopConfig, unix_now};
+use swell_coordinator::metrics::Metrics;
+use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
 use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem, parse_url};
-use swell_coordinator::{broker, durable};
+use swell_coordinator::{broker, durable, http};
 use swell_protocol::messages::{KeyList, RootOfTrust};
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::{DEFAULT_PREFIX, Topics};
@@ -29,7 +30,10 @@ use tokio_util::sync::CancellationToken;
     version,
     about = "Swell coordinator: rolls releases out in waves over MQTT"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// TOML file with any of the settings below.
     #[arg(long, env = "SWELL_CONFIG")]
     config: Option<PathBuf>,
@@ -101,6 +105,29 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "SWELL_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Address of the HTTP port: /metrics, /healthz, /readyz. Default: off, or
+    /// 0.0.0.0:9090 in Kubernetes mode.
+    #[arg(long, env = "SWELL_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// Kubernetes mode: Rollout resources are the source of truth and a Lease
+    /// elects one active replica (needs the in-cluster service account).
+    #[arg(long, env = "SWELL_KUBERNETES")]
+    kubernetes: bool,
+    /// Namespace of the Rollout resources and the Lease.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// Name of the leader Lease (default swell-coordinator-<fleet>).
+    #[arg(long, env = "SWELL_LEASE_NAME")]
+    lease_name: Option<String>,
+    /// This replica's identity in the Lease (default: the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Print the Rollout CustomResourceDefinition (YAML) generated from the code.
+    Crd,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +154,18 @@ struct FileConfig {
     manifest_ttl: Option<String>,
     tick: Option<String>,
     log_format: Option<String>,
+    http_addr: Option<String>,
+    kubernetes: Option<bool>,
+    namespace: Option<String>,
+    lease_name: Option<String>,
+    identity: Option<String>,
+}
+
+/// Kubernetes mode settings.
+struct KubeConfig {
+    namespace: String,
+    lease_name: String,
+    identity: String,
 }
 
 /// The merged, validated configuration.
@@ -137,6 +176,8 @@ struct Config {
     settings: Settings,
     loop_cfg: LoopConfig,
     json_logs: bool,
+    http_addr: Option<SocketAddr>,
+    kube: Option<KubeConfig>,
 }
 
 fn dur(what: &str, v: Option<String>, default: &str) -> Result<Duration> {
@@ -263,7 +304,45 @@ fn config(cli: Cli) -> Result<Config> {
     if log_format != "text" && log_format != "json" {
         bail!("--log-format must be text or json");
     }
+    let kubernetes = cli.kubernetes || file.kubernetes.unwrap_or(false);
+    // Probes need the port in Kubernetes; elsewhere it is opt-in, so several
+    // coordinators (tests, demos) never fight over one port.
+    let default_http = if kubernetes { "0.0.0.0:9090" } else { "off" };
+    let http_addr = match cli
+        .http_addr
+        .or(file.http_addr)
+        .unwrap_or_else(|| default_http.into())
+        .as_str()
+    {
+        "off" => None,
+        a => Some(
+            a.parse::<SocketAddr>()
+                .with_context(|| format!("--http-addr {a:?}"))?,
+        ),
+    };
+    let kube = if kubernetes {
+        let identity = cli
+            .identity
+            .or(file.identity)
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .context("--identity (or POD_NAME) is required in Kubernetes mode")?;
+        Some(KubeConfig {
+            namespace: cli
+                .namespace
+                .or(file.namespace)
+                .context("--namespace (or POD_NAMESPACE) is required in Kubernetes mode")?,
+            lease_name: cli
+                .lease_name
+                .or(file.lease_name)
+                .unwrap_or_else(|| format!("swell-coordinator-{fleet}")),
+            identity,
+        })
+    } else {
+        None
+    };
     Ok(Config {
+        http_addr,
+        kube,
         mqtt: MqttConfig {
             host: url.host,
             port: url.port,
@@ -322,7 +401,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main() -> Result<()> {
-    let cfg = config(Cli::parse())?;
+    let cli = Cli::parse();
+    if let Some(Cmd::Crd) = cli.cmd {
+        print_crd()?;
+        return Ok(());
+    }
+    let cfg = config(cli)?;
     init_logs(cfg.json_logs);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -331,28 +415,172 @@ fn real_main() -> Result<()> {
     rt.block_on(run(cfg))
 }
 
+#[cfg(feature = "kube")]
+fn print_crd() -> Result<()> {
+    print!("{}", swell_coordinator::k8s::crd::crd_yaml()?);
+    Ok(())
+}
+
+#[cfg(not(feature = "kube"))]
+fn print_crd() -> Result<()> {
+    bail!("built without the `kube` feature")
+}
+
 async fn run(mut cfg: Config) -> Result<()> {
-    if let Some((v5, v4)) = cfg.embedded {
-        broker::start(v5, v4).map_err(anyhow::Error::msg)?;
-        tracing::info!(%v5, ?v4, "embedded broker listening");
-    }
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
-    // A new epoch on every start fences messages of any earlier instance (ROLL-4).
-    cfg.settings.epoch = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
-    let store = Arc::new(SledStore::open(&cfg.state_dir.join("db")).context("database")?);
-    let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
-    tracing::info!(epoch = engine.epoch(), "coordinator starting");
     let cancel = CancellationToken::new();
-    let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
     let stop = cancel.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("signal received");
         stop.cancel();
     });
-    server::run(engine, initial, cfg.mqtt, cfg.loop_cfg, cancel, ready_tx).await?;
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = cfg.http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--http-addr)"))?;
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+        tokio::spawn(http::serve(listener, metrics.clone(), cancel.clone()));
+    }
+    if let Some((v5, v4)) = cfg.embedded {
+        broker::start(v5, v4).map_err(anyhow::Error::msg)?;
+        tracing::info!(%v5, ?v4, "embedded broker listening");
+    }
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+    if let Some(k) = cfg.kube.take() {
+        return run_kubernetes(cfg, k, metrics, cancel).await;
+    }
+    #[cfg(not(feature = "kube"))]
+    let _ = &cfg.kube;
+    // A new epoch on every start fences messages of any earlier instance (ROLL-4).
+    cfg.settings.epoch = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
+    let store = Arc::new(SledStore::open(&cfg.state_dir.join("db")).context("database")?);
+    let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
+    tracing::info!(epoch = engine.epoch(), "coordinator starting");
+    let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
+    let hooks = Hooks {
+        metrics: Some(metrics),
+        ..Hooks::default()
+    };
+    server::run_with(
+        engine,
+        initial,
+        cfg.mqtt,
+        cfg.loop_cfg,
+        cancel,
+        ready_tx,
+        hooks,
+    )
+    .await?;
     Ok(())
+}
+
+#[cfg(not(feature = "kube"))]
+async fn run_kubernetes(
+    _cfg: Config,
+    _k: KubeConfig,
+    _metrics: Arc<Metrics>,
+    _cancel: CancellationToken,
+) -> Result<()> {
+    bail!("--kubernetes: this build has no `kube` feature")
+}
+
+/// Standby until the Lease is ours, then the engine with the controller.
+#[cfg(feature = "kube")]
+async fn run_kubernetes(
+    mut cfg: Config,
+    k: KubeConfig,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use swell_coordinator::k8s::{self, controller::EngineHandle, lease};
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes client (in-cluster service account)")?;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &k.namespace);
+    let elector = lease::Elector::new(leases, lease::LeaseConfig::new(&k.lease_name, &k.identity));
+    // A standby keeps a plain broker session so readiness says whether it could
+    // take over now.
+    let standby_stop = cancel.child_token();
+    let mut standby_mqtt = cfg.mqtt.clone();
+    standby_mqtt.client_id = format!("{}-standby-{}", cfg.mqtt.client_id, k.identity);
+    standby_mqtt.persistent = false;
+    let standby =
+        swell_coordinator::transport::mqtt::spawn(standby_mqtt, vec![], None, standby_stop.clone());
+    let mirror = metrics.clone();
+    let mut up = standby.connected.clone();
+    tokio::spawn(async move {
+        while up.changed().await.is_ok() {
+            mirror.set_connected(*up.borrow());
+        }
+    });
+    metrics.set_lease(swell_coordinator::metrics::LeaseState::Waiting);
+    let Some(term) = elector.acquire(&metrics, &cancel).await else {
+        return Ok(());
+    };
+    standby_stop.cancel();
+    drop(standby);
+    metrics.set_connected(false);
+    let local = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
+    cfg.settings.epoch = lease::epoch(term, local);
+    // The state directory is opened only now: the previous leader has let go.
+    let store = Arc::new(SledStore::open(&cfg.state_dir.join("db")).context("database")?);
+    let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
+    tracing::info!(epoch = engine.epoch(), term, identity = %k.identity, "leading: coordinator starting");
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel(256);
+    let (forward_tx, forward_rx) = tokio::sync::mpsc::channel(256);
+    let (events_tx, events_rx) = tokio::sync::broadcast::channel(1024);
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(true);
+    let keeper_stop = cancel.child_token();
+    tokio::spawn(
+        elector
+            .clone()
+            .keep(leading_tx, metrics.clone(), keeper_stop.clone()),
+    );
+    let handle = EngineHandle::new(control_tx);
+    tokio::spawn(k8s::run(
+        client,
+        k.namespace.clone(),
+        k.identity.clone(),
+        handle,
+        events_rx,
+        forward_rx,
+        cancel.child_token(),
+    ));
+    let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
+    let hooks = Hooks {
+        control: Some(control_rx),
+        forward: Some(forward_tx),
+        events: Some(events_tx),
+        metrics: Some(metrics),
+        leading: Some(leading_rx),
+    };
+    let result = server::run_with(
+        engine,
+        initial,
+        cfg.mqtt,
+        cfg.loop_cfg,
+        cancel,
+        ready_tx,
+        hooks,
+    )
+    .await;
+    keeper_stop.cancel();
+    match result {
+        Err(swell_coordinator::engine::EngineError::Deposed) => {
+            // Exit non-zero: Kubernetes restarts this pod, which comes back as a standby.
+            bail!("deposed: another replica took the leader lease")
+        }
+        other => {
+            if let Err(e) = elector.release().await {
+                tracing::warn!(error = %e, "lease not released; the standby waits for it to expire");
+            }
+            other?;
+            Ok(())
+        }
+    }
 }
 
 async fn shutdown_signal() {

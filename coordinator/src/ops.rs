@@ -98,6 +98,12 @@ impl Op {
     }
 
     /// The state machine command and its rollout, for the commands that are one.
+    /// Whether the command creates or steers a rollout (what the Kubernetes
+    /// controller owns in Kubernetes mode).
+    pub fn changes_rollouts(&self) -> bool {
+        matches!(self, Op::Create { .. }) || self.as_command().is_some()
+    }
+
     pub fn as_command(&self) -> Option<(&RolloutId, Command)> {
         Some(match self {
             Op::Pause { rollout } => (rollout, Command::Pause),

@@ -5,13 +5,19 @@
 //! (MQTT-4, STATE-1). A QoS 1 redelivery of an acknowledged-late message is a
 //! replay the engine already ignores (device `seq` floors).
 
-use crate::engine::{Engine, EngineError, Out, ReplyTo};
+use crate::engine::{Engine, EngineError, Forwarded, Out, ReplyTo};
+use crate::metrics::Metrics;
+use crate::ops::Op;
 use crate::transport::mqtt::{self, Incoming, MqttConfig};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, PublishProperties};
+use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
+use swell_protocol::RolloutId;
 use tokio::sync::watch;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -23,6 +29,52 @@ pub const BATCH: usize = 512;
 pub struct LoopConfig {
     pub tick: Duration,
     pub beacon_interval: Duration,
+}
+
+/// How often fleet gauges (a walk of the registry) are refreshed.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
+
+/// Outcome of a command applied for the controller.
+pub type Applied = Result<(String, Value), (&'static str, String)>;
+
+/// Requests from inside the process (the Kubernetes controller) to the loop
+/// that owns the engine.
+#[derive(Debug)]
+pub enum Control {
+    Apply {
+        op: Op,
+        done: oneshot::Sender<Applied>,
+    },
+    /// Status of one rollout, `None` when the engine does not know it.
+    Status {
+        rollout: RolloutId,
+        done: oneshot::Sender<Option<Value>>,
+    },
+    /// Halt and forget a rollout; `true` when it existed.
+    Remove {
+        rollout: RolloutId,
+        done: oneshot::Sender<bool>,
+    },
+    /// Answer an operator command that was forwarded to the controller.
+    Reply {
+        id: Option<String>,
+        reply_to: Option<String>,
+        reply: ReplyTo,
+        body: Value,
+    },
+}
+
+/// Optional connections of the loop to the rest of the process.
+#[derive(Debug, Default)]
+pub struct Hooks {
+    pub control: Option<mpsc::Receiver<Control>>,
+    /// Where rollout commands go in Kubernetes mode (see [`Engine::forward_rollout_ops`]).
+    pub forward: Option<mpsc::Sender<Forwarded>>,
+    /// Every rollout event (the JSON published on the events topic).
+    pub events: Option<broadcast::Sender<Value>>,
+    pub metrics: Option<Arc<Metrics>>,
+    /// Leadership: the loop stops, publishing nothing more, once this turns false.
+    pub leading: Option<watch::Receiver<bool>>,
 }
 
 /// Unix seconds now.
@@ -56,13 +108,94 @@ fn publish(client: &rumqttc::v5::AsyncClient, out: Out) {
 
 /// Runs until `cancel` fires. `ready` turns true once connected.
 pub async fn run(
-    mut engine: Engine,
+    engine: Engine,
     initial: Vec<Out>,
     mqtt_cfg: MqttConfig,
     cfg: LoopConfig,
     cancel: CancellationToken,
     ready: watch::Sender<bool>,
 ) -> Result<(), EngineError> {
+    run_with(
+        engine,
+        initial,
+        mqtt_cfg,
+        cfg,
+        cancel,
+        ready,
+        Hooks::default(),
+    )
+    .await
+}
+
+/// Carries out what the engine decided: events to the hook, the rest to MQTT.
+struct Sink<'a> {
+    client: &'a rumqttc::v5::AsyncClient,
+    events_topic: String,
+    events: Option<&'a broadcast::Sender<Value>>,
+}
+
+impl Sink<'_> {
+    fn send(&self, o: Out) {
+        if let Some(tx) = self.events
+            && o.topic == self.events_topic
+            && let Ok(v) = serde_json::from_slice::<Value>(&o.payload)
+        {
+            // No receiver (controller not started yet) is fine.
+            let _ = tx.send(v);
+        }
+        publish(self.client, o);
+    }
+
+    fn send_all(&self, outs: Vec<Out>) {
+        for o in outs {
+            self.send(o);
+        }
+    }
+}
+
+async fn until_deposed(leading: &mut Option<watch::Receiver<bool>>) {
+    match leading {
+        None => std::future::pending().await,
+        Some(rx) => {
+            if rx.wait_for(|l| !*l).await.is_err() {
+                // The lease keeper is gone: nobody can vouch for our leadership.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+async fn next_control(control: &mut Option<mpsc::Receiver<Control>>) -> Option<Control> {
+    match control {
+        None => std::future::pending().await,
+        Some(rx) => rx.recv().await,
+    }
+}
+
+/// [`run`] with the loop's optional connections.
+pub async fn run_with(
+    mut engine: Engine,
+    initial: Vec<Out>,
+    mqtt_cfg: MqttConfig,
+    cfg: LoopConfig,
+    cancel: CancellationToken,
+    ready: watch::Sender<bool>,
+    hooks: Hooks,
+) -> Result<(), EngineError> {
+    let Hooks {
+        mut control,
+        forward,
+        events,
+        metrics,
+        mut leading,
+    } = hooks;
+    if forward.is_some() {
+        engine.forward_rollout_ops(true);
+    }
+    if let Some(m) = &metrics {
+        m.set_epoch(engine.epoch());
+        m.observe_gauges(&engine.gauges());
+    }
     let subs = engine
         .subscriptions()
         .into_iter()
@@ -78,26 +211,75 @@ pub async fn run(
     );
     let session = mqtt::spawn(mqtt_cfg, subs, Some(will), cancel.clone());
     let client = session.client.clone();
+    let sink = Sink {
+        client: &client,
+        events_topic: engine.topics().ops_events(),
+        events: events.as_ref(),
+    };
     let mut incoming = session.incoming;
     let mut connected = session.connected.clone();
     // Queued in order before anything a tick may publish (rumqttc sends them once
     // connected): a restarted coordinator must never publish an older manifest
     // after a newer one.
-    for o in initial {
-        publish(&client, o);
-    }
+    sink.send_all(initial);
     let mut tick = tokio::time::interval(cfg.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beacon = tokio::time::interval(cfg.beacon_interval);
     beacon.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     beacon.tick().await;
+    let mut gauges = tokio::time::interval(GAUGE_EVERY);
+    gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if let Some(m) = &metrics {
+            m.heartbeat();
+        }
         tokio::select! {
             _ = cancel.cancelled() => break,
+            () = until_deposed(&mut leading) => {
+                // Fenced: nothing more goes out, not even the goodbye.
+                error!("leader lease lost: stopping without publishing");
+                let _ = ready.send(false);
+                engine.flush()?;
+                let _ = client.try_disconnect();
+                return Err(EngineError::Deposed);
+            }
             changed = connected.changed() => {
                 if changed.is_err() { break; }
                 let up = *connected.borrow();
+                if let Some(m) = &metrics {
+                    m.set_connected(up);
+                }
                 let _ = ready.send(up);
+            }
+            ctl = next_control(&mut control) => {
+                let Some(ctl) = ctl else {
+                    control = None;
+                    continue;
+                };
+                let now = unix_now();
+                match ctl {
+                    Control::Apply { op, done } => {
+                        let (outs, result) = engine.apply_local(op, now);
+                        sink.send_all(outs);
+                        let _ = done.send(result);
+                    }
+                    Control::Status { rollout, done } => {
+                        let _ = done.send(engine.status(&rollout, now));
+                    }
+                    Control::Remove { rollout, done } => {
+                        let (existed, outs) = engine.remove(&rollout, now)?;
+                        sink.send_all(outs);
+                        let _ = done.send(existed);
+                    }
+                    Control::Reply { id, reply_to, reply, body } => {
+                        sink.send_all(engine.reply_out(id.as_deref(), reply_to.as_deref(), &reply, body));
+                    }
+                }
+            }
+            _ = gauges.tick() => {
+                if let Some(m) = &metrics {
+                    m.observe_gauges(&engine.gauges());
+                }
             }
             msg = incoming.recv() => {
                 let Some(msg) = msg else { break };
@@ -109,6 +291,8 @@ pub async fn run(
                     }
                 }
                 let now = unix_now();
+                let started = std::time::Instant::now();
+                let size = batch.len();
                 let mut outs = Vec::new();
                 let mut acks = Vec::new();
                 for m in batch {
@@ -134,34 +318,47 @@ pub async fn run(
                         warn!(error = %e, "ack not sent");
                     }
                 }
-                for o in outs {
-                    publish(&client, o);
+                sink.send_all(outs);
+                for f in engine.take_forwarded() {
+                    if let Some(tx) = &forward
+                        && let Err(e) = tx.try_send(f)
+                    {
+                        // Visible load shedding, with a reply: the controller is behind.
+                        let f = match e {
+                            mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => f,
+                        };
+                        warn!(op = f.op.name(), "controller busy: command refused");
+                        let body = serde_json::json!({"ok": false, "op": f.op.name(), "reason": "busy", "message": "the Kubernetes controller is not keeping up; retry"});
+                        sink.send_all(engine.reply_out(f.id.as_deref(), f.reply_to.as_deref(), &f.reply, body));
+                    }
+                }
+                if let Some(m) = &metrics {
+                    m.observe_batch(&engine.counters, size, started.elapsed());
                 }
             }
             _ = tick.tick() => {
-                for o in engine.tick(unix_now())? {
-                    publish(&client, o);
+                sink.send_all(engine.tick(unix_now())?);
+                if let Some(m) = &metrics {
+                    m.observe_counters(&engine.counters);
                 }
             }
             _ = beacon.tick() => {
-                for o in engine.beacon(unix_now())? {
-                    publish(&client, o);
-                }
+                sink.send_all(engine.beacon(unix_now())?);
             }
         }
+    }
+    if let Some(m) = &metrics {
+        m.set_connected(false);
     }
     info!("shutting down: flushing state");
     engine.flush()?;
     // Say goodbye cleanly so the retained status is not left at "online".
-    publish(
-        &client,
-        Out {
-            topic: online_topic,
-            payload: b"offline".to_vec(),
-            retain: true,
-            correlation: None,
-        },
-    );
+    sink.send(Out {
+        topic: online_topic,
+        payload: b"offline".to_vec(),
+        retain: true,
+        correlation: None,
+    });
     let _ = client.try_disconnect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())

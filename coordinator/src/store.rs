@@ -91,6 +91,8 @@ pub trait Store: Send + Sync {
         report: &StoredReport,
     ) -> Result<(), StoreError>;
     /// Makes every write so far durable.
+    /// Deletes a rollout with its decision log and reports.
+    fn delete_rollout(&self, rollout: &RolloutId) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
 }
 
@@ -240,6 +242,25 @@ impl Store for SledStore {
             format!("{rollout}/{device}").as_bytes(),
             post("report", report)?,
         )?;
+        Ok(())
+    }
+
+    fn delete_rollout(&self, rollout: &RolloutId) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(format!("r/{rollout}").as_bytes());
+        for kv in self
+            .rollouts
+            .scan_prefix(format!("d/{rollout}/").as_bytes())
+        {
+            batch.remove(kv?.0);
+        }
+        self.rollouts.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for kv in self.reports.scan_prefix(format!("{rollout}/").as_bytes()) {
+            batch.remove(kv?.0);
+        }
+        self.reports.apply_batch(batch)?;
+        self.db.flush()?;
         Ok(())
     }
 

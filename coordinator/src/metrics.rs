@@ -1,0 +1,294 @@
+//! Prometheus metrics (`swell_` prefix). Labels are bounded sets: reject
+//! reasons, command outcomes, rollout phases and rollout ids, never device ids
+//! (a million-device fleet would be a million series).
+
+use crate::engine::{Counters, FleetGauges};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+/// Where this replica stands in leader election.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Not in Kubernetes mode: no election.
+    NotUsed,
+    /// Standby: the lease API answers, another replica holds the lease.
+    Waiting,
+    Holding,
+    /// The lease API fails (RBAC, API server down).
+    Failing,
+}
+
+/// Every metric the coordinator exports, and the health facts the probes read.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reports: Counter,
+    hellos: Counter,
+    manifests: Counter,
+    commands: Family<ResultLabel, Counter>,
+    rejected: Family<ReasonLabel, Counter>,
+    devices: Family<StateLabel, Gauge>,
+    rollouts: Family<PhaseLabel, Gauge>,
+    connected: Gauge,
+    leader: Gauge,
+    epoch: Gauge,
+    batch_seconds: Histogram,
+    batch_size: Histogram,
+    last: Mutex<Counters>,
+    /// Unix seconds of the last turn of the engine loop; 0 before it runs.
+    heartbeat: AtomicU64,
+    lease: Mutex<LeaseState>,
+    broker_up: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("swell");
+        let m = Metrics {
+            reports: Counter::default(),
+            hellos: Counter::default(),
+            manifests: Counter::default(),
+            commands: Family::default(),
+            rejected: Family::default(),
+            devices: Family::default(),
+            rollouts: Family::default(),
+            connected: Gauge::default(),
+            leader: Gauge::default(),
+            epoch: Gauge::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.000_1, 4.0, 9)),
+            batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 6)),
+            last: Mutex::new(Counters::default()),
+            heartbeat: AtomicU64::new(0),
+            lease: Mutex::new(LeaseState::NotUsed),
+            broker_up: std::sync::atomic::AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        r.register("reports", "Device reports accepted", m.reports.clone());
+        r.register("hellos", "Device hellos accepted", m.hellos.clone());
+        r.register(
+            "manifests_published",
+            "Signed manifests published",
+            m.manifests.clone(),
+        );
+        r.register(
+            "commands",
+            "Operator commands by result (accepted, refused)",
+            m.commands.clone(),
+        );
+        r.register(
+            "rejected_messages",
+            "Messages and commands rejected, by reason",
+            m.rejected.clone(),
+        );
+        r.register(
+            "devices",
+            "Devices by state (approved, pending, online)",
+            m.devices.clone(),
+        );
+        r.register("rollouts", "Rollouts by phase", m.rollouts.clone());
+        r.register(
+            "broker_connected",
+            "1 while the MQTT session is up",
+            m.connected.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the leader lease (or runs without election)",
+            m.leader.clone(),
+        );
+        r.register(
+            "epoch",
+            "Epoch carried by every signed message of this replica",
+            m.epoch.clone(),
+        );
+        r.register(
+            "ingest_batch_seconds",
+            "Time to apply and persist one batch of incoming messages",
+            m.batch_seconds.clone(),
+        );
+        r.register(
+            "ingest_batch_messages",
+            "Messages per ingest batch",
+            m.batch_size.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut buf = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut buf, &self.registry);
+        buf
+    }
+
+    /// Adds what the engine counted since the last call.
+    pub fn observe_counters(&self, c: &Counters) {
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        self.reports.inc_by(c.reports.saturating_sub(last.reports));
+        self.hellos.inc_by(c.hellos.saturating_sub(last.hellos));
+        self.manifests
+            .inc_by(c.manifests.saturating_sub(last.manifests));
+        self.commands
+            .get_or_create(&ResultLabel {
+                result: "accepted".into(),
+            })
+            .inc_by(c.commands_accepted.saturating_sub(last.commands_accepted));
+        self.commands
+            .get_or_create(&ResultLabel {
+                result: "refused".into(),
+            })
+            .inc_by(c.commands_refused.saturating_sub(last.commands_refused));
+        for (reason, n) in &c.rejected {
+            let before = last.rejected.get(reason).copied().unwrap_or(0);
+            if *n > before {
+                self.rejected
+                    .get_or_create(&ReasonLabel {
+                        reason: (*reason).to_string(),
+                    })
+                    .inc_by(n - before);
+            }
+        }
+        *last = c.clone();
+    }
+
+    /// One ingest batch: its size, its duration and the counters after it.
+    pub fn observe_batch(&self, c: &Counters, messages: usize, took: Duration) {
+        self.batch_seconds.observe(took.as_secs_f64());
+        self.batch_size.observe(messages as f64);
+        self.observe_counters(c);
+    }
+
+    pub fn observe_gauges(&self, g: &FleetGauges) {
+        for (state, n) in [
+            ("approved", g.approved),
+            ("pending", g.pending),
+            ("online", g.online),
+        ] {
+            self.devices
+                .get_or_create(&StateLabel {
+                    state: state.into(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        // Phases that emptied must read 0, not keep their last value.
+        self.rollouts.clear();
+        for (phase, n) in &g.rollouts {
+            self.rollouts
+                .get_or_create(&PhaseLabel {
+                    phase: (*phase).to_string(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn set_connected(&self, up: bool) {
+        self.connected.set(i64::from(up));
+        self.broker_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn broker_connected(&self) -> bool {
+        self.broker_up.load(Ordering::Relaxed)
+    }
+
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_lease(&self, state: LeaseState) {
+        self.leader.set(i64::from(matches!(
+            state,
+            LeaseState::Holding | LeaseState::NotUsed
+        )));
+        if let Ok(mut l) = self.lease.lock() {
+            *l = state;
+        }
+    }
+
+    pub fn lease(&self) -> LeaseState {
+        self.lease.lock().map_or(LeaseState::Failing, |l| *l)
+    }
+
+    /// Marks the engine loop as alive.
+    pub fn heartbeat(&self) {
+        self.heartbeat
+            .store(crate::server::unix_now(), Ordering::Relaxed);
+    }
+
+    /// Unix seconds of the engine loop's last turn (0: not running).
+    pub fn last_heartbeat(&self) -> u64 {
+        self.heartbeat.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_added_as_deltas_and_phases_reset() {
+        let m = Metrics::new();
+        let mut c = Counters {
+            reports: 5,
+            ..Default::default()
+        };
+        c.rejected.insert("forged", 2);
+        m.observe_counters(&c);
+        c.reports = 8;
+        c.rejected.insert("forged", 3);
+        m.observe_counters(&c);
+        let text = m.encode();
+        assert!(text.contains("swell_reports_total 8"), "{text}");
+        assert!(
+            text.contains("swell_rejected_messages_total{reason=\"forged\"} 3"),
+            "{text}"
+        );
+        let mut g = FleetGauges::default();
+        g.rollouts.insert("baking", 1);
+        m.observe_gauges(&g);
+        g.rollouts.clear();
+        g.rollouts.insert("completed", 1);
+        m.observe_gauges(&g);
+        let text = m.encode();
+        assert!(!text.contains("phase=\"baking\""), "{text}");
+        assert!(
+            text.contains("swell_rollouts{phase=\"completed\"} 1"),
+            "{text}"
+        );
+    }
+}
