@@ -144,7 +144,9 @@ impl Metrics {
             "Messages per ingest batch",
             m.batch_size.clone(),
         );
-        Metrics { registry: r, ..m }
+        let m = Metrics { registry: r, ..m };
+        m.set_lease(LeaseState::NotUsed);
+        m
     }
 
     /// The text exposition format.

@@ -222,6 +222,10 @@ async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, E
     }
     let done_action = obj.status.as_ref().and_then(|s| s.last_action.clone());
     let mut last_action = done_action.clone();
+    let mut action_result = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.last_action_result.clone());
     if let Some(a) = obj.annotations().get(ACTION_ANNOTATION)
         && Some(a) != done_action.as_ref()
     {
@@ -246,21 +250,22 @@ async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, E
         };
         match op {
             None => {
-                note = Some(format!(
+                action_result = Some(format!(
                     "{ACTION_ANNOTATION} {a:?}: use promote, abort, rollback, retry or resume"
                 ));
             }
             Some(op) => match ctx.engine.apply(op).await? {
                 Ok((m, s)) => {
                     status = s;
-                    note = Some(m);
+                    action_result = Some(m);
                 }
-                Err((_, m)) => note = Some(format!("{verb} refused: {m}")),
+                Err((_, m)) => action_result = Some(format!("{verb} refused: {m}")),
             },
         }
         last_action = Some(a.clone());
     }
-    let st = build_status(obj, &status, note, last_action);
+    let mut st = build_status(obj, &status, note, last_action);
+    st.last_action_result = action_result;
     let moving = !matches!(
         st.phase.as_deref(),
         Some("completed" | "aborted" | "rolled_back")
@@ -322,6 +327,7 @@ fn invalid_status(obj: &Rollout, reason: &str, message: &str) -> RolloutStatus {
         message: Some(message.into()),
         observed_generation: g,
         last_action: old.and_then(|s| s.last_action.clone()),
+        last_action_result: old.and_then(|s| s.last_action_result.clone()),
         conditions: vec![
             condition(old, g, "Progressing", false, reason, message),
             condition(old, g, "Paused", false, reason, ""),
@@ -390,6 +396,7 @@ pub fn build_status(
         release: s["release"].as_str().map(str::to_string),
         message: (!message.is_empty()).then(|| message.clone()),
         last_action,
+        last_action_result: None,
         observed_generation: g,
         conditions: vec![
             condition(old, g, "Progressing", progressing, &phase_reason, &message),

@@ -173,6 +173,9 @@ pub struct RolloutStatus {
     /// The `swell.dev/action` annotation value last carried out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_action: Option<String>,
+    /// What came of it (applied, or why it was refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action_result: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
