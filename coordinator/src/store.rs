@@ -288,6 +288,41 @@ mod tests {
     }
 
     #[test]
+    fn deleting_a_rollout_removes_its_record_decisions_and_reports_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut rec = record();
+        rec.decisions = 1;
+        let entry = DecisionEntry {
+            at: 5,
+            epoch: 1,
+            before: RolloutState::new(),
+            observations: None,
+            command: Some(Command::Abort),
+            decisions: vec![],
+            after: rec.state.clone(),
+        };
+        s.commit_rollout(&rec, Some(&entry)).unwrap();
+        let mut other = record();
+        other.spec.id = RolloutId::new("other").unwrap();
+        s.commit_rollout(&other, None).unwrap();
+        let report = StoredReport {
+            release: rec.spec.release_id(),
+            phase: swell_protocol::messages::Phase::Committed,
+        };
+        let dev = DeviceId::new("dev-1").unwrap();
+        s.put_report(&rec.spec.id, &dev, &report).unwrap();
+        s.put_report(&other.spec.id, &dev, &report).unwrap();
+        s.delete_rollout(&rec.spec.id).unwrap();
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.rollouts.len(), 1);
+        assert_eq!(loaded.rollouts[0].spec.id, other.spec.id);
+        assert_eq!(loaded.reports.len(), 1);
+        assert_eq!(loaded.reports[0].0, other.spec.id);
+        assert!(s.decisions(&rec.spec.id).unwrap().is_empty());
+    }
+
+    #[test]
     fn store_round_trips_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut rec = record();

@@ -323,7 +323,11 @@ async fn controller_creates_pauses_acts_and_cleans_up() {
     if let Ok(Some((req, send))) =
         tokio::time::timeout(Duration::from_millis(500), api.next_request()).await
     {
-        assert!(req.uri().path().ends_with("/fw-2/status"), "{:?}", req.uri());
+        assert!(
+            req.uri().path().ends_with("/fw-2/status"),
+            "{:?}",
+            req.uri()
+        );
         let bytes = req.into_body().collect_bytes().await.unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(body["status"]["lastAction"], "abort/n1");
