@@ -114,6 +114,12 @@ async fn start_wired(
     leading: Option<watch::Receiver<bool>>,
     beacon: Duration,
 ) -> Wired {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
     let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
@@ -361,13 +367,19 @@ async fn controller_creates_pauses_acts_and_cleans_up() {
     gone.metadata.finalizers = None;
     reply(send, 200, &serde_json::to_value(&gone).unwrap());
     task.await.unwrap().unwrap();
-    // Late subscribers no longer get a retained manifest for it.
-    let late = Devices::start(&b, 1, |_| (vec![], Behavior::Healthy)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        late.manifests().iter().all(|m| m.0.as_str() != "fw-2"),
-        "retained manifest of a deleted rollout"
-    );
+    // Late subscribers no longer get a retained manifest or status for it.
+    let t = swell_protocol::topics::Topics::default();
+    // (The clearing publishes are on their way once the engine has removed it.)
+    for topic in [t.manifest(&fleet(), &id), t.ops_status(&id)] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !retained(&b, &topic).await.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{topic} still retained after the rollout was deleted"
+            );
+        }
+    }
+    drop(devs);
     w.cancel.cancel();
     w.handle.await.unwrap().unwrap();
 }
@@ -561,6 +573,60 @@ async fn mqtt_commands_become_resource_writes() {
     w.handle.await.unwrap().unwrap();
 }
 
+#[tokio::test]
+async fn engine_events_become_kubernetes_events_and_refreshes() {
+    use kube::Resource as _;
+    let (client, mut api) = mock();
+    let (control_tx, _control_rx) = mpsc::channel(1);
+    let ctx = Arc::new(Ctx::new(
+        client,
+        EngineHandle::new(control_tx),
+        "test-0".into(),
+    ));
+    let obj = object("fw-7", spec(&release(7, "7.0.0")));
+    ctx.refs
+        .lock()
+        .unwrap()
+        .insert("fw-7".into(), obj.object_ref(&()));
+    let (tx, rx) = broadcast::channel(16);
+    let (refresh_tx, mut refresh_rx) = mpsc::channel(1);
+    tokio::spawn(swell_coordinator::k8s::relay_events(ctx, rx, refresh_tx));
+    // Widening is routine (no Event); opening a wave and a breach are not.
+    tx.send(json!({"at": 1, "epoch": 1, "rollout": "fw-7", "decision": "widen", "wave": 1, "open_below": 5}))
+        .unwrap();
+    tx.send(json!({"at": 1, "epoch": 1, "rollout": "fw-7", "decision": "open_wave", "wave": 1, "open_below": 9}))
+        .unwrap();
+    let (seen, send) = next(&mut api).await;
+    assert_eq!(seen.method, Method::POST);
+    assert_eq!(seen.path, "/apis/events.k8s.io/v1/namespaces/swell/events");
+    assert_eq!(seen.body["reason"], "WaveOpened");
+    assert_eq!(seen.body["type"], "Normal");
+    assert_eq!(seen.body["note"], "wave 1 opened");
+    assert_eq!(seen.body["regarding"]["kind"], "Rollout");
+    assert_eq!(seen.body["regarding"]["uid"], "uid-fw-7");
+    assert_eq!(seen.body["reportingController"], "swell-coordinator");
+    reply(send, 201, &seen.body);
+    tx.send(
+        json!({"at": 2, "epoch": 1, "rollout": "fw-7", "decision": "breach",
+                   "reason": "failure rate 30% over 10%", "policy": "rollback"}),
+    )
+    .unwrap();
+    let (seen, send) = next(&mut api).await;
+    assert_eq!(seen.body["reason"], "Breach");
+    assert_eq!(seen.body["type"], "Warning");
+    assert!(
+        seen.body["note"].as_str().unwrap().contains("30%"),
+        "{:#}",
+        seen.body
+    );
+    reply(send, 201, &seen.body);
+    // Each event also asked the controller for a status refresh.
+    tokio::time::timeout(Duration::from_secs(5), refresh_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 fn lease_json(holder: &str, renewed_secs_ago: i64, transitions: i32, rv: &str) -> Value {
     let renewed = k8s_openapi::jiff::Timestamp::now()
         - k8s_openapi::jiff::SignedDuration::from_secs(renewed_secs_ago);
@@ -699,6 +765,27 @@ async fn lease_lost_stops_the_engine_publishing() {
             .await
             .is_err()
     );
+}
+
+/// Retained, non-empty messages a new subscriber to `topic` receives.
+async fn retained(b: &TestBroker, topic: &str) -> Vec<Vec<u8>> {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let id = format!("retained-{}-{}", std::process::id(), unix_now());
+    let (client, mut el) = AsyncClient::new(MqttOptions::new(id, b.host.clone(), b.port), 100);
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+    while let Ok(ev) = tokio::time::timeout_at(deadline, el.poll()).await {
+        if let Ok(Event::Incoming(Packet::Publish(p))) = ev
+            && p.retain
+            && !p.payload.is_empty()
+        {
+            out.push(p.payload.to_vec());
+        }
+    }
+    out
 }
 
 /// Counts live (non-retained) beacons.

@@ -20,13 +20,43 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+/// Turns engine events into Kubernetes Events on their `Rollout` and asks the
+/// controller for a status refresh.
+pub async fn relay_events(
+    ctx: Arc<Ctx>,
+    mut events: broadcast::Receiver<Value>,
+    refresh: mpsc::Sender<()>,
+) {
+    loop {
+        let ev = match events.recv().await {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!(
+                    missed = n,
+                    "event relay fell behind; statuses refresh on their timer"
+                );
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(rollout) = ev["rollout"].as_str().map(str::to_string) else {
+            continue;
+        };
+        if let Some((t, reason, note)) = event_for(&ev) {
+            publish_event(&ctx, &rollout, t, reason, "Reconcile", &note).await;
+        }
+        // Full: a refresh is already pending, which is as good.
+        let _ = refresh.try_send(());
+    }
+}
+
 /// Runs the controller, the command bridge and the event relay until `cancel`.
 pub async fn run(
     client: Client,
     namespace: String,
     instance: String,
     engine: EngineHandle,
-    mut events: broadcast::Receiver<Value>,
+    events: broadcast::Receiver<Value>,
     forwarded: mpsc::Receiver<Forwarded>,
     cancel: CancellationToken,
 ) {
@@ -36,30 +66,7 @@ pub async fn run(
     // reconciling one object from an outside trigger is still unstable in
     // kube-runtime. Bursts coalesce in the controller's debounce.
     let (trigger_tx, trigger_rx) = mpsc::channel::<()>(1);
-    // Engine events become Kubernetes Events and an immediate status refresh.
-    let relay_ctx = ctx.clone();
-    let relay = async move {
-        loop {
-            let ev = match events.recv().await {
-                Ok(ev) => ev,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(
-                        missed = n,
-                        "event relay fell behind; statuses refresh on their timer"
-                    );
-                    continue;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            let Some(rollout) = ev["rollout"].as_str().map(str::to_string) else {
-                continue;
-            };
-            if let Some((t, reason, note)) = event_for(&ev) {
-                publish_event(&relay_ctx, &rollout, t, reason, "Reconcile", &note).await;
-            }
-            let _ = trigger_tx.try_send(());
-        }
-    };
+    let relay = relay_events(ctx.clone(), events, trigger_tx);
     let triggers = futures::stream::unfold(trigger_rx, |mut rx| async move {
         rx.recv().await.map(|r| (r, rx))
     });
