@@ -140,11 +140,16 @@ impl Timeline {
     }
 }
 
-async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
-    let t = Timeline {
-        started: Instant::now(),
-    };
-    let seed = args.seed;
+/// The demo's (and the benchmark's) keys, all derived from the seed.
+pub(crate) struct DemoKeys {
+    pub rel_a: SecretKey,
+    pub rel_b: SecretKey,
+    pub coord: SecretKey,
+    pub kl: KeyList,
+    pub signed_kl: ThresholdSigned,
+}
+
+pub(crate) fn demo_keys(seed: u64) -> Result<DemoKeys> {
     let root = demo_key(seed, "root");
     let (rel_a, rel_b) = (demo_key(seed, "release-a"), demo_key(seed, "release-b"));
     let coord = demo_key(seed, "coordinator");
@@ -160,6 +165,27 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     };
     let mut signed_kl = ThresholdSigned::new(&kl)?;
     signed_kl.sign(&root)?;
+    Ok(DemoKeys {
+        rel_a,
+        rel_b,
+        coord,
+        kl,
+        signed_kl,
+    })
+}
+
+async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
+    let t = Timeline {
+        started: Instant::now(),
+    };
+    let seed = args.seed;
+    let DemoKeys {
+        rel_a,
+        rel_b,
+        coord,
+        kl,
+        signed_kl,
+    } = demo_keys(seed)?;
     // Artifacts come from a real HTTP server; devices download and check them.
     let files = swell_e2e::http::FileServer::start().context("artifact server")?;
     let v1 = release(1, "1.0.0", &[&rel_a, &rel_b], &files)?;

@@ -1,5 +1,6 @@
 //! `swell`: the operator CLI.
 
+mod bench;
 mod decode;
 mod demo;
 mod keys;
@@ -34,6 +35,9 @@ enum Command {
     /// Run a real rollout end to end in this process: embedded broker,
     /// coordinator and a simulated fleet running the agent logic.
     Demo(demo::DemoArgs),
+    /// Benchmarks: `swell bench fleet --devices N --broker embedded|mosquitto|URL`.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     /// Make and sign releases (offline).
     #[command(subcommand)]
     Release(release::ReleaseCmd),
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => keys::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Decode(args) => decode::run(args).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Release(cmd) => release::release(cmd).map(|()| ExitCode::SUCCESS),
         Command::Rollout { cmd, conn } => rollout::rollout(cmd, conn),
         Command::Fleet { cmd: None, conn } => rollout::fleet(conn),

@@ -369,6 +369,10 @@ impl Engine {
             .collect()
     }
 
+    pub fn fleet(&self) -> &FleetId {
+        &self.s.fleet
+    }
+
     pub fn epoch(&self) -> u64 {
         self.s.epoch
     }
@@ -1152,6 +1156,23 @@ impl Engine {
         );
         let st = state::step(&l.rec.spec, &l.rec.state, &obs);
         self.commit(id, st, Some(obs), None, now)
+    }
+
+    /// Evaluates every rollout still running: called right after a batch of
+    /// reports, so a gate that the batch completed opens the next wave at once
+    /// instead of on the next tick (gate-to-manifest latency).
+    pub fn step_active(&mut self, now: u64) -> Result<Vec<Out>, EngineError> {
+        let ids: Vec<RolloutId> = self
+            .rollouts
+            .iter()
+            .filter(|(_, l)| !l.rec.state.is_final())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(self.step_rollout(&id, now)?);
+        }
+        Ok(out)
     }
 
     /// Evaluates every active rollout; also re-signs manifests before they expire.

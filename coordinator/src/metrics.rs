@@ -61,6 +61,9 @@ pub struct Metrics {
     epoch: Gauge,
     batch_seconds: Histogram,
     batch_size: Histogram,
+    gate_latency: Histogram,
+    /// Raw gate-to-manifest samples (seconds) for benchmarks, capped.
+    gate_samples: Mutex<Vec<f64>>,
     last: Mutex<Counters>,
     /// Unix seconds of the last turn of the engine loop; 0 before it runs.
     heartbeat: AtomicU64,
@@ -90,6 +93,8 @@ impl Metrics {
             epoch: Gauge::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.000_1, 4.0, 9)),
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 6)),
+            gate_latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            gate_samples: Mutex::new(Vec::new()),
             last: Mutex::new(Counters::default()),
             heartbeat: AtomicU64::new(0),
             lease: Mutex::new(LeaseState::NotUsed),
@@ -144,6 +149,11 @@ impl Metrics {
             "Messages per ingest batch",
             m.batch_size.clone(),
         );
+        r.register(
+            "gate_to_manifest_seconds",
+            "From receiving the batch of reports that let a rollout move to publishing its next manifest",
+            m.gate_latency.clone(),
+        );
         let m = Metrics { registry: r, ..m };
         m.set_lease(LeaseState::NotUsed);
         m
@@ -194,6 +204,26 @@ impl Metrics {
         self.batch_seconds.observe(took.as_secs_f64());
         self.batch_size.observe(messages as f64);
         self.observe_counters(c);
+    }
+
+    /// A batch of reports moved a rollout (a gate passed, a wave widened):
+    /// the time from receiving the batch to publishing the new manifest.
+    pub fn observe_gate_latency(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        self.gate_latency.observe(secs);
+        if let Ok(mut v) = self.gate_samples.lock()
+            && v.len() < 100_000
+        {
+            v.push(secs);
+        }
+    }
+
+    /// The raw gate-to-manifest samples so far (seconds).
+    pub fn gate_samples(&self) -> Vec<f64> {
+        self.gate_samples
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
     }
 
     pub fn observe_gauges(&self, g: &FleetGauges) {

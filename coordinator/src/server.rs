@@ -217,6 +217,11 @@ pub async fn run_with(
         events: events.as_ref(),
     };
     let mut incoming = session.incoming;
+    let manifest_prefix = engine
+        .topics()
+        .manifests(engine.fleet())
+        .trim_end_matches('+')
+        .to_string();
     let mut connected = session.connected.clone();
     // Queued in order before anything a tick may publish (rumqttc sends them once
     // connected): a restarted coordinator must never publish an older manifest
@@ -319,6 +324,16 @@ pub async fn run_with(
                     }
                 }
                 sink.send_all(outs);
+                // Reports may have completed a gate: move now, not on the next tick.
+                let stepped = engine.step_active(now)?;
+                if stepped.iter().any(|o| o.topic.starts_with(&manifest_prefix)) {
+                    sink.send_all(stepped);
+                    if let Some(m) = &metrics {
+                        m.observe_gate_latency(started.elapsed());
+                    }
+                } else {
+                    sink.send_all(stepped);
+                }
                 for f in engine.take_forwarded() {
                     if let Some(tx) = &forward
                         && let Err(e) = tx.try_send(f)

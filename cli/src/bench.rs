@@ -1,0 +1,633 @@
+//! `swell bench fleet`: how a full rollout scales, measured against the broker's
+//! own limit in the same run (BENCHMARKS.md).
+//!
+//! One run: a broker (embedded rumqttd, a Mosquitto started here with tuned
+//! limits, or a URL), the coordinator as a child process (so its CPU and peak
+//! RSS are its own), and N simulated devices running the real agent logic, each
+//! signing its own Hello and Reports. It measures:
+//! 1. a rollout (4 waves, zero bake): total and per-wave time, reports/s, the
+//!    coordinator's CPU and peak RSS, bytes per device, and the coordinator's
+//!    gate-to-manifest latency (from receiving the batch of reports that let a
+//!    rollout move to publishing the new manifest);
+//! 2. the broker's raw relay rate for the same number and size of messages,
+//!    from the same number of connections to one plain subscriber;
+//! 3. the ratio of (1)'s ingest rate to (2)'s relay rate.
+//!
+//! Nothing here asserts a time: tests run a small fleet to keep it working.
+
+use crate::demo::{DemoKeys, demo_keys};
+use crate::ops_client::OpsClient;
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::{Value, json};
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use swell_agent::sim::{self, SimConfig};
+use swell_coordinator::broker;
+use swell_coordinator::engine::{Engine, Settings};
+use swell_coordinator::metrics::Metrics;
+use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
+use swell_coordinator::store::SledStore;
+use swell_coordinator::transport::mqtt::{MqttConfig, parse_url};
+use swell_protocol::cohort::Label;
+use swell_protocol::messages::{Artifact, ArtifactKind, Release};
+use swell_protocol::threshold::ThresholdSigned;
+use swell_protocol::topics::Topics;
+use swell_protocol::{DeviceId, Digest, FleetId, ReleaseId};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// A full rollout of N simulated devices against the broker's relay rate.
+    Fleet(FleetArgs),
+    /// (internal) The coordinator process of `bench fleet`.
+    #[command(hide = true)]
+    Coordinator(ChildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// `embedded` (rumqttd in this process), `mosquitto` (Debian's mosquitto
+    /// started here on a free port with raised queue limits) or mqtt://host:port.
+    #[arg(long, default_value = "embedded")]
+    broker: String,
+    /// MQTT connections the devices share (default: one per 2,000, 2 to 64).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Seed for keys (the same seed gives the same fleet).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "30m")]
+    timeout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ChildArgs {
+    #[arg(long)]
+    host: String,
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    seed: u64,
+    /// Where the coordinator writes its measurements when stdin closes.
+    #[arg(long)]
+    summary: PathBuf,
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cmd {
+        BenchCmd::Fleet(a) => rt.block_on(fleet(a)),
+        BenchCmd::Coordinator(a) => rt.block_on(child(a)),
+    }
+}
+
+const FLEET: &str = "bench";
+
+/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
+fn proc_usage(pid: &str) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) are split by ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 (1-based), in USER_HZ (100 on Linux).
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    (cpu, hwm)
+}
+
+/// The coordinator of the benchmark, in its own process.
+async fn child(a: ChildArgs) -> Result<()> {
+    let DemoKeys {
+        coord,
+        kl,
+        signed_kl,
+        ..
+    } = demo_keys(a.seed)?;
+    let state = tempfile::tempdir()?;
+    let settings = Settings {
+        fleet: FleetId::new(FLEET)?,
+        topics: Topics::default(),
+        key: coord,
+        key_list: signed_kl,
+        keys: kl,
+        epoch: 1,
+        enrollment_tokens: vec!["bench-token".into()],
+        beacon_ttl: Duration::from_secs(30),
+        manifest_ttl: Duration::from_secs(3_600),
+    };
+    let store = Arc::new(SledStore::open(&state.path().join("db"))?);
+    let (engine, initial) = Engine::start(settings, store, unix_now())?;
+    let cancel = CancellationToken::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+    let mqtt = MqttConfig {
+        host: a.host,
+        port: a.port,
+        client_id: format!("swell-bench-coordinator-{}", std::process::id()),
+        credentials: None,
+        keep_alive: Duration::from_secs(30),
+        max_packet: 256 * 1024,
+        persistent: false,
+        tls: None,
+    };
+    // Devices commit after their probation *and* a fresh coordinator message
+    // (INST-2): the beacon interval bounds each wave from below.
+    let loop_cfg = LoopConfig {
+        tick: Duration::from_millis(200),
+        beacon_interval: Duration::from_secs(1),
+    };
+    let hooks = Hooks {
+        metrics: Some(metrics.clone()),
+        ..Hooks::default()
+    };
+    let c = cancel.clone();
+    let loop_task = tokio::spawn(server::run_with(
+        engine, initial, mqtt, loop_cfg, c, ready_tx, hooks,
+    ));
+    tokio::time::timeout(Duration::from_secs(30), ready_rx.wait_for(|r| *r))
+        .await
+        .context("coordinator could not connect")??;
+    println!("ready");
+    std::io::stdout().flush()?;
+    // The parent closes our stdin when it is done with us.
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+    })
+    .await?;
+    let (cpu, hwm) = proc_usage("self");
+    cancel.cancel();
+    let _ = loop_task.await;
+    let summary = json!({
+        "cpu_seconds": cpu,
+        "peak_rss_kib": hwm,
+        "gate_to_manifest_seconds": metrics.gate_samples(),
+    });
+    std::fs::write(&a.summary, serde_json::to_vec(&summary)?)?;
+    Ok(())
+}
+
+fn release(counter: u64, keys: &DemoKeys) -> Result<ThresholdSigned> {
+    let body = Release {
+        counter,
+        version: format!("{counter}.0.0"),
+        created_at: unix_now(),
+        // Devices simulate the download (fetch_concurrency 0): the benchmark
+        // measures the control plane, not an artifact server.
+        artifacts: vec![Artifact {
+            name: "app.tar".into(),
+            kind: ArtifactKind::Bundle,
+            digest: Digest::sha256(b"bench"),
+            length: 5,
+            urls: vec!["https://artifacts.example/app.tar".into()],
+        }],
+        config: None,
+        hardware: vec!["rpi4".into()],
+        exposure: None,
+        rollback: None,
+    };
+    let mut r = ThresholdSigned::new(&body)?;
+    r.sign(&keys.rel_a)?;
+    r.sign(&keys.rel_b)?;
+    Ok(r)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct ChildProc {
+    child: std::process::Child,
+    summary: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildProc {
+    fn start(host: &str, port: u16, seed: u64) -> Result<ChildProc> {
+        let dir = tempfile::tempdir()?;
+        let summary = dir.path().join("summary.json");
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["bench", "coordinator", "--host", host, "--port"])
+            .arg(port.to_string())
+            .args(["--seed", &seed.to_string(), "--summary"])
+            .arg(&summary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the coordinator process")?;
+        let out = child.stdout.take().context("child stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            bail!("the coordinator process did not start");
+        }
+        Ok(ChildProc {
+            child,
+            summary,
+            _dir: dir,
+        })
+    }
+
+    /// Closes its stdin, waits for it, reads its measurements.
+    fn finish(mut self) -> Result<Value> {
+        drop(self.child.stdin.take());
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the coordinator process failed: {status}");
+        }
+        Ok(serde_json::from_slice(&std::fs::read(&self.summary)?)?)
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The broker's raw relay: `count` QoS 1 messages of `size` bytes from
+/// `connections` publishers to one plain subscriber. Messages per second.
+async fn relay_rate(
+    host: &str,
+    port: u16,
+    connections: usize,
+    count: u64,
+    size: usize,
+    topic_len: usize,
+) -> Result<(f64, Duration)> {
+    let received = Arc::new(AtomicU64::new(0));
+    let mut opts = MqttOptions::new(
+        format!("bench-relay-sub-{}", std::process::id()),
+        host,
+        port,
+    );
+    opts.set_max_packet_size(Some(1 << 20));
+    opts.set_keep_alive(Duration::from_secs(60));
+    let (sub, mut el) = AsyncClient::new(opts, 1_000);
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    let mut up_tx = Some(up_tx);
+    let r = received.clone();
+    let sub_task = tokio::spawn(async move {
+        let _keep = sub.clone();
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = up_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = sub.try_subscribe("bench/relay/+/x", QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), up_rx)
+        .await
+        .context("relay subscriber")??;
+    // Topics as long as the devices' report topics.
+    let pad = topic_len.saturating_sub("bench/relay//x".len() + 5).max(1);
+    let payload = vec![0x5a; size];
+    let started = Instant::now();
+    let mut pubs = Vec::new();
+    for c in 0..connections {
+        let share = count / connections as u64 + u64::from((c as u64) < count % connections as u64);
+        let mut opts = MqttOptions::new(
+            format!("bench-relay-pub-{c}-{}", std::process::id()),
+            host,
+            port,
+        );
+        opts.set_max_packet_size(Some(1 << 20));
+        opts.set_keep_alive(Duration::from_secs(60));
+        let (client, mut el) = AsyncClient::new(opts, 10_000);
+        let topic = format!("bench/relay/{c:05}{}/x", "p".repeat(pad));
+        let payload = payload.clone();
+        pubs.push(tokio::spawn(async move {
+            let poller = tokio::spawn(async move {
+                loop {
+                    if el.poll().await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            });
+            for _ in 0..share {
+                if client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            (client, poller)
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while received.load(Ordering::Relaxed) < count {
+        if Instant::now() > deadline {
+            bail!(
+                "relay baseline: {} of {count} messages arrived within 600 s",
+                received.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = started.elapsed();
+    for p in pubs {
+        if let Ok((client, poller)) = p.await {
+            let _ = client.disconnect().await;
+            poller.abort();
+        }
+    }
+    sub_task.abort();
+    Ok((count as f64 / took.as_secs_f64(), took))
+}
+
+async fn fleet(a: FleetArgs) -> Result<()> {
+    if a.devices < 100 {
+        bail!("--devices must be at least 100");
+    }
+    let limit = humantime::parse_duration(&a.timeout).context("--timeout")?;
+    let keys = demo_keys(a.seed)?;
+    let mut mosquitto = None;
+    let (host, port, broker_name) = match a.broker.as_str() {
+        "embedded" => {
+            let addr = broker::free_addr("127.0.0.1")?;
+            broker::start(addr, None).map_err(anyhow::Error::msg)?;
+            (
+                addr.ip().to_string(),
+                addr.port(),
+                "embedded rumqttd".to_string(),
+            )
+        }
+        "mosquitto" => {
+            let m = swell_e2e::mosquitto::Mosquitto::start()
+                .map_err(|e| anyhow::anyhow!("mosquitto: {e:?}"))?;
+            let port = m.port();
+            mosquitto = Some(m);
+            (
+                "127.0.0.1".to_string(),
+                port,
+                "mosquitto (tuned limits)".to_string(),
+            )
+        }
+        url => {
+            let u = parse_url(url)?;
+            if u.tls {
+                bail!("the benchmark connects without TLS");
+            }
+            (u.host, u.port, url.to_string())
+        }
+    };
+    let connections = a
+        .connections
+        .unwrap_or(a.devices.div_ceil(2_000))
+        .clamp(2, 64);
+    let say = |m: String| {
+        if !a.json {
+            println!("{m}");
+        }
+    };
+    say(format!(
+        "swell bench fleet: {} devices on {connections} connections, broker {broker_name} at {host}:{port}, QoS 1",
+        a.devices
+    ));
+    let coordinator = ChildProc::start(&host, port, a.seed)?;
+    let coordinator_pid = coordinator.child.id().to_string();
+    let v2 = release(2, &keys)?;
+    let sim_cfg = SimConfig {
+        host: host.clone(),
+        port,
+        fleet: FleetId::new(FLEET)?,
+        topics: Topics::default(),
+        keys: keys.kl.clone(),
+        devices: a.devices,
+        connections,
+        prefix: "dev-".into(),
+        seed: a.seed,
+        enrollment_token: "bench-token".into(),
+        labels: Arc::new(|_| {
+            vec![Label {
+                key: "hw".into(),
+                value: "rpi4".into(),
+            }]
+        }),
+        hardware: "rpi4".into(),
+        outcome: Arc::new(|_: &DeviceId, _: &ReleaseId| true),
+        initial: None,
+        probation: Duration::ZERO,
+        work: Duration::ZERO,
+        fetch_concurrency: 0,
+    };
+    let t0 = Instant::now();
+    let fleet_sim = sim::start(sim_cfg).await.map_err(anyhow::Error::msg)?;
+    let mut ops = OpsClient::connect(
+        &host,
+        port,
+        Topics::default(),
+        &format!("swell-bench-operator-{}", std::process::id()),
+    )
+    .await?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let f = ops
+            .command(json!({"op": "fleet"}), Duration::from_secs(30))
+            .await?;
+        if f["status"]["approved"].as_u64() == Some(a.devices as u64) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {} devices enrolled",
+                f["status"]["approved"],
+                a.devices
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let enrolled_in = t0.elapsed();
+    say(format!(
+        "enrollment: {} signed Hellos verified in {:.1} s ({:.0}/s)",
+        a.devices,
+        enrolled_in.as_secs_f64(),
+        a.devices as f64 / enrolled_in.as_secs_f64()
+    ));
+    let stats = fleet_sim.stats.clone();
+    let reports0 = stats.reports.load(Ordering::Relaxed);
+    let bytes0 = stats.bytes_sent.load(Ordering::Relaxed);
+    let waves = ["1%", "10%", "50%", "100%"];
+    let create = json!({"op": "create", "spec": {
+        "rollout": "bench", "release": hex::encode(v2.encode()?), "selector": "hw=rpi4",
+        "waves": waves, "min_devices": 1, "success_threshold": "99%",
+        "max_failure_rate": "1%", "bake": "0s", "install_timeout": "30m", "policy": "pause"}});
+    let started = Instant::now();
+    let r = ops.command(create, Duration::from_secs(30)).await?;
+    if r["ok"] != true {
+        bail!("create refused: {}", r["message"]);
+    }
+    // Wave openings as the operator sees them (event arrival).
+    let mut opened: Vec<(u64, Duration)> = Vec::new();
+    let mut seen = 0;
+    let finished = loop {
+        for e in &ops.events[seen..] {
+            if e["rollout"] == "bench" && e["decision"] == "open_wave" {
+                opened.push((e["wave"].as_u64().unwrap_or(0), started.elapsed()));
+            }
+        }
+        seen = ops.events.len();
+        if let Some(s) = ops.statuses.get("bench") {
+            match s["phase"].as_str() {
+                Some("completed") => break started.elapsed(),
+                Some(p @ ("paused" | "aborted" | "rolled_back")) => {
+                    bail!("the benchmark rollout stopped: {p} ({})", s["halt_reason"])
+                }
+                _ => {}
+            }
+        }
+        if !ops.next(tokio::time::Instant::from_std(deadline)).await {
+            bail!("the rollout did not complete within {}", a.timeout);
+        }
+    };
+    // Reports still in flight when the status said completed are few; count what was sent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reports = stats.reports.load(Ordering::Relaxed) - reports0;
+    let payload = stats.bytes_sent.load(Ordering::Relaxed) - bytes0;
+    let (cpu_now, _) = proc_usage(&coordinator_pid);
+    let summary = coordinator.finish()?;
+    fleet_sim.stop().await;
+    drop(ops);
+    let ingest = reports as f64 / finished.as_secs_f64();
+    let size = (payload / reports.max(1)) as usize;
+    let topic_len = Topics::default().report(&DeviceId::new("dev-00000")?).len();
+    say(format!(
+        "rollout: {reports} signed reports ingested and gated in {:.2} s ({ingest:.0} reports/s)",
+        finished.as_secs_f64()
+    ));
+    let (relay, relay_took) =
+        relay_rate(&host, port, connections, reports, size, topic_len).await?;
+    drop(mosquitto);
+    let mut lat: Vec<f64> = summary["gate_to_manifest_seconds"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    lat.sort_by(f64::total_cmp);
+    let cpu = summary["cpu_seconds"].as_f64().unwrap_or(cpu_now);
+    let rss_kib = summary["peak_rss_kib"].as_u64().unwrap_or(0);
+    // Wire bytes: payload, topic, fixed header and packet id, and the PUBACK.
+    let wire = payload + reports * (topic_len as u64 + 2 + 2 + 2 + 1 + 4);
+    let mut per_wave = Vec::new();
+    for (i, (w, at)) in opened.iter().enumerate() {
+        let end = opened.get(i + 1).map_or(finished, |(_, t)| *t);
+        per_wave.push(
+            json!({"wave": w, "label": waves.get(*w as usize).copied().unwrap_or("?"),
+            "seconds": (end - *at).as_secs_f64()}),
+        );
+    }
+    let result = json!({
+        "devices": a.devices,
+        "connections": connections,
+        "broker": broker_name,
+        "enrollment_seconds": enrolled_in.as_secs_f64(),
+        "rollout_seconds": finished.as_secs_f64(),
+        "waves": per_wave,
+        "reports": reports,
+        "ingest_reports_per_second": ingest,
+        "relay_messages_per_second": relay,
+        "relay_seconds": relay_took.as_secs_f64(),
+        "message_bytes": size,
+        "ratio": ingest / relay,
+        "coordinator_cpu_seconds": cpu,
+        "coordinator_cpu_share_of_one_core": cpu / (enrolled_in + finished).as_secs_f64(),
+        "coordinator_peak_rss_kib": rss_kib,
+        "coordinator_bytes_per_device": rss_kib * 1024 / a.devices as u64,
+        "payload_bytes_per_device": payload / a.devices as u64,
+        "wire_bytes_per_device": wire / a.devices as u64,
+        "gate_to_manifest_ms": {
+            "samples": lat.len(),
+            "p50": percentile(&lat, 0.5) * 1e3,
+            "p99": percentile(&lat, 0.99) * 1e3,
+            "max": lat.last().copied().unwrap_or(0.0) * 1e3,
+        },
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    for w in &per_wave {
+        println!(
+            "  wave {:<5} {:>7.2} s",
+            w["label"].as_str().unwrap_or(""),
+            w["seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "broker relay baseline: {reports} messages of {size} B in {:.2} s ({relay:.0} msg/s)",
+        relay_took.as_secs_f64()
+    );
+    println!("ratio ingest / relay: {:.2}", ingest / relay);
+    println!(
+        "coordinator: {cpu:.1} CPU s over enrollment + rollout ({:.0}% of one core), peak RSS {:.1} MiB ({} B per device)",
+        100.0
+            * result["coordinator_cpu_share_of_one_core"]
+                .as_f64()
+                .unwrap_or(0.0),
+        rss_kib as f64 / 1024.0,
+        result["coordinator_bytes_per_device"]
+    );
+    println!(
+        "on the wire per device during the rollout: {} B of signed reports ({} B with MQTT framing and acks)",
+        result["payload_bytes_per_device"], result["wire_bytes_per_device"]
+    );
+    println!(
+        "gate to manifest (coordinator): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} wave moves",
+        percentile(&lat, 0.5) * 1e3,
+        percentile(&lat, 0.99) * 1e3,
+        lat.last().copied().unwrap_or(0.0) * 1e3,
+        lat.len()
+    );
+    Ok(())
+}
