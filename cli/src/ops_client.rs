@@ -159,12 +159,15 @@ impl OpsClient {
     /// command is sent again until `timeout`.
     pub async fn command(&mut self, cmd: Value, timeout: Duration) -> Result<Value> {
         let deadline = tokio::time::Instant::now() + timeout;
+        // One id and one wire form for every resend: a slow coordinator that
+        // gets the command twice answers the first copy first, and that answer
+        // (not the second copy's "already exists") is the one returned.
+        self.n += 1;
+        let id = format!("{}-{}", std::process::id(), self.n);
+        let mut c = cmd.clone();
+        c["id"] = json!(id);
+        let c = self.wire(c, &id);
         loop {
-            self.n += 1;
-            let id = format!("{}-{}", std::process::id(), self.n);
-            let mut c = cmd.clone();
-            c["id"] = json!(id);
-            let c = self.wire(c, &id);
             let props = PublishProperties {
                 response_topic: Some(self.reply_topic.clone()),
                 ..Default::default()

@@ -189,7 +189,11 @@ pub fn spawn(
     cancel: CancellationToken,
 ) -> Session {
     let opts = options(&cfg, will);
-    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    // Acks and publishes share this queue: one ingest batch is up to 512 acks
+    // plus what it publishes, and the eventloop may lag behind a burst of
+    // batches (10,000 Hellos at once filled a 10,000-slot queue in the fleet
+    // benchmark and dropped beacons). Slots are small; 100,000 absorbs that.
+    let (client, mut eventloop) = AsyncClient::new(opts, 100_000);
     let (tx, rx) = mpsc::channel(4_096);
     let (up_tx, up_rx) = watch::channel(false);
     let sub_client = client.clone();
