@@ -84,6 +84,49 @@ fn envelope_code(e: &EnvelopeError) -> u16 {
     }
 }
 
+/// A manifest whose coordinator signature checked out. The release's
+/// threshold signatures are checked on first use and remembered, so the
+/// simulator checks each manifest once for all the virtual devices of a
+/// connection instead of once per device (as every real device does).
+#[derive(Debug)]
+pub struct CheckedManifest {
+    manifest: Manifest,
+    epoch: u64,
+    seq: u64,
+    issued_at: u64,
+    release: std::cell::OnceCell<Result<Release, String>>,
+}
+
+/// Parses and verifies a manifest envelope at `now` (a trusted time).
+pub fn check_manifest(bytes: &[u8], keys: &KeyList, now: u64) -> Result<CheckedManifest, Verdict> {
+    let env = match UnverifiedEnvelope::parse(bytes) {
+        Ok(e) => e,
+        Err(e) => return Err(reject(None, None, envelope_code(&e), e.reason())),
+    };
+    let Some(key) = keys
+        .coordinator_keys
+        .iter()
+        .find(|k| k.key_id() == env.header.key_id)
+    else {
+        return Err(reject(
+            None,
+            None,
+            reason::BAD_SIGNATURE,
+            "unknown coordinator key",
+        ));
+    };
+    match env.verify::<Manifest>(key, now) {
+        Ok(v) => Ok(CheckedManifest {
+            epoch: v.header.epoch,
+            seq: v.header.seq,
+            issued_at: v.header.issued_at,
+            manifest: v.body,
+            release: std::cell::OnceCell::new(),
+        }),
+        Err(e) => Err(reject(None, None, envelope_code(&e), e.to_string())),
+    }
+}
+
 /// Evaluates a manifest. `trust` is updated (floors raised) only for manifests
 /// whose signature and freshness checked out.
 pub fn evaluate(
@@ -93,24 +136,23 @@ pub fn evaluate(
     trust: &mut TrustState,
     clock: u64,
 ) -> Verdict {
+    match check_manifest(bytes, keys, trust.trusted_now(clock)) {
+        Ok(c) => evaluate_checked(&c, dev, keys, trust, clock),
+        Err(v) => v,
+    }
+}
+
+/// [`evaluate`] for a manifest already checked with [`check_manifest`].
+pub fn evaluate_checked(
+    c: &CheckedManifest,
+    dev: &Device<'_>,
+    keys: &KeyList,
+    trust: &mut TrustState,
+    clock: u64,
+) -> Verdict {
     let now = trust.trusted_now(clock);
-    let env = match UnverifiedEnvelope::parse(bytes) {
-        Ok(e) => e,
-        Err(e) => return reject(None, None, envelope_code(&e), e.reason()),
-    };
-    let Some(key) = keys
-        .coordinator_keys
-        .iter()
-        .find(|k| k.key_id() == env.header.key_id)
-    else {
-        return reject(None, None, reason::BAD_SIGNATURE, "unknown coordinator key");
-    };
-    let v = match env.verify::<Manifest>(key, now) {
-        Ok(v) => v,
-        Err(e) => return reject(None, None, envelope_code(&e), e.to_string()),
-    };
-    let m = v.body;
-    let (epoch, seq) = (v.header.epoch, v.header.seq);
+    let m = c.manifest.clone();
+    let (epoch, seq) = (c.epoch, c.seq);
     if &m.fleet != dev.fleet {
         return Verdict::NotForMe("another fleet");
     }
@@ -128,17 +170,22 @@ pub fn evaluate(
         Freshness::New => {}
     }
     trust.accept_manifest(&m.rollout, epoch, seq);
-    trust.observe_time(v.header.issued_at);
+    trust.observe_time(c.issued_at);
     let release_id = m.release_id();
     // SIG-1: the coordinator key alone cannot name content.
-    let release: Release = match m.release.verify(&keys.release_keys, keys.release_threshold) {
-        Ok(r) => r,
+    let checked = c.release.get_or_init(|| {
+        m.release
+            .verify::<Release>(&keys.release_keys, keys.release_threshold)
+            .map_err(|e| e.reason().to_string())
+    });
+    let release: Release = match checked {
+        Ok(r) => r.clone(),
         Err(e) => {
             return reject(
                 Some(m.rollout),
                 Some(release_id),
                 reason::BAD_SIGNATURE,
-                format!("release: {}", e.reason()),
+                format!("release: {e}"),
             );
         }
     };

@@ -7,7 +7,7 @@
 //! end-to-end tests and the fleet benchmark.
 
 use crate::deployment::{self, Action, Event, Job, Policy};
-use crate::evaluate::{Device, Verdict, evaluate};
+use crate::evaluate::{Device, Verdict, evaluate, evaluate_checked};
 use crate::trust::TrustState;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -422,6 +422,11 @@ impl Conn {
             }
             return;
         }
+        // One signature check for every device of this connection.
+        let checked = match crate::evaluate::check_manifest(payload, &self.cfg.keys, now) {
+            Ok(c) => Some(c),
+            Err(_) => None,
+        };
         for i in 0..self.devs.len() {
             let verdict = {
                 let d = &mut self.devs[i];
@@ -440,7 +445,10 @@ impl Conn {
                     beacon_fresh: now < self.beacon_until,
                     directive: None,
                 };
-                evaluate(payload, &dev, &self.cfg.keys, &mut d.trust, now)
+                match &checked {
+                    Some(c) => evaluate_checked(c, &dev, &self.cfg.keys, &mut d.trust, now),
+                    None => evaluate(payload, &dev, &self.cfg.keys, &mut d.trust, now),
+                }
             };
             match verdict {
                 Verdict::Install {

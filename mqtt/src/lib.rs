@@ -158,6 +158,12 @@ pub fn options(cfg: &MqttConfig, will: Option<LastWill>) -> MqttOptions {
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(cfg.keep_alive);
     opts.set_manual_acks(true);
+    // Flow control: the broker sends at most this many unacknowledged QoS 1
+    // messages. Without it Mosquitto pushes everything at once; the session
+    // task then blocks on the full incoming queue, cannot send the acks and
+    // replies queued behind it, and those were dropped (100,000 Hellos in the
+    // fleet benchmark). Below the incoming queue's 4,096 so it never blocks long.
+    opts.set_receive_maximum(Some(RECEIVE_MAXIMUM));
     opts.set_max_packet_size(Some(cfg.max_packet));
     opts.set_clean_start(!cfg.persistent);
     if cfg.persistent {
@@ -180,6 +186,9 @@ pub fn options(cfg: &MqttConfig, will: Option<LastWill>) -> MqttOptions {
     }
     opts
 }
+
+/// Unacknowledged QoS 1 messages the broker may send a session at once.
+pub const RECEIVE_MAXIMUM: u16 = 2_048;
 
 /// Starts the session task. It runs until `cancel` fires.
 pub fn spawn(
