@@ -423,10 +423,7 @@ impl Conn {
             return;
         }
         // One signature check for every device of this connection.
-        let checked = match crate::evaluate::check_manifest(payload, &self.cfg.keys, now) {
-            Ok(c) => Some(c),
-            Err(_) => None,
-        };
+        let checked = crate::evaluate::check_manifest(payload, &self.cfg.keys, now).ok();
         for i in 0..self.devs.len() {
             let verdict = {
                 let d = &mut self.devs[i];

@@ -77,6 +77,28 @@ pub struct Hooks {
     pub leading: Option<watch::Receiver<bool>>,
 }
 
+/// Reports between two evaluations of the active rollouts inside a batch.
+const STEP_EVERY: usize = 64;
+
+/// Evaluates the active rollouts after reports arrived; a manifest it
+/// publishes counts towards gate-to-manifest latency from `since`.
+fn step(
+    engine: &mut Engine,
+    sink: &Sink<'_>,
+    manifest_prefix: &str,
+    metrics: Option<&Metrics>,
+    since: std::time::Instant,
+    now: u64,
+) -> Result<(), EngineError> {
+    let stepped = engine.step_active(now)?;
+    let moved = stepped.iter().any(|o| o.topic.starts_with(manifest_prefix));
+    sink.send_all(stepped);
+    if moved && let Some(m) = metrics {
+        m.observe_gate_latency(since.elapsed());
+    }
+    Ok(())
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -300,6 +322,11 @@ pub async fn run_with(
                 let size = batch.len();
                 let mut outs = Vec::new();
                 let mut acks = Vec::new();
+                // Gates are evaluated every STEP_EVERY reports, not only once per
+                // batch: the report that completes a gate moves the rollout after
+                // at most that many more verifications, not a whole batch and flush.
+                let mut chunk_started = std::time::Instant::now();
+                let mut in_chunk = 0usize;
                 for m in batch {
                     match m {
                         Incoming::Connected { session_present } => {
@@ -314,7 +341,16 @@ pub async fn run_with(
                             };
                             outs.extend(engine.handle(&topic, &p.payload, reply, now)?);
                             acks.push(p);
+                            in_chunk += 1;
                         }
+                    }
+                    if in_chunk == STEP_EVERY {
+                        // In order: what the chunk produced (a create's first
+                        // manifest) goes out before anything a step publishes.
+                        sink.send_all(std::mem::take(&mut outs));
+                        step(&mut engine, &sink, &manifest_prefix, metrics.as_deref(), chunk_started, now)?;
+                        chunk_started = std::time::Instant::now();
+                        in_chunk = 0;
                     }
                 }
                 engine.flush()?;
@@ -324,16 +360,7 @@ pub async fn run_with(
                     }
                 }
                 sink.send_all(outs);
-                // Reports may have completed a gate: move now, not on the next tick.
-                let stepped = engine.step_active(now)?;
-                if stepped.iter().any(|o| o.topic.starts_with(&manifest_prefix)) {
-                    sink.send_all(stepped);
-                    if let Some(m) = &metrics {
-                        m.observe_gate_latency(started.elapsed());
-                    }
-                } else {
-                    sink.send_all(stepped);
-                }
+                step(&mut engine, &sink, &manifest_prefix, metrics.as_deref(), chunk_started, now)?;
                 for f in engine.take_forwarded() {
                     if let Some(tx) = &forward
                         && let Err(e) = tx.try_send(f)

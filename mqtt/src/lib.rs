@@ -187,6 +187,9 @@ pub fn options(cfg: &MqttConfig, will: Option<LastWill>) -> MqttOptions {
     opts
 }
 
+/// Requests (acks, publishes) the session may have queued for the event loop.
+pub const REQUEST_QUEUE: usize = 2_000_000;
+
 /// Unacknowledged QoS 1 messages the broker may send a session at once.
 pub const RECEIVE_MAXIMUM: u16 = 2_048;
 
@@ -198,11 +201,13 @@ pub fn spawn(
     cancel: CancellationToken,
 ) -> Session {
     let opts = options(&cfg, will);
-    // Acks and publishes share this queue: one ingest batch is up to 512 acks
-    // plus what it publishes, and the eventloop may lag behind a burst of
-    // batches (10,000 Hellos at once filled a 10,000-slot queue in the fleet
-    // benchmark and dropped beacons). Slots are small; 100,000 absorbs that.
-    let (client, mut eventloop) = AsyncClient::new(opts, 100_000);
+    // Acks and publishes share this queue, and rumqttc's event loop takes one
+    // queued request per turn while it reads incoming packets in bunches, and the
+    // Receive Maximum did not bound a burst arriving through shared
+    // subscriptions, so a burst of Hellos outran the acks (100,000 at once filled a 100,000-slot
+    // queue in the fleet benchmark and dropped acks, replies and beacons). The
+    // channel allocates as it fills, so a large bound costs nothing when idle.
+    let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_QUEUE);
     let (tx, rx) = mpsc::channel(4_096);
     let (up_tx, up_rx) = watch::channel(false);
     let sub_client = client.clone();
