@@ -162,6 +162,7 @@ struct FileConfig {
 }
 
 /// Kubernetes mode settings.
+#[cfg_attr(not(feature = "kube"), allow(dead_code))]
 struct KubeConfig {
     namespace: String,
     lease_name: String,
@@ -451,8 +452,6 @@ async fn run(mut cfg: Config) -> Result<()> {
     if let Some(k) = cfg.kube.take() {
         return run_kubernetes(cfg, k, metrics, cancel).await;
     }
-    #[cfg(not(feature = "kube"))]
-    let _ = &cfg.kube;
     // A new epoch on every start fences messages of any earlier instance (ROLL-4).
     cfg.settings.epoch = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
     let store = Arc::new(SledStore::open(&cfg.state_dir.join("db")).context("database")?);
