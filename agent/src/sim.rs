@@ -217,10 +217,17 @@ pub async fn start(cfg: SimConfig) -> Result<Fleet, String> {
         }));
         ready.push(rx);
     }
+    let connect_limit = Duration::from_secs(30 + (cfg.devices / 5_000) as u64);
     for r in ready {
-        tokio::time::timeout(Duration::from_secs(30), r)
+        // Each connection derives its devices' keys before it connects.
+        tokio::time::timeout(connect_limit, r)
             .await
-            .map_err(|_| "simulated devices could not connect within 30 s".to_string())?
+            .map_err(|_| {
+                format!(
+                    "simulated devices could not connect within {} s",
+                    connect_limit.as_secs()
+                )
+            })?
             .map_err(|_| "a simulator connection ended early".to_string())?;
     }
     Ok(Fleet { stats, stop, tasks })

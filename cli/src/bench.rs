@@ -474,18 +474,20 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     .await?;
     let deadline = Instant::now() + limit;
     loop {
-        let f = ops
+        // During a large Hello burst the coordinator's replies wait behind its
+        // acks (BENCHMARKS.md): a late reply is not a failure here.
+        let approved = match ops
             .command(json!({"op": "fleet"}), Duration::from_secs(30))
-            .await?;
-        if f["status"]["approved"].as_u64() == Some(a.devices as u64) {
+            .await
+        {
+            Ok(f) => f["status"]["approved"].as_u64().unwrap_or(0),
+            Err(_) => 0,
+        };
+        if approved == a.devices as u64 {
             break;
         }
         if Instant::now() > deadline {
-            bail!(
-                "only {} of {} devices enrolled",
-                f["status"]["approved"],
-                a.devices
-            );
+            bail!("only {approved} of {} devices enrolled", a.devices);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
