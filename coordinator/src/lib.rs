@@ -1,11 +1,6 @@
-//! The Swell coordinator (library).
-//!
-//! # Layout
-//! - [`rollout::planner`]: waves of a rollout spec → `open_below` per wave and the
-//!   wave each device belongs to, agreeing exactly with what devices compute.
-//!
-//! The health gate, state machine, registry, store and MQTT transport are tracked in
-//! issue 3 and not part of this crate yet.
+//! The Swell coordinator (library): the engine, its store and MQTT loop, and
+//! (feature `kube`) its Kubernetes face. The component map, module by module,
+//! is docs/architecture.md.
 
 pub mod broker;
 pub mod durable;

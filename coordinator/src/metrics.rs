@@ -68,7 +68,6 @@ pub struct Metrics {
     /// Unix seconds of the last turn of the engine loop; 0 before it runs.
     heartbeat: AtomicU64,
     lease: Mutex<LeaseState>,
-    broker_up: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -98,7 +97,6 @@ impl Metrics {
             last: Mutex::new(Counters::default()),
             heartbeat: AtomicU64::new(0),
             lease: Mutex::new(LeaseState::NotUsed),
-            broker_up: std::sync::atomic::AtomicBool::new(false),
             registry: Registry::default(),
         };
         r.register("reports", "Device reports accepted", m.reports.clone());
@@ -251,11 +249,10 @@ impl Metrics {
 
     pub fn set_connected(&self, up: bool) {
         self.connected.set(i64::from(up));
-        self.broker_up.store(up, Ordering::Relaxed);
     }
 
     pub fn broker_connected(&self) -> bool {
-        self.broker_up.load(Ordering::Relaxed)
+        self.connected.get() == 1
     }
 
     pub fn set_epoch(&self, epoch: u64) {
