@@ -73,6 +73,9 @@ pub struct FleetArgs {
     /// Give up after this long.
     #[arg(long, default_value = "30m")]
     timeout: String,
+    /// Threads the coordinator verifies device signatures on (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    verify_threads: usize,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +89,8 @@ pub struct ChildArgs {
     /// Where the coordinator writes its measurements when stdin closes.
     #[arg(long)]
     summary: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    verify_threads: usize,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -166,6 +171,7 @@ async fn child(a: ChildArgs) -> Result<()> {
     let loop_cfg = LoopConfig {
         tick: Duration::from_millis(200),
         beacon_interval: Duration::from_secs(1),
+        verify_threads: a.verify_threads,
     };
     let hooks = Hooks {
         metrics: Some(metrics.clone()),
@@ -238,13 +244,15 @@ struct ChildProc {
 }
 
 impl ChildProc {
-    fn start(host: &str, port: u16, seed: u64) -> Result<ChildProc> {
+    fn start(host: &str, port: u16, seed: u64, verify_threads: usize) -> Result<ChildProc> {
         let dir = tempfile::tempdir()?;
         let summary = dir.path().join("summary.json");
         let mut child = Command::new(std::env::current_exe()?)
             .args(["bench", "coordinator", "--host", host, "--port"])
             .arg(port.to_string())
-            .args(["--seed", &seed.to_string(), "--summary"])
+            .args(["--seed", &seed.to_string(), "--verify-threads"])
+            .arg(verify_threads.to_string())
+            .arg("--summary")
             .arg(&summary)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -436,7 +444,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "swell bench fleet: {} devices on {connections} connections, broker {broker_name} at {host}:{port}, QoS 1",
         a.devices
     ));
-    let coordinator = ChildProc::start(&host, port, a.seed)?;
+    let coordinator = ChildProc::start(&host, port, a.seed, a.verify_threads)?;
     let coordinator_pid = coordinator.child.id().to_string();
     let v2 = release(2, &keys)?;
     let sim_cfg = SimConfig {
@@ -463,8 +471,8 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         work: Duration::ZERO,
         fetch_concurrency: 0,
     };
-    let t0 = Instant::now();
-    let fleet_sim = sim::start(sim_cfg).await.map_err(anyhow::Error::msg)?;
+    // The operator connects first: during a million-device Hello burst the
+    // broker may not accept a new connection in time.
     let mut ops = OpsClient::connect(
         &host,
         port,
@@ -472,6 +480,8 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         &format!("swell-bench-operator-{}", std::process::id()),
     )
     .await?;
+    let t0 = Instant::now();
+    let fleet_sim = sim::start(sim_cfg).await.map_err(anyhow::Error::msg)?;
     let deadline = Instant::now() + limit;
     loop {
         // During a large Hello burst the coordinator's replies wait behind its

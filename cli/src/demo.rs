@@ -245,6 +245,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     let loop_cfg = LoopConfig {
         tick: Duration::from_millis(200),
         beacon_interval: Duration::from_secs(1),
+        ..LoopConfig::default()
     };
     let coordinator = tokio::spawn(server::run(
         engine,

@@ -88,6 +88,7 @@ async fn cli_signs_commands_with_the_operator_key() {
         let lc = LoopConfig {
             tick: Duration::from_millis(200),
             beacon_interval: Duration::from_secs(1),
+            ..LoopConfig::default()
         };
         server::run(engine, initial, mqtt, lc, c, tx).await.unwrap();
     });

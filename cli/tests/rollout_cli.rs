@@ -85,6 +85,7 @@ async fn cli_rollout_commands_against_a_coordinator() {
         let lc = LoopConfig {
             tick: Duration::from_millis(200),
             beacon_interval: Duration::from_secs(1),
+            ..LoopConfig::default()
         };
         server::run(engine, initial, mqtt, lc, c, tx).await.unwrap();
     });

@@ -9,9 +9,11 @@
 //! the caller acknowledges the messages that carried them (the caller flushes once
 //! per batch, then acks).
 
+use crate::fleet::interner::Interner;
 use crate::fleet::registry::{DeviceRecord, Enrollment, RegistryError};
 use crate::fleet::tracker::Tracker;
 use crate::ops::{self, Op, OpsParser, Refused, Request};
+use crate::precheck::Precheck;
 use crate::rollout::spec::RolloutSpec;
 use crate::rollout::state::{self, Command, Observations, Phase, RolloutState};
 use crate::store::{DecisionEntry, RolloutRecord, Store, StoreError, StoredReport};
@@ -110,6 +112,8 @@ pub struct Engine {
     s: Settings,
     store: Arc<dyn Store>,
     devices: HashMap<DeviceId, DeviceRecord>,
+    /// Shared hardware, agent and label strings of the registry.
+    shared: Interner,
     pending: usize,
     rollouts: BTreeMap<RolloutId, Live>,
     ops: OpsParser,
@@ -179,6 +183,7 @@ impl Engine {
             s,
             store,
             devices: HashMap::new(),
+            shared: Interner::default(),
             pending: 0,
             rollouts: BTreeMap::new(),
             ops,
@@ -192,6 +197,10 @@ impl Engine {
             d.online = false;
             if d.enrollment == Enrollment::Pending {
                 e.pending += 1;
+            }
+            d.share(&mut e.shared);
+            if d.fleet == e.s.fleet {
+                d.fleet = e.s.fleet.clone();
             }
             e.devices.insert(d.id.clone(), d);
         }
@@ -417,6 +426,51 @@ impl Engine {
         reply: ReplyTo,
         now: u64,
     ) -> Result<Vec<Out>, EngineError> {
+        self.handle_checked(topic, payload, reply, now, Precheck::None)
+    }
+
+    /// Verifies a device message's signature against the registry as it is
+    /// now, without changing anything: safe to run on other threads before
+    /// [`Engine::handle_checked`] (see [`crate::precheck`]).
+    pub fn precheck(&self, topic: &str, payload: &[u8], now: u64) -> Precheck {
+        let Ok(parsed) = self.s.topics.parse(topic) else {
+            return Precheck::None;
+        };
+        let (Topic::Report { device } | Topic::Hello { device }) = &parsed else {
+            return Precheck::None;
+        };
+        let Ok(env) = UnverifiedEnvelope::parse(payload) else {
+            return Precheck::None;
+        };
+        let key = self.devices.get(device).map(|d| d.key);
+        match parsed {
+            Topic::Report { .. } => match key {
+                Some(key) if env.kind() != Some(MessageKind::Unsupported) => Precheck::Report {
+                    key,
+                    result: env.verify::<Report>(&key, now),
+                },
+                _ => Precheck::None,
+            },
+            _ => Precheck::Hello {
+                key,
+                result: match &key {
+                    Some(k) => env.verify::<Hello>(k, now),
+                    None => Hello::verify_self_signed(&env, now),
+                },
+            },
+        }
+    }
+
+    /// [`Engine::handle`] with a signature check made earlier (used only if it
+    /// was made with the key the device has now).
+    pub fn handle_checked(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        reply: ReplyTo,
+        now: u64,
+        pre: Precheck,
+    ) -> Result<Vec<Out>, EngineError> {
         let parsed = match self.s.topics.parse(topic) {
             Ok(t) => t,
             Err(e) => {
@@ -425,8 +479,8 @@ impl Engine {
             }
         };
         match parsed {
-            Topic::Hello { device } => self.on_hello(&device, payload, now),
-            Topic::Report { device } => self.on_report(&device, payload, now),
+            Topic::Hello { device } => self.on_hello(&device, payload, now, pre),
+            Topic::Report { device } => self.on_report(&device, payload, now, pre),
             Topic::Online { device } => {
                 self.on_online(&device, payload, now);
                 Ok(vec![])
@@ -466,6 +520,7 @@ impl Engine {
         topic_device: &DeviceId,
         payload: &[u8],
         now: u64,
+        pre: Precheck,
     ) -> Result<Vec<Out>, EngineError> {
         let env = match UnverifiedEnvelope::parse(payload) {
             Ok(e) => e,
@@ -474,9 +529,13 @@ impl Engine {
                 return Ok(vec![]);
             }
         };
-        let verified = match self.devices.get(topic_device) {
-            Some(d) => env.verify::<Hello>(&d.key, now),
-            None => Hello::verify_self_signed(&env, now),
+        let key = self.devices.get(topic_device).map(|d| d.key);
+        let verified = match pre.hello_with(key.as_ref()) {
+            Some(checked) => checked,
+            None => match &key {
+                Some(k) => env.verify::<Hello>(k, now),
+                None => Hello::verify_self_signed(&env, now),
+            },
         };
         let v = match verified {
             Ok(v) => v,
@@ -528,7 +587,7 @@ impl Engine {
                     self.reject(e.reason(), "hello", &e);
                     return Ok(vec![]);
                 }
-                d.update_from_hello(&h, now);
+                d.update_from_hello(&h, now, &mut self.shared);
                 newly_approved = d.enrollment == Enrollment::Pending && token_ok;
                 if newly_approved {
                     d.enrollment = Enrollment::Approved;
@@ -554,10 +613,11 @@ impl Engine {
                     info!(device = %h.device, "device awaits approval");
                 }
                 newly_approved = enrollment == Enrollment::Approved;
-                self.devices.insert(
-                    h.device.clone(),
-                    DeviceRecord::from_hello(&h, v.header.seq, now, enrollment),
-                );
+                let mut rec =
+                    DeviceRecord::from_hello(&h, v.header.seq, now, enrollment, &mut self.shared);
+                // The same fleet as ours (checked above): share our copy.
+                rec.fleet = self.s.fleet.clone();
+                self.devices.insert(h.device.clone(), rec);
             }
         }
         self.counters.hellos += 1;
@@ -585,6 +645,7 @@ impl Engine {
         topic_device: &DeviceId,
         payload: &[u8],
         now: u64,
+        pre: Precheck,
     ) -> Result<Vec<Out>, EngineError> {
         let env = match UnverifiedEnvelope::parse(payload) {
             Ok(e) => e,
@@ -604,7 +665,10 @@ impl Engine {
             }
             return Ok(vec![]);
         }
-        let v = match env.verify::<Report>(&d.key, now) {
+        let checked = pre
+            .report_with(&d.key)
+            .unwrap_or_else(|| env.verify::<Report>(&d.key, now));
+        let v = match checked {
             Ok(v) => v,
             Err(e) => {
                 self.reject(
@@ -822,7 +886,7 @@ impl Engine {
                     let key = d
                         .running
                         .map_or_else(|| "none".to_string(), |r| r.to_string());
-                    for l in &d.labels {
+                    for l in d.labels.iter() {
                         *by_label
                             .entry(format!("{}={}", l.key, l.value))
                             .or_default()

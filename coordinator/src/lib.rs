@@ -12,6 +12,7 @@ pub mod k8s;
 pub mod keyfile;
 pub mod metrics;
 pub mod ops;
+pub mod precheck;
 pub mod rollout;
 pub mod server;
 pub mod store;

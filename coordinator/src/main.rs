@@ -102,6 +102,9 @@ struct Cli {
     /// How often rollouts are evaluated.
     #[arg(long, env = "SWELL_TICK")]
     tick: Option<String>,
+    /// Threads that verify device signatures (default: one per core).
+    #[arg(long, env = "SWELL_VERIFY_THREADS")]
+    verify_threads: Option<usize>,
     /// Log format: text or json.
     #[arg(long, env = "SWELL_LOG_FORMAT")]
     log_format: Option<String>,
@@ -153,6 +156,7 @@ struct FileConfig {
     beacon_interval: Option<String>,
     manifest_ttl: Option<String>,
     tick: Option<String>,
+    verify_threads: Option<usize>,
     log_format: Option<String>,
     http_addr: Option<String>,
     kubernetes: Option<bool>,
@@ -377,6 +381,7 @@ fn config(cli: Cli) -> Result<Config> {
         loop_cfg: LoopConfig {
             tick: dur("--tick", cli.tick.or(file.tick), "1s")?,
             beacon_interval,
+            verify_threads: cli.verify_threads.or(file.verify_threads).unwrap_or(0),
         },
         json_logs: log_format == "json",
     })

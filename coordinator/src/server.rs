@@ -8,6 +8,7 @@
 use crate::engine::{Engine, EngineError, Forwarded, Out, ReplyTo};
 use crate::metrics::Metrics;
 use crate::ops::Op;
+use crate::precheck::{default_threads, precheck_all};
 use crate::transport::mqtt::{self, Incoming, MqttConfig};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
@@ -29,6 +30,18 @@ pub const BATCH: usize = 512;
 pub struct LoopConfig {
     pub tick: Duration,
     pub beacon_interval: Duration,
+    /// Threads that verify device signatures (0: one per core).
+    pub verify_threads: usize,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            tick: Duration::from_millis(200),
+            beacon_interval: Duration::from_secs(30),
+            verify_threads: 0,
+        }
+    }
 }
 
 /// How often fleet gauges (a walk of the registry) are refreshed.
@@ -211,6 +224,10 @@ pub async fn run_with(
         metrics,
         mut leading,
     } = hooks;
+    let verify_threads = match cfg.verify_threads {
+        0 => default_threads(),
+        n => n,
+    };
     if forward.is_some() {
         engine.forward_rollout_ops(true);
     }
@@ -321,36 +338,38 @@ pub async fn run_with(
                 let started = std::time::Instant::now();
                 let size = batch.len();
                 let mut outs = Vec::new();
-                let mut acks = Vec::new();
-                // Gates are evaluated every STEP_EVERY reports, not only once per
-                // batch: the report that completes a gate moves the rollout after
-                // at most that many more verifications, not a whole batch and flush.
-                let mut chunk_started = std::time::Instant::now();
-                let mut in_chunk = 0usize;
+                let mut acks = Vec::with_capacity(batch.len());
                 for m in batch {
                     match m {
                         Incoming::Connected { session_present } => {
                             publish(&client, Out { topic: online_topic.clone(), payload: b"online".to_vec(), retain: true, correlation: None });
                             debug!(session_present, "session ready");
                         }
-                        Incoming::Publish(p) => {
-                            let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                            let reply = ReplyTo {
-                                response_topic: p.properties.as_ref().and_then(|pr| pr.response_topic.clone()),
-                                correlation: p.properties.as_ref().and_then(|pr| pr.correlation_data.as_ref().map(|b| b.to_vec())),
-                            };
-                            outs.extend(engine.handle(&topic, &p.payload, reply, now)?);
-                            acks.push(p);
-                            in_chunk += 1;
-                        }
+                        Incoming::Publish(p) => acks.push(p),
                     }
-                    if in_chunk == STEP_EVERY {
+                }
+                // Gates are evaluated every STEP_EVERY reports, not only once per
+                // batch: the report that completes a gate moves the rollout after
+                // at most that many more verifications, not a whole batch and flush.
+                // Each chunk's signatures are checked on all verify threads first.
+                let mut chunk_started = std::time::Instant::now();
+                for chunk in acks.chunks(STEP_EVERY) {
+                    let topics: Vec<String> = chunk.iter().map(|p| String::from_utf8_lossy(&p.topic).into_owned()).collect();
+                    let msgs: Vec<(&str, &[u8])> = topics.iter().zip(chunk).map(|(t, p)| (t.as_str(), &p.payload[..])).collect();
+                    let checked = precheck_all(&engine, &msgs, now, verify_threads);
+                    for ((topic, p), pre) in topics.iter().zip(chunk).zip(checked) {
+                        let reply = ReplyTo {
+                            response_topic: p.properties.as_ref().and_then(|pr| pr.response_topic.clone()),
+                            correlation: p.properties.as_ref().and_then(|pr| pr.correlation_data.as_ref().map(|b| b.to_vec())),
+                        };
+                        outs.extend(engine.handle_checked(topic, &p.payload, reply, now, pre)?);
+                    }
+                    if chunk.len() == STEP_EVERY {
                         // In order: what the chunk produced (a create's first
                         // manifest) goes out before anything a step publishes.
                         sink.send_all(std::mem::take(&mut outs));
                         step(&mut engine, &sink, &manifest_prefix, metrics.as_deref(), chunk_started, now)?;
                         chunk_started = std::time::Instant::now();
-                        in_chunk = 0;
                     }
                 }
                 engine.flush()?;

@@ -8,6 +8,7 @@ use common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use swell_coordinator::engine::{Engine, ReplyTo};
+use swell_coordinator::precheck::{Precheck, precheck_all};
 use swell_coordinator::server::unix_now;
 use swell_coordinator::store::SledStore;
 use swell_protocol::envelope::{Audience, Stamp, seal};
@@ -377,4 +378,145 @@ fn engine_hello_and_report_sequences_are_independent() {
     );
     assert_eq!(t.rejected("replayed"), 0);
     assert_eq!(t.healthy("r"), 1);
+}
+
+/// One chunk through `precheck_all` (several threads) and `handle_checked`.
+fn send_chunk(t: &mut T, msgs: &[(String, Vec<u8>)], threads: usize) -> Vec<bool> {
+    let refs: Vec<(&str, &[u8])> = msgs.iter().map(|(t, p)| (t.as_str(), &p[..])).collect();
+    let checked = precheck_all(&t.e, &refs, t.now, threads);
+    assert_eq!(checked.len(), msgs.len());
+    let used: Vec<bool> = checked
+        .iter()
+        .map(|c| !matches!(c, Precheck::None))
+        .collect();
+    for ((topic, payload), pre) in msgs.iter().zip(checked) {
+        t.e.handle_checked(topic, payload, ReplyTo::default(), t.now, pre)
+            .unwrap();
+    }
+    used
+}
+
+// Signatures checked on other threads must not change a single decision: the
+// same chunk, one message at a time and prechecked on 4 threads, ends in the
+// same counters, registry and rollout state. The chunk has the cases where a
+// precheck goes stale inside the chunk (a device enrolled earlier in it; a
+// second Hello for it under another key, self-signed and "valid" when checked).
+#[test]
+fn engine_prechecked_chunk_decides_exactly_like_one_at_a_time() {
+    let rel = release(2, "2.0.0");
+    let id = rel.id();
+    let setup = |t: &mut T| {
+        for i in 0..20 {
+            t.send(
+                topic_hello(i),
+                &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+            );
+        }
+        let r = t.command(create_cmd("r", &rel, &["100%"], json!({})));
+        assert_eq!(r["ok"], true, "{r}");
+    };
+    let mut chunk: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..20 {
+        chunk.push((
+            topic_report(i),
+            report(i, &key(i), 2, "r", id, Phase::Committed, 0),
+        ));
+    }
+    // New device 30 enrolls and reports in the same chunk; an impostor's
+    // self-signed Hello for it follows.
+    chunk.push((
+        topic_hello(30),
+        hello(30, &key(30), 1, Some(TOKEN), "plant-7"),
+    ));
+    chunk.push((
+        topic_report(30),
+        report(30, &key(30), 2, "r", id, Phase::Committed, 0),
+    ));
+    chunk.push((
+        topic_hello(30),
+        hello(30, &key(31), 2, Some(TOKEN), "plant-7"),
+    ));
+    // Replay inside the chunk, forgery, expiry, unknown device, garbage.
+    chunk.push((
+        topic_report(3),
+        report(3, &key(3), 2, "r", id, Phase::Committed, 0),
+    ));
+    chunk.push((
+        topic_report(4),
+        report(4, &key(5), 3, "r", id, Phase::Committed, 0),
+    ));
+    let now = unix_now();
+    chunk.push((
+        topic_report(6),
+        report(6, &key(6), 3, "r", id, Phase::Committed, now - 1),
+    ));
+    chunk.push((
+        topic_report(40),
+        report(40, &key(40), 2, "r", id, Phase::Committed, 0),
+    ));
+    chunk.push((topic_report(7), b"\x01garbage".to_vec()));
+
+    let mut one = T::new();
+    setup(&mut one);
+    for (topic, payload) in &chunk {
+        one.send(topic.clone(), payload);
+    }
+    let mut many = T::new();
+    setup(&mut many);
+    let used = send_chunk(&mut many, &chunk, 4);
+    assert!(
+        used[..20].iter().all(|u| *u),
+        "known devices' reports were prechecked"
+    );
+
+    assert_eq!(many.e.counters.reports, one.e.counters.reports);
+    assert_eq!(many.e.counters.hellos, one.e.counters.hellos);
+    assert_eq!(many.e.counters.rejected, one.e.counters.rejected);
+    assert_eq!(many.healthy("r"), one.healthy("r"));
+    assert_eq!(many.e.device(&dev(30)).unwrap().key, key(30).public());
+    assert_eq!(one.e.device(&dev(30)).unwrap().key, key(30).public());
+    assert_eq!(
+        many.healthy("r"),
+        21,
+        "20 known devices and the one enrolled in the chunk"
+    );
+    for reason in [
+        "forged",
+        "replayed",
+        "expired",
+        "unknown_device",
+        "malformed",
+    ] {
+        assert!(
+            many.rejected(reason) >= 1,
+            "{reason}: {:?}",
+            many.e.counters.rejected
+        );
+    }
+}
+
+// A precheck counts only with the key the device has when it is applied.
+#[test]
+fn engine_ignores_a_precheck_made_with_another_key() {
+    let mut t = T::new();
+    t.send(
+        topic_hello(0),
+        &hello(0, &key(0), 1, Some(TOKEN), "plant-7"),
+    );
+    let rel = release(2, "2.0.0");
+    let r = t.command(create_cmd("r", &rel, &["100%"], json!({})));
+    assert_eq!(r["ok"], true, "{r}");
+    // Signed by key 5; "verified" with key 5 by a stale or wrong precheck.
+    let forged = report(0, &key(5), 2, "r", rel.id(), Phase::Committed, 0);
+    let env = swell_protocol::envelope::UnverifiedEnvelope::parse(&forged).unwrap();
+    let pre = Precheck::Report {
+        key: key(5).public(),
+        result: env.verify::<Report>(&key(5).public(), t.now),
+    };
+    assert!(matches!(&pre, Precheck::Report { result: Ok(_), .. }));
+    t.e.handle_checked(&topic_report(0), &forged, ReplyTo::default(), t.now, pre)
+        .unwrap();
+    assert_eq!(t.rejected("forged"), 1);
+    assert_eq!(t.healthy("r"), 0);
+    assert_eq!(t.e.counters.reports, 0);
 }

@@ -146,6 +146,7 @@ async fn start_wired(
             LoopConfig {
                 tick: Duration::from_millis(200),
                 beacon_interval: beacon,
+                ..LoopConfig::default()
             },
             c,
             ready_tx,

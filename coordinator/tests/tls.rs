@@ -42,6 +42,7 @@ async fn run_coordinator(
         let lc = LoopConfig {
             tick: Duration::from_millis(200),
             beacon_interval: Duration::from_secs(10),
+            ..LoopConfig::default()
         };
         server::run(engine, initial, cfg, lc, c, tx).await.unwrap();
     });

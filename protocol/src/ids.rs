@@ -7,6 +7,7 @@ use crate::hexser::byte_newtype;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest identifier, in bytes.
 pub const MAX_ID_LEN: usize = 63;
@@ -48,19 +49,22 @@ pub fn validate_id(what: &'static str, s: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+// Shared text (`Arc<str>`): the coordinator keeps one id per device in its
+// registry and again in every rollout's tracker; a clone is a reference count,
+// not another allocation.
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Validates and wraps `s`.
             pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
                 let s = s.into();
                 validate_id($what, &s)?;
-                Ok(Self(s))
+                Ok(Self(Arc::from(s)))
             }
             /// The identifier text.
             pub fn as_str(&self) -> &str {
@@ -81,7 +85,7 @@ macro_rules! string_id {
         }
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
         impl fmt::Display for $name {

@@ -1,7 +1,9 @@
 //! Device registry: one small record per device, keyed by id, with the key bound
 //! at enrollment (MQTT-6) and the report counter floor (replays are dropped).
 
+use super::interner::Interner;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::Hello;
 use swell_protocol::{DeviceId, FleetId, PublicKey, ReleaseId};
@@ -21,9 +23,10 @@ pub struct DeviceRecord {
     pub fleet: FleetId,
     pub key: PublicKey,
     pub enrollment: Enrollment,
-    pub labels: Vec<Label>,
-    pub hardware: String,
-    pub agent_version: String,
+    /// Shared with the devices that announce the same (see [`Interner`]).
+    pub labels: Arc<[Label]>,
+    pub hardware: Arc<str>,
+    pub agent_version: Arc<str>,
     pub running: Option<ReleaseId>,
     /// Highest envelope `seq` accepted in the device's reports.
     pub last_seq: u64,
@@ -70,15 +73,21 @@ impl RegistryError {
 
 impl DeviceRecord {
     /// A record for a device seen for the first time.
-    pub fn from_hello(h: &Hello, seq: u64, now: u64, enrollment: Enrollment) -> Self {
+    pub fn from_hello(
+        h: &Hello,
+        seq: u64,
+        now: u64,
+        enrollment: Enrollment,
+        shared: &mut Interner,
+    ) -> Self {
         DeviceRecord {
             id: h.device.clone(),
             fleet: h.fleet.clone(),
             key: h.key,
             enrollment,
-            labels: h.labels.clone(),
-            hardware: h.hardware.clone(),
-            agent_version: h.agent_version.clone(),
+            labels: shared.labels(&h.labels),
+            hardware: shared.str(&h.hardware),
+            agent_version: shared.str(&h.agent_version),
             running: h.running,
             last_seq: 0,
             last_hello_seq: seq,
@@ -115,13 +124,23 @@ impl DeviceRecord {
     }
 
     /// Takes the announced facts of a verified Hello from the enrolled key.
-    pub fn update_from_hello(&mut self, h: &Hello, now: u64) {
-        self.labels = h.labels.clone();
-        self.hardware = h.hardware.clone();
-        self.agent_version = h.agent_version.clone();
+    pub fn update_from_hello(&mut self, h: &Hello, now: u64, shared: &mut Interner) {
+        self.labels = shared.labels(&h.labels);
+        self.hardware = shared.str(&h.hardware);
+        self.agent_version = shared.str(&h.agent_version);
         self.running = h.running;
         self.boot = h.boot;
         self.online = true;
         self.last_seen = now;
+    }
+}
+
+impl DeviceRecord {
+    /// Shares this record's announced strings (a record read back from the
+    /// store has its own copies).
+    pub fn share(&mut self, shared: &mut Interner) {
+        self.labels = shared.labels(&self.labels);
+        self.hardware = shared.str(&self.hardware);
+        self.agent_version = shared.str(&self.agent_version);
     }
 }

@@ -7,7 +7,7 @@
 use crate::rollout::health_gate::WaveCounts;
 use crate::rollout::planner::WavePlan;
 use crate::rollout::state::Observations;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use swell_protocol::cohort::{self, Selector};
 use swell_protocol::messages::Phase;
 use swell_protocol::{DeviceId, ReleaseId, RolloutId};
@@ -55,8 +55,9 @@ pub struct Tracker {
     open_below: u64,
     started: bool,
     members: HashMap<DeviceId, Member>,
-    /// Members not opened yet, by bucket (for `max_in_flight` sub-steps).
-    closed: BTreeMap<u64, Vec<DeviceId>>,
+    /// Members not opened yet, by bucket, ties broken by id (for
+    /// `max_in_flight` sub-steps).
+    closed: BTreeSet<(u64, DeviceId)>,
     counts: Vec<WaveCounts>,
 }
 
@@ -78,7 +79,7 @@ impl Tracker {
             open_below: 0,
             started: false,
             members: HashMap::new(),
-            closed: BTreeMap::new(),
+            closed: BTreeSet::new(),
             counts: vec![WaveCounts::default(); waves],
         }
     }
@@ -116,10 +117,7 @@ impl Tracker {
         };
         let open = self.is_open(&m);
         if !open {
-            self.closed
-                .entry(m.bucket)
-                .or_default()
-                .push(device.clone());
+            self.closed.insert((m.bucket, device.clone()));
         }
         self.members.insert(device.clone(), m);
         if open && online {
@@ -163,13 +161,15 @@ impl Tracker {
             );
         }
         let limit = self.open_below;
-        let opened = if limit == u64::MAX {
-            std::mem::take(&mut self.closed)
+        if limit == u64::MAX {
+            newly.extend(std::mem::take(&mut self.closed).into_iter().map(|(_, d)| d));
         } else {
-            let keep = self.closed.split_off(&limit);
-            std::mem::replace(&mut self.closed, keep)
-        };
-        newly.extend(opened.into_values().flatten());
+            while self.closed.first().is_some_and(|(b, _)| *b < limit) {
+                if let Some((_, d)) = self.closed.pop_first() {
+                    newly.push(d);
+                }
+            }
+        }
         for d in newly {
             if online(&d) {
                 self.mark_seen(&d);
@@ -237,8 +237,9 @@ impl Tracker {
         // starts exactly `budget` more devices (bucket ties open together).
         let next = self
             .closed
-            .range(self.open_below..)
-            .flat_map(|(b, ds)| ds.iter().map(move |_| *b))
+            .iter()
+            .map(|(b, _)| *b)
+            .skip_while(|b| *b < self.open_below)
             .nth(budget);
         Some(next.map_or(wave_target, |b| b.min(wave_target)))
     }

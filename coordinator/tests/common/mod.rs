@@ -174,6 +174,7 @@ pub async fn start_coordinator_in(b: &TestBroker, s: Settings, dir: tempfile::Te
             LoopConfig {
                 tick: Duration::from_millis(200),
                 beacon_interval: Duration::from_secs(10),
+                ..LoopConfig::default()
             },
             c,
             ready_tx,
