@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 /// Config Swell tests and ships with: the defaults (20 in flight, 1000 queued) drop
 /// QoS 1 messages a busy subscriber cannot take at once while still acknowledging
-/// them to the publishers.
+/// them to the publishers. The queue must hold the coordinator's share of a mass
+/// reconnect: a Hello and an online flag per device (a 1,000,000-device fleet
+/// overran a 1,000,000 queue and half of it never enrolled).
 pub const TUNED_LIMITS: &str = "\
 max_inflight_messages 0
-max_queued_messages 1000000
+max_queued_messages 10000000
 max_queued_bytes 0
 message_size_limit 1048576
 persistence false
