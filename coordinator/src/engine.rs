@@ -12,6 +12,7 @@
 use crate::fleet::interner::Interner;
 use crate::fleet::registry::{DeviceRecord, Enrollment, RegistryError};
 use crate::fleet::tracker::Tracker;
+use crate::log_gate::LogGate;
 use crate::ops::{self, Op, OpsParser, Refused, Request};
 use crate::precheck::Precheck;
 use crate::rollout::spec::RolloutSpec;
@@ -20,14 +21,14 @@ use crate::store::{DecisionEntry, RolloutRecord, Store, StoreError, StoredReport
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use swell_protocol::envelope::{Audience, EnvelopeError, Stamp, UnverifiedEnvelope, seal};
 use swell_protocol::messages::{
     Beacon, Hello, KeyList, Manifest, Release, Report, RolloutState as ManifestState,
 };
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::{Topic, Topics};
-use swell_protocol::{DeviceId, FleetId, MessageKind, RolloutId, SecretKey, version};
+use swell_protocol::{DeviceId, FleetId, MessageKind, PublicKey, RolloutId, SecretKey, version};
 use tracing::{info, warn};
 
 /// Most devices waiting for approval at once (a flood of Hellos cannot grow the
@@ -118,7 +119,8 @@ pub struct Engine {
     rollouts: BTreeMap<RolloutId, Live>,
     ops: OpsParser,
     pub counters: Counters,
-    log_gate: HashMap<&'static str, (Instant, u64)>,
+    /// One log line per reason every 10 s.
+    log_gate: HashMap<&'static str, LogGate>,
     /// Set in Kubernetes mode: rollout commands go to the controller.
     forward_rollout_ops: bool,
     forwarded: Vec<Forwarded>,
@@ -403,17 +405,12 @@ impl Engine {
 
     fn reject(&mut self, reason: &'static str, what: &str, detail: &dyn std::fmt::Display) {
         *self.counters.rejected.entry(reason).or_default() += 1;
-        // At most one line per reason every 10 s, saying how many were suppressed.
-        let now = Instant::now();
-        let entry = self
-            .log_gate
-            .entry(reason)
-            .or_insert((now - Duration::from_secs(60), 0));
-        if now.duration_since(entry.0) >= Duration::from_secs(10) {
-            warn!(reason, suppressed = entry.1, "rejected {what}: {detail}");
-            *entry = (now, 0);
-        } else {
-            entry.1 += 1;
+        if let Some(g) = self.log_gate.entry(reason).or_default().hit() {
+            warn!(
+                reason,
+                suppressed = g.suppressed,
+                "rejected {what}: {detail}"
+            );
         }
     }
 
@@ -453,10 +450,7 @@ impl Engine {
             },
             _ => Precheck::Hello {
                 key,
-                result: match &key {
-                    Some(k) => env.verify::<Hello>(k, now),
-                    None => Hello::verify_self_signed(&env, now),
-                },
+                result: verify_hello(&env, key.as_ref(), now),
             },
         }
     }
@@ -530,13 +524,9 @@ impl Engine {
             }
         };
         let key = self.devices.get(topic_device).map(|d| d.key);
-        let verified = match pre.hello_with(key.as_ref()) {
-            Some(checked) => checked,
-            None => match &key {
-                Some(k) => env.verify::<Hello>(k, now),
-                None => Hello::verify_self_signed(&env, now),
-            },
-        };
+        let verified = pre
+            .hello_with(key.as_ref())
+            .unwrap_or_else(|| verify_hello(&env, key.as_ref(), now));
         let v = match verified {
             Ok(v) => v,
             Err(e) => {
@@ -1296,6 +1286,18 @@ impl Engine {
 
     pub fn rollout_state(&self, id: &RolloutId) -> Option<&RolloutState> {
         self.rollouts.get(id).map(|l| &l.rec.state)
+    }
+}
+
+/// A Hello is checked with the enrolled key, or self-signed from a new device.
+fn verify_hello(
+    env: &UnverifiedEnvelope<'_>,
+    enrolled: Option<&PublicKey>,
+    now: u64,
+) -> Result<swell_protocol::envelope::Verified<Hello>, EnvelopeError> {
+    match enrolled {
+        Some(k) => env.verify::<Hello>(k, now),
+        None => Hello::verify_self_signed(env, now),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod http;
 #[cfg(feature = "kube")]
 pub mod k8s;
 pub mod keyfile;
+pub mod log_gate;
 pub mod metrics;
 pub mod ops;
 pub mod precheck;

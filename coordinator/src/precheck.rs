@@ -79,14 +79,17 @@ pub fn precheck_all(
     let per = msgs
         .len()
         .div_ceil(threads.min(msgs.len() / (MIN_PARALLEL / 2)).max(1));
+    let parts: Vec<&[(&str, &[u8])]> = msgs.chunks(per).collect();
+    let (first, rest) = parts
+        .split_first()
+        .map_or((&[][..], &[][..]), |(f, r)| (*f, r));
     std::thread::scope(|scope| {
-        let mut parts = msgs.chunks(per);
-        let first = parts.next().unwrap_or_default();
-        let workers: Vec<_> = parts
+        let workers: Vec<_> = rest
+            .iter()
             .map(|part| scope.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
             .collect();
         let mut out: Vec<Precheck> = first.iter().map(one).collect();
-        for (w, part) in workers.into_iter().zip(msgs.chunks(per).skip(1)) {
+        for (w, part) in workers.into_iter().zip(rest) {
             match w.join() {
                 Ok(v) => out.extend(v),
                 // A panicking check must not lose the messages: the engine

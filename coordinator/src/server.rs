@@ -6,6 +6,7 @@
 //! replay the engine already ignores (device `seq` floors).
 
 use crate::engine::{Engine, EngineError, Forwarded, Out, ReplyTo};
+use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::ops::Op;
 use crate::precheck::{default_threads, precheck_all};
@@ -119,40 +120,8 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// At most one log line every 10 s for a failure that repeats per message (a
-/// full request queue fails every ack and publish of a batch: a million-device
-/// reconnect once wrote 6.9 million identical lines), with the running total.
-struct Throttle {
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-    total: std::sync::atomic::AtomicU64,
-}
-
-impl Throttle {
-    const fn new() -> Self {
-        Throttle {
-            last: std::sync::Mutex::new(None),
-            total: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Counts one failure; `Some(total)` when a line may be written now.
-    fn hit(&self) -> Option<u64> {
-        let total = self
-            .total
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
-            return None;
-        }
-        *last = Some(now);
-        Some(total)
-    }
-}
-
-static ACKS_NOT_SENT: Throttle = Throttle::new();
-static PUBLISHES_DROPPED: Throttle = Throttle::new();
+static ACKS_NOT_SENT: LogGate = LogGate::new();
+static PUBLISHES_DROPPED: LogGate = LogGate::new();
 
 fn publish(client: &rumqttc::v5::AsyncClient, out: Out) {
     let props = out.correlation.map(|c| PublishProperties {
@@ -171,10 +140,10 @@ fn publish(client: &rumqttc::v5::AsyncClient, out: Out) {
         None => client.try_publish(out.topic, QoS::AtLeastOnce, out.retain, out.payload),
     };
     if let Err(e) = r
-        && let Some(total) = PUBLISHES_DROPPED.hit()
+        && let Some(g) = PUBLISHES_DROPPED.hit()
     {
         // Visible load shedding: the request queue to the broker is full.
-        error!(%topic, error = %e, total, "publish dropped");
+        error!(%topic, error = %e, suppressed = g.suppressed, total = g.total, "publish dropped");
     }
 }
 
@@ -412,10 +381,10 @@ pub async fn run_with(
                 engine.flush()?;
                 for p in &acks {
                     if let Err(e) = client.try_ack(p)
-                        && let Some(total) = ACKS_NOT_SENT.hit()
+                        && let Some(g) = ACKS_NOT_SENT.hit()
                     {
                         // The broker redelivers it; the engine drops the replay.
-                        warn!(error = %e, total, "ack not sent");
+                        warn!(error = %e, suppressed = g.suppressed, total = g.total, "ack not sent");
                     }
                 }
                 sink.send_all(outs);
@@ -463,20 +432,4 @@ pub async fn run_with(
     let _ = client.try_disconnect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn throttle_writes_one_line_per_interval_and_counts_all() {
-        let t = Throttle::new();
-        assert_eq!(t.hit(), Some(1));
-        for _ in 0..1_000 {
-            assert_eq!(t.hit(), None);
-        }
-        *t.last.lock().unwrap() = Some(std::time::Instant::now() - Duration::from_secs(11));
-        assert_eq!(t.hit(), Some(1_002));
-    }
 }

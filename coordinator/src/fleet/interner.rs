@@ -48,7 +48,8 @@ impl Interner {
     }
 
     /// Distinct values held now (strings, label sets).
-    pub fn len(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn len(&self) -> (usize, usize) {
         (self.strs.len(), self.labels.len())
     }
 }
