@@ -42,6 +42,11 @@ impl LogGate {
         }
     }
 
+    /// Failures since the start.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
     /// Counts one failure; `Some` when a line may be written now.
     pub fn hit(&self) -> Option<Open> {
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;

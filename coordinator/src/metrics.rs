@@ -29,6 +29,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabel {
+    what: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -62,6 +67,8 @@ pub struct Metrics {
     batch_seconds: Histogram,
     batch_size: Histogram,
     gate_latency: Histogram,
+    mqtt_dropped: Family<WhatLabel, Counter>,
+    mqtt_unacked: Gauge,
     /// Raw gate-to-manifest samples (seconds) for benchmarks, capped.
     gate_samples: Mutex<Vec<f64>>,
     last: Mutex<Counters>,
@@ -93,6 +100,8 @@ impl Metrics {
             batch_seconds: Histogram::new(exponential_buckets(0.000_1, 4.0, 9)),
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 6)),
             gate_latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            mqtt_dropped: Family::default(),
+            mqtt_unacked: Gauge::default(),
             gate_samples: Mutex::new(Vec::new()),
             last: Mutex::new(Counters::default()),
             heartbeat: AtomicU64::new(0),
@@ -151,6 +160,16 @@ impl Metrics {
             "gate_to_manifest_seconds",
             "From receiving the batch of reports that let a rollout move to publishing its next manifest",
             m.gate_latency.clone(),
+        );
+        r.register(
+            "mqtt_dropped",
+            "Acks and publishes the MQTT session could not queue (its request queue was full)",
+            m.mqtt_dropped.clone(),
+        );
+        r.register(
+            "mqtt_unacked",
+            "QoS 1 messages received from the broker and not yet acknowledged",
+            m.mqtt_unacked.clone(),
         );
         let m = Metrics { registry: r, ..m };
         m.set_lease(LeaseState::NotUsed);
@@ -247,6 +266,18 @@ impl Metrics {
         }
     }
 
+    /// The MQTT session's totals: acks and publishes dropped, messages unacked.
+    pub fn observe_mqtt(&self, acks_dropped: u64, publishes_dropped: u64, unacked: u64) {
+        for (what, total) in [("ack", acks_dropped), ("publish", publishes_dropped)] {
+            let c = self
+                .mqtt_dropped
+                .get_or_create(&WhatLabel { what: what.into() });
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+        self.mqtt_unacked
+            .set(i64::try_from(unacked).unwrap_or(i64::MAX));
+    }
+
     pub fn set_connected(&self, up: bool) {
         self.connected.set(i64::from(up));
     }
@@ -319,5 +350,22 @@ mod tests {
             text.contains("swell_rollouts{phase=\"completed\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn mqtt_totals_become_counters_and_a_gauge() {
+        let m = Metrics::new();
+        m.observe_mqtt(3, 0, 2_048);
+        m.observe_mqtt(10, 1, 5);
+        let text = m.encode();
+        assert!(
+            text.contains("swell_mqtt_dropped_total{what=\"ack\"} 10"),
+            "{text}"
+        );
+        assert!(
+            text.contains("swell_mqtt_dropped_total{what=\"publish\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("swell_mqtt_unacked 5"), "{text}");
     }
 }

@@ -268,6 +268,7 @@ pub async fn run_with(
         .trim_end_matches('+')
         .to_string();
     let mut connected = session.connected.clone();
+    let flow = session.flow.clone();
     // Queued in order before anything a tick may publish (rumqttc sends them once
     // connected): a restarted coordinator must never publish an older manifest
     // after a newer one.
@@ -329,6 +330,7 @@ pub async fn run_with(
             _ = gauges.tick() => {
                 if let Some(m) = &metrics {
                     m.observe_gauges(&engine.gauges());
+                    m.observe_mqtt(ACKS_NOT_SENT.total(), PUBLISHES_DROPPED.total(), flow.unacked());
                 }
             }
             msg = incoming.recv() => {

@@ -6,8 +6,10 @@
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -131,6 +133,41 @@ pub struct Session {
     pub incoming: mpsc::Receiver<Incoming>,
     /// Whether the broker connection is up (for readiness).
     pub connected: watch::Receiver<bool>,
+    pub flow: Arc<Flow>,
+}
+
+/// QoS 1 publishes received and acks written by a session, since it started.
+/// Their difference is what the broker waits on; it grew to 3,000,000 when
+/// rumqttc wrote one ack per turn (vendor/README.md).
+#[derive(Debug, Default)]
+pub struct Flow {
+    received: AtomicU64,
+    acked: AtomicU64,
+}
+
+impl Flow {
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+    /// Received and not yet acknowledged.
+    pub fn unacked(&self) -> u64 {
+        self.received().saturating_sub(self.acked())
+    }
+    /// Counts what an event of the event loop says.
+    pub fn note(&self, event: &Event) {
+        match event {
+            Event::Incoming(Packet::Publish(p)) if p.qos != QoS::AtMostOnce => {
+                self.received.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Outgoing(rumqttc::Outgoing::PubAck(_)) => {
+                self.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -187,6 +224,22 @@ pub fn options(cfg: &MqttConfig, will: Option<LastWill>) -> MqttOptions {
     opts
 }
 
+/// Counts any packet from the broker as proof that the connection is alive.
+///
+/// rumqttc drops the connection when a keep-alive interval passes without a
+/// PINGRESP, even while publishes stream in. A broker with a backlog for this
+/// client queues the PINGRESP behind it: in the 1,000,000-device benchmark
+/// Mosquitto 2.0.11 had sent the coordinator hundreds of thousands of Hellos
+/// beyond its Receive Maximum, the PINGRESP arrived more than 30 s later, and
+/// every reconnect redelivered the whole burst (38 reconnects, no progress).
+/// A dead connection still fails: with no packet at all for two keep-alive
+/// intervals the next ping raises the error.
+pub fn note_inbound(eventloop: &mut EventLoop, event: &Event) {
+    if matches!(event, Event::Incoming(_)) {
+        eventloop.state.await_pingresp = false;
+    }
+}
+
 /// Requests (acks, publishes) the session may have queued for the event loop.
 pub const REQUEST_QUEUE: usize = 2_000_000;
 
@@ -201,16 +254,16 @@ pub fn spawn(
     cancel: CancellationToken,
 ) -> Session {
     let opts = options(&cfg, will);
-    // Acks and publishes share this queue, and rumqttc's event loop takes one
-    // queued request per turn while it reads incoming packets in bunches, and the
-    // Receive Maximum did not bound a burst arriving through shared
-    // subscriptions, so a burst of Hellos outran the acks (100,000 at once filled a 100,000-slot
-    // queue in the fleet benchmark and dropped acks, replies and beacons). The
-    // channel allocates as it fills, so a large bound costs nothing when idle.
+    // Acks and publishes share this queue. A mass reconnect queues an ack per
+    // device in a burst, so it is large; the channel allocates as it fills and
+    // costs nothing when idle. The vendored rumqttc writes up to 64 queued
+    // requests per turn, so acks keep pace with reads (vendor/README.md).
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_QUEUE);
     let (tx, rx) = mpsc::channel(4_096);
     let (up_tx, up_rx) = watch::channel(false);
     let sub_client = client.clone();
+    let flow = Arc::new(Flow::default());
+    let task_flow = flow.clone();
     tokio::spawn(async move {
         let mut attempt = 0u32;
         loop {
@@ -218,6 +271,10 @@ pub fn spawn(
                 _ = cancel.cancelled() => break,
                 e = eventloop.poll() => e,
             };
+            if let Ok(ev) = &event {
+                note_inbound(&mut eventloop, ev);
+                task_flow.note(ev);
+            }
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     attempt = 0;
@@ -264,6 +321,7 @@ pub fn spawn(
         client,
         incoming: rx,
         connected: up_rx,
+        flow,
     }
 }
 

@@ -359,6 +359,7 @@ impl Agent {
                     reconnect_at = None;
                     match ev {
                         Ok(ev) => {
+                            swell_mqtt::note_inbound(eventloop, &ev);
                             if matches!(ev, MqttEvent::Incoming(Packet::ConnAck(_))) {
                                 attempt = 0;
                             }
