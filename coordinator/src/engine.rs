@@ -10,7 +10,7 @@
 //! per batch, then acks).
 
 use crate::fleet::interner::Interner;
-use crate::fleet::registry::{DeviceRecord, Enrollment, RegistryError};
+use crate::fleet::registry::{DeviceRecord, Enrollment, Registry, RegistryError};
 use crate::fleet::tracker::Tracker;
 use crate::log_gate::LogGate;
 use crate::ops::{self, Op, OpsParser, Refused, Request};
@@ -112,7 +112,7 @@ struct Live {
 pub struct Engine {
     s: Settings,
     store: Arc<dyn Store>,
-    devices: HashMap<DeviceId, DeviceRecord>,
+    devices: Registry,
     /// Shared hardware, agent and label strings of the registry.
     shared: Interner,
     pending: usize,
@@ -184,7 +184,7 @@ impl Engine {
         let mut e = Engine {
             s,
             store,
-            devices: HashMap::new(),
+            devices: Registry::default(),
             shared: Interner::default(),
             pending: 0,
             rollouts: BTreeMap::new(),
@@ -204,7 +204,7 @@ impl Engine {
             if d.fleet == e.s.fleet {
                 d.fleet = e.s.fleet.clone();
             }
-            e.devices.insert(d.id.clone(), d);
+            e.devices.insert(d);
         }
         for rec in loaded.rollouts {
             let tracker = e.new_tracker(&rec);
@@ -257,7 +257,7 @@ impl Engine {
         );
         for d in self.devices.values() {
             if d.enrollment == Enrollment::Approved && d.fleet == rec.spec.fleet {
-                t.consider(&d.id, &d.labels, d.online);
+                t.consider(&d.id, d.labels(), d.online);
             }
         }
         if rec.state.started {
@@ -607,7 +607,7 @@ impl Engine {
                     DeviceRecord::from_hello(&h, v.header.seq, now, enrollment, &mut self.shared);
                 // The same fleet as ours (checked above): share our copy.
                 rec.fleet = self.s.fleet.clone();
-                self.devices.insert(h.device.clone(), rec);
+                self.devices.insert(rec);
             }
         }
         self.counters.hellos += 1;
@@ -623,7 +623,7 @@ impl Engine {
                     .values_mut()
                     .filter(|l| l.rec.spec.fleet == rec.fleet)
                 {
-                    l.tracker.consider(&rec.id, &rec.labels, true);
+                    l.tracker.consider(&rec.id, rec.labels(), true);
                 }
             }
         }
@@ -840,7 +840,7 @@ impl Engine {
                     .values_mut()
                     .filter(|l| l.rec.spec.fleet == rec.fleet)
                 {
-                    l.tracker.consider(&rec.id, &rec.labels, rec.online);
+                    l.tracker.consider(&rec.id, rec.labels(), rec.online);
                 }
                 Ok((
                     vec![],
@@ -876,7 +876,7 @@ impl Engine {
                     let key = d
                         .running
                         .map_or_else(|| "none".to_string(), |r| r.to_string());
-                    for l in d.labels.iter() {
+                    for l in d.labels() {
                         *by_label
                             .entry(format!("{}={}", l.key, l.value))
                             .or_default()
@@ -914,7 +914,7 @@ impl Engine {
                 sorted.sort_by(|a, b| a.id.cmp(&b.id));
                 for d in sorted {
                     let run = d.running.map(|r| r.to_string());
-                    let keep = selector.as_ref().is_none_or(|s| s.matches(&d.labels))
+                    let keep = selector.as_ref().is_none_or(|s| s.matches(d.labels()))
                         && online.is_none_or(|o| o == d.online)
                         && release.as_deref().is_none_or(|want| match &run {
                             None => want == "none",
@@ -930,9 +930,9 @@ impl Engine {
                             "enrollment": if d.enrollment == Enrollment::Approved { "approved" } else { "pending" },
                             "online": d.online,
                             "running": run,
-                            "hardware": d.hardware,
-                            "agent": d.agent_version,
-                            "labels": d.labels.iter().map(|l| format!("{}={}", l.key, l.value)).collect::<Vec<_>>(),
+                            "hardware": d.hardware(),
+                            "agent": d.agent_version(),
+                            "labels": d.labels().iter().map(|l| format!("{}={}", l.key, l.value)).collect::<Vec<_>>(),
                             "last_seen": d.last_seen,
                         }));
                     }

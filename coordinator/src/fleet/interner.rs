@@ -1,6 +1,6 @@
-//! One shared copy of what many devices announce alike (hardware, agent
-//! version, label set), so a registry of a million devices holds a handful of
-//! these strings instead of a million copies.
+//! One shared copy of what many devices announce alike (label set, hardware,
+//! agent version), so a registry of a million devices holds a handful of these
+//! instead of a million copies, and each record holds one pointer to them.
 //!
 //! The values come from devices, so the table is bounded: past
 //! [`MAX_ENTRIES`] distinct values it starts over (records keep their copies;
@@ -10,47 +10,55 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use swell_protocol::cohort::Label;
 
-/// Most distinct values of each kind kept for sharing.
+/// Most distinct announcements kept for sharing.
 pub const MAX_ENTRIES: usize = 4_096;
 
-/// Shared strings and label sets.
+/// What a device says about itself in its Hello, apart from its key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Announced {
+    pub labels: Vec<Label>,
+    pub hardware: String,
+    pub agent_version: String,
+}
+
+/// Shared announcements.
 #[derive(Debug, Default)]
 pub struct Interner {
-    strs: HashSet<Arc<str>>,
-    labels: HashSet<Arc<[Label]>>,
+    set: HashSet<Arc<Announced>>,
 }
 
 impl Interner {
-    /// The shared copy of `s`.
-    pub fn str(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.strs.get(s) {
-            return a.clone();
+    /// The shared copy of `a`.
+    pub fn share(&mut self, a: Announced) -> Arc<Announced> {
+        if let Some(shared) = self.set.get(&a) {
+            return shared.clone();
         }
-        if self.strs.len() >= MAX_ENTRIES {
-            self.strs.clear();
+        if self.set.len() >= MAX_ENTRIES {
+            self.set.clear();
         }
-        let a: Arc<str> = Arc::from(s);
-        self.strs.insert(a.clone());
-        a
+        let shared = Arc::new(a);
+        self.set.insert(shared.clone());
+        shared
     }
 
-    /// The shared copy of a label set.
-    pub fn labels(&mut self, l: &[Label]) -> Arc<[Label]> {
-        if let Some(a) = self.labels.get(l) {
-            return a.clone();
-        }
-        if self.labels.len() >= MAX_ENTRIES {
-            self.labels.clear();
-        }
-        let a: Arc<[Label]> = Arc::from(l);
-        self.labels.insert(a.clone());
-        a
+    /// The shared copy of what `labels`, `hardware` and `agent_version` say.
+    pub fn announced(
+        &mut self,
+        labels: &[Label],
+        hardware: &str,
+        agent_version: &str,
+    ) -> Arc<Announced> {
+        self.share(Announced {
+            labels: labels.to_vec(),
+            hardware: hardware.to_string(),
+            agent_version: agent_version.to_string(),
+        })
     }
 
-    /// Distinct values held now (strings, label sets).
+    /// Distinct values held now.
     #[cfg(test)]
-    fn len(&self) -> (usize, usize) {
-        (self.strs.len(), self.labels.len())
+    fn len(&self) -> usize {
+        self.set.len()
     }
 }
 
@@ -68,15 +76,16 @@ mod tests {
     #[test]
     fn interner_shares_equal_values() {
         let mut i = Interner::default();
-        let a = i.str("rpi4");
-        let b = i.str(&String::from("rpi4"));
+        let eu = [label("hw", "rpi4"), label("region", "eu")];
+        let a = i.announced(&eu, "rpi4", "1.0");
+        let b = i.announced(&eu.clone(), &String::from("rpi4"), "1.0");
         assert!(Arc::ptr_eq(&a, &b));
-        let l1 = i.labels(&[label("hw", "rpi4"), label("region", "eu")]);
-        let l2 = i.labels(&[label("hw", "rpi4"), label("region", "eu")]);
-        let l3 = i.labels(&[label("hw", "rpi4")]);
-        assert!(Arc::ptr_eq(&l1, &l2));
-        assert!(!Arc::ptr_eq(&l1, &l3));
-        assert_eq!(i.len(), (1, 2));
+        let other_labels = i.announced(&eu[..1], "rpi4", "1.0");
+        let other_agent = i.announced(&eu, "rpi4", "1.1");
+        assert!(!Arc::ptr_eq(&a, &other_labels));
+        assert!(!Arc::ptr_eq(&a, &other_agent));
+        assert_eq!(other_agent.agent_version, "1.1");
+        assert_eq!(i.len(), 3);
     }
 
     // A device per distinct value cannot grow the table without bound.
@@ -85,14 +94,13 @@ mod tests {
         let mut i = Interner::default();
         let mut kept = Vec::new();
         for n in 0..3 * MAX_ENTRIES {
-            kept.push(i.str(&format!("hw-{n}")));
-            i.labels(&[label("n", &n.to_string())]);
-            assert!(i.len().0 <= MAX_ENTRIES && i.len().1 <= MAX_ENTRIES);
+            kept.push(i.announced(&[label("n", &n.to_string())], &format!("hw-{n}"), "1"));
+            assert!(i.len() <= MAX_ENTRIES);
         }
         // Values handed out stay valid after the table starts over.
-        assert_eq!(&*kept[0], "hw-0");
+        assert_eq!(kept[0].hardware, "hw-0");
         assert_eq!(
-            &*kept[3 * MAX_ENTRIES - 1],
+            kept[3 * MAX_ENTRIES - 1].hardware,
             format!("hw-{}", 3 * MAX_ENTRIES - 1)
         );
     }
