@@ -691,7 +691,7 @@ impl Engine {
         }
         d.last_seen = now;
         if v.body.phase == swell_protocol::messages::Phase::Committed {
-            d.running = Some(v.body.release);
+            d.set_running(Some(v.body.release), &mut self.shared);
         }
         let rec = d.clone();
         self.store.put_device(&rec)?;
@@ -875,6 +875,7 @@ impl Engine {
                     online += u64::from(d.online);
                     let key = d
                         .running
+                        .as_deref()
                         .map_or_else(|| "none".to_string(), |r| r.to_string());
                     for l in d.labels() {
                         *by_label
@@ -913,7 +914,7 @@ impl Engine {
                 let mut sorted: Vec<&DeviceRecord> = self.devices.values().collect();
                 sorted.sort_by(|a, b| a.id.cmp(&b.id));
                 for d in sorted {
-                    let run = d.running.map(|r| r.to_string());
+                    let run = d.running.as_deref().map(|r| r.to_string());
                     let keep = selector.as_ref().is_none_or(|s| s.matches(d.labels()))
                         && online.is_none_or(|o| o == d.online)
                         && release.as_deref().is_none_or(|want| match &run {

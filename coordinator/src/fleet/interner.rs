@@ -7,7 +7,9 @@
 //! only sharing with later devices is lost).
 
 use std::collections::HashSet;
+use std::hash::Hash;
 use std::sync::Arc;
+use swell_protocol::ReleaseId;
 use swell_protocol::cohort::Label;
 
 /// Most distinct announcements kept for sharing.
@@ -21,24 +23,35 @@ pub struct Announced {
     pub agent_version: String,
 }
 
-/// Shared announcements.
+/// Shared announcements and running releases.
 #[derive(Debug, Default)]
 pub struct Interner {
     set: HashSet<Arc<Announced>>,
+    releases: HashSet<Arc<ReleaseId>>,
+}
+
+/// The copy of `v` in `set`, added if missing; `set` starts over when full.
+fn intern<T: Hash + Eq>(set: &mut HashSet<Arc<T>>, v: T) -> Arc<T> {
+    if let Some(shared) = set.get(&v) {
+        return shared.clone();
+    }
+    if set.len() >= MAX_ENTRIES {
+        set.clear();
+    }
+    let shared = Arc::new(v);
+    set.insert(shared.clone());
+    shared
 }
 
 impl Interner {
     /// The shared copy of `a`.
     pub fn share(&mut self, a: Announced) -> Arc<Announced> {
-        if let Some(shared) = self.set.get(&a) {
-            return shared.clone();
-        }
-        if self.set.len() >= MAX_ENTRIES {
-            self.set.clear();
-        }
-        let shared = Arc::new(a);
-        self.set.insert(shared.clone());
-        shared
+        intern(&mut self.set, a)
+    }
+
+    /// The shared copy of a release id (8 bytes per record instead of 33).
+    pub fn release(&mut self, r: ReleaseId) -> Arc<ReleaseId> {
+        intern(&mut self.releases, r)
     }
 
     /// The shared copy of what `labels`, `hardware` and `agent_version` say.
@@ -86,6 +99,10 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &other_agent));
         assert_eq!(other_agent.agent_version, "1.1");
         assert_eq!(i.len(), 3);
+        let r1 = i.release(ReleaseId([7; 32]));
+        let r2 = i.release(ReleaseId([7; 32]));
+        assert!(Arc::ptr_eq(&r1, &r2));
+        assert!(!Arc::ptr_eq(&r1, &i.release(ReleaseId([8; 32]))));
     }
 
     // A device per distinct value cannot grow the table without bound.
@@ -95,7 +112,10 @@ mod tests {
         let mut kept = Vec::new();
         for n in 0..3 * MAX_ENTRIES {
             kept.push(i.announced(&[label("n", &n.to_string())], &format!("hw-{n}"), "1"));
-            assert!(i.len() <= MAX_ENTRIES);
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            i.release(ReleaseId(id));
+            assert!(i.len() <= MAX_ENTRIES && i.releases.len() <= MAX_ENTRIES);
         }
         // Values handed out stay valid after the table starts over.
         assert_eq!(kept[0].hardware, "hw-0");

@@ -2,8 +2,9 @@
 //! at enrollment (MQTT-6) and the report counter floor (replays are dropped).
 
 use super::interner::{Announced, Interner};
+use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::Hello;
@@ -28,7 +29,8 @@ pub struct DeviceRecord {
     pub enrollment: Enrollment,
     /// Labels, hardware and agent version (see [`Interner`]).
     pub facts: Arc<Announced>,
-    pub running: Option<ReleaseId>,
+    /// Shared with the devices that run the same release.
+    pub running: Option<Arc<ReleaseId>>,
     /// Highest envelope `seq` accepted in the device's reports.
     pub last_seq: u64,
     /// Highest `seq` accepted in its Hellos. Kept apart from reports: the two
@@ -67,7 +69,7 @@ impl Serialize for DeviceRecord {
             labels: &self.facts.labels[..],
             hardware: self.facts.hardware.as_str(),
             agent_version: self.facts.agent_version.as_str(),
-            running: self.running,
+            running: self.running.as_deref().copied(),
             last_seq: self.last_seq,
             last_hello_seq: self.last_hello_seq,
             boot: self.boot,
@@ -91,7 +93,7 @@ impl<'de> Deserialize<'de> for DeviceRecord {
                 hardware: s.hardware,
                 agent_version: s.agent_version,
             }),
-            running: s.running,
+            running: s.running.map(Arc::new),
             last_seq: s.last_seq,
             last_hello_seq: s.last_hello_seq,
             boot: s.boot,
@@ -101,14 +103,23 @@ impl<'de> Deserialize<'de> for DeviceRecord {
     }
 }
 
-/// Every known device: the records in one vector, found by id through an
-/// index of (id, position) slots. A hash map of whole records cost a slot of
-/// 200 bytes per bucket, and at 1,000,000 devices the table had 2,097,152
-/// buckets (power-of-two growth at 7/8 load): 420 MB for the registry alone.
-#[derive(Debug, Default)]
+/// Every known device: the records in one vector, found by id through a
+/// table of positions hashed by id (the id itself lives in the record). A hash
+/// map of whole records cost a slot of 200 bytes per bucket, and at 1,000,000
+/// devices the table had 2,097,152 buckets (power-of-two growth at 7/8 load):
+/// 420 MB for the registry alone; this index is 9 bytes per bucket.
+#[derive(Default)]
 pub struct Registry {
-    index: HashMap<DeviceId, usize>,
+    /// Keyed like std's HashMap, so device-chosen ids cannot force collisions.
+    hasher: RandomState,
+    index: HashTable<usize>,
     records: Vec<DeviceRecord>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registry {{ {} devices }}", self.records.len())
+    }
 }
 
 impl Registry {
@@ -120,23 +131,39 @@ impl Registry {
         self.records.is_empty()
     }
 
+    fn position(&self, id: &DeviceId) -> Option<usize> {
+        let records = &self.records;
+        self.index
+            .find(self.hasher.hash_one(id), |&i| {
+                records.get(i).is_some_and(|r| r.id == *id)
+            })
+            .copied()
+    }
+
     pub fn get(&self, id: &DeviceId) -> Option<&DeviceRecord> {
-        self.index.get(id).and_then(|&i| self.records.get(i))
+        self.position(id).and_then(|i| self.records.get(i))
     }
 
     pub fn get_mut(&mut self, id: &DeviceId) -> Option<&mut DeviceRecord> {
-        self.index.get(id).and_then(|&i| self.records.get_mut(i))
+        self.position(id).and_then(|i| self.records.get_mut(i))
     }
 
     /// Adds `rec`, or replaces the record with its id.
     pub fn insert(&mut self, rec: DeviceRecord) {
-        match self.index.get(&rec.id) {
-            Some(&i) => self.records[i] = rec,
-            None => {
-                self.index.insert(rec.id.clone(), self.records.len());
-                self.records.push(rec);
-            }
+        if let Some(old) = self.get_mut(&rec.id) {
+            *old = rec;
+            return;
         }
+        let Registry {
+            hasher,
+            index,
+            records,
+        } = self;
+        index.insert_unique(hasher.hash_one(&rec.id), records.len(), |&i| {
+            // Positions in the table always name a record (none is removed).
+            records.get(i).map_or(0, |r| hasher.hash_one(&r.id))
+        });
+        records.push(rec);
     }
 
     /// In enrollment order.
@@ -193,7 +220,7 @@ impl DeviceRecord {
             key: h.key,
             enrollment,
             facts: shared.announced(&h.labels, &h.hardware, &h.agent_version),
-            running: h.running,
+            running: h.running.map(|r| shared.release(r)),
             last_seq: 0,
             last_hello_seq: seq,
             boot: h.boot,
@@ -246,16 +273,24 @@ impl DeviceRecord {
         if f.labels != h.labels || f.hardware != h.hardware || f.agent_version != h.agent_version {
             self.facts = shared.announced(&h.labels, &h.hardware, &h.agent_version);
         }
-        self.running = h.running;
+        self.set_running(h.running, shared);
         self.boot = h.boot;
         self.online = true;
         self.last_seen = now;
     }
 
-    /// Shares this record's announced facts (a record read back from the
-    /// store has its own copy).
+    /// Records the release the device runs now.
+    pub fn set_running(&mut self, running: Option<ReleaseId>, shared: &mut Interner) {
+        if self.running.as_deref() != running.as_ref() {
+            self.running = running.map(|r| shared.release(r));
+        }
+    }
+
+    /// Shares this record's announced facts and running release (a record
+    /// read back from the store has its own copies).
     pub fn share(&mut self, shared: &mut Interner) {
         self.facts = shared.share((*self.facts).clone());
+        self.running = self.running.as_deref().map(|r| shared.release(*r));
     }
 }
 
@@ -319,13 +354,25 @@ mod tests {
             "rpi4",
             "0.9",
         );
+        rec.running = Some(shared.release(ReleaseId([9; 32])));
         let bytes = postcard::to_allocvec(&rec).unwrap();
         let flat: StoredDevice<Vec<Label>, String> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(flat.hardware, "rpi4");
         assert_eq!(flat.agent_version, "0.9");
         assert_eq!(flat.labels[0].value, "eu");
         assert_eq!(postcard::to_allocvec(&flat).unwrap(), bytes);
+        assert_eq!(flat.running, Some(ReleaseId([9; 32])));
         let back: DeviceRecord = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back, rec);
+    }
+
+    // What a million devices cost: keep the record small.
+    #[test]
+    fn registry_record_stays_small() {
+        assert!(
+            std::mem::size_of::<DeviceRecord>() <= 120,
+            "{} bytes",
+            std::mem::size_of::<DeviceRecord>()
+        );
     }
 }
