@@ -136,34 +136,44 @@ pub struct Session {
     pub flow: Arc<Flow>,
 }
 
-/// QoS 1 publishes received and acks written by a session, since it started.
-/// Their difference is what the broker waits on; it grew to 3,000,000 when
+/// QoS 1 publishes received and acks written by a session. What is received
+/// and not yet acked is what the broker waits on; it grew to 3,000,000 when
 /// rumqttc wrote one ack per turn (vendor/README.md).
 #[derive(Debug, Default)]
 pub struct Flow {
     received: AtomicU64,
     acked: AtomicU64,
+    /// On this connection: a new one starts from zero (the broker redelivers
+    /// what the old one left unacked).
+    unacked: AtomicU64,
 }
 
 impl Flow {
+    /// Since the session started.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
+    /// Since the session started.
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
     }
-    /// Received and not yet acknowledged.
+    /// Received on this connection and not yet acknowledged.
     pub fn unacked(&self) -> u64 {
-        self.received().saturating_sub(self.acked())
+        self.unacked.load(Ordering::Relaxed)
     }
     /// Counts what an event of the event loop says.
     pub fn note(&self, event: &Event) {
         match event {
+            Event::Incoming(Packet::ConnAck(_)) => self.unacked.store(0, Ordering::Relaxed),
             Event::Incoming(Packet::Publish(p)) if p.qos != QoS::AtMostOnce => {
                 self.received.fetch_add(1, Ordering::Relaxed);
+                self.unacked.fetch_add(1, Ordering::Relaxed);
             }
             Event::Outgoing(rumqttc::Outgoing::PubAck(_)) => {
                 self.acked.fetch_add(1, Ordering::Relaxed);
+                // Only the event loop's task writes: no lost update.
+                let n = self.unacked.load(Ordering::Relaxed);
+                self.unacked.store(n.saturating_sub(1), Ordering::Relaxed);
             }
             _ => {}
         }
@@ -362,6 +372,42 @@ mod tests {
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mqtt_flow_counts_unacked_per_connection() {
+        use rumqttc::v5::mqttbytes::v5::ConnAck;
+        let f = Flow::default();
+        let publish = |pkid| {
+            let mut p = Publish::new("t", QoS::AtLeastOnce, "x", None);
+            p.pkid = pkid;
+            Event::Incoming(Packet::Publish(p))
+        };
+        let ack = |pkid| Event::Outgoing(rumqttc::Outgoing::PubAck(pkid));
+        for pkid in 1..=3 {
+            f.note(&publish(pkid));
+        }
+        f.note(&Event::Incoming(Packet::Publish(Publish::new(
+            "t",
+            QoS::AtMostOnce,
+            "x",
+            None,
+        ))));
+        f.note(&ack(1));
+        assert_eq!((f.received(), f.acked(), f.unacked()), (3, 1, 2));
+        // Reconnected: the broker redelivers the two, once.
+        f.note(&Event::Incoming(Packet::ConnAck(ConnAck {
+            session_present: true,
+            code: rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success,
+            properties: None,
+        })));
+        assert_eq!(f.unacked(), 0);
+        f.note(&publish(2));
+        f.note(&publish(3));
+        f.note(&ack(2));
+        f.note(&ack(3));
+        f.note(&ack(4)); // a stale ack never takes it below zero
+        assert_eq!((f.received(), f.acked(), f.unacked()), (5, 4, 0));
     }
 
     #[test]
