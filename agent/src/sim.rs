@@ -298,11 +298,7 @@ async fn run_conn(
             }
         };
         tokio::select! {
-            ev = eventloop.poll() => {
-                if let Ok(e) = &ev {
-                    swell_mqtt::note_inbound(&mut eventloop, e);
-                }
-                match ev {
+            ev = eventloop.poll() => match ev {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     conn.subscribe_and_hello().await;
                     if let Some(r) = ready.take() {
@@ -315,7 +311,7 @@ async fn run_conn(
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }},
+            },
             _ = sleep => conn.fire_due().await,
             Some((i, release, r)) = fetched_rx.recv() => {
                 // A result for the device's current job only.

@@ -6,7 +6,7 @@
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -234,19 +234,50 @@ pub fn options(cfg: &MqttConfig, will: Option<LastWill>) -> MqttOptions {
     opts
 }
 
-/// Counts any packet from the broker as proof that the connection is alive.
-///
-/// rumqttc drops the connection when a keep-alive interval passes without a
-/// PINGRESP, even while publishes stream in. A broker with a backlog for this
-/// client queues the PINGRESP behind it: in the 1,000,000-device benchmark
-/// Mosquitto 2.0.11 had sent the coordinator hundreds of thousands of Hellos
-/// beyond its Receive Maximum, the PINGRESP arrived more than 30 s later, and
-/// every reconnect redelivered the whole burst (38 reconnects, no progress).
-/// A dead connection still fails: with no packet at all for two keep-alive
-/// intervals the next ping raises the error.
-pub fn note_inbound(eventloop: &mut EventLoop, event: &Event) {
-    if matches!(event, Event::Incoming(_)) {
-        eventloop.state.await_pingresp = false;
+/// The subscriptions a client keeps. They are made again on a connection whose
+/// session may lack them: the broker kept no session, or the last connection
+/// dropped before every SUBACK came back (the broker may have created the
+/// session at CONNECT and lost the SUBSCRIBE with the connection; rumqttc
+/// does not resend it). An agent whose connection dropped a millisecond after
+/// its first CONNACK came back with a session and no subscriptions, and never
+/// saw a manifest.
+#[derive(Debug)]
+pub struct Subscriptions {
+    filters: Vec<(String, QoS)>,
+    /// Requested on this connection and not yet acknowledged.
+    unconfirmed: usize,
+}
+
+impl Subscriptions {
+    pub fn new(filters: Vec<(String, QoS)>) -> Self {
+        Subscriptions {
+            filters,
+            unconfirmed: 0,
+        }
+    }
+
+    /// Subscribes through `client` unless the broker's session has them all.
+    pub fn on_connack(&mut self, client: &AsyncClient, session_present: bool) {
+        if session_present && self.unconfirmed == 0 {
+            return;
+        }
+        // A request that could not be queued gets no SUBACK either, so the
+        // next connection asks again.
+        self.unconfirmed = self.filters.len();
+        for (filter, qos) in &self.filters {
+            if let Err(e) = client.try_subscribe(filter.clone(), *qos) {
+                warn!(%filter, error = %e, "subscribe request failed");
+            }
+        }
+    }
+
+    pub fn on_suback(&mut self) {
+        self.unconfirmed = self.unconfirmed.saturating_sub(1);
+    }
+
+    /// Requested and not yet acknowledged.
+    pub fn unconfirmed(&self) -> usize {
+        self.unconfirmed
     }
 }
 
@@ -272,6 +303,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(4_096);
     let (up_tx, up_rx) = watch::channel(false);
     let sub_client = client.clone();
+    let mut subscriptions = Subscriptions::new(subscriptions);
     let flow = Arc::new(Flow::default());
     let task_flow = flow.clone();
     tokio::spawn(async move {
@@ -282,7 +314,6 @@ pub fn spawn(
                 e = eventloop.poll() => e,
             };
             if let Ok(ev) = &event {
-                note_inbound(&mut eventloop, ev);
                 task_flow.note(ev);
             }
             match event {
@@ -290,13 +321,7 @@ pub fn spawn(
                     attempt = 0;
                     let _ = up_tx.send(true);
                     info!(host = %cfg.host, port = cfg.port, session_present = ack.session_present, "connected to broker");
-                    if !ack.session_present {
-                        for (filter, qos) in &subscriptions {
-                            if let Err(e) = sub_client.try_subscribe(filter.clone(), *qos) {
-                                warn!(%filter, error = %e, "subscribe request failed");
-                            }
-                        }
-                    }
+                    subscriptions.on_connack(&sub_client, ack.session_present);
                     if tx
                         .send(Incoming::Connected {
                             session_present: ack.session_present,
@@ -312,6 +337,7 @@ pub fn spawn(
                         break;
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => subscriptions.on_suback(),
                 Ok(_) => {}
                 Err(e) => {
                     let _ = up_tx.send(false);
@@ -408,6 +434,29 @@ mod tests {
         f.note(&ack(3));
         f.note(&ack(4)); // a stale ack never takes it below zero
         assert_eq!((f.received(), f.acked(), f.unacked()), (5, 4, 0));
+    }
+
+    #[test]
+    fn mqtt_subscriptions_are_made_again_until_every_suback_came() {
+        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1883), 16);
+        let mut s = Subscriptions::new(vec![
+            ("a/#".into(), QoS::AtLeastOnce),
+            ("b/#".into(), QoS::AtLeastOnce),
+        ]);
+        s.on_connack(&client, false);
+        assert_eq!(s.unconfirmed(), 2);
+        s.on_suback();
+        // Dropped before the second SUBACK: the session exists, one
+        // subscription may not.
+        s.on_connack(&client, true);
+        assert_eq!(s.unconfirmed(), 2, "subscribed again");
+        s.on_suback();
+        s.on_suback();
+        assert_eq!(s.unconfirmed(), 0);
+        s.on_connack(&client, true);
+        assert_eq!(s.unconfirmed(), 0, "the session has them all");
+        s.on_connack(&client, false);
+        assert_eq!(s.unconfirmed(), 2, "no session: subscribe again");
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub struct Agent {
     http: reqwest::Client,
     policy: Policy,
     client: AsyncClient,
+    subscriptions: swell_mqtt::Subscriptions,
     link: Link,
     work_tx: mpsc::Sender<(Option<JobKey>, Work)>,
     busy: bool,
@@ -295,6 +296,17 @@ impl Agent {
             blobs,
             http,
             policy,
+            subscriptions: swell_mqtt::Subscriptions::new(
+                [
+                    cfg.topics.keys(&cfg.fleet),
+                    cfg.topics.beacon(&cfg.fleet),
+                    cfg.topics.manifests(&cfg.fleet),
+                    cfg.topics.desired(&cfg.device),
+                ]
+                .into_iter()
+                .map(|f| (f, QoS::AtLeastOnce))
+                .collect(),
+            ),
             client,
             link: Link::default(),
             work_tx,
@@ -359,7 +371,6 @@ impl Agent {
                     reconnect_at = None;
                     match ev {
                         Ok(ev) => {
-                            swell_mqtt::note_inbound(eventloop, &ev);
                             if matches!(ev, MqttEvent::Incoming(Packet::ConnAck(_))) {
                                 attempt = 0;
                             }
@@ -547,21 +558,9 @@ impl Agent {
                 info!(session_present = ack.session_present, "connected to broker");
                 self.link.connected = true;
                 // The first connect of a process is a clean start, so this also
-                // subscribes then; later, only when the broker lost the session.
-                if !ack.session_present {
-                    let t = &self.cfg.topics;
-                    for filter in [
-                        t.keys(&self.cfg.fleet),
-                        t.beacon(&self.cfg.fleet),
-                        t.manifests(&self.cfg.fleet),
-                        t.desired(&self.cfg.device),
-                    ] {
-                        if let Err(e) = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce)
-                        {
-                            warn!(%filter, error = %e, "subscribe request failed");
-                        }
-                    }
-                }
+                // subscribes then; later, when the session may lack them.
+                self.subscriptions
+                    .on_connack(&self.client, ack.session_present);
                 self.link.publish_other(
                     &self.client,
                     self.cfg.topics.online(&self.cfg.device),
@@ -596,6 +595,7 @@ impl Agent {
                     );
                 }
             }
+            MqttEvent::Incoming(Packet::SubAck(_)) => self.subscriptions.on_suback(),
             MqttEvent::Outgoing(Outgoing::Publish(pkid)) => self.link.sent(pkid),
             _ => {}
         }

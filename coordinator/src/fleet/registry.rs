@@ -3,6 +3,7 @@
 
 use super::interner::{Announced, Interner};
 use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use serde::{Deserialize, Serialize};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
@@ -150,20 +151,28 @@ impl Registry {
 
     /// Adds `rec`, or replaces the record with its id.
     pub fn insert(&mut self, rec: DeviceRecord) {
-        if let Some(old) = self.get_mut(&rec.id) {
-            *old = rec;
-            return;
-        }
         let Registry {
             hasher,
             index,
             records,
         } = self;
-        index.insert_unique(hasher.hash_one(&rec.id), records.len(), |&i| {
+        let entry = index.entry(
+            hasher.hash_one(&rec.id),
+            |&i| records.get(i).is_some_and(|r| r.id == rec.id),
             // Positions in the table always name a record (none is removed).
-            records.get(i).map_or(0, |r| hasher.hash_one(&r.id))
-        });
-        records.push(rec);
+            |&i| records.get(i).map_or(0, |r| hasher.hash_one(&r.id)),
+        );
+        match entry {
+            Entry::Occupied(e) => {
+                if let Some(old) = records.get_mut(*e.get()) {
+                    *old = rec;
+                }
+            }
+            Entry::Vacant(e) => {
+                e.insert(records.len());
+                records.push(rec);
+            }
+        }
     }
 
     /// In enrollment order.

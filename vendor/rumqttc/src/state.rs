@@ -148,7 +148,9 @@ impl MqttState {
             Request::Disconnect(_) => self.outgoing_disconnect()?,
             Request::PubAck(puback) => self.outgoing_puback(puback)?,
             Request::PubRec(pubrec) => self.outgoing_pubrec(pubrec)?,
-            _ => unimplemented!(),
+            // Swell patch: an error, not a panic, for a request that is not an
+            // outgoing packet (unreachable through the client API).
+            _ => return Err(StateError::InvalidState),
         };
 
         self.last_outgoing = Instant::now();

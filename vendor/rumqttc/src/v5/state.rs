@@ -188,7 +188,9 @@ impl MqttState {
             }
             Request::PubAck(puback) => self.outgoing_puback(puback)?,
             Request::PubRec(pubrec) => self.outgoing_pubrec(pubrec)?,
-            _ => unimplemented!(),
+            // Swell patch: an error, not a panic, for a request that is not an
+            // outgoing packet (unreachable through the client API).
+            _ => return Err(StateError::InvalidState),
         };
 
         self.last_outgoing = Instant::now();
@@ -223,6 +225,11 @@ impl MqttState {
         };
 
         self.last_incoming = Instant::now();
+        // Swell patch: any packet from the broker proves the connection alive,
+        // not only a PINGRESP, which a busy broker queues behind its backlog
+        // (more than 30 s behind a million-device burst). A silent connection
+        // still fails at the next ping.
+        self.await_pingresp = false;
         Ok(outgoing)
     }
 
@@ -986,11 +993,9 @@ mod test {
         let mut mqtt = build_mqttstate();
         mqtt.outgoing_ping().unwrap();
 
-        // network activity other than pingresp
+        // no packet at all from the broker since the ping
         let publish = build_outgoing_publish(QoS::AtLeastOnce);
         mqtt.handle_outgoing_packet(Request::Publish(publish))
-            .unwrap();
-        mqtt.handle_incoming_packet(Incoming::PubAck(PubAck::new(1, None)))
             .unwrap();
 
         // should throw error because we didn't get pingresp for previous ping
@@ -999,6 +1004,19 @@ mod test {
             Err(StateError::AwaitPingResp) => (),
             Err(e) => panic!("Should throw pingresp await error. Error = {:?}", e),
         }
+    }
+
+    // Swell patch: any incoming packet counts as liveness.
+    #[test]
+    fn outgoing_ping_handle_should_succeed_if_any_packet_is_received() {
+        let mut mqtt = build_mqttstate();
+        mqtt.outgoing_ping().unwrap();
+        let publish = build_outgoing_publish(QoS::AtLeastOnce);
+        mqtt.handle_outgoing_packet(Request::Publish(publish))
+            .unwrap();
+        mqtt.handle_incoming_packet(Incoming::PubAck(PubAck::new(1, None)))
+            .unwrap();
+        mqtt.outgoing_ping().unwrap();
     }
 
     #[test]
