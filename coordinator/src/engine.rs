@@ -426,33 +426,45 @@ impl Engine {
         self.handle_checked(topic, payload, reply, now, Precheck::None)
     }
 
-    /// Verifies a device message's signature against the registry as it is
+    /// Verifies device messages' signatures against the registry as it is
     /// now, without changing anything: safe to run on other threads before
-    /// [`Engine::handle_checked`] (see [`crate::precheck`]).
-    pub fn precheck(&self, topic: &str, payload: &[u8], now: u64) -> Precheck {
-        let Ok(parsed) = self.s.topics.parse(topic) else {
-            return Precheck::None;
-        };
-        let (Topic::Report { device } | Topic::Hello { device }) = &parsed else {
-            return Precheck::None;
-        };
-        let Ok(env) = UnverifiedEnvelope::parse(payload) else {
-            return Precheck::None;
-        };
-        let key = self.devices.get(device).map(|d| d.key);
-        match parsed {
-            Topic::Report { .. } => match key {
-                Some(key) if env.kind() != Some(MessageKind::Unsupported) => Precheck::Report {
+    /// [`Engine::handle_checked`] (see [`crate::precheck`]). The reports'
+    /// signatures are checked as one batch; results are in the order of `msgs`.
+    pub fn precheck(&self, msgs: &[(&str, &[u8])], now: u64) -> Vec<Precheck> {
+        let mut out = Vec::with_capacity(msgs.len());
+        let mut reports = Vec::new();
+        for (i, (topic, payload)) in msgs.iter().enumerate() {
+            let (report, device) = match self.s.topics.parse(topic) {
+                Ok(Topic::Report { device }) => (true, device),
+                Ok(Topic::Hello { device }) => (false, device),
+                _ => {
+                    out.push(Precheck::None);
+                    continue;
+                }
+            };
+            let Ok(env) = UnverifiedEnvelope::parse(payload) else {
+                out.push(Precheck::None);
+                continue;
+            };
+            let key = self.devices.get(&device).map(|d| d.key);
+            out.push(match key {
+                Some(key) if report && env.kind() != Some(MessageKind::Unsupported) => {
+                    reports.push((i, env, key));
+                    Precheck::None
+                }
+                _ if report => Precheck::None,
+                key => Precheck::Hello {
                     key,
-                    result: env.verify::<Report>(&key, now),
+                    result: verify_hello(&env, key.as_ref(), now),
                 },
-                _ => Precheck::None,
-            },
-            _ => Precheck::Hello {
-                key,
-                result: verify_hello(&env, key.as_ref(), now),
-            },
+            });
         }
+        let items: Vec<_> = reports.iter().map(|(_, env, key)| (env, key)).collect();
+        let results = UnverifiedEnvelope::verify_all::<Report>(&items, now);
+        for ((i, _, key), result) in reports.iter().zip(results) {
+            out[*i] = Precheck::Report { key: *key, result };
+        }
+        out
     }
 
     /// [`Engine::handle`] with a signature check made earlier (used only if it

@@ -1,8 +1,9 @@
 //! Device signatures checked ahead of the engine, on several threads.
 //!
-//! Verifying a device envelope (`verify_strict`, SIG-3) is the most expensive
-//! step of ingest and needs only the device's registered key, so the server
-//! loop checks a chunk of messages in parallel ([`precheck_all`]) and then
+//! Verifying a device envelope (SIG-3) is the most expensive step of ingest and
+//! needs only the device's registered key, so the server loop checks a chunk of
+//! messages in parallel ([`precheck_all`]), each thread's reports as one
+//! signature batch (`swell_protocol::crypto::verify_batch`), and then
 //! applies them in order on the engine's one thread. The engine takes a
 //! precheck only if it was made with the key the device has *at apply time*
 //! (a Hello earlier in the same chunk may have changed it); otherwise it
@@ -72,9 +73,9 @@ pub fn precheck_all(
     now: u64,
     threads: usize,
 ) -> Vec<Precheck> {
-    let one = |(topic, payload): &(&str, &[u8])| engine.precheck(topic, payload, now);
+    let part = |msgs: &[(&str, &[u8])]| engine.precheck(msgs, now);
     if threads <= 1 || msgs.len() < MIN_PARALLEL {
-        return msgs.iter().map(one).collect();
+        return part(msgs);
     }
     let per = msgs
         .len()
@@ -84,11 +85,8 @@ pub fn precheck_all(
         .split_first()
         .map_or((&[][..], &[][..]), |(f, r)| (*f, r));
     std::thread::scope(|scope| {
-        let workers: Vec<_> = rest
-            .iter()
-            .map(|part| scope.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
-            .collect();
-        let mut out: Vec<Precheck> = first.iter().map(one).collect();
+        let workers: Vec<_> = rest.iter().map(|p| scope.spawn(move || part(p))).collect();
+        let mut out = part(first);
         for (w, part) in workers.into_iter().zip(rest) {
             match w.join() {
                 Ok(v) => out.extend(v),

@@ -415,7 +415,13 @@ fn engine_prechecked_chunk_decides_exactly_like_one_at_a_time() {
         let r = t.command(create_cmd("r", &rel, &["100%"], json!({})));
         assert_eq!(r["ok"], true, "{r}");
     };
-    let mut chunk: Vec<(String, Vec<u8>)> = Vec::new();
+    // First a report whose signature is bad under the right key: the batch
+    // holding it fails and is checked again one by one.
+    let mut bad_sig = report(8, &key(8), 3, "r", id, Phase::Committed, 0);
+    if let Some(b) = bad_sig.last_mut() {
+        *b ^= 1;
+    }
+    let mut chunk: Vec<(String, Vec<u8>)> = vec![(topic_report(8), bad_sig)];
     for i in 0..20 {
         chunk.push((
             topic_report(i),
@@ -461,14 +467,20 @@ fn engine_prechecked_chunk_decides_exactly_like_one_at_a_time() {
     for (topic, payload) in &chunk {
         one.send(topic.clone(), payload);
     }
-    let mut many = T::new();
-    setup(&mut many);
-    let used = send_chunk(&mut many, &chunk, 4);
-    assert!(
-        used[..20].iter().all(|u| *u),
-        "known devices' reports were prechecked"
-    );
+    // One thread: the chunk's reports in one signature batch; four: in four.
+    for threads in [1, 4] {
+        let mut many = T::new();
+        setup(&mut many);
+        let used = send_chunk(&mut many, &chunk, threads);
+        assert!(
+            used[..21].iter().all(|u| *u),
+            "known devices' reports were prechecked"
+        );
+        same_decisions(&one, &many);
+    }
+}
 
+fn same_decisions(one: &T, many: &T) {
     assert_eq!(many.e.counters.reports, one.e.counters.reports);
     assert_eq!(many.e.counters.hellos, one.e.counters.hellos);
     assert_eq!(many.e.counters.rejected, one.e.counters.rejected);
@@ -479,6 +491,10 @@ fn engine_prechecked_chunk_decides_exactly_like_one_at_a_time() {
         many.healthy("r"),
         21,
         "20 known devices and the one enrolled in the chunk"
+    );
+    assert!(
+        many.rejected("forged") >= 2,
+        "a bad signature and a wrong key"
     );
     for reason in [
         "forged",

@@ -284,6 +284,60 @@ impl<'a> UnverifiedEnvelope<'a> {
         key: &PublicKey,
         now: u64,
     ) -> Result<Verified<T>, EnvelopeError> {
+        self.check_unsigned::<T>(key)?;
+        crypto::verify(
+            key,
+            T::KIND.domain(),
+            &[self.header_bytes, self.payload],
+            &self.sig,
+        )
+        .map_err(|_| EnvelopeError::BadSignature)?;
+        self.open::<T>(now)
+    }
+
+    /// [`Self::verify`] for many envelopes (each with its signer's key), the
+    /// signatures checked together by [`crypto::verify_batch`]: the same
+    /// checks in the same order, the same answer for each, in order.
+    pub fn verify_all<T: Message>(
+        items: &[(&UnverifiedEnvelope<'_>, &PublicKey)],
+        now: u64,
+    ) -> Vec<Result<Verified<T>, EnvelopeError>> {
+        let checked: Vec<Result<(), EnvelopeError>> = items
+            .iter()
+            .map(|(env, key)| env.check_unsigned::<T>(key))
+            .collect();
+        let parts: Vec<[&[u8]; 2]> = items
+            .iter()
+            .map(|(env, _)| [env.header_bytes, env.payload])
+            .collect();
+        let signed: Vec<crypto::Signed<'_>> = items
+            .iter()
+            .zip(&parts)
+            .zip(&checked)
+            .filter(|(_, c)| c.is_ok())
+            .map(|(((env, key), parts), _)| crypto::Signed {
+                key,
+                domain: T::KIND.domain(),
+                parts,
+                sig: &env.sig,
+            })
+            .collect();
+        let mut signatures = crypto::verify_batch(&signed).into_iter();
+        items
+            .iter()
+            .zip(checked)
+            .map(|((env, _), c)| {
+                c?;
+                match signatures.next() {
+                    Some(Ok(())) => env.open::<T>(now),
+                    _ => Err(EnvelopeError::BadSignature),
+                }
+            })
+            .collect()
+    }
+
+    /// What is checked before the signature: version, kind, size, signer.
+    fn check_unsigned<T: Message>(&self, key: &PublicKey) -> Result<(), EnvelopeError> {
         let h = &self.header;
         if h.proto != PROTO_VERSION {
             return Err(EnvelopeError::UnsupportedProto { got: h.proto });
@@ -305,13 +359,13 @@ impl<'a> UnverifiedEnvelope<'a> {
                 got: h.key_id,
             });
         }
-        crypto::verify(
-            key,
-            T::KIND.domain(),
-            &[self.header_bytes, self.payload],
-            &self.sig,
-        )
-        .map_err(|_| EnvelopeError::BadSignature)?;
+        Ok(())
+    }
+
+    /// What is checked once the signature is good: expiry, then the payload's
+    /// decoding and validation.
+    fn open<T: Message>(&self, now: u64) -> Result<Verified<T>, EnvelopeError> {
+        let h = &self.header;
         if h.expires_at == 0 {
             if T::EXPIRY_REQUIRED {
                 return Err(EnvelopeError::MissingExpiry {

@@ -366,3 +366,67 @@ fn envelope_hello_is_self_signed() {
     let env = UnverifiedEnvelope::parse(&r).unwrap();
     assert!(Hello::verify_self_signed(&env, T0).is_err());
 }
+
+/// Honest reports by `n` devices, each with its own key.
+fn reports_of_many(n: u8) -> Vec<(Vec<u8>, swell_protocol::PublicKey)> {
+    (0..n)
+        .map(|i| {
+            let key = device_key(100 + u32::from(i));
+            (
+                seal(&key, device_stamp(1), &report_body()).unwrap(),
+                key.public(),
+            )
+        })
+        .collect()
+}
+
+/// `verify_all` over the batch must say, item by item, what `verify` says.
+fn same_as_one_by_one(batch: &[(Vec<u8>, swell_protocol::PublicKey)], now: u64) -> Vec<bool> {
+    let envs: Vec<_> = batch
+        .iter()
+        .map(|(b, k)| (UnverifiedEnvelope::parse(b).unwrap(), *k))
+        .collect();
+    let items: Vec<_> = envs.iter().map(|(e, k)| (e, k)).collect();
+    let all = UnverifiedEnvelope::verify_all::<Report>(&items, now);
+    let one: Vec<_> = items
+        .iter()
+        .map(|(e, k)| e.verify::<Report>(k, now))
+        .collect();
+    assert_eq!(all, one);
+    all.iter().map(Result::is_ok).collect()
+}
+
+#[test]
+fn envelope_batch_verification_answers_each_as_alone() {
+    let honest = reports_of_many(12);
+    assert!(same_as_one_by_one(&honest, T0 + 1).iter().all(|ok| *ok));
+    // One bad envelope among honest ones, every kind of badness a flipped bit
+    // gives (header fields, payload, signature), plus a wrong key, a wrong kind
+    // and an expired one: only that one is refused, with verify's own error.
+    let good = honest[5].0.clone();
+    let mut bad: Vec<(Vec<u8>, swell_protocol::PublicKey)> = (0..good.len() * 8)
+        .step_by(7)
+        .map(|i| {
+            let mut b = good.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            (b, honest[5].1)
+        })
+        .filter(|(b, _)| UnverifiedEnvelope::parse(b).is_ok())
+        .collect();
+    bad.push((good.clone(), honest[6].1));
+    bad.push((beacon(), coordinator_key().public()));
+    let key = device_key(3);
+    let stamp = Stamp {
+        expires_at: T0 + 1,
+        ..device_stamp(2)
+    };
+    bad.push((seal(&key, stamp, &report_body()).unwrap(), key.public()));
+    assert!(bad.len() > 50);
+    for b in bad {
+        let mut batch = honest.clone();
+        batch[5] = b;
+        let ok = same_as_one_by_one(&batch, T0 + 1);
+        assert_eq!(ok.iter().filter(|ok| !**ok).count(), 1);
+        assert!(!ok[5]);
+    }
+}
