@@ -76,6 +76,10 @@ pub struct FleetArgs {
     /// Threads the coordinator verifies device signatures on (0: one per core).
     #[arg(long, default_value_t = 0)]
     verify_threads: usize,
+    /// The coordinator checks each signature alone (`--strict-signatures`),
+    /// not in batches: the baseline of the batch check.
+    #[arg(long)]
+    strict_signatures: bool,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +95,8 @@ pub struct ChildArgs {
     summary: PathBuf,
     #[arg(long, default_value_t = 0)]
     verify_threads: usize,
+    #[arg(long)]
+    strict_signatures: bool,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -175,6 +181,7 @@ async fn child(a: ChildArgs) -> Result<()> {
         tick: Duration::from_millis(200),
         beacon_interval: Duration::from_secs(1),
         verify_threads: a.verify_threads,
+        batch_signatures: !a.strict_signatures,
     };
     let hooks = Hooks {
         metrics: Some(metrics.clone()),
@@ -247,14 +254,18 @@ struct ChildProc {
 }
 
 impl ChildProc {
-    fn start(host: &str, port: u16, seed: u64, verify_threads: usize) -> Result<ChildProc> {
+    fn start(host: &str, port: u16, a: &FleetArgs) -> Result<ChildProc> {
         let dir = tempfile::tempdir()?;
         let summary = dir.path().join("summary.json");
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["bench", "coordinator", "--host", host, "--port"])
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["bench", "coordinator", "--host", host, "--port"])
             .arg(port.to_string())
-            .args(["--seed", &seed.to_string(), "--verify-threads"])
-            .arg(verify_threads.to_string())
+            .args(["--seed", &a.seed.to_string(), "--verify-threads"])
+            .arg(a.verify_threads.to_string());
+        if a.strict_signatures {
+            cmd.arg("--strict-signatures");
+        }
+        let mut child = cmd
             .arg("--summary")
             .arg(&summary)
             .stdin(Stdio::piped())
@@ -444,10 +455,15 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         }
     };
     say(format!(
-        "swell bench fleet: {} devices on {connections} connections, broker {broker_name} at {host}:{port}, QoS 1",
-        a.devices
+        "swell bench fleet: {} devices on {connections} connections, broker {broker_name} at {host}:{port}, QoS 1, signatures checked {}",
+        a.devices,
+        if a.strict_signatures {
+            "one by one"
+        } else {
+            "in batches"
+        }
     ));
-    let coordinator = ChildProc::start(&host, port, a.seed, a.verify_threads)?;
+    let coordinator = ChildProc::start(&host, port, &a)?;
     let coordinator_pid = coordinator.child.id().to_string();
     let v2 = release(2, &keys)?;
     let sim_cfg = SimConfig {
@@ -586,6 +602,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "devices": a.devices,
         "connections": connections,
         "broker": broker_name,
+        "signature_check": if a.strict_signatures { "one by one" } else { "batch" },
         "enrollment_seconds": enrolled_in.as_secs_f64(),
         "rollout_seconds": finished.as_secs_f64(),
         "waves": per_wave,

@@ -198,7 +198,7 @@ fn main() {
             .iter()
             .map(|&i| (topics[i].as_str(), &again[i][..]))
             .collect();
-        let checked = precheck::precheck_all(&engine, &msgs, now, threads);
+        let checked = precheck::precheck_all(&engine, &msgs, now, threads, true);
         for ((topic, payload), pre) in msgs.iter().zip(checked) {
             engine
                 .handle_checked(topic, payload, ReplyTo::default(), now, pre)

@@ -429,8 +429,9 @@ impl Engine {
     /// Verifies device messages' signatures against the registry as it is
     /// now, without changing anything: safe to run on other threads before
     /// [`Engine::handle_checked`] (see [`crate::precheck`]). The reports'
-    /// signatures are checked as one batch; results are in the order of `msgs`.
-    pub fn precheck(&self, msgs: &[(&str, &[u8])], now: u64) -> Vec<Precheck> {
+    /// signatures are checked as one batch if `batch`, else one by one;
+    /// results are in the order of `msgs`.
+    pub fn precheck(&self, msgs: &[(&str, &[u8])], now: u64, batch: bool) -> Vec<Precheck> {
         let mut out = Vec::with_capacity(msgs.len());
         let mut reports = Vec::new();
         for (i, (topic, payload)) in msgs.iter().enumerate() {
@@ -460,7 +461,14 @@ impl Engine {
             });
         }
         let items: Vec<_> = reports.iter().map(|(_, env, key)| (env, key)).collect();
-        let results = UnverifiedEnvelope::verify_all::<Report>(&items, now);
+        let results = if batch {
+            UnverifiedEnvelope::verify_all::<Report>(&items, now)
+        } else {
+            items
+                .iter()
+                .map(|(env, key)| env.verify(key, now))
+                .collect()
+        };
         for ((i, _, key), result) in reports.iter().zip(results) {
             out[*i] = Precheck::Report { key: *key, result };
         }

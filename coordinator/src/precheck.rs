@@ -66,14 +66,16 @@ pub fn default_threads() -> usize {
 }
 
 /// Checks `msgs` (topic, payload) against the engine's registry, split over
-/// `threads` threads (this one included); results are in the order of `msgs`.
+/// `threads` threads (this one included), each thread's reports as one
+/// signature batch if `batch`; results are in the order of `msgs`.
 pub fn precheck_all(
     engine: &Engine,
     msgs: &[(&str, &[u8])],
     now: u64,
     threads: usize,
+    batch: bool,
 ) -> Vec<Precheck> {
-    let part = |msgs: &[(&str, &[u8])]| engine.precheck(msgs, now);
+    let part = |msgs: &[(&str, &[u8])]| engine.precheck(msgs, now, batch);
     if threads <= 1 || msgs.len() < MIN_PARALLEL {
         return part(msgs);
     }

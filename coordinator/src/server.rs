@@ -33,6 +33,9 @@ pub struct LoopConfig {
     pub beacon_interval: Duration,
     /// Threads that verify device signatures (0: one per core).
     pub verify_threads: usize,
+    /// Each verify thread checks its reports' signatures as one batch
+    /// (`swell_protocol::crypto::verify_batch`); false: one by one.
+    pub batch_signatures: bool,
 }
 
 impl Default for LoopConfig {
@@ -41,6 +44,7 @@ impl Default for LoopConfig {
             tick: Duration::from_millis(200),
             beacon_interval: Duration::from_secs(30),
             verify_threads: 0,
+            batch_signatures: true,
         }
     }
 }
@@ -364,7 +368,7 @@ pub async fn run_with(
                 for chunk in acks.chunks(STEP_EVERY) {
                     let topics: Vec<String> = chunk.iter().map(|p| String::from_utf8_lossy(&p.topic).into_owned()).collect();
                     let msgs: Vec<(&str, &[u8])> = topics.iter().zip(chunk).map(|(t, p)| (t.as_str(), &p.payload[..])).collect();
-                    let checked = precheck_all(&engine, &msgs, now, verify_threads);
+                    let checked = precheck_all(&engine, &msgs, now, verify_threads, cfg.batch_signatures);
                     for ((topic, p), pre) in topics.iter().zip(chunk).zip(checked) {
                         let reply = ReplyTo {
                             response_topic: p.properties.as_ref().and_then(|pr| pr.response_topic.clone()),

@@ -381,9 +381,9 @@ fn engine_hello_and_report_sequences_are_independent() {
 }
 
 /// One chunk through `precheck_all` (several threads) and `handle_checked`.
-fn send_chunk(t: &mut T, msgs: &[(String, Vec<u8>)], threads: usize) -> Vec<bool> {
+fn send_chunk(t: &mut T, msgs: &[(String, Vec<u8>)], threads: usize, batch: bool) -> Vec<bool> {
     let refs: Vec<(&str, &[u8])> = msgs.iter().map(|(t, p)| (t.as_str(), &p[..])).collect();
-    let checked = precheck_all(&t.e, &refs, t.now, threads);
+    let checked = precheck_all(&t.e, &refs, t.now, threads, batch);
     assert_eq!(checked.len(), msgs.len());
     let used: Vec<bool> = checked
         .iter()
@@ -467,11 +467,12 @@ fn engine_prechecked_chunk_decides_exactly_like_one_at_a_time() {
     for (topic, payload) in &chunk {
         one.send(topic.clone(), payload);
     }
-    // One thread: the chunk's reports in one signature batch; four: in four.
-    for threads in [1, 4] {
+    // One thread: the chunk's reports in one signature batch; four: in four;
+    // and one by one (`--strict-signatures`).
+    for (threads, batch) in [(1, true), (4, true), (4, false)] {
         let mut many = T::new();
         setup(&mut many);
-        let used = send_chunk(&mut many, &chunk, threads);
+        let used = send_chunk(&mut many, &chunk, threads, batch);
         assert!(
             used[..21].iter().all(|u| *u),
             "known devices' reports were prechecked"

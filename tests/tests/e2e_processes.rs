@@ -141,7 +141,9 @@ impl System {
         .env("RUST_LOG", "warn,swell_coordinator=info")
         .current_dir(d);
         if mosq.is_some() {
-            cmd.args(["--broker", &broker]);
+            // This system also runs the coordinator's one-by-one signature
+            // check (the other, the default batches).
+            cmd.args(["--broker", &broker, "--strict-signatures"]);
         } else {
             cmd.args(["--embedded-broker", &format!("127.0.0.1:{port}")]);
         }
