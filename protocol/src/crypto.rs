@@ -105,7 +105,7 @@ pub const BATCH_MIN: usize = 4;
 ///
 /// The signatures go through one ed25519 batch equation (about twice as fast
 /// per signature from a few dozen on); if it fails, each is checked alone with
-/// [`verify`] to say which. Before the batch, the checks `verify_strict` makes
+/// `verify_strict`, as [`verify`] does, reusing the decoded key, to say which. Before the batch, the checks `verify_strict` makes
 /// and the batch equation does not are made here: a small-order (weak) key, an
 /// `R` of small order, and a non-canonical encoding of `R`; an item failing them
 /// is checked alone, so it gets exactly `verify`'s answer.
@@ -120,6 +120,9 @@ pub const BATCH_MIN: usize = 4;
 /// signature bytes).
 pub fn verify_batch(items: &[Signed<'_>]) -> Vec<Result<(), SignatureError>> {
     let one = |it: &Signed<'_>| verify(it.key, it.domain, it.parts, it.sig);
+    if items.len() < BATCH_MIN {
+        return items.iter().map(one).collect();
+    }
     let mut out: Vec<Result<(), SignatureError>> = vec![Ok(()); items.len()];
     let mut batch = Vec::with_capacity(items.len());
     let mut keys = Vec::with_capacity(items.len());
@@ -132,12 +135,6 @@ pub fn verify_batch(items: &[Signed<'_>]) -> Vec<Result<(), SignatureError>> {
             _ => out[i] = one(it),
         }
     }
-    if batch.len() < BATCH_MIN {
-        for &i in &batch {
-            out[i] = one(&items[i]);
-        }
-        return out;
-    }
     let inputs: Vec<Vec<u8>> = batch
         .iter()
         .map(|&i| signing_input(items[i].domain, items[i].parts))
@@ -147,9 +144,9 @@ pub fn verify_batch(items: &[Signed<'_>]) -> Vec<Result<(), SignatureError>> {
         .iter()
         .map(|&i| ed25519_dalek::Signature::from_bytes(&items[i].sig.0))
         .collect();
-    if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_err() {
-        for &i in &batch {
-            out[i] = one(&items[i]);
+    if batch.len() < BATCH_MIN || ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_err() {
+        for (j, &i) in batch.iter().enumerate() {
+            out[i] = strict(&keys[j], msgs[j], &sigs[j]);
         }
     }
     out
@@ -205,7 +202,15 @@ pub fn verify(
 ) -> Result<(), SignatureError> {
     let vk = VerifyingKey::from_bytes(&key.0).map_err(|_| SignatureError::BadKey)?;
     let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
-    vk.verify_strict(&signing_input(domain, parts), &sig)
+    strict(&vk, &signing_input(domain, parts), &sig)
+}
+
+fn strict(
+    vk: &VerifyingKey,
+    msg: &[u8],
+    sig: &ed25519_dalek::Signature,
+) -> Result<(), SignatureError> {
+    vk.verify_strict(msg, sig)
         .map_err(|_| SignatureError::Invalid)
 }
 
