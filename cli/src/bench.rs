@@ -454,14 +454,14 @@ async fn fleet(a: FleetArgs) -> Result<()> {
             println!("{m}");
         }
     };
+    let signature_check = if a.strict_signatures {
+        "one by one"
+    } else {
+        "batch"
+    };
     say(format!(
-        "swell bench fleet: {} devices on {connections} connections, broker {broker_name} at {host}:{port}, QoS 1, signatures checked {}",
+        "swell bench fleet: {} devices on {connections} connections, broker {broker_name} at {host}:{port}, QoS 1, signatures checked: {signature_check}",
         a.devices,
-        if a.strict_signatures {
-            "one by one"
-        } else {
-            "in batches"
-        }
     ));
     let coordinator = ChildProc::start(&host, port, &a)?;
     let coordinator_pid = coordinator.child.id().to_string();
@@ -602,7 +602,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "devices": a.devices,
         "connections": connections,
         "broker": broker_name,
-        "signature_check": if a.strict_signatures { "one by one" } else { "batch" },
+        "signature_check": signature_check,
         "enrollment_seconds": enrolled_in.as_secs_f64(),
         "rollout_seconds": finished.as_secs_f64(),
         "waves": per_wave,
