@@ -124,6 +124,8 @@ pub struct Engine {
     /// Set in Kubernetes mode: rollout commands go to the controller.
     forward_rollout_ops: bool,
     forwarded: Vec<Forwarded>,
+    /// A tracker was opened and not walked yet ([`Engine::settle`]).
+    unsettled: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -193,6 +195,7 @@ impl Engine {
             log_gate: HashMap::new(),
             forward_rollout_ops: false,
             forwarded: Vec::new(),
+            unsettled: false,
         };
         for mut d in loaded.devices {
             // Online state is learned again from the retained online topics.
@@ -261,12 +264,44 @@ impl Engine {
             }
         }
         if rec.state.started {
+            t.open(rec.state.open_below);
             let devices = &self.devices;
-            t.open(rec.state.open_below, |id| {
-                devices.get(id).is_some_and(|d| d.online)
-            });
+            t.settle(|id| devices.get(id).is_some_and(|d| d.online));
         }
         t
+    }
+
+    /// Walks the members of the waves opened since the last call (see
+    /// [`Tracker::settle`]) and returns the rollouts' statuses, which wait for
+    /// it. [`Engine::step_active`] leaves this to its caller, so a manifest goes
+    /// out before a large wave is walked; every other entry point settles
+    /// before it returns.
+    pub fn settle(&mut self, now: u64) -> Vec<Out> {
+        if !self.unsettled {
+            return vec![];
+        }
+        self.unsettled = false;
+        let ids: Vec<RolloutId> = self
+            .rollouts
+            .iter()
+            .filter(|(_, l)| !l.tracker.settled())
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.iter()
+            .filter_map(|id| self.settle_rollout(id, now))
+            .collect()
+    }
+
+    /// Settles one rollout's tracker; its status when there was anything to walk.
+    fn settle_rollout(&mut self, id: &RolloutId, now: u64) -> Option<Out> {
+        let l = self.rollouts.get_mut(id)?;
+        if l.tracker.settled() {
+            return None;
+        }
+        let devices = &self.devices;
+        l.tracker
+            .settle(|d| devices.get(d).is_some_and(|d| d.online));
+        Some(self.status_out(id, now))
     }
 
     /// Kubernetes mode: rollout commands from MQTT are handed to the controller
@@ -290,8 +325,11 @@ impl Engine {
         now: u64,
     ) -> (Vec<Out>, Result<(String, Value), (&'static str, String)>) {
         let name = op.name();
-        match self.apply(op, now) {
-            Ok((out, message, status)) => {
+        let applied = self.apply(op, now);
+        let settled = self.settle(now);
+        match applied {
+            Ok((mut out, message, status)) => {
+                out.extend(settled);
                 info!(op = name, source = "kubernetes", "{message}");
                 (out, Ok((message, status)))
             }
@@ -302,7 +340,7 @@ impl Engine {
                     reason,
                     "refused: {message}"
                 );
-                (vec![], Err((reason, message)))
+                (settled, Err((reason, message)))
             }
         }
     }
@@ -478,6 +516,19 @@ impl Engine {
     /// [`Engine::handle`] with a signature check made earlier (used only if it
     /// was made with the key the device has now).
     pub fn handle_checked(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        reply: ReplyTo,
+        now: u64,
+        pre: Precheck,
+    ) -> Result<Vec<Out>, EngineError> {
+        let mut out = self.dispatch(topic, payload, reply, now, pre)?;
+        out.extend(self.settle(now));
+        Ok(out)
+    }
+
+    fn dispatch(
         &mut self,
         topic: &str,
         payload: &[u8],
@@ -1129,10 +1180,9 @@ impl Engine {
         self.store.commit_rollout(&rec, Some(&entry))?;
         l.rec = rec;
         if l.rec.state.started {
-            let devices = &self.devices;
-            l.tracker.open(l.rec.state.open_below, |d| {
-                devices.get(d).is_some_and(|d| d.online)
-            });
+            // O(1); the walk waits until the manifest is out (`settle`).
+            l.tracker.open(l.rec.state.open_below);
+            self.unsettled |= !l.tracker.settled();
         }
         for d in &st.decisions {
             info!(rollout = %id, wave = l.rec.state.wave, phase = l.rec.state.phase_name(), decision = ?d, "rollout decision");
@@ -1208,13 +1258,26 @@ impl Engine {
                 correlation: None,
             });
         }
-        out.push(Out {
+        // An unwalked tracker's counts are incomplete: `settle` publishes it.
+        if l.tracker.settled() {
+            out.push(self.status_out(id, now));
+        }
+        Ok(out)
+    }
+
+    /// The retained status of a rollout.
+    fn status_out(&self, id: &RolloutId, now: u64) -> Out {
+        Out {
             topic: self.s.topics.ops_status(id),
-            payload: status_json(l, now).to_string().into_bytes(),
+            payload: self
+                .rollouts
+                .get(id)
+                .map_or(Value::Null, |l| status_json(l, now))
+                .to_string()
+                .into_bytes(),
             retain: true,
             correlation: None,
-        });
-        Ok(out)
+        }
     }
 
     fn step_rollout(&mut self, id: &RolloutId, now: u64) -> Result<Vec<Out>, EngineError> {
@@ -1224,18 +1287,26 @@ impl Engine {
         if l.rec.state.is_final() {
             return Ok(vec![]);
         }
+        // Gates judge complete counts only.
+        let mut out: Vec<Out> = self.settle_rollout(id, now).into_iter().collect();
+        let Some(l) = self.rollouts.get(id) else {
+            return Ok(out);
+        };
         let obs = l.tracker.observe(
             now,
             l.rec.spec.max_in_flight,
             wave_target(&l.rec.spec, &l.rec.state),
         );
         let st = state::step(&l.rec.spec, &l.rec.state, &obs);
-        self.commit(id, st, Some(obs), None, now)
+        out.extend(self.commit(id, st, Some(obs), None, now)?);
+        Ok(out)
     }
 
     /// Evaluates every rollout still running: called right after a batch of
     /// reports, so a gate that the batch completed opens the next wave at once
-    /// instead of on the next tick (gate-to-manifest latency).
+    /// instead of on the next tick (gate-to-manifest latency). The opened
+    /// waves are not walked yet: publish what this returns, then call
+    /// [`Engine::settle`].
     pub fn step_active(&mut self, now: u64) -> Result<Vec<Out>, EngineError> {
         let ids: Vec<RolloutId> = self
             .rollouts
@@ -1266,6 +1337,7 @@ impl Engine {
                 out.extend(self.publish_if_changed(&id, now, true)?);
             }
         }
+        out.extend(self.settle(now));
         Ok(out)
     }
 

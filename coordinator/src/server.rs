@@ -114,6 +114,8 @@ fn step(
     if moved && let Some(m) = metrics {
         m.observe_gate_latency(since.elapsed());
     }
+    // The opened wave is walked once its manifest is out.
+    sink.send_all(engine.settle(now));
     Ok(())
 }
 

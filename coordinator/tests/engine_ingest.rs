@@ -356,6 +356,59 @@ fn engine_reports_from_unopened_waves_do_not_count() {
     );
 }
 
+/// A wave opens in O(1): the manifest comes out of `step_active` before the
+/// opened wave is walked, and the status (with the new wave's population)
+/// follows from `settle`. Gates never judge an unwalked wave.
+#[test]
+fn engine_opens_a_wave_before_walking_it() {
+    let mut t = T::new();
+    for i in 0..40 {
+        t.send(
+            topic_hello(i),
+            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+        );
+        t.send(format!("swell/v1/dev/{}/online", dev(i)), b"1");
+    }
+    let rel = release(2, "2.0.0");
+    let r = t.command(create_cmd(
+        "r",
+        &rel,
+        &["10%", "100%"],
+        json!({"bake": "0s"}),
+    ));
+    assert_eq!(r["ok"], true);
+    let id = RolloutId::new("r").unwrap();
+    let first = t.e.status(&id, t.now).unwrap()["waves"][0]["population"]
+        .as_u64()
+        .unwrap();
+    assert!(first > 0 && first < 15, "{first}");
+    for i in 0..40 {
+        t.send(
+            topic_report(i),
+            &report(i, &key(i), 2, "r", rel.id(), Phase::Committed, 0),
+        );
+    }
+    let out = t.e.step_active(t.now).unwrap();
+    let status_topic = t.e.topics().ops_status(&id);
+    assert!(
+        out.iter().any(|o| o.topic.contains("/manifest/")),
+        "the next wave's manifest: {:?}",
+        out.iter().map(|o| &o.topic).collect::<Vec<_>>()
+    );
+    assert!(!out.iter().any(|o| o.topic == status_topic));
+    let s = t.e.status(&id, t.now).unwrap();
+    assert_eq!(s["waves"][1]["opened"], true);
+    assert_eq!(s["waves"][1]["population"], 0, "not walked yet");
+    let settled = t.e.settle(t.now);
+    assert_eq!(settled.len(), 1);
+    assert_eq!(settled[0].topic, status_topic);
+    let s: Value = serde_json::from_slice(&settled[0].payload).unwrap();
+    assert_eq!(s["waves"][1]["population"].as_u64().unwrap(), 40 - first);
+    // Their reports came before the wave opened: they do not count (ROLL-6).
+    assert_eq!(s["waves"][1]["healthy"], 0);
+    assert!(t.e.settle(t.now).is_empty());
+}
+
 /// Hello and Report travel on different topics; MQTT orders only within a topic.
 /// A Hello processed before an older Report must not make that Report a replay.
 #[test]

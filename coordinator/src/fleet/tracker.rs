@@ -3,6 +3,12 @@
 //! selector and a wave reaches it. It counts once (its latest report, ROLL-6), and
 //! only after its wave opened; it joins its wave's population when seen online
 //! after the opening.
+//!
+//! Opening a wave is two steps so the manifest is not held up by the size of the
+//! wave: [`Tracker::open`] only raises the bound (O(1): from then on a report of
+//! a newly opened member counts), and [`Tracker::settle`] walks the newly opened
+//! members to add the ones already online to their wave's population. The engine
+//! settles right after the manifest is handed over, and before counts are read.
 
 use crate::rollout::health_gate::WaveCounts;
 use crate::rollout::planner::WavePlan;
@@ -54,6 +60,10 @@ pub struct Tracker {
     critical: Vec<u16>,
     open_below: u64,
     started: bool,
+    /// Opened members not walked yet: the canaries (first opening) and the
+    /// `closed` entries below `open_below`.
+    unwalked: bool,
+    canaries_walked: bool,
     members: HashMap<DeviceId, Member>,
     /// Members not opened yet, by bucket, ties broken by id (for
     /// `max_in_flight` sub-steps).
@@ -78,6 +88,8 @@ impl Tracker {
             critical,
             open_below: 0,
             started: false,
+            unwalked: false,
+            canaries_walked: false,
             members: HashMap::new(),
             closed: BTreeSet::new(),
             counts: vec![WaveCounts::default(); waves],
@@ -145,14 +157,34 @@ impl Tracker {
         self.mark_seen(device);
     }
 
-    /// Applies the manifest's `open_below` (it only grows); `online` says which of
-    /// the newly opened devices are online now. Cost: the newly opened devices.
-    pub fn open(&mut self, open_below: u64, online: impl Fn(&DeviceId) -> bool) {
-        let first = !self.started;
-        self.started = true;
-        self.open_below = self.open_below.max(open_below);
+    /// Applies the manifest's `open_below` (it only grows). O(1): the newly
+    /// opened members vote from now on, and join their wave's population when
+    /// they report, come online, or [`Tracker::settle`] finds them online.
+    pub fn open(&mut self, open_below: u64) {
+        if !self.started || open_below > self.open_below {
+            self.started = true;
+            self.open_below = self.open_below.max(open_below);
+            self.unwalked = true;
+        }
+    }
+
+    /// Whether every opened member was walked (counts are complete).
+    pub fn settled(&self) -> bool {
+        !self.unwalked
+    }
+
+    /// Walks the members opened since the last call; `online` says which are
+    /// online now. Returns how many it walked. Until this ran after an
+    /// [`Tracker::open`], populations miss the silent online members of the
+    /// newly opened buckets.
+    pub fn settle(&mut self, online: impl Fn(&DeviceId) -> bool) -> usize {
+        if !self.unwalked {
+            return 0;
+        }
+        self.unwalked = false;
         let mut newly: Vec<DeviceId> = Vec::new();
-        if first {
+        if !self.canaries_walked {
+            self.canaries_walked = true;
             newly.extend(
                 self.members
                     .iter()
@@ -170,11 +202,13 @@ impl Tracker {
                 }
             }
         }
+        let walked = newly.len();
         for d in newly {
             if online(&d) {
                 self.mark_seen(&d);
             }
         }
+        walked
     }
 
     /// A verified report for this rollout. Returns whether it counted.
@@ -316,7 +350,8 @@ mod tests {
         let release = ReleaseId([1; 32]);
         // Before anything opens no report counts (ROLL-6).
         assert!(!t.on_report(&dev(1), &release, &Phase::Committed));
-        t.open(cohort::open_below(500_000), |_| true);
+        t.open(cohort::open_below(500_000));
+        t.settle(|_| true);
         let wave0 = t.counts()[0].population;
         assert!(wave0 > 30 && wave0 < 60, "{wave0}");
         assert_eq!(t.counts()[1].population, 0);
@@ -339,11 +374,47 @@ mod tests {
     }
 
     #[test]
+    fn tracker_open_is_o1_and_settle_counts_each_member_once() {
+        let mut t = tracker(0, &[500_000, PPM_FULL], "");
+        for i in 0..200 {
+            t.consider(&dev(i), &[], true);
+        }
+        let release = ReleaseId([1; 32]);
+        t.open(cohort::open_below(500_000));
+        assert!(!t.settled());
+        // Nothing walked yet: no population, but opened members already vote.
+        assert_eq!(t.counts()[0].population, 0);
+        let opened: Vec<u32> = (0..200)
+            .filter(|i| cohort::is_open(cohort::bucket(&t.rollout, &dev(*i)), t.open_below))
+            .collect();
+        assert!(opened.len() > 60 && opened.len() < 140, "{}", opened.len());
+        assert!(t.on_report(&dev(opened[0]), &release, &Phase::Committed));
+        assert_eq!(t.counts()[0].population, 1);
+        // A member joining between open and settle is judged by the new bound.
+        t.consider(&dev(1000), &[], true);
+        let walked = t.settle(|_| true);
+        assert!(t.settled());
+        // The late joiner was never closed below the bound, so it is not walked.
+        let late_open = cohort::is_open(cohort::bucket(&t.rollout, &dev(1000)), t.open_below);
+        assert_eq!(walked, opened.len());
+        assert_eq!(
+            t.counts()[0].population as usize,
+            opened.len() + usize::from(late_open)
+        );
+        assert_eq!(t.counts()[0].healthy, 1);
+        assert_eq!(t.settle(|_| true), 0);
+        // The closed ones are still closed: they neither count nor vote.
+        let shut = (0..200).find(|i| !opened.contains(i)).unwrap();
+        assert!(!t.on_report(&dev(shut), &release, &Phase::Committed));
+    }
+
+    #[test]
     fn tracker_late_failure_and_critical() {
         let mut t = tracker(2, &[PPM_FULL], "");
         t.consider(&dev(0), &[], true);
         t.consider(&dev(1), &[], false);
-        t.open(0, |d| d == &dev(0));
+        t.open(0);
+        t.settle(|d| d == &dev(0));
         assert_eq!(
             t.counts()[0].population,
             1,
@@ -376,9 +447,11 @@ mod tests {
         for i in 0..50 {
             t.consider(&dev(i), &[], true);
         }
-        t.open(0, |_| true);
+        t.open(0);
+        t.settle(|_| true);
         let step = t.next_step(5, u64::MAX).unwrap();
-        t.open(step, |_| true);
+        t.open(step);
+        t.settle(|_| true);
         let busy: u32 = t.counts().iter().map(|c| c.silent() + c.in_progress).sum();
         assert_eq!(busy, 5);
         assert_eq!(t.next_step(5, u64::MAX), None);
