@@ -222,6 +222,10 @@ impl Engine {
             );
         }
         for (rollout, device, rep) in loaded.reports {
+            // A counted report was written without its device record.
+            if let Some(d) = e.devices.get_mut(&device) {
+                d.last_seq = d.last_seq.max(rep.seq);
+            }
             if let Some(l) = e.rollouts.get_mut(&rollout) {
                 l.tracker.on_report(&device, &rep.release, &rep.phase);
             }
@@ -375,6 +379,10 @@ impl Engine {
         let Some(l) = self.rollouts.remove(id) else {
             return Ok((false, out));
         };
+        // The replay floors its reports held move into the device records.
+        let devices = &self.devices;
+        self.store
+            .put_devices(&mut l.tracker.member_ids().filter_map(|d| devices.get(d)))?;
         self.store.delete_rollout(id)?;
         for topic in [
             self.s.topics.manifest(&l.rec.spec.fleet, id),
@@ -761,25 +769,35 @@ impl Engine {
             return Ok(vec![]);
         }
         d.last_seen = now;
-        if v.body.phase == swell_protocol::messages::Phase::Committed {
+        let running_changed = v.body.phase == swell_protocol::messages::Phase::Committed
+            && d.running.as_deref() != Some(&v.body.release);
+        if running_changed {
             d.set_running(Some(v.body.release), &mut self.shared);
         }
-        let rec = d.clone();
-        self.store.put_device(&rec)?;
         self.counters.reports += 1;
+        let seq = v.header.seq;
         let r = v.body;
-        if let Some(rollout) = &r.rollout
-            && let Some(l) = self.rollouts.get_mut(rollout)
-            && l.tracker.on_report(&r.device, &r.release, &r.phase)
-        {
+        let counted = r.rollout.as_ref().is_some_and(|rollout| {
+            self.rollouts
+                .get_mut(rollout)
+                .is_some_and(|l| l.tracker.on_report(&r.device, &r.release, &r.phase))
+        });
+        if counted && let Some(rollout) = &r.rollout {
+            // One write: the stored report carries the replay floor.
             self.store.put_report(
                 rollout,
                 &r.device,
                 &StoredReport {
                     release: r.release,
-                    phase: r.phase.clone(),
+                    phase: r.phase,
+                    seq,
                 },
             )?;
+        }
+        if (running_changed || !counted)
+            && let Some(rec) = self.devices.get(topic_device)
+        {
+            self.store.put_device(rec)?;
         }
         Ok(vec![])
     }

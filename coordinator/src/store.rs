@@ -5,8 +5,15 @@
 //!   atomic batch and flushed before anything is published (STATE-1), so the audit
 //!   log never misses or repeats a transition.
 //! - tree `devices`: `{device}` → postcard [`DeviceRecord`].
-//! - tree `reports`: `{rollout}/{device}` → postcard latest report (phase, release),
-//!   from which the trackers are rebuilt on start.
+//! - tree `reports`: `{rollout}/{device}` → postcard latest report (release,
+//!   phase, envelope `seq`), from which the trackers are rebuilt on start.
+//!
+//! A report that counts is one write: its record carries the report's `seq`, so
+//! the device's replay floor is the larger of its device record's `last_seq` and
+//! the `seq` of its stored reports (raised so on start). The device record
+//! itself is written only when more than the floor changed (Hello, approval,
+//! running release) or when the report is not stored. Deleting a rollout writes
+//! its members' floors into their device records first.
 //!
 //! The coordinator epoch lives apart, in a small atomically written file
 //! ([`crate::durable`]), so a lost or rebuilt database can never lower it.
@@ -49,6 +56,32 @@ pub struct DecisionEntry {
 pub struct StoredReport {
     pub release: ReleaseId,
     pub phase: Phase,
+    /// The envelope `seq` it came in: a replay floor of the device.
+    pub seq: u64,
+}
+
+/// A report as written before it carried its `seq` (read back as `seq` 0: the
+/// device record of that format held the floor).
+#[derive(Deserialize)]
+struct StoredReportV0 {
+    release: ReleaseId,
+    phase: Phase,
+}
+
+impl StoredReport {
+    fn decode(bytes: &[u8]) -> Option<StoredReport> {
+        postcard::from_bytes::<StoredReport>(bytes)
+            .ok()
+            .or_else(|| {
+                postcard::from_bytes::<StoredReportV0>(bytes)
+                    .ok()
+                    .map(|r| StoredReport {
+                        release: r.release,
+                        phase: r.phase,
+                        seq: 0,
+                    })
+            })
+    }
 }
 
 /// Why the store failed. All store errors are retryable only by restarting.
@@ -84,15 +117,17 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     fn decisions(&self, rollout: &RolloutId) -> Result<Vec<DecisionEntry>, StoreError>;
     fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError>;
+    /// Writes many device records at once.
+    fn put_devices(&self, recs: &mut dyn Iterator<Item = &DeviceRecord>) -> Result<(), StoreError>;
     fn put_report(
         &self,
         rollout: &RolloutId,
         device: &DeviceId,
         report: &StoredReport,
     ) -> Result<(), StoreError>;
-    /// Makes every write so far durable.
     /// Deletes a rollout with its decision log and reports.
     fn delete_rollout(&self, rollout: &RolloutId) -> Result<(), StoreError>;
+    /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
 
@@ -180,7 +215,7 @@ impl Store for SledStore {
                     Some((
                         RolloutId::new(r).ok()?,
                         DeviceId::new(d).ok()?,
-                        postcard::from_bytes::<StoredReport>(&v).ok()?,
+                        StoredReport::decode(&v)?,
                     ))
                 });
             match parsed {
@@ -229,6 +264,15 @@ impl Store for SledStore {
     fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
         self.devices
             .insert(rec.id.as_str().as_bytes(), post("device", rec)?)?;
+        Ok(())
+    }
+
+    fn put_devices(&self, recs: &mut dyn Iterator<Item = &DeviceRecord>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for rec in recs {
+            batch.insert(rec.id.as_str().as_bytes(), post("device", rec)?);
+        }
+        self.devices.apply_batch(batch)?;
         Ok(())
     }
 
@@ -309,6 +353,7 @@ mod tests {
         let report = StoredReport {
             release: rec.spec.release_id(),
             phase: swell_protocol::messages::Phase::Committed,
+            seq: 1,
         };
         let dev = DeviceId::new("dev-1").unwrap();
         s.put_report(&rec.spec.id, &dev, &report).unwrap();
@@ -347,6 +392,7 @@ mod tests {
                 &StoredReport {
                     release: ReleaseId([1; 32]),
                     phase: Phase::Committed,
+                    seq: 1,
                 },
             )
             .unwrap();
@@ -358,6 +404,45 @@ mod tests {
         assert_eq!(loaded.reports.len(), 1);
         assert_eq!(s.decisions(&rec.spec.id).unwrap().len(), 1);
         assert!(loaded.corrupt.is_empty());
+    }
+
+    #[test]
+    fn store_reads_reports_written_before_they_carried_seq() {
+        #[derive(Serialize)]
+        struct V0 {
+            release: ReleaseId,
+            phase: Phase,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let old = postcard::to_allocvec(&V0 {
+            release: ReleaseId([3; 32]),
+            phase: Phase::Committed,
+        })
+        .unwrap();
+        s.reports.insert(b"r/d1", old).unwrap();
+        s.put_report(
+            &RolloutId::new("r").unwrap(),
+            &DeviceId::new("d2").unwrap(),
+            &StoredReport {
+                release: ReleaseId([4; 32]),
+                phase: Phase::Installing,
+                seq: 9,
+            },
+        )
+        .unwrap();
+        // A record of neither format is set aside.
+        s.reports.insert(b"r/d3", vec![0xff; 3]).unwrap();
+        let mut loaded = s.load().unwrap();
+        loaded.reports.sort_by(|a, b| a.1.cmp(&b.1));
+        let got: Vec<_> = loaded
+            .reports
+            .iter()
+            .map(|(_, d, r)| (d.as_str(), r.seq))
+            .collect();
+        assert_eq!(got, vec![("d1", 0), ("d2", 9)]);
+        assert_eq!(loaded.reports[0].2.release, ReleaseId([3; 32]));
+        assert_eq!(loaded.corrupt, vec!["r/d3".to_string()]);
     }
 
     #[test]

@@ -409,6 +409,88 @@ fn engine_opens_a_wave_before_walking_it() {
     assert!(t.e.settle(t.now).is_empty());
 }
 
+/// A counted report is stored without rewriting its device record: the replay
+/// floor it raised must still hold after a restart, and after its rollout (with
+/// its stored reports) is deleted.
+#[test]
+fn engine_replay_floor_held_by_stored_reports_survives_restart_and_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |now: u64| {
+        let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        Engine::start(settings(1), store, now).unwrap().0
+    };
+    let now = unix_now();
+    let k = key(1);
+    let rel = release(2, "2.0.0");
+    let id = RolloutId::new("r").unwrap();
+    let send = |e: &mut Engine, topic: String, payload: &[u8]| {
+        e.handle(&topic, payload, ReplyTo::default(), now).unwrap();
+    };
+    let replayed = |e: &Engine| e.counters.rejected.get("replayed").copied().unwrap_or(0);
+    {
+        let mut e = open(now);
+        send(
+            &mut e,
+            topic_hello(1),
+            &hello(1, &k, 1, Some(TOKEN), "plant-7"),
+        );
+        let mut cmd = create_cmd("r", &rel, &["100%"], json!({"bake": "1h"}));
+        cmd["reply_to"] = json!("replies");
+        send(
+            &mut e,
+            "swell/v1/ops/cmd".into(),
+            cmd.to_string().as_bytes(),
+        );
+        // The first changes the running release (device record written), the
+        // second only the stored report.
+        for seq in [2, 5] {
+            send(
+                &mut e,
+                topic_report(1),
+                &report(1, &k, seq, "r", rel.id(), Phase::Committed, 0),
+            );
+        }
+        assert_eq!(e.counters.reports, 2);
+        e.flush().unwrap();
+    }
+    {
+        let mut e = open(now);
+        // Both stored reports replay; only the newer one's seq is a floor.
+        for seq in [2, 5] {
+            send(
+                &mut e,
+                topic_report(1),
+                &report(1, &k, seq, "r", rel.id(), Phase::Committed, 0),
+            );
+        }
+        assert_eq!(replayed(&e), 2);
+        send(
+            &mut e,
+            topic_report(1),
+            &report(1, &k, 6, "r", rel.id(), Phase::Committed, 0),
+        );
+        assert_eq!(e.counters.reports, 1);
+        assert_eq!(e.device(&dev(1)).unwrap().last_seq, 6);
+        let (existed, _) = e.remove(&id, now).unwrap();
+        assert!(existed);
+        e.flush().unwrap();
+    }
+    let mut e = open(now);
+    assert!(e.rollout_state(&id).is_none());
+    send(
+        &mut e,
+        topic_report(1),
+        &report(1, &k, 6, "r", rel.id(), Phase::Committed, 0),
+    );
+    assert_eq!(replayed(&e), 1, "the floor outlived the rollout's reports");
+    send(
+        &mut e,
+        topic_report(1),
+        &report(1, &k, 7, "r", rel.id(), Phase::Committed, 0),
+    );
+    assert_eq!(e.counters.reports, 1);
+}
+
 /// Hello and Report travel on different topics; MQTT orders only within a topic.
 /// A Hello processed before an older Report must not make that Report a replay.
 #[test]

@@ -254,6 +254,10 @@ impl Tracker {
         self.members.len()
     }
 
+    pub fn member_ids(&self) -> impl Iterator<Item = &DeviceId> {
+        self.members.keys()
+    }
+
     /// Members still running (or installing) the release.
     pub fn still_installed(&self) -> u32 {
         self.counts.iter().map(|c| c.healthy + c.in_progress).sum()
