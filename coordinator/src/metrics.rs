@@ -69,6 +69,8 @@ pub struct Metrics {
     gate_latency: Histogram,
     mqtt_dropped: Family<WhatLabel, Counter>,
     mqtt_unacked: Gauge,
+    mqtt_received: Counter,
+    mqtt_acked: Counter,
     /// Raw gate-to-manifest samples (seconds) for benchmarks, capped.
     gate_samples: Mutex<Vec<f64>>,
     last: Mutex<Counters>,
@@ -102,6 +104,8 @@ impl Metrics {
             gate_latency: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             mqtt_dropped: Family::default(),
             mqtt_unacked: Gauge::default(),
+            mqtt_received: Counter::default(),
+            mqtt_acked: Counter::default(),
             gate_samples: Mutex::new(Vec::new()),
             last: Mutex::new(Counters::default()),
             heartbeat: AtomicU64::new(0),
@@ -170,6 +174,16 @@ impl Metrics {
             "mqtt_unacked",
             "QoS 1 messages received from the broker and not yet acknowledged",
             m.mqtt_unacked.clone(),
+        );
+        r.register(
+            "mqtt_received",
+            "QoS 1 messages received from the broker",
+            m.mqtt_received.clone(),
+        );
+        r.register(
+            "mqtt_acked",
+            "Acknowledgements written to the broker",
+            m.mqtt_acked.clone(),
         );
         let m = Metrics { registry: r, ..m };
         m.set_lease(LeaseState::NotUsed);
@@ -267,15 +281,23 @@ impl Metrics {
     }
 
     /// The MQTT session's totals: acks and publishes dropped, messages unacked.
-    pub fn observe_mqtt(&self, acks_dropped: u64, publishes_dropped: u64, unacked: u64) {
+    /// The session's counts: what it could not queue (totals), and its
+    /// [`swell_mqtt::Flow`].
+    pub fn observe_mqtt(&self, acks_dropped: u64, publishes_dropped: u64, flow: &swell_mqtt::Flow) {
         for (what, total) in [("ack", acks_dropped), ("publish", publishes_dropped)] {
             let c = self
                 .mqtt_dropped
                 .get_or_create(&WhatLabel { what: what.into() });
             c.inc_by(total.saturating_sub(c.get()));
         }
+        for (c, total) in [
+            (&self.mqtt_received, flow.received()),
+            (&self.mqtt_acked, flow.acked()),
+        ] {
+            c.inc_by(total.saturating_sub(c.get()));
+        }
         self.mqtt_unacked
-            .set(i64::try_from(unacked).unwrap_or(i64::MAX));
+            .set(i64::try_from(flow.unacked()).unwrap_or(i64::MAX));
     }
 
     pub fn set_connected(&self, up: bool) {
@@ -354,10 +376,26 @@ mod tests {
 
     #[test]
     fn mqtt_totals_become_counters_and_a_gauge() {
+        use rumqttc::v5::Event;
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
         let m = Metrics::new();
-        m.observe_mqtt(3, 0, 2_048);
-        m.observe_mqtt(10, 1, 5);
+        let flow = swell_mqtt::Flow::default();
+        let publish = |pkid| {
+            let mut p = Publish::new("t", QoS::AtLeastOnce, "x", None);
+            p.pkid = pkid;
+            Event::Incoming(Packet::Publish(p))
+        };
+        for pkid in 1..=7 {
+            flow.note(&publish(pkid));
+        }
+        m.observe_mqtt(3, 0, &flow);
+        flow.note(&Event::Outgoing(rumqttc::Outgoing::PubAck(1)));
+        flow.note(&Event::Outgoing(rumqttc::Outgoing::PubAck(2)));
+        m.observe_mqtt(10, 1, &flow);
         let text = m.encode();
+        assert!(text.contains("swell_mqtt_received_total 7"), "{text}");
+        assert!(text.contains("swell_mqtt_acked_total 2"), "{text}");
         assert!(
             text.contains("swell_mqtt_dropped_total{what=\"ack\"} 10"),
             "{text}"

@@ -336,7 +336,7 @@ pub async fn run_with(
             _ = gauges.tick() => {
                 if let Some(m) = &metrics {
                     m.observe_gauges(&engine.gauges());
-                    m.observe_mqtt(ACKS_NOT_SENT.total(), PUBLISHES_DROPPED.total(), flow.unacked());
+                    m.observe_mqtt(ACKS_NOT_SENT.total(), PUBLISHES_DROPPED.total(), &flow);
                 }
             }
             msg = incoming.recv() => {
