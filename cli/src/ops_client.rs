@@ -54,15 +54,27 @@ impl OpsClient {
         let (up_tx, up_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let t = topics.clone();
         let rt = reply_topic.clone();
+        // Made again on every connection that may lack them: a connection
+        // dropped during a large Hello burst (keep-alive starved) came back
+        // with a clean session and no subscriptions, and every later reply
+        // was lost (a 1,000,000-device benchmark waited for its deadline).
+        let mut subs = swell_mqtt::Subscriptions::new(vec![
+            (reply_topic.clone(), QoS::AtLeastOnce),
+            (topics.ops_statuses(), QoS::AtLeastOnce),
+            (topics.ops_events(), QoS::AtLeastOnce),
+        ]);
+        let sub_client = client.clone();
         tokio::spawn(async move {
             let mut up = Some(up_tx);
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        subs.on_connack(&sub_client, ack.session_present);
                         if let Some(u) = up.take() {
                             let _ = u.send(Ok(()));
                         }
                     }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => subs.on_suback(),
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
                         let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {
@@ -95,15 +107,6 @@ impl OpsClient {
             Ok(Ok(Err(e))) => bail!("cannot connect to the broker at {host}:{port}: {e}"),
             _ => bail!("no answer from the broker at {host}:{port} within 10 s"),
         }
-        client
-            .subscribe(reply_topic.clone(), QoS::AtLeastOnce)
-            .await?;
-        client
-            .subscribe(topics.ops_statuses(), QoS::AtLeastOnce)
-            .await?;
-        client
-            .subscribe(topics.ops_events(), QoS::AtLeastOnce)
-            .await?;
         Ok(OpsClient {
             client,
             rx,
