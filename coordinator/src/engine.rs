@@ -398,6 +398,7 @@ impl Engine {
         }
         out.extend(self.event(id, now, json!({"event": "removed"})));
         info!(rollout = %id, "rollout removed");
+        out.extend(self.settle(now));
         Ok((true, out))
     }
 
