@@ -124,8 +124,6 @@ pub struct Engine {
     /// Set in Kubernetes mode: rollout commands go to the controller.
     forward_rollout_ops: bool,
     forwarded: Vec<Forwarded>,
-    /// A tracker was opened and not walked yet ([`Engine::settle`]).
-    unsettled: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -195,7 +193,6 @@ impl Engine {
             log_gate: HashMap::new(),
             forward_rollout_ops: false,
             forwarded: Vec::new(),
-            unsettled: false,
         };
         for mut d in loaded.devices {
             // Online state is learned again from the retained online topics.
@@ -281,10 +278,6 @@ impl Engine {
     /// out before a large wave is walked; every other entry point settles
     /// before it returns.
     pub fn settle(&mut self, now: u64) -> Vec<Out> {
-        if !self.unsettled {
-            return vec![];
-        }
-        self.unsettled = false;
         let ids: Vec<RolloutId> = self
             .rollouts
             .iter()
@@ -532,19 +525,6 @@ impl Engine {
         now: u64,
         pre: Precheck,
     ) -> Result<Vec<Out>, EngineError> {
-        let mut out = self.dispatch(topic, payload, reply, now, pre)?;
-        out.extend(self.settle(now));
-        Ok(out)
-    }
-
-    fn dispatch(
-        &mut self,
-        topic: &str,
-        payload: &[u8],
-        reply: ReplyTo,
-        now: u64,
-        pre: Precheck,
-    ) -> Result<Vec<Out>, EngineError> {
         let parsed = match self.s.topics.parse(topic) {
             Ok(t) => t,
             Err(e) => {
@@ -552,16 +532,18 @@ impl Engine {
                 return Ok(vec![]);
             }
         };
-        match parsed {
-            Topic::Hello { device } => self.on_hello(&device, payload, now, pre),
-            Topic::Report { device } => self.on_report(&device, payload, now, pre),
+        let mut out = match parsed {
+            Topic::Hello { device } => self.on_hello(&device, payload, now, pre)?,
+            Topic::Report { device } => self.on_report(&device, payload, now, pre)?,
             Topic::Online { device } => {
                 self.on_online(&device, payload, now);
-                Ok(vec![])
+                vec![]
             }
-            Topic::OpsCmd => self.on_command(payload, reply, now),
-            _ => Ok(vec![]),
-        }
+            Topic::OpsCmd => self.on_command(payload, reply, now)?,
+            _ => vec![],
+        };
+        out.extend(self.settle(now));
+        Ok(out)
     }
 
     fn on_online(&mut self, device: &DeviceId, payload: &[u8], now: u64) {
@@ -771,10 +753,7 @@ impl Engine {
         }
         d.last_seen = now;
         let running_changed = v.body.phase == swell_protocol::messages::Phase::Committed
-            && d.running.as_deref() != Some(&v.body.release);
-        if running_changed {
-            d.set_running(Some(v.body.release), &mut self.shared);
-        }
+            && d.set_running(Some(v.body.release), &mut self.shared);
         self.counters.reports += 1;
         let seq = v.header.seq;
         let r = v.body;
@@ -1201,7 +1180,6 @@ impl Engine {
         if l.rec.state.started {
             // O(1); the walk waits until the manifest is out (`settle`).
             l.tracker.open(l.rec.state.open_below);
-            self.unsettled |= !l.tracker.settled();
         }
         for d in &st.decisions {
             info!(rollout = %id, wave = l.rec.state.wave, phase = l.rec.state.phase_name(), decision = ?d, "rollout decision");

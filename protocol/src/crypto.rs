@@ -105,10 +105,11 @@ pub const BATCH_MIN: usize = 4;
 ///
 /// The signatures go through one ed25519 batch equation (about twice as fast
 /// per signature from a few dozen on); if it fails, each is checked alone with
-/// `verify_strict`, as [`verify`] does, reusing the decoded key, to say which. Before the batch, the checks `verify_strict` makes
-/// and the batch equation does not are made here: a small-order (weak) key, an
-/// `R` of small order, and a non-canonical encoding of `R`; an item failing them
-/// is checked alone, so it gets exactly `verify`'s answer.
+/// `verify_strict`, as [`verify`] does (reusing the decoded key), to say which.
+/// Before the batch, the checks `verify_strict` makes and the batch equation
+/// does not are made here: a small-order (weak) key, an `R` of small order, and
+/// a non-canonical encoding of `R`; an item failing them is checked alone, so it
+/// gets exactly `verify`'s answer.
 ///
 /// The one difference left: a signature whose `R` or key has a torsion
 /// component (neither zero nor all of it) fails `verify_strict`'s equation, and

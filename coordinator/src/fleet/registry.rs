@@ -289,10 +289,13 @@ impl DeviceRecord {
     }
 
     /// Records the release the device runs now.
-    pub fn set_running(&mut self, running: Option<ReleaseId>, shared: &mut Interner) {
-        if self.running.as_deref() != running.as_ref() {
+    /// Sets the running release; whether it changed.
+    pub fn set_running(&mut self, running: Option<ReleaseId>, shared: &mut Interner) -> bool {
+        let changed = self.running.as_deref() != running.as_ref();
+        if changed {
             self.running = running.map(|r| shared.release(r));
         }
+        changed
     }
 
     /// Shares this record's announced facts and running release (a record
