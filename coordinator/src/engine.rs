@@ -14,7 +14,7 @@ use crate::fleet::registry::{DeviceRecord, Enrollment, Registry, RegistryError};
 use crate::fleet::tracker::Tracker;
 use crate::log_gate::LogGate;
 use crate::ops::{self, Op, OpsParser, Refused, Request};
-use crate::precheck::Precheck;
+use crate::precheck::{Planned, Precheck};
 use crate::rollout::spec::RolloutSpec;
 use crate::rollout::state::{self, Command, Observations, Phase, RolloutState};
 use crate::store::{DecisionEntry, RolloutRecord, Store, StoreError, StoredReport};
@@ -466,53 +466,32 @@ impl Engine {
         self.handle_checked(topic, payload, reply, now, Precheck::None)
     }
 
-    /// Verifies device messages' signatures against the registry as it is
-    /// now, without changing anything: safe to run on other threads before
-    /// [`Engine::handle_checked`] (see [`crate::precheck`]). The reports'
-    /// signatures are checked as one batch if `batch`, else one by one;
-    /// results are in the order of `msgs`.
-    pub fn precheck(&self, msgs: &[(&str, &[u8])], now: u64, batch: bool) -> Vec<Precheck> {
-        let mut out = Vec::with_capacity(msgs.len());
-        let mut reports = Vec::new();
-        for (i, (topic, payload)) in msgs.iter().enumerate() {
-            let (report, device) = match self.s.topics.parse(topic) {
-                Ok(Topic::Report { device }) => (true, device),
-                Ok(Topic::Hello { device }) => (false, device),
-                _ => {
-                    out.push(Precheck::None);
-                    continue;
+    /// Which signature check each device message needs, with the key the
+    /// registry holds for its device now (cheap: no signature is checked).
+    /// The checks themselves need nothing from the engine, so they can run
+    /// on other threads while it applies earlier messages
+    /// ([`crate::precheck::verify_planned`], [`crate::precheck::pipeline`]).
+    pub fn plan_checks<'a>(&self, msgs: &[(&str, &'a [u8])]) -> Vec<Planned<'a>> {
+        msgs.iter()
+            .map(|(topic, payload)| {
+                let (report, device) = match self.s.topics.parse(topic) {
+                    Ok(Topic::Report { device }) => (true, device),
+                    Ok(Topic::Hello { device }) => (false, device),
+                    _ => return Planned::None,
+                };
+                let Ok(env) = UnverifiedEnvelope::parse(payload) else {
+                    return Planned::None;
+                };
+                let key = self.devices.get(&device).map(|d| d.key);
+                match key {
+                    Some(key) if report && env.kind() != Some(MessageKind::Unsupported) => {
+                        Planned::Report { env, key }
+                    }
+                    _ if report => Planned::None,
+                    key => Planned::Hello { env, key },
                 }
-            };
-            let Ok(env) = UnverifiedEnvelope::parse(payload) else {
-                out.push(Precheck::None);
-                continue;
-            };
-            let key = self.devices.get(&device).map(|d| d.key);
-            out.push(match key {
-                Some(key) if report && env.kind() != Some(MessageKind::Unsupported) => {
-                    reports.push((i, env, key));
-                    Precheck::None
-                }
-                _ if report => Precheck::None,
-                key => Precheck::Hello {
-                    key,
-                    result: verify_hello(&env, key.as_ref(), now),
-                },
-            });
-        }
-        let items: Vec<_> = reports.iter().map(|(_, env, key)| (env, key)).collect();
-        let results = if batch {
-            UnverifiedEnvelope::verify_all::<Report>(&items, now)
-        } else {
-            items
-                .iter()
-                .map(|(env, key)| env.verify(key, now))
-                .collect()
-        };
-        for ((i, _, key), result) in reports.iter().zip(results) {
-            out[*i] = Precheck::Report { key: *key, result };
-        }
-        out
+            })
+            .collect()
     }
 
     /// [`Engine::handle`] with a signature check made earlier (used only if it
@@ -1380,7 +1359,7 @@ impl Engine {
 }
 
 /// A Hello is checked with the enrolled key, or self-signed from a new device.
-fn verify_hello(
+pub(crate) fn verify_hello(
     env: &UnverifiedEnvelope<'_>,
     enrolled: Option<&PublicKey>,
     now: u64,

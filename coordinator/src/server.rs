@@ -9,7 +9,7 @@ use crate::engine::{Engine, EngineError, Forwarded, Out, ReplyTo};
 use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::ops::Op;
-use crate::precheck::{default_threads, precheck_all};
+use crate::precheck::{default_threads, pipeline};
 use crate::transport::mqtt::{self, Incoming, MqttConfig};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
@@ -365,27 +365,33 @@ pub async fn run_with(
                 // Gates are evaluated every STEP_EVERY reports, not only once per
                 // batch: the report that completes a gate moves the rollout after
                 // at most that many more verifications, not a whole batch and flush.
-                // Each chunk's signatures are checked on all verify threads first.
+                // The batch's signatures are checked on the verify threads while
+                // the engine applies the units already checked.
+                let topics: Vec<String> = acks.iter().map(|p| String::from_utf8_lossy(&p.topic).into_owned()).collect();
+                let msgs: Vec<(&str, &[u8])> = topics.iter().zip(&acks).map(|(t, p)| (t.as_str(), &p.payload[..])).collect();
                 let mut chunk_started = std::time::Instant::now();
-                for chunk in acks.chunks(STEP_EVERY) {
-                    let topics: Vec<String> = chunk.iter().map(|p| String::from_utf8_lossy(&p.topic).into_owned()).collect();
-                    let msgs: Vec<(&str, &[u8])> = topics.iter().zip(chunk).map(|(t, p)| (t.as_str(), &p.payload[..])).collect();
-                    let checked = precheck_all(&engine, &msgs, now, verify_threads, cfg.batch_signatures);
-                    for ((topic, p), pre) in topics.iter().zip(chunk).zip(checked) {
+                let mut unstepped = 0;
+                let plans = engine.plan_checks(&msgs);
+                pipeline(plans, now, verify_threads, cfg.batch_signatures, STEP_EVERY, |first, checked| {
+                    let n = checked.len();
+                    for ((&(topic, payload), p), pre) in msgs[first..].iter().zip(&acks[first..]).zip(checked) {
                         let reply = ReplyTo {
                             response_topic: p.properties.as_ref().and_then(|pr| pr.response_topic.clone()),
                             correlation: p.properties.as_ref().and_then(|pr| pr.correlation_data.as_ref().map(|b| b.to_vec())),
                         };
-                        outs.extend(engine.handle_checked(topic, &p.payload, reply, now, pre)?);
+                        outs.extend(engine.handle_checked(topic, payload, reply, now, pre)?);
                     }
-                    if chunk.len() == STEP_EVERY {
-                        // In order: what the chunk produced (a create's first
+                    unstepped += n;
+                    if unstepped >= STEP_EVERY {
+                        // In order: what the unit produced (a create's first
                         // manifest) goes out before anything a step publishes.
                         sink.send_all(std::mem::take(&mut outs));
                         step(&mut engine, &sink, &manifest_prefix, metrics.as_deref(), chunk_started, now)?;
                         chunk_started = std::time::Instant::now();
+                        unstepped = 0;
                     }
-                }
+                    Ok::<(), EngineError>(())
+                })?;
                 engine.flush()?;
                 for p in &acks {
                     if let Err(e) = client.try_ack(p)

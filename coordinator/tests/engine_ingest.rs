@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use swell_coordinator::engine::{Engine, ReplyTo};
-use swell_coordinator::precheck::{Precheck, precheck_all};
+use swell_coordinator::engine::{Engine, EngineError, ReplyTo};
+use swell_coordinator::precheck::{Precheck, pipeline};
 use swell_coordinator::server::unix_now;
 use swell_coordinator::store::SledStore;
 use swell_protocol::envelope::{Audience, Stamp, seal};
@@ -515,19 +515,29 @@ fn engine_hello_and_report_sequences_are_independent() {
     assert_eq!(t.healthy("r"), 1);
 }
 
-/// One chunk through `precheck_all` (several threads) and `handle_checked`.
+/// One batch through `pipeline` (several threads) and `handle_checked`.
 fn send_chunk(t: &mut T, msgs: &[(String, Vec<u8>)], threads: usize, batch: bool) -> Vec<bool> {
     let refs: Vec<(&str, &[u8])> = msgs.iter().map(|(t, p)| (t.as_str(), &p[..])).collect();
-    let checked = precheck_all(&t.e, &refs, t.now, threads, batch);
-    assert_eq!(checked.len(), msgs.len());
-    let used: Vec<bool> = checked
-        .iter()
-        .map(|c| !matches!(c, Precheck::None))
-        .collect();
-    for ((topic, payload), pre) in msgs.iter().zip(checked) {
-        t.e.handle_checked(topic, payload, ReplyTo::default(), t.now, pre)
-            .unwrap();
-    }
+    let plans = t.e.plan_checks(&refs);
+    let mut used = Vec::new();
+    let mut units = 0;
+    let now = t.now;
+    pipeline(plans, now, threads, batch, 4, |first, checked| {
+        assert_eq!(first, used.len(), "units arrive in order");
+        units += 1;
+        for ((topic, payload), pre) in refs[first..].iter().zip(checked) {
+            used.push(!matches!(pre, Precheck::None));
+            t.e.handle_checked(topic, payload, ReplyTo::default(), now, pre)?;
+        }
+        Ok::<(), EngineError>(())
+    })
+    .unwrap();
+    assert_eq!(used.len(), msgs.len());
+    assert_eq!(
+        units > 1,
+        threads > 1,
+        "several threads check the batch in units"
+    );
     used
 }
 
