@@ -685,7 +685,11 @@ impl Engine {
                 return Ok(vec![]);
             }
         };
-        let Some(d) = self.devices.get(topic_device) else {
+        let Some((slot, d)) = self
+            .devices
+            .slot(topic_device)
+            .and_then(|slot| Some((slot, self.devices.at(slot)?)))
+        else {
             let e = RegistryError::Unknown(topic_device.clone());
             self.reject(e.reason(), "report", &e);
             return Ok(vec![]);
@@ -718,7 +722,7 @@ impl Engine {
             );
             return Ok(vec![]);
         }
-        let Some(d) = self.devices.get_mut(topic_device) else {
+        let Some(d) = self.devices.at_mut(slot) else {
             return Ok(vec![]);
         };
         if d.enrollment != Enrollment::Approved {
@@ -754,7 +758,7 @@ impl Engine {
             )?;
         }
         if (running_changed || !counted)
-            && let Some(rec) = self.devices.get(topic_device)
+            && let Some(rec) = self.devices.at(slot)
         {
             self.store.put_device(rec)?;
         }
