@@ -136,7 +136,7 @@ pub fn verify_planned(plans: Vec<Planned<'_>>, now: u64, batch: bool) -> Vec<Pre
 /// A unit whose thread panicked is applied without prechecks (the engine
 /// verifies those messages itself). Stops at the first error of `apply`.
 pub fn pipeline<E>(
-    mut plans: Vec<Planned<'_>>,
+    plans: Vec<Planned<'_>>,
     now: u64,
     threads: usize,
     batch: bool,
@@ -151,14 +151,16 @@ pub fn pipeline<E>(
     let unit = unit.clamp(1, len.div_ceil(threads).max(MIN_PARALLEL / 2));
     let mut units: Vec<Vec<Vec<Planned<'_>>>> = (0..threads).map(|_| Vec::new()).collect();
     let mut sizes = Vec::new();
-    let mut n = 0;
-    while !plans.is_empty() {
-        let rest = plans.split_off(unit.min(plans.len()));
-        sizes.push(plans.len());
-        if let Some(w) = units.get_mut(n % threads) {
-            w.push(std::mem::replace(&mut plans, rest));
+    let mut plans = plans.into_iter();
+    loop {
+        let next: Vec<Planned<'_>> = plans.by_ref().take(unit).collect();
+        if next.is_empty() {
+            break;
         }
-        n += 1;
+        sizes.push(next.len());
+        if let Some(w) = units.get_mut((sizes.len() - 1) % threads) {
+            w.push(next);
+        }
     }
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(usize, Vec<Precheck>)>();
@@ -226,11 +228,11 @@ mod tests {
     fn pipeline_applies_every_unit_once_in_order() {
         for (len, threads, unit) in [(100, 3, 7), (5, 2, 64), (20, 2, 64), (512, 2, 64)] {
             let mut seen = Vec::new();
-            pipeline(nones(len), 0, threads, true, unit, |first, checked| {
+            let r = pipeline(nones(len), 0, threads, true, unit, |first, checked| {
                 seen.push((first, checked.len()));
                 Ok::<(), ()>(())
-            })
-            .unwrap_or_default();
+            });
+            assert_eq!(r, Ok(()));
             let mut next = 0;
             for &(first, n) in &seen {
                 assert_eq!(first, next, "{len} messages: units in order");

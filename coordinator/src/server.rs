@@ -367,8 +367,8 @@ pub async fn run_with(
                 // at most that many more verifications, not a whole batch and flush.
                 // The batch's signatures are checked on the verify threads while
                 // the engine applies the units already checked.
-                let topics: Vec<String> = acks.iter().map(|p| String::from_utf8_lossy(&p.topic).into_owned()).collect();
-                let msgs: Vec<(&str, &[u8])> = topics.iter().zip(&acks).map(|(t, p)| (t.as_str(), &p.payload[..])).collect();
+                let topics: Vec<std::borrow::Cow<'_, str>> = acks.iter().map(|p| String::from_utf8_lossy(&p.topic)).collect();
+                let msgs: Vec<(&str, &[u8])> = topics.iter().zip(&acks).map(|(t, p)| (t.as_ref(), &p.payload[..])).collect();
                 let mut chunk_started = std::time::Instant::now();
                 let mut unstepped = 0;
                 let plans = engine.plan_checks(&msgs);

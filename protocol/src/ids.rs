@@ -79,8 +79,10 @@ macro_rules! string_id {
         }
         impl std::str::FromStr for $name {
             type Err = IdError;
+            /// One allocation (`new` with a `&str` makes a `String` first).
             fn from_str(s: &str) -> Result<Self, IdError> {
-                Self::new(s)
+                validate_id($what, s)?;
+                Ok(Self(Arc::from(s)))
             }
         }
         impl From<$name> for String {
@@ -160,6 +162,7 @@ mod tests {
     fn ids_accept_the_charset() {
         for ok in ["a", "0", "dev-001", "rpi4.eu_west-1", &"a".repeat(63)] {
             assert!(DeviceId::new(ok).is_ok(), "{ok}");
+            assert_eq!(ok.parse::<DeviceId>(), DeviceId::new(ok), "{ok}");
         }
     }
 
@@ -181,7 +184,12 @@ mod tests {
         ];
         for (bad, why) in cases {
             assert!(DeviceId::new(*bad).is_err(), "{why}: {bad:?}");
+            assert_eq!(bad.parse::<DeviceId>(), DeviceId::new(*bad), "{why}");
         }
+        assert_eq!(
+            "a".repeat(64).parse::<FleetId>(),
+            FleetId::new("a".repeat(64))
+        );
         assert_eq!(
             DeviceId::new("a".repeat(64)),
             Err(IdError::TooLong {
