@@ -199,10 +199,16 @@ fn main() {
             .iter()
             .map(|&i| (topics[i].as_str(), &again[i][..]))
             .collect();
-        let plans = engine.plan_checks(&msgs);
+        let (parsed, plans) = engine.plan_checks(&msgs);
+        let mut parsed = parsed.into_iter();
         precheck::pipeline(plans, now, threads, true, 64, |first, checked| {
-            for ((topic, payload), pre) in msgs[first..].iter().zip(checked) {
-                engine.handle_checked(topic, payload, ReplyTo::default(), now, pre)?;
+            let n = checked.len();
+            for (((_, payload), topic), pre) in msgs[first..]
+                .iter()
+                .zip(parsed.by_ref().take(n))
+                .zip(checked)
+            {
+                engine.handle_parsed(topic, payload, ReplyTo::default(), now, pre)?;
             }
             Ok::<(), swell_coordinator::engine::EngineError>(())
         })

@@ -27,7 +27,7 @@ use swell_protocol::messages::{
     Beacon, Hello, KeyList, Manifest, Release, Report, RolloutState as ManifestState,
 };
 use swell_protocol::threshold::ThresholdSigned;
-use swell_protocol::topics::{Topic, Topics};
+use swell_protocol::topics::{Topic, TopicError, Topics};
 use swell_protocol::{DeviceId, FleetId, MessageKind, PublicKey, RolloutId, SecretKey, version};
 use tracing::{info, warn};
 
@@ -107,6 +107,9 @@ struct Live {
     published: Option<(u16, u64, ManifestState, u32)>,
     published_at: u64,
 }
+
+/// A message's topic as [`Topics::parse`] read it.
+pub type ParsedTopic = Result<Topic, TopicError>;
 
 /// The engine.
 pub struct Engine {
@@ -467,31 +470,41 @@ impl Engine {
     }
 
     /// Which signature check each device message needs, with the key the
-    /// registry holds for its device now (cheap: no signature is checked).
-    /// The checks themselves need nothing from the engine, so they can run
-    /// on other threads while it applies earlier messages
+    /// registry holds for its device now (cheap: no signature is checked),
+    /// and each message's topic as parsed (for [`Engine::handle_parsed`], so
+    /// it is parsed once). The checks themselves need nothing from the engine,
+    /// so they can run on other threads while it applies earlier messages
     /// ([`crate::precheck::verify_planned`], [`crate::precheck::pipeline`]).
-    pub fn plan_checks<'a>(&self, msgs: &[(&str, &'a [u8])]) -> Vec<Planned<'a>> {
+    pub fn plan_checks<'a>(
+        &self,
+        msgs: &[(&str, &'a [u8])],
+    ) -> (Vec<ParsedTopic>, Vec<Planned<'a>>) {
         msgs.iter()
             .map(|(topic, payload)| {
-                let (report, device) = match self.s.topics.parse(topic) {
-                    Ok(Topic::Report { device }) => (true, device),
-                    Ok(Topic::Hello { device }) => (false, device),
-                    _ => return Planned::None,
-                };
-                let Ok(env) = UnverifiedEnvelope::parse(payload) else {
-                    return Planned::None;
-                };
-                let key = self.devices.get(&device).map(|d| d.key);
-                match key {
-                    Some(key) if report && env.kind() != Some(MessageKind::Unsupported) => {
-                        Planned::Report { env, key }
-                    }
-                    _ if report => Planned::None,
-                    key => Planned::Hello { env, key },
-                }
+                let parsed = self.s.topics.parse(topic);
+                let plan = self.plan_check(&parsed, payload);
+                (parsed, plan)
             })
-            .collect()
+            .unzip()
+    }
+
+    fn plan_check<'a>(&self, parsed: &ParsedTopic, payload: &'a [u8]) -> Planned<'a> {
+        let (report, device) = match parsed {
+            Ok(Topic::Report { device }) => (true, device),
+            Ok(Topic::Hello { device }) => (false, device),
+            _ => return Planned::None,
+        };
+        let Ok(env) = UnverifiedEnvelope::parse(payload) else {
+            return Planned::None;
+        };
+        let key = self.devices.get(device).map(|d| d.key);
+        match key {
+            Some(key) if report && env.kind() != Some(MessageKind::Unsupported) => {
+                Planned::Report { env, key }
+            }
+            _ if report => Planned::None,
+            key => Planned::Hello { env, key },
+        }
     }
 
     /// [`Engine::handle`] with a signature check made earlier (used only if it
@@ -504,7 +517,20 @@ impl Engine {
         now: u64,
         pre: Precheck,
     ) -> Result<Vec<Out>, EngineError> {
-        let parsed = match self.s.topics.parse(topic) {
+        let parsed = self.s.topics.parse(topic);
+        self.handle_parsed(parsed, payload, reply, now, pre)
+    }
+
+    /// [`Engine::handle_checked`] with the topic parsed by [`Engine::plan_checks`].
+    pub fn handle_parsed(
+        &mut self,
+        parsed: ParsedTopic,
+        payload: &[u8],
+        reply: ReplyTo,
+        now: u64,
+        pre: Precheck,
+    ) -> Result<Vec<Out>, EngineError> {
+        let parsed = match parsed {
             Ok(t) => t,
             Err(e) => {
                 self.reject("bad_topic", "message", &e);

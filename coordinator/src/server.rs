@@ -369,25 +369,27 @@ pub async fn run_with(
                 // the engine applies the units already checked.
                 let topics: Vec<std::borrow::Cow<'_, str>> = acks.iter().map(|p| String::from_utf8_lossy(&p.topic)).collect();
                 let msgs: Vec<(&str, &[u8])> = topics.iter().zip(&acks).map(|(t, p)| (t.as_ref(), &p.payload[..])).collect();
-                let mut chunk_started = std::time::Instant::now();
+                let mut unit_started = std::time::Instant::now();
                 let mut unstepped = 0;
-                let plans = engine.plan_checks(&msgs);
+                let (parsed, plans) = engine.plan_checks(&msgs);
+                // Units arrive in order: each takes its topics from the front.
+                let mut parsed = parsed.into_iter();
                 pipeline(plans, now, verify_threads, cfg.batch_signatures, STEP_EVERY, |first, checked| {
                     let n = checked.len();
-                    for ((&(topic, payload), p), pre) in msgs[first..].iter().zip(&acks[first..]).zip(checked) {
+                    for ((p, topic), pre) in acks[first..].iter().zip(parsed.by_ref().take(n)).zip(checked) {
                         let reply = ReplyTo {
                             response_topic: p.properties.as_ref().and_then(|pr| pr.response_topic.clone()),
                             correlation: p.properties.as_ref().and_then(|pr| pr.correlation_data.as_ref().map(|b| b.to_vec())),
                         };
-                        outs.extend(engine.handle_checked(topic, payload, reply, now, pre)?);
+                        outs.extend(engine.handle_parsed(topic, &p.payload, reply, now, pre)?);
                     }
                     unstepped += n;
                     if unstepped >= STEP_EVERY {
                         // In order: what the unit produced (a create's first
                         // manifest) goes out before anything a step publishes.
                         sink.send_all(std::mem::take(&mut outs));
-                        step(&mut engine, &sink, &manifest_prefix, metrics.as_deref(), chunk_started, now)?;
-                        chunk_started = std::time::Instant::now();
+                        step(&mut engine, &sink, &manifest_prefix, metrics.as_deref(), unit_started, now)?;
+                        unit_started = std::time::Instant::now();
                         unstepped = 0;
                     }
                     Ok::<(), EngineError>(())
@@ -402,7 +404,7 @@ pub async fn run_with(
                     }
                 }
                 sink.send_all(outs);
-                step(&mut engine, &sink, &manifest_prefix, metrics.as_deref(), chunk_started, now)?;
+                step(&mut engine, &sink, &manifest_prefix, metrics.as_deref(), unit_started, now)?;
                 for f in engine.take_forwarded() {
                     if let Some(tx) = &forward
                         && let Err(e) = tx.try_send(f)

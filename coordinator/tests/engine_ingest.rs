@@ -518,16 +518,22 @@ fn engine_hello_and_report_sequences_are_independent() {
 /// One batch through `pipeline` (several threads) and `handle_checked`.
 fn send_chunk(t: &mut T, msgs: &[(String, Vec<u8>)], threads: usize, batch: bool) -> Vec<bool> {
     let refs: Vec<(&str, &[u8])> = msgs.iter().map(|(t, p)| (t.as_str(), &p[..])).collect();
-    let plans = t.e.plan_checks(&refs);
+    let (parsed, plans) = t.e.plan_checks(&refs);
+    let mut parsed = parsed.into_iter();
     let mut used = Vec::new();
     let mut units = 0;
     let now = t.now;
     pipeline(plans, now, threads, batch, 4, |first, checked| {
         assert_eq!(first, used.len(), "units arrive in order");
         units += 1;
-        for ((topic, payload), pre) in refs[first..].iter().zip(checked) {
+        let n = checked.len();
+        for (((_, payload), topic), pre) in refs[first..]
+            .iter()
+            .zip(parsed.by_ref().take(n))
+            .zip(checked)
+        {
             used.push(!matches!(pre, Precheck::None));
-            t.e.handle_checked(topic, payload, ReplyTo::default(), now, pre)?;
+            t.e.handle_parsed(topic, payload, ReplyTo::default(), now, pre)?;
         }
         Ok::<(), EngineError>(())
     })

@@ -60,10 +60,11 @@ macro_rules! string_id {
         pub struct $name(Arc<str>);
 
         impl $name {
-            /// Validates and wraps `s`.
-            pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
-                let s = s.into();
-                validate_id($what, &s)?;
+            /// Validates and wraps `s` (one allocation, whatever `s` is: the
+            /// coordinator parses ids out of every message's topic).
+            pub fn new(s: impl AsRef<str>) -> Result<Self, IdError> {
+                let s = s.as_ref();
+                validate_id($what, s)?;
                 Ok(Self(Arc::from(s)))
             }
             /// The identifier text.
@@ -79,10 +80,8 @@ macro_rules! string_id {
         }
         impl std::str::FromStr for $name {
             type Err = IdError;
-            /// One allocation (`new` with a `&str` makes a `String` first).
             fn from_str(s: &str) -> Result<Self, IdError> {
-                validate_id($what, s)?;
-                Ok(Self(Arc::from(s)))
+                Self::new(s)
             }
         }
         impl From<$name> for String {

@@ -171,7 +171,7 @@ impl Topics {
                 fleet: FleetId::new(*f).map_err(bad_id)?,
             },
             ["dev", d, channel] => {
-                let device = d.parse::<DeviceId>().map_err(bad_id)?;
+                let device = DeviceId::new(*d).map_err(bad_id)?;
                 match *channel {
                     "desired" => Topic::Desired { device },
                     "hello" => Topic::Hello { device },
