@@ -518,6 +518,11 @@ impl Agent {
     }
 
     fn hello(&mut self) -> Result<(), AgentError> {
+        // A hello is not queued durably (the next connect sends a fresh one), so
+        // it takes no counter it could not carry.
+        if !self.link.connected {
+            return Ok(());
+        }
         let stamp = self.next_stamp()?;
         let h = Hello {
             device: self.cfg.device.clone(),

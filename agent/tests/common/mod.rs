@@ -586,12 +586,16 @@ impl Control {
             .unwrap();
     }
 
+    /// Reports from `device` in arrival order, each counter once: a QoS 1
+    /// redelivery (PUBACK lost with the link) is dropped here as the coordinator
+    /// drops it.
     pub fn reports_of(&self, device: &str) -> Vec<Seen> {
+        let mut seen = std::collections::HashSet::new();
         self.reports
             .lock()
             .unwrap()
             .iter()
-            .filter(|s| s.device == device)
+            .filter(|s| s.device == device && seen.insert(s.seq))
             .cloned()
             .collect()
     }
