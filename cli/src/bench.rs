@@ -34,7 +34,7 @@ use swell_coordinator::broker;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::{DEFAULT_CACHE_BYTES, SledStore};
 use swell_coordinator::transport::mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, Release};
@@ -80,6 +80,14 @@ pub struct FleetArgs {
     /// not in batches: the baseline of the batch check.
     #[arg(long)]
     strict_signatures: bool,
+    /// Runs the coordinator process under this profiler command, split at
+    /// spaces (e.g. `heaptrack -o /tmp/coord` or `perf record -g -o
+    /// /tmp/coord.data --`). Figures taken under a profiler are not results.
+    #[arg(long, value_name = "CMD")]
+    wrap_coordinator: Option<String>,
+    /// The coordinator's database page cache in MiB (its default: 64).
+    #[arg(long)]
+    db_cache_mib: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +105,8 @@ pub struct ChildArgs {
     verify_threads: usize,
     #[arg(long)]
     strict_signatures: bool,
+    #[arg(long)]
+    db_cache_mib: Option<u64>,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -157,7 +167,10 @@ async fn child(a: ChildArgs) -> Result<()> {
         beacon_ttl: Duration::from_secs(30),
         manifest_ttl: Duration::from_secs(3_600),
     };
-    let store = Arc::new(SledStore::open(&state.path().join("db"))?);
+    let cache = a
+        .db_cache_mib
+        .map_or(DEFAULT_CACHE_BYTES, |m| m.saturating_mul(1024 * 1024).max(1));
+    let store = Arc::new(SledStore::open_with_cache(&state.path().join("db"), cache)?);
     let (engine, initial) = Engine::start(settings, store, unix_now())?;
     let cancel = CancellationToken::new();
     let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
@@ -257,13 +270,25 @@ impl ChildProc {
     fn start(host: &str, port: u16, a: &FleetArgs) -> Result<ChildProc> {
         let dir = tempfile::tempdir()?;
         let summary = dir.path().join("summary.json");
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let exe = std::env::current_exe()?;
+        let mut wrap = a.wrap_coordinator.as_deref().unwrap_or("").split_whitespace();
+        let mut cmd = match wrap.next() {
+            Some(profiler) => {
+                let mut c = Command::new(profiler);
+                c.args(wrap).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
         cmd.args(["bench", "coordinator", "--host", host, "--port"])
             .arg(port.to_string())
             .args(["--seed", &a.seed.to_string(), "--verify-threads"])
             .arg(a.verify_threads.to_string());
         if a.strict_signatures {
             cmd.arg("--strict-signatures");
+        }
+        if let Some(m) = a.db_cache_mib {
+            cmd.arg("--db-cache-mib").arg(m.to_string());
         }
         let mut child = cmd
             .arg("--summary")
@@ -273,12 +298,22 @@ impl ChildProc {
             .spawn()
             .context("starting the coordinator process")?;
         let out = child.stdout.take().context("child stdout")?;
+        // A profiler wrapping the process may print its own lines first.
+        let mut out = std::io::BufReader::new(out);
         let mut line = String::new();
-        std::io::BufReader::new(out).read_line(&mut line)?;
+        for _ in 0..64 {
+            line.clear();
+            if out.read_line(&mut line)? == 0 || line.trim() == "ready" {
+                break;
+            }
+        }
         if line.trim() != "ready" {
             let _ = child.kill();
             bail!("the coordinator process did not start");
         }
+        // Whatever a profiler prints later goes on to our stderr; a closed pipe
+        // would kill it before it writes its data.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::stderr()));
         Ok(ChildProc {
             child,
             summary,

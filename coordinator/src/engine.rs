@@ -207,7 +207,10 @@ impl Engine {
             if d.fleet == e.s.fleet {
                 d.fleet = e.s.fleet.clone();
             }
-            e.devices.insert(d);
+            let id = d.id.clone();
+            if !e.devices.insert(d) {
+                warn!(device = %id, "registry full: stored device not loaded");
+            }
         }
         for rec in loaded.rollouts {
             let tracker = e.new_tracker(&rec);
@@ -223,11 +226,14 @@ impl Engine {
         }
         for (rollout, device, rep) in loaded.reports {
             // A counted report was written without its device record.
-            if let Some(d) = e.devices.get_mut(&device) {
+            let Some(slot) = e.devices.slot(&device) else {
+                continue;
+            };
+            if let Some(d) = e.devices.at_mut(slot) {
                 d.last_seq = d.last_seq.max(rep.seq);
             }
             if let Some(l) = e.rollouts.get_mut(&rollout) {
-                l.tracker.on_report(&device, &rep.release, &rep.phase);
+                l.tracker.on_report(slot, &rep.release, &rep.phase);
             }
         }
         let mut out = vec![Out {
@@ -262,15 +268,15 @@ impl Engine {
             rec.spec.selector.clone(),
             rec.spec.gate.critical_reasons.clone(),
         );
-        for d in self.devices.values() {
+        for (slot, d) in self.devices.values().enumerate() {
             if d.enrollment == Enrollment::Approved && d.fleet == rec.spec.fleet {
-                t.consider(&d.id, d.labels(), d.online);
+                t.consider(slot, &d.id, d.labels(), d.online);
             }
         }
         if rec.state.started {
             t.open(rec.state.open_below);
             let devices = &self.devices;
-            t.settle(|id| devices.get(id).is_some_and(|d| d.online));
+            t.settle(|slot| devices.at(slot).is_some_and(|d| d.online));
         }
         t
     }
@@ -300,7 +306,7 @@ impl Engine {
         }
         let devices = &self.devices;
         l.tracker
-            .settle(|d| devices.get(d).is_some_and(|d| d.online));
+            .settle(|slot| devices.at(slot).is_some_and(|d| d.online));
         Some(self.status_out(id, now))
     }
 
@@ -378,7 +384,7 @@ impl Engine {
         // The replay floors its reports held move into the device records.
         let devices = &self.devices;
         self.store
-            .put_devices(&mut l.tracker.member_ids().filter_map(|d| devices.get(d)))?;
+            .put_devices(&mut l.tracker.member_slots().filter_map(|s| devices.at(s)))?;
         self.store.delete_rollout(id)?;
         for topic in [
             self.s.topics.manifest(&l.rec.spec.fleet, id),
@@ -564,14 +570,17 @@ impl Engine {
                 return;
             }
         };
-        let Some(d) = self.devices.get_mut(device) else {
+        let Some(slot) = self.devices.slot(device) else {
+            return;
+        };
+        let Some(d) = self.devices.at_mut(slot) else {
             return;
         };
         d.online = online;
         d.last_seen = now;
         if online && d.enrollment == Enrollment::Approved {
             for l in self.rollouts.values_mut() {
-                l.tracker.on_online(device);
+                l.tracker.on_online(slot);
             }
         }
     }
@@ -652,6 +661,14 @@ impl Engine {
                 }
             }
             None => {
+                if self.devices.is_full() {
+                    self.reject(
+                        "registry_full",
+                        "hello",
+                        &format_args!("device {}", h.device),
+                    );
+                    return Ok(vec![]);
+                }
                 let enrollment = if token_ok {
                     Enrollment::Approved
                 } else {
@@ -678,8 +695,10 @@ impl Engine {
             }
         }
         self.counters.hellos += 1;
-        let rec = self.devices.get(&h.device).cloned();
-        if let Some(rec) = rec {
+        let slot = self.devices.slot(&h.device);
+        if let Some(slot) = slot
+            && let Some(rec) = self.devices.at(slot).cloned()
+        {
             self.store.put_device(&rec)?;
             if rec.enrollment == Enrollment::Approved {
                 if newly_approved {
@@ -690,7 +709,7 @@ impl Engine {
                     .values_mut()
                     .filter(|l| l.rec.spec.fleet == rec.fleet)
                 {
-                    l.tracker.consider(&rec.id, rec.labels(), true);
+                    l.tracker.consider(slot, &rec.id, rec.labels(), true);
                 }
             }
         }
@@ -769,7 +788,7 @@ impl Engine {
         let counted = r.rollout.as_ref().is_some_and(|rollout| {
             self.rollouts
                 .get_mut(rollout)
-                .is_some_and(|l| l.tracker.on_report(&r.device, &r.release, &r.phase))
+                .is_some_and(|l| l.tracker.on_report(slot, &r.release, &r.phase))
         });
         if counted && let Some(rollout) = &r.rollout {
             // One write: the stored report carries the replay floor.
@@ -899,10 +918,14 @@ impl Engine {
                 allow_overlap,
             } => self.create(*spec, allow_overlap, now),
             Op::Approve { device } => {
-                let d = self.devices.get_mut(&device).ok_or((
-                    "unknown_device",
-                    format!("device {device} has not said hello"),
-                ))?;
+                let unknown = || {
+                    (
+                        "unknown_device",
+                        format!("device {device} has not said hello"),
+                    )
+                };
+                let slot = self.devices.slot(&device).ok_or_else(unknown)?;
+                let d = self.devices.at_mut(slot).ok_or_else(unknown)?;
                 if d.enrollment == Enrollment::Approved {
                     return Err(("already", format!("device {device} is already approved")));
                 }
@@ -918,7 +941,7 @@ impl Engine {
                     .values_mut()
                     .filter(|l| l.rec.spec.fleet == rec.fleet)
                 {
-                    l.tracker.consider(&rec.id, rec.labels(), rec.online);
+                    l.tracker.consider(slot, &rec.id, rec.labels(), rec.online);
                 }
                 Ok((
                     vec![],

@@ -105,6 +105,10 @@ struct Cli {
     /// Threads that verify device signatures (default: one per core).
     #[arg(long, env = "SWELL_VERIFY_THREADS")]
     verify_threads: Option<usize>,
+    /// The database's page cache in MiB (default 64). Smaller saves memory
+    /// at some CPU per report (BENCHMARKS.md).
+    #[arg(long, env = "SWELL_DB_CACHE_MIB")]
+    db_cache_mib: Option<u64>,
     /// Check each device signature alone with `verify_strict` instead of in
     /// batches: about half the ingest rate; the two differ only on signatures
     /// their own signer made malleable (docs/architecture.md).
@@ -162,6 +166,7 @@ struct FileConfig {
     manifest_ttl: Option<String>,
     tick: Option<String>,
     verify_threads: Option<usize>,
+    db_cache_mib: Option<u64>,
     strict_signatures: Option<bool>,
     log_format: Option<String>,
     http_addr: Option<String>,
@@ -184,6 +189,7 @@ struct Config {
     mqtt: MqttConfig,
     embedded: Option<(SocketAddr, Option<SocketAddr>)>,
     state_dir: PathBuf,
+    db_cache_bytes: u64,
     settings: Settings,
     loop_cfg: LoopConfig,
     json_logs: bool,
@@ -369,6 +375,13 @@ fn config(cli: Cli) -> Result<Config> {
         },
         embedded,
         state_dir: required("state-dir", cli.state_dir.or(file.state_dir))?,
+        db_cache_bytes: match cli.db_cache_mib.or(file.db_cache_mib) {
+            None => swell_coordinator::store::DEFAULT_CACHE_BYTES,
+            Some(0) => bail!("--db-cache-mib must be above zero"),
+            Some(m) => m
+                .checked_mul(1024 * 1024)
+                .context("--db-cache-mib is too large")?,
+        },
         settings: Settings {
             fleet,
             topics,
@@ -466,7 +479,7 @@ async fn run(mut cfg: Config) -> Result<()> {
     }
     // A new epoch on every start fences messages of any earlier instance (ROLL-4).
     cfg.settings.epoch = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
-    let store = Arc::new(SledStore::open(&cfg.state_dir.join("db")).context("database")?);
+    let store = Arc::new(SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes).context("database")?);
     let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
     tracing::info!(epoch = engine.epoch(), "coordinator starting");
     let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
@@ -537,7 +550,7 @@ async fn run_kubernetes(
     let local = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
     cfg.settings.epoch = lease::epoch(term, local);
     // The state directory is opened only now: the previous leader has let go.
-    let store = Arc::new(SledStore::open(&cfg.state_dir.join("db")).context("database")?);
+    let store = Arc::new(SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes).context("database")?);
     let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
     tracing::info!(epoch = engine.epoch(), term, identity = %k.identity, "leading: coordinator starting");
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(256);

@@ -140,12 +140,21 @@ pub struct SledStore {
     reports: sled::Tree,
 }
 
+/// sled's page cache unless configured: the coordinator's own maps are the
+/// hot state, the database is mostly written.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens with a page cache of `cache_bytes` (sled's own estimate of node
+    /// sizes; the memory it takes is larger).
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
-            // Bounded page cache: the coordinator's own maps are the hot state.
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .flush_every_ms(Some(500))
             .open()?;
         Ok(SledStore {

@@ -287,6 +287,9 @@ pub const REQUEST_QUEUE: usize = 2_000_000;
 /// Unacknowledged QoS 1 messages the broker may send a session at once.
 pub const RECEIVE_MAXIMUM: u16 = 2_048;
 
+/// Unacknowledged QoS 1 publishes the session may have out at once.
+pub const OUTGOING_INFLIGHT: u16 = 4_096;
+
 /// Starts the session task. It runs until `cancel` fires.
 pub fn spawn(
     cfg: MqttConfig,
@@ -294,7 +297,11 @@ pub fn spawn(
     will: Option<LastWill>,
     cancel: CancellationToken,
 ) -> Session {
-    let opts = options(&cfg, will);
+    let mut opts = options(&cfg, will);
+    // rumqttc keeps a slot per possible in-flight publish, allocated up front:
+    // 14 MB at its default of 65,535. The broker's own receive maximum is far
+    // lower anyway (Mosquitto announces 20 unless tuned).
+    opts.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     // Acks and publishes share this queue. A mass reconnect queues an ack per
     // device in a burst, so it is large; the channel allocates as it fills and
     // costs nothing when idle. The vendored rumqttc writes up to 64 queued

@@ -108,12 +108,13 @@ impl<'de> Deserialize<'de> for DeviceRecord {
 /// table of positions hashed by id (the id itself lives in the record). A hash
 /// map of whole records cost a slot of 200 bytes per bucket, and at 1,000,000
 /// devices the table had 2,097,152 buckets (power-of-two growth at 7/8 load):
-/// 420 MB for the registry alone; this index is 9 bytes per bucket.
+/// 420 MB for the registry alone; this index is 5 bytes per bucket (32-bit
+/// positions: 4 billion devices would not fit in memory anyway).
 #[derive(Default)]
 pub struct Registry {
     /// Keyed like std's HashMap, so device-chosen ids cannot force collisions.
     hasher: RandomState,
-    index: HashTable<usize>,
+    index: HashTable<u32>,
     records: Vec<DeviceRecord>,
 }
 
@@ -132,6 +133,11 @@ impl Registry {
         self.records.is_empty()
     }
 
+    /// No new device fits (2^32 records).
+    pub fn is_full(&self) -> bool {
+        u32::try_from(self.records.len()).is_err()
+    }
+
     /// Where `id`'s record is, for [`Self::at`] and [`Self::at_mut`]: one hash
     /// lookup for several uses (at a million devices each lookup is a few
     /// cache misses). A slot stays valid: records are never removed.
@@ -139,9 +145,9 @@ impl Registry {
         let records = &self.records;
         self.index
             .find(self.hasher.hash_one(id), |&i| {
-                records.get(i).is_some_and(|r| r.id == *id)
+                records.get(i as usize).is_some_and(|r| r.id == *id)
             })
-            .copied()
+            .map(|&i| i as usize)
     }
 
     pub fn get(&self, id: &DeviceId) -> Option<&DeviceRecord> {
@@ -161,8 +167,9 @@ impl Registry {
         self.records.get_mut(slot)
     }
 
-    /// Adds `rec`, or replaces the record with its id.
-    pub fn insert(&mut self, rec: DeviceRecord) {
+    /// Adds `rec`, or replaces the record with its id. False when the registry
+    /// is full (2^32 devices).
+    pub fn insert(&mut self, rec: DeviceRecord) -> bool {
         let Registry {
             hasher,
             index,
@@ -170,19 +177,24 @@ impl Registry {
         } = self;
         let entry = index.entry(
             hasher.hash_one(&rec.id),
-            |&i| records.get(i).is_some_and(|r| r.id == rec.id),
+            |&i| records.get(i as usize).is_some_and(|r| r.id == rec.id),
             // Positions in the table always name a record (none is removed).
-            |&i| records.get(i).map_or(0, |r| hasher.hash_one(&r.id)),
+            |&i| records.get(i as usize).map_or(0, |r| hasher.hash_one(&r.id)),
         );
         match entry {
             Entry::Occupied(e) => {
-                if let Some(old) = records.get_mut(*e.get()) {
+                if let Some(old) = records.get_mut(*e.get() as usize) {
                     *old = rec;
                 }
+                true
             }
             Entry::Vacant(e) => {
-                e.insert(records.len());
+                let Ok(pos) = u32::try_from(records.len()) else {
+                    return false;
+                };
+                e.insert(pos);
                 records.push(rec);
+                true
             }
         }
     }
