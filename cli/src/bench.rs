@@ -167,9 +167,9 @@ async fn child(a: ChildArgs) -> Result<()> {
         beacon_ttl: Duration::from_secs(30),
         manifest_ttl: Duration::from_secs(3_600),
     };
-    let cache = a
-        .db_cache_mib
-        .map_or(DEFAULT_CACHE_BYTES, |m| m.saturating_mul(1024 * 1024).max(1));
+    let cache = a.db_cache_mib.map_or(DEFAULT_CACHE_BYTES, |m| {
+        m.saturating_mul(1024 * 1024).max(1)
+    });
     let store = Arc::new(SledStore::open_with_cache(&state.path().join("db"), cache)?);
     let (engine, initial) = Engine::start(settings, store, unix_now())?;
     let cancel = CancellationToken::new();
@@ -271,7 +271,11 @@ impl ChildProc {
         let dir = tempfile::tempdir()?;
         let summary = dir.path().join("summary.json");
         let exe = std::env::current_exe()?;
-        let mut wrap = a.wrap_coordinator.as_deref().unwrap_or("").split_whitespace();
+        let mut wrap = a
+            .wrap_coordinator
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace();
         let mut cmd = match wrap.next() {
             Some(profiler) => {
                 let mut c = Command::new(profiler);

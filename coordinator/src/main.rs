@@ -479,7 +479,10 @@ async fn run(mut cfg: Config) -> Result<()> {
     }
     // A new epoch on every start fences messages of any earlier instance (ROLL-4).
     cfg.settings.epoch = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
-    let store = Arc::new(SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes).context("database")?);
+    let store = Arc::new(
+        SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
+            .context("database")?,
+    );
     let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
     tracing::info!(epoch = engine.epoch(), "coordinator starting");
     let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
@@ -550,7 +553,10 @@ async fn run_kubernetes(
     let local = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
     cfg.settings.epoch = lease::epoch(term, local);
     // The state directory is opened only now: the previous leader has let go.
-    let store = Arc::new(SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes).context("database")?);
+    let store = Arc::new(
+        SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
+            .context("database")?,
+    );
     let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
     tracing::info!(epoch = engine.epoch(), term, identity = %k.identity, "leading: coordinator starting");
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(256);

@@ -179,7 +179,11 @@ impl Registry {
             hasher.hash_one(&rec.id),
             |&i| records.get(i as usize).is_some_and(|r| r.id == rec.id),
             // Positions in the table always name a record (none is removed).
-            |&i| records.get(i as usize).map_or(0, |r| hasher.hash_one(&r.id)),
+            |&i| {
+                records
+                    .get(i as usize)
+                    .map_or(0, |r| hasher.hash_one(&r.id))
+            },
         );
         match entry {
             Entry::Occupied(e) => {
