@@ -204,9 +204,6 @@ impl Engine {
                 e.pending += 1;
             }
             d.share(&mut e.shared);
-            if d.fleet == e.s.fleet {
-                d.fleet = e.s.fleet.clone();
-            }
             let id = d.id.clone();
             if !e.devices.insert(d) {
                 warn!(device = %id, "registry full: stored device not loaded");
@@ -269,7 +266,7 @@ impl Engine {
             rec.spec.gate.critical_reasons.clone(),
         );
         for (slot, d) in self.devices.values().enumerate() {
-            if d.enrollment == Enrollment::Approved && d.fleet == rec.spec.fleet {
+            if d.enrollment == Enrollment::Approved && d.fleet() == &rec.spec.fleet {
                 t.consider(slot, &d.id, d.labels(), d.online);
             }
         }
@@ -687,10 +684,8 @@ impl Engine {
                     info!(device = %h.device, "device awaits approval");
                 }
                 newly_approved = enrollment == Enrollment::Approved;
-                let mut rec =
+                let rec =
                     DeviceRecord::from_hello(&h, v.header.seq, now, enrollment, &mut self.shared);
-                // The same fleet as ours (checked above): share our copy.
-                rec.fleet = self.s.fleet.clone();
                 self.devices.insert(rec);
             }
         }
@@ -707,7 +702,7 @@ impl Engine {
                 for l in self
                     .rollouts
                     .values_mut()
-                    .filter(|l| l.rec.spec.fleet == rec.fleet)
+                    .filter(|l| &l.rec.spec.fleet == rec.fleet())
                 {
                     l.tracker.consider(slot, &rec.id, rec.labels(), true);
                 }
@@ -939,7 +934,7 @@ impl Engine {
                 for l in self
                     .rollouts
                     .values_mut()
-                    .filter(|l| l.rec.spec.fleet == rec.fleet)
+                    .filter(|l| &l.rec.spec.fleet == rec.fleet())
                 {
                     l.tracker.consider(slot, &rec.id, rec.labels(), rec.online);
                 }

@@ -25,10 +25,10 @@ pub enum Enrollment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRecord {
     pub id: DeviceId,
-    pub fleet: FleetId,
     pub key: PublicKey,
     pub enrollment: Enrollment,
-    /// Labels, hardware and agent version (see [`Interner`]).
+    /// Fleet, labels, hardware and agent version (see [`Interner`]): the
+    /// fleet is the same in nearly every record, so it is shared there too.
     pub facts: Arc<Announced>,
     /// Shared with the devices that run the same release.
     pub running: Option<Arc<ReleaseId>>,
@@ -64,7 +64,7 @@ impl Serialize for DeviceRecord {
     fn serialize<Z: serde::Serializer>(&self, s: Z) -> Result<Z::Ok, Z::Error> {
         StoredDevice {
             id: self.id.clone(),
-            fleet: self.fleet.clone(),
+            fleet: self.facts.fleet.clone(),
             key: self.key,
             enrollment: self.enrollment,
             labels: &self.facts.labels[..],
@@ -86,10 +86,10 @@ impl<'de> Deserialize<'de> for DeviceRecord {
         let s = StoredDevice::<Vec<Label>, String>::deserialize(d)?;
         Ok(DeviceRecord {
             id: s.id,
-            fleet: s.fleet,
             key: s.key,
             enrollment: s.enrollment,
             facts: Arc::new(Announced {
+                fleet: s.fleet,
                 labels: s.labels,
                 hardware: s.hardware,
                 agent_version: s.agent_version,
@@ -253,10 +253,9 @@ impl DeviceRecord {
     ) -> Self {
         DeviceRecord {
             id: h.device.clone(),
-            fleet: h.fleet.clone(),
             key: h.key,
             enrollment,
-            facts: shared.announced(&h.labels, &h.hardware, &h.agent_version),
+            facts: shared.announced(&h.fleet, &h.labels, &h.hardware, &h.agent_version),
             running: h.running.map(|r| shared.release(r)),
             last_seq: 0,
             last_hello_seq: seq,
@@ -264,6 +263,10 @@ impl DeviceRecord {
             online: true,
             last_seen: now,
         }
+    }
+
+    pub fn fleet(&self) -> &FleetId {
+        &self.facts.fleet
     }
 
     pub fn labels(&self) -> &[Label] {
@@ -307,8 +310,12 @@ impl DeviceRecord {
     /// Takes the announced facts of a verified Hello from the enrolled key.
     pub fn update_from_hello(&mut self, h: &Hello, now: u64, shared: &mut Interner) {
         let f = &self.facts;
-        if f.labels != h.labels || f.hardware != h.hardware || f.agent_version != h.agent_version {
-            self.facts = shared.announced(&h.labels, &h.hardware, &h.agent_version);
+        if f.fleet != h.fleet
+            || f.labels != h.labels
+            || f.hardware != h.hardware
+            || f.agent_version != h.agent_version
+        {
+            self.facts = shared.announced(&h.fleet, &h.labels, &h.hardware, &h.agent_version);
         }
         self.set_running(h.running, shared);
         self.boot = h.boot;
@@ -341,10 +348,9 @@ mod tests {
     fn record(n: u32, shared: &mut Interner) -> DeviceRecord {
         DeviceRecord {
             id: DeviceId::new(format!("d{n}")).unwrap(),
-            fleet: FleetId::new("f").unwrap(),
             key: PublicKey([n as u8; 32]),
             enrollment: Enrollment::Approved,
-            facts: shared.announced(&[], "sim", "1"),
+            facts: shared.announced(&FleetId::new("f").unwrap(), &[], "sim", "1"),
             running: None,
             last_seq: u64::from(n),
             last_hello_seq: 1,
@@ -395,6 +401,7 @@ mod tests {
         let mut shared = Interner::default();
         let mut rec = record(3, &mut shared);
         rec.facts = shared.announced(
+            &FleetId::new("f").unwrap(),
             &[Label {
                 key: "region".into(),
                 value: "eu".into(),
@@ -418,7 +425,7 @@ mod tests {
     #[test]
     fn registry_record_stays_small() {
         assert!(
-            std::mem::size_of::<DeviceRecord>() <= 120,
+            std::mem::size_of::<DeviceRecord>() <= 104,
             "{} bytes",
             std::mem::size_of::<DeviceRecord>()
         );
