@@ -34,7 +34,7 @@ use swell_coordinator::broker;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::{DEFAULT_CACHE_BYTES, SledStore};
+use swell_coordinator::store::{DEFAULT_CACHE_BYTES, SledStore, cache_bytes_from_mib};
 use swell_coordinator::transport::mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, Release};
@@ -167,9 +167,10 @@ async fn child(a: ChildArgs) -> Result<()> {
         beacon_ttl: Duration::from_secs(30),
         manifest_ttl: Duration::from_secs(3_600),
     };
-    let cache = a.db_cache_mib.map_or(DEFAULT_CACHE_BYTES, |m| {
-        m.saturating_mul(1024 * 1024).max(1)
-    });
+    let cache = match a.db_cache_mib {
+        None => DEFAULT_CACHE_BYTES,
+        Some(m) => cache_bytes_from_mib(m).context("--db-cache-mib must be above zero")?,
+    };
     let store = Arc::new(SledStore::open_with_cache(&state.path().join("db"), cache)?);
     let (engine, initial) = Engine::start(settings, store, unix_now())?;
     let cancel = CancellationToken::new();

@@ -197,6 +197,7 @@ impl Engine {
             forward_rollout_ops: false,
             forwarded: Vec::new(),
         };
+        let mut skipped = 0u64;
         for mut d in loaded.devices {
             // Online state is learned again from the retained online topics.
             d.online = false;
@@ -204,10 +205,12 @@ impl Engine {
                 e.pending += 1;
             }
             d.share(&mut e.shared);
-            let id = d.id.clone();
-            if !e.devices.insert(d) {
-                warn!(device = %id, "registry full: stored device not loaded");
+            if e.devices.insert(d).is_none() {
+                skipped += 1;
             }
+        }
+        if skipped > 0 {
+            warn!(skipped, "registry full: stored devices not loaded");
         }
         for rec in loaded.rollouts {
             let tracker = e.new_tracker(&rec);
@@ -644,8 +647,11 @@ impl Engine {
             .as_ref()
             .is_some_and(|t| self.s.enrollment_tokens.iter().any(|k| k == t));
         let newly_approved;
-        match self.devices.get_mut(&h.device) {
-            Some(d) => {
+        let slot = match self.devices.slot(&h.device) {
+            Some(slot) => {
+                let Some(d) = self.devices.at_mut(slot) else {
+                    return Ok(vec![]);
+                };
                 if let Err(e) = d.accept_hello_seq(v.header.seq) {
                     self.reject(e.reason(), "hello", &e);
                     return Ok(vec![]);
@@ -656,44 +662,43 @@ impl Engine {
                     d.enrollment = Enrollment::Approved;
                     self.pending -= 1;
                 }
+                slot
             }
             None => {
-                if self.devices.is_full() {
+                let enrollment = if token_ok {
+                    Enrollment::Approved
+                } else {
+                    Enrollment::Pending
+                };
+                let pending = enrollment == Enrollment::Pending;
+                if pending && self.pending >= MAX_PENDING_DEVICES {
+                    self.reject(
+                        "too_many_pending",
+                        "hello",
+                        &format_args!("device {}", h.device),
+                    );
+                    return Ok(vec![]);
+                }
+                let rec =
+                    DeviceRecord::from_hello(&h, v.header.seq, now, enrollment, &mut self.shared);
+                let Some(slot) = self.devices.insert(rec) else {
                     self.reject(
                         "registry_full",
                         "hello",
                         &format_args!("device {}", h.device),
                     );
                     return Ok(vec![]);
-                }
-                let enrollment = if token_ok {
-                    Enrollment::Approved
-                } else {
-                    Enrollment::Pending
                 };
-                if enrollment == Enrollment::Pending {
-                    if self.pending >= MAX_PENDING_DEVICES {
-                        self.reject(
-                            "too_many_pending",
-                            "hello",
-                            &format_args!("device {}", h.device),
-                        );
-                        return Ok(vec![]);
-                    }
+                if pending {
                     self.pending += 1;
                     info!(device = %h.device, "device awaits approval");
                 }
-                newly_approved = enrollment == Enrollment::Approved;
-                let rec =
-                    DeviceRecord::from_hello(&h, v.header.seq, now, enrollment, &mut self.shared);
-                self.devices.insert(rec);
+                newly_approved = !pending;
+                slot
             }
-        }
+        };
         self.counters.hellos += 1;
-        let slot = self.devices.slot(&h.device);
-        if let Some(slot) = slot
-            && let Some(rec) = self.devices.at(slot).cloned()
-        {
+        if let Some(rec) = self.devices.at(slot).cloned() {
             self.store.put_device(&rec)?;
             if rec.enrollment == Enrollment::Approved {
                 if newly_approved {

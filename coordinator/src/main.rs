@@ -377,10 +377,8 @@ fn config(cli: Cli) -> Result<Config> {
         state_dir: required("state-dir", cli.state_dir.or(file.state_dir))?,
         db_cache_bytes: match cli.db_cache_mib.or(file.db_cache_mib) {
             None => swell_coordinator::store::DEFAULT_CACHE_BYTES,
-            Some(0) => bail!("--db-cache-mib must be above zero"),
-            Some(m) => m
-                .checked_mul(1024 * 1024)
-                .context("--db-cache-mib is too large")?,
+            Some(m) => swell_coordinator::store::cache_bytes_from_mib(m)
+                .context("--db-cache-mib must be above zero and below 2^44")?,
         },
         settings: Settings {
             fleet,

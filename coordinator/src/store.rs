@@ -144,6 +144,11 @@ pub struct SledStore {
 /// hot state, the database is mostly written.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// A page cache size given in MiB, in bytes; `None` for 0 or too large.
+pub fn cache_bytes_from_mib(mib: u64) -> Option<u64> {
+    mib.checked_mul(1024 * 1024).filter(|b| *b > 0)
+}
+
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)

@@ -133,11 +133,6 @@ impl Registry {
         self.records.is_empty()
     }
 
-    /// No new device fits (2^32 records).
-    pub fn is_full(&self) -> bool {
-        u32::try_from(self.records.len()).is_err()
-    }
-
     /// Where `id`'s record is, for [`Self::at`] and [`Self::at_mut`]: one hash
     /// lookup for several uses (at a million devices each lookup is a few
     /// cache misses). A slot stays valid: records are never removed.
@@ -167,9 +162,9 @@ impl Registry {
         self.records.get_mut(slot)
     }
 
-    /// Adds `rec`, or replaces the record with its id. False when the registry
-    /// is full (2^32 devices).
-    pub fn insert(&mut self, rec: DeviceRecord) -> bool {
+    /// Adds `rec`, or replaces the record with its id; its slot, or `None`
+    /// when the registry is full (2^32 devices).
+    pub fn insert(&mut self, rec: DeviceRecord) -> Option<usize> {
         let Registry {
             hasher,
             index,
@@ -187,18 +182,15 @@ impl Registry {
         );
         match entry {
             Entry::Occupied(e) => {
-                if let Some(old) = records.get_mut(*e.get() as usize) {
-                    *old = rec;
-                }
-                true
+                let slot = *e.get() as usize;
+                *records.get_mut(slot)? = rec;
+                Some(slot)
             }
             Entry::Vacant(e) => {
-                let Ok(pos) = u32::try_from(records.len()) else {
-                    return false;
-                };
-                e.insert(pos);
+                let slot = records.len();
+                e.insert(u32::try_from(slot).ok()?);
                 records.push(rec);
-                true
+                Some(slot)
             }
         }
     }
