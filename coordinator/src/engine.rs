@@ -577,7 +577,7 @@ impl Engine {
             return;
         };
         d.online = online;
-        d.last_seen = now;
+        d.seen(now);
         if online && d.enrollment == Enrollment::Approved {
             for l in self.rollouts.values_mut() {
                 l.tracker.on_online(slot);
@@ -779,7 +779,7 @@ impl Engine {
             self.reject(e.reason(), "report", &e);
             return Ok(vec![]);
         }
-        d.last_seen = now;
+        d.seen(now);
         let running_changed = v.body.phase == swell_protocol::messages::Phase::Committed
             && d.set_running(Some(v.body.release), &mut self.shared);
         self.counters.reports += 1;
@@ -1035,7 +1035,7 @@ impl Engine {
                             "hardware": d.hardware(),
                             "agent": d.agent_version(),
                             "labels": d.labels().iter().map(|l| format!("{}={}", l.key, l.value)).collect::<Vec<_>>(),
-                            "last_seen": d.last_seen,
+                            "last_seen": d.last_seen(),
                         }));
                     }
                 }

@@ -49,27 +49,89 @@ pub fn validate_id(what: &'static str, s: &str) -> Result<(), IdError> {
     Ok(())
 }
 
-// Shared text (`Arc<str>`): the coordinator keeps one id per device in its
-// registry and again in every rollout's tracker; a clone is a reference count,
-// not another allocation.
+/// Identifier text: short ids (most device ids) inline, longer ones shared.
+///
+/// The coordinator keeps one id per device in its registry. As an `Arc<str>`
+/// a 10-byte id was a 16-byte handle plus a 48-byte heap block (reference
+/// counts, text, allocator rounding): 64 bytes per device, 64 MB at a
+/// million. Inline it is 24 bytes and a clone is a copy; an id too long to
+/// fit is shared as before, so a clone is never an allocation.
+#[derive(Clone)]
+enum IdText {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Shared(Arc<str>),
+}
+
+/// Longest id kept inline (the size of an `Arc<str>` plus 8 bytes, less
+/// the tag and length).
+const INLINE_ID: usize = 22;
+
+impl IdText {
+    /// `s` must already be a valid id (ASCII).
+    fn new(s: &str) -> IdText {
+        match u8::try_from(s.len()) {
+            Ok(len) if s.len() <= INLINE_ID => {
+                let mut bytes = [0u8; INLINE_ID];
+                bytes[..s.len()].copy_from_slice(s.as_bytes());
+                IdText::Inline { len, bytes }
+            }
+            _ => IdText::Shared(Arc::from(s)),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Built from a `&str` cut at its own length: always UTF-8.
+            IdText::Inline { len, bytes } => {
+                std::str::from_utf8(bytes.get(..usize::from(*len)).unwrap_or_default())
+                    .unwrap_or_default()
+            }
+            IdText::Shared(s) => s,
+        }
+    }
+}
+
+// Compared and hashed as text, whatever the representation.
+impl PartialEq for IdText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+impl Eq for IdText {}
+impl PartialOrd for IdText {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for IdText {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+impl std::hash::Hash for IdText {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h);
+    }
+}
+
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(Arc<str>);
+        pub struct $name(IdText);
 
         impl $name {
-            /// Validates and wraps `s` (one allocation, whatever `s` is: the
-            /// coordinator parses ids out of every message's topic).
+            /// Validates and wraps `s` (at most one allocation, whatever `s`
+            /// is: the coordinator parses ids out of every message's topic).
             pub fn new(s: impl AsRef<str>) -> Result<Self, IdError> {
                 let s = s.as_ref();
                 validate_id($what, s)?;
-                Ok(Self(Arc::from(s)))
+                Ok(Self(IdText::new(s)))
             }
             /// The identifier text.
             pub fn as_str(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
         }
         impl TryFrom<String> for $name {
@@ -86,22 +148,22 @@ macro_rules! string_id {
         }
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0.to_string()
+                id.as_str().to_string()
             }
         }
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.as_str())
             }
         }
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({})", stringify!($name), self.0)
+                write!(f, "{}({})", stringify!($name), self.as_str())
             }
         }
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
-                &self.0
+                self.as_str()
             }
         }
     };
@@ -196,6 +258,41 @@ mod tests {
                 len: 64
             })
         );
+    }
+
+    #[test]
+    fn ids_behave_as_their_text_inline_or_shared() {
+        use std::collections::BTreeSet;
+        use std::hash::BuildHasher;
+        let h = std::hash::RandomState::new();
+        // Both sides of the inline limit, and the longest id.
+        let texts: Vec<String> = [1, 9, INLINE_ID - 1, INLINE_ID, INLINE_ID + 1, MAX_ID_LEN]
+            .iter()
+            .map(|&n| format!("d{}", "0".repeat(n - 1)))
+            .collect();
+        let mut sorted = BTreeSet::new();
+        for t in &texts {
+            let id = DeviceId::new(t).unwrap();
+            assert_eq!(id.as_str(), t);
+            assert_eq!(id.to_string(), *t);
+            assert_eq!(String::from(id.clone()), *t);
+            assert_eq!(id.clone(), id);
+            assert_eq!(
+                h.hash_one(&id),
+                h.hash_one(t.as_str()),
+                "hashes as its text"
+            );
+            let wire = postcard::to_allocvec(&id).unwrap();
+            assert_eq!(wire, postcard::to_allocvec(t).unwrap());
+            assert_eq!(postcard::from_bytes::<DeviceId>(&wire).unwrap(), id);
+            sorted.insert(id);
+        }
+        let mut by_text = texts.clone();
+        by_text.sort();
+        let order: Vec<&str> = sorted.iter().map(DeviceId::as_str).collect();
+        assert_eq!(order, by_text, "orders as its text");
+        assert_ne!(DeviceId::new("d0").unwrap(), DeviceId::new("d00").unwrap());
+        assert!(std::mem::size_of::<DeviceId>() <= 24);
     }
 
     #[test]
