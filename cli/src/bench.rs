@@ -196,6 +196,7 @@ async fn child(a: ChildArgs) -> Result<()> {
         beacon_interval: Duration::from_secs(1),
         verify_threads: a.verify_threads,
         batch_signatures: !a.strict_signatures,
+        ..LoopConfig::default()
     };
     let hooks = Hooks {
         metrics: Some(metrics.clone()),

@@ -11,6 +11,7 @@ pub mod http;
 pub mod k8s;
 pub mod keyfile;
 pub mod log_gate;
+pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod precheck;

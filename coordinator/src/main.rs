@@ -400,6 +400,7 @@ fn config(cli: Cli) -> Result<Config> {
             beacon_interval,
             verify_threads: cli.verify_threads.or(file.verify_threads).unwrap_or(0),
             batch_signatures: !(cli.strict_signatures || file.strict_signatures.unwrap_or(false)),
+            ..LoopConfig::default()
         },
         json_logs: log_format == "json",
     })

@@ -36,6 +36,9 @@ pub struct LoopConfig {
     /// Each verify thread checks its reports' signatures as one batch
     /// (`swell_protocol::crypto::verify_batch`); false: one by one.
     pub batch_signatures: bool,
+    /// Hand free heap pages back to the kernel this often
+    /// ([`crate::memory`]); `None`: never.
+    pub trim_every: Option<Duration>,
 }
 
 impl Default for LoopConfig {
@@ -45,6 +48,7 @@ impl Default for LoopConfig {
             beacon_interval: Duration::from_secs(30),
             verify_threads: 0,
             batch_signatures: true,
+            trim_every: Some(crate::memory::TRIM_EVERY),
         }
     }
 }
@@ -242,6 +246,9 @@ pub async fn run_with(
     };
     if forward.is_some() {
         engine.forward_rollout_ops(true);
+    }
+    if let Some(every) = cfg.trim_every {
+        crate::memory::spawn_trimmer(every, cancel.clone());
     }
     if let Some(m) = &metrics {
         m.set_epoch(engine.epoch());
