@@ -10,6 +10,7 @@ use common::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use swell_agent::deployment::Stage;
+use swell_e2e::link::Proxy;
 use swell_protocol::messages::{RolloutState, reason};
 
 fn bundle(version: &str, size: usize, bad: bool) -> Vec<u8> {
@@ -117,7 +118,7 @@ async fn agent_gives_up_on_a_slow_server_in_bounded_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_outbox_drains_in_order_after_an_offline_period() {
     let broker = Broker::start();
-    let proxy = Proxy::start(broker.port).await;
+    let proxy = Proxy::start(broker.port).await.unwrap();
     let files = ArtifactServer::start().await;
     let control = Control::start(broker.port).await;
     control.publish_keys().await;

@@ -216,3 +216,70 @@ impl OpsClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use swell_e2e::link::Proxy;
+
+    /// Stands in for the coordinator: answers every command with its id and
+    /// how many commands it has seen.
+    async fn answer_commands(port: u16, topics: Topics) {
+        let opts = MqttOptions::new("ops-test-coordinator", "127.0.0.1", port);
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        client
+            .subscribe(topics.ops_cmd(), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let mut seen = 0u64;
+        loop {
+            let Ok(ev) = eventloop.poll().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Event::Incoming(Packet::Publish(p)) = ev else {
+                continue;
+            };
+            let cmd: Value = serde_json::from_slice(&p.payload).unwrap();
+            let to = p.properties.and_then(|p| p.response_topic).unwrap();
+            seen += 1;
+            let reply = json!({"id": cmd["id"], "ok": true, "seen": seen});
+            client
+                .publish(to, QoS::AtLeastOnce, false, reply.to_string())
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A clean MQTT session loses its subscriptions with the connection: the
+    /// client must make them again, or every reply after a network blip is
+    /// lost and each command waits for its deadline.
+    #[tokio::test]
+    async fn commands_are_answered_after_the_link_comes_back() {
+        let addr = swell_coordinator::broker::free_addr("127.0.0.1").unwrap();
+        swell_coordinator::broker::start(addr, None).unwrap();
+        let topics = Topics::default();
+        tokio::spawn(answer_commands(addr.port(), topics.clone()));
+        let proxy = Proxy::start(addr.port()).await.unwrap();
+        let mut ops = OpsClient::connect("127.0.0.1", proxy.port, topics, "ops-reconnect")
+            .await
+            .unwrap();
+        let first = ops
+            .command(json!({"op": "list"}), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(first["ok"], true);
+
+        proxy.set_up(false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        proxy.set_up(true);
+
+        let second = ops
+            .command(json!({"op": "list"}), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(second["ok"], true);
+        assert_eq!(second["id"], format!("{}-2", std::process::id()));
+    }
+}

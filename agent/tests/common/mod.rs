@@ -1,7 +1,6 @@
 //! Harness for tests of the real `swell-agent` process: a real broker (Mosquitto
 //! when required, else the embedded rumqttd), a real HTTP artifact server that can
-//! misbehave on purpose, a TCP proxy that can cut the agent's broker link, and a
-//! coordinator stand-in that signs key lists, beacons and manifests with the test
+//! misbehave on purpose, and a coordinator stand-in that signs key lists, beacons and manifests with the test
 //! keys and collects the agent's reports — verified with the key from its Hello.
 #![allow(dead_code, clippy::unwrap_used, clippy::type_complexity)]
 
@@ -11,7 +10,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
@@ -64,54 +63,6 @@ impl Broker {
         Broker {
             port: addr.port(),
             _mosquitto: None,
-        }
-    }
-}
-
-// ---------------------------------------------------------------- proxy
-
-/// A TCP proxy in front of the broker; `set_up(false)` cuts every connection and
-/// refuses new ones (the device goes offline).
-pub struct Proxy {
-    pub port: u16,
-    up: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    pub async fn start(target: u16) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let up = Arc::new(AtomicBool::new(true));
-        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (u, c) = (up.clone(), conns.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = l.accept().await else {
-                    return;
-                };
-                if !u.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let h = tokio::spawn(async move {
-                    let Ok(mut out) = TcpStream::connect(("127.0.0.1", target)).await else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                });
-                c.lock().unwrap().push(h);
-            }
-        });
-        Proxy { port, up, conns }
-    }
-
-    pub fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
-        if !up {
-            for h in self.conns.lock().unwrap().drain(..) {
-                h.abort();
-            }
         }
     }
 }
