@@ -1,7 +1,9 @@
 //! Harness for tests of the real `swell-agent` process: a real broker (Mosquitto
 //! when required, else the embedded rumqttd), a real HTTP artifact server that can
-//! misbehave on purpose, and a coordinator stand-in that signs key lists, beacons and manifests with the test
-//! keys and collects the agent's reports — verified with the key from its Hello.
+//! misbehave on purpose, and a coordinator stand-in that signs key lists, beacons
+//! and manifests with the test keys and collects the agent's reports — verified
+//! with the key from its Hello. The proxy that cuts the agent's broker link is
+//! `swell_e2e::link::Proxy`.
 #![allow(dead_code, clippy::unwrap_used, clippy::type_complexity)]
 
 use rumqttc::v5::mqttbytes::QoS;
