@@ -89,12 +89,22 @@ impl IdText {
             IdText::Shared(s) => s,
         }
     }
+
+    /// The text's bytes without the UTF-8 check of [`Self::as_str`] (every
+    /// registry lookup compares ids).
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            IdText::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or_default(),
+            IdText::Shared(s) => s.as_bytes(),
+        }
+    }
 }
 
-// Compared and hashed as text, whatever the representation.
+// Compared and hashed as text, whatever the representation (`str` orders
+// by its bytes).
 impl PartialEq for IdText {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        self.as_bytes() == other.as_bytes()
     }
 }
 impl Eq for IdText {}
@@ -105,7 +115,7 @@ impl PartialOrd for IdText {
 }
 impl Ord for IdText {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_str().cmp(other.as_str())
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 impl std::hash::Hash for IdText {
