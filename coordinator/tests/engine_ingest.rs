@@ -416,7 +416,18 @@ fn engine_opens_a_wave_before_walking_it() {
 fn engine_replay_floor_held_by_stored_reports_survives_restart_and_removal() {
     let dir = tempfile::tempdir().unwrap();
     let open = |now: u64| {
-        let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        // sled's flusher thread lets go of the database's file lock shortly
+        // after the engine that used it is dropped ("could not acquire lock"
+        // if reopened at once).
+        let path = dir.path().join("db");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match SledStore::open(&path) {
+                Ok(s) => break Arc::new(s),
+                Err(e) if std::time::Instant::now() >= deadline => panic!("{e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
         Engine::start(settings(1), store, now).unwrap().0
     };
     let now = unix_now();
