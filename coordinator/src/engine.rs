@@ -698,8 +698,9 @@ impl Engine {
             }
         };
         self.counters.hellos += 1;
-        if let Some(rec) = self.devices.at(slot).cloned() {
-            self.store.put_device(&rec)?;
+        // Disjoint fields: the record is read in place, not copied.
+        if let Some(rec) = self.devices.at(slot) {
+            self.store.put_device(rec)?;
             if rec.enrollment == Enrollment::Approved {
                 if newly_approved {
                     info!(device = %rec.id, "device enrolled");

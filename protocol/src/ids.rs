@@ -120,7 +120,9 @@ impl Ord for IdText {
 }
 impl std::hash::Hash for IdText {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.as_str().hash(h);
+        // What `str` hashes (its bytes, then 0xff), without the UTF-8 check.
+        h.write(self.as_bytes());
+        h.write_u8(0xff);
     }
 }
 
