@@ -351,6 +351,25 @@ impl DeviceRecord {
 }
 
 #[cfg(test)]
+impl DeviceRecord {
+    /// An approved device with nothing announced, for other modules' tests.
+    pub(crate) fn for_tests(id: &str) -> DeviceRecord {
+        DeviceRecord {
+            id: DeviceId::new(id).unwrap(),
+            key: PublicKey([1; 32]),
+            enrollment: Enrollment::Approved,
+            facts: Interner::default().announced(&FleetId::new("f").unwrap(), &[], "sim", "1"),
+            running: None,
+            last_seq: 0,
+            last_hello_seq: 1,
+            boot: 1,
+            online: false,
+            last_seen: 0,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
