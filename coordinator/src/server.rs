@@ -267,7 +267,12 @@ pub async fn run_with(
         true,
         None,
     );
-    let session = mqtt::spawn(mqtt_cfg, subs, Some(will), cancel.clone());
+    // The session outlives `cancel` by the goodbye below (a publish after the
+    // session stopped was dropped, logged as an error on every shutdown); the
+    // guard stops it on every way out of this function.
+    let session_stop = CancellationToken::new();
+    let _session_guard = session_stop.clone().drop_guard();
+    let session = mqtt::spawn(mqtt_cfg, subs, Some(will), session_stop);
     let client = session.client.clone();
     let sink = Sink {
         client: &client,

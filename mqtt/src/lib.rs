@@ -345,6 +345,9 @@ pub fn spawn(
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => subscriptions.on_suback(),
+                // Asked to leave: the broker closes the link next, which is
+                // not a connection lost.
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(_) => {}
                 Err(e) => {
                     let _ = up_tx.send(false);
