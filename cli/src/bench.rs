@@ -85,7 +85,7 @@ pub struct FleetArgs {
     /// /tmp/coord.data --`). Figures taken under a profiler are not results.
     #[arg(long, value_name = "CMD")]
     wrap_coordinator: Option<String>,
-    /// The coordinator's database page cache in MiB (its default: 64).
+    /// The coordinator's database page cache in MiB (its default: 16).
     #[arg(long)]
     db_cache_mib: Option<u64>,
 }

@@ -181,7 +181,7 @@ fn gate(c: &mut Criterion) {
 }
 
 /// One report through the engine: parse, verify, replay floor, registry,
-/// tracker, sled write (flushed every 512 like the server loop).
+/// tracker, journal record (flushed every 512 like the server loop).
 fn registry(c: &mut Criterion) {
     let fleet = FleetId::new("bench").unwrap();
     let kl = KeyList {

@@ -1,6 +1,6 @@
 //! Quick local figure for the coordinator's report ingest (the full fleet benchmark
 //! is `BENCHMARKS.md`'s job): N enrolled devices each send one signed report, fed
-//! through the engine (verify, replay check, registry, tracker, sled write) and
+//! through the engine (verify, replay check, registry, tracker, journal record) and
 //! flushed once per 512 like the server loop does. Printed beside the baseline of
 //! the same run: bare signature verification of the same reports.
 //!
@@ -230,7 +230,7 @@ fn main() {
         rate(verify)
     );
     println!(
-        "engine ingest:       {:>10.0} reports/s (verify, replay floor, tracker, sled, flush/512)",
+        "engine ingest:       {:>10.0} reports/s (verify, replay floor, tracker, journal, flush/512)",
         rate(ingest)
     );
     println!(
@@ -244,7 +244,7 @@ fn main() {
     );
     let per = |b: usize| b as f64 / f64::from(n);
     println!(
-        "memory per device:   {:>10.0} B enrolled (registry, store, sled cache) + {:.0} B per rollout (tracker)",
+        "memory per device:   {:>10.0} B enrolled (registry, store, sled cache) + {:.0} B per rollout (tracker, journal)",
         per(registry_bytes),
         per(tracker_bytes)
     );

@@ -105,8 +105,9 @@ struct Cli {
     /// Threads that verify device signatures (default: one per core).
     #[arg(long, env = "SWELL_VERIFY_THREADS")]
     verify_threads: Option<usize>,
-    /// The database's page cache in MiB (default 64). Smaller saves memory
-    /// at some CPU per report (BENCHMARKS.md).
+    /// The database's page cache in MiB (default 16). Reports reach the
+    /// database through a journal, so a larger one buys little
+    /// (BENCHMARKS.md, ninth round).
     #[arg(long, env = "SWELL_DB_CACHE_MIB")]
     db_cache_mib: Option<u64>,
     /// Check each device signature alone with `verify_strict` instead of in
