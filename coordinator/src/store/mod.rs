@@ -726,8 +726,7 @@ mod tests {
         loop {
             match SledStore::open_tuned(dir, tuning) {
                 Ok(s) => return s,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 Err(e) => panic!("reopen: {e}"),
