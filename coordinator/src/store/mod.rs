@@ -106,6 +106,8 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("cannot encode {what}: {reason}")]
     Encode { what: &'static str, reason: String },
+    #[error("cannot start the journal's fold thread: {0}")]
+    FoldThread(std::io::Error),
 }
 
 /// What was loaded at start, and what could not be.
@@ -299,10 +301,7 @@ impl SledStore {
                     }
                 }
             })
-            .map_err(|e| StoreError::Encode {
-                what: "fold thread",
-                reason: e.to_string(),
-            })?;
+            .map_err(StoreError::FoldThread)?;
         Ok(SledStore {
             folder: Arc::new(FoldThread {
                 wake: Mutex::new(Some(tx)),
@@ -337,8 +336,11 @@ impl SledStore {
 impl Inner {
     /// Appends the records written since the last call as one journal entry.
     fn append_pending(&self) -> Result<(), StoreError> {
-        let taken = lock(&self.pending).take();
-        if let Some((entry, records)) = taken {
+        // Held through the insert: entries get their numbers in the order
+        // their records were written, and are in the tree in that order, so
+        // a fold that saw entry n has seen every entry before it.
+        let mut pending = lock(&self.pending);
+        if let Some((entry, records)) = pending.take() {
             let seq = self.next_entry.fetch_add(1, AtomicOrdering::Relaxed);
             self.journal.insert(journal::entry_key(seq), entry)?;
             self.unfolded.fetch_add(records, AtomicOrdering::Relaxed);
