@@ -382,9 +382,9 @@ impl Engine {
             return Ok((false, out));
         };
         // The replay floors its reports held move into the device records.
-        let devices = &self.devices;
-        self.store
-            .put_devices(&mut l.tracker.member_slots().filter_map(|s| devices.at(s)))?;
+        for rec in l.tracker.member_slots().filter_map(|s| self.devices.at(s)) {
+            self.store.put_device(rec)?;
+        }
         self.store.delete_rollout(id)?;
         for topic in [
             self.s.topics.manifest(&l.rec.spec.fleet, id),

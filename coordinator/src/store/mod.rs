@@ -131,8 +131,6 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     fn decisions(&self, rollout: &RolloutId) -> Result<Vec<DecisionEntry>, StoreError>;
     fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError>;
-    /// Writes many device records at once.
-    fn put_devices(&self, recs: &mut dyn Iterator<Item = &DeviceRecord>) -> Result<(), StoreError>;
     fn put_report(
         &self,
         rollout: &RolloutId,
@@ -500,13 +498,6 @@ impl Store for SledStore {
             rec.id.as_str().as_bytes(),
             &post("device", rec)?,
         )
-    }
-
-    fn put_devices(&self, recs: &mut dyn Iterator<Item = &DeviceRecord>) -> Result<(), StoreError> {
-        for rec in recs {
-            self.put_device(rec)?;
-        }
-        Ok(())
     }
 
     fn put_report(
