@@ -105,9 +105,9 @@ struct Cli {
     /// Threads that verify device signatures (default: one per core).
     #[arg(long, env = "SWELL_VERIFY_THREADS")]
     verify_threads: Option<usize>,
-    /// The database's page cache in MiB (default 16). Reports reach the
-    /// database through a journal, so a larger one buys little
-    /// (BENCHMARKS.md, ninth round).
+    /// The database's page cache in MiB (default 16). It holds rollouts and
+    /// their decision logs; device and report records live in journal files
+    /// beside it, so a larger one buys nothing (BENCHMARKS.md, tenth round).
     #[arg(long, env = "SWELL_DB_CACHE_MIB")]
     db_cache_mib: Option<u64>,
     /// Check each device signature alone with `verify_strict` instead of in

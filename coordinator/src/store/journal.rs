@@ -1,24 +1,31 @@
-//! The journal: device and report records as one sled value per flush, folded
-//! into their per-key trees in the background.
+//! The journal: device and report records appended to a file once per flush,
+//! folded in the background into a snapshot of the newest record per key.
 //!
-//! Why: a report that counts used to be an insert at a random key, and a
-//! million devices each report five phases per rollout. Every such insert
-//! copies or reads back a whole leaf, which made sled's page cache the price
-//! of speed (BENCHMARKS.md, seventh and eighth rounds). Now the hot path
-//! appends the bytes of a flush's records to one value, and a fold writes only
-//! the newest record per key, in key order, so each leaf is touched once per
-//! fold and a small cache is enough.
+//! Why not sled: a report that counts used to be an insert at a random key
+//! of a sled tree, and a million devices each report five phases per
+//! rollout. Each insert copied or read back a whole leaf, and sled kept what
+//! it had written resident well past its cache size (the journal as a sled
+//! tree held every unfolded byte; the folded trees about 120 MB at a million
+//! devices: BENCHMARKS.md, tenth round). The coordinator reads these records
+//! only when it starts, so they need a log and a compaction, not an index:
+//! the hot path appends the bytes of a flush's records to the current
+//! segment file and syncs it (STATE-1: what is acknowledged is durable), and
+//! a fold merges the closed segments into a new snapshot file in key order,
+//! streaming, with the newest value per key. Files are read through the
+//! kernel's page cache, which the coordinator's resident set does not count.
 //!
 //! An entry is `FORMAT`, then per record: tree (1 byte), key length and value
-//! length (u32 little endian), key, value. Records are whole-value sets, so
-//! folding is idempotent: a fold that dies half way leaves the journal in
-//! place, and the next fold writes the same newest values again. Nothing else
-//! writes the folded trees while entries are pending (deleting a rollout folds
-//! first), so a tree never holds a value newer than the journal's.
+//! length (u32 little endian), key, value; [`super::files`] frames entries
+//! with a length and a checksum. Records are whole values, so folding is
+//! idempotent: a fold that dies half way leaves the segments in place, and
+//! the next fold writes the same newest values again. The snapshot holds the
+//! same entries, its records sorted and each key once.
 
 use super::StoreError;
+use super::files::{EntryReader, Found, SnapshotWriter, segment_path, sync_dir};
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
 
 /// Version of the entry layout.
 const FORMAT: u8 = 1;
@@ -33,7 +40,7 @@ pub(super) enum Target {
 }
 
 impl Target {
-    fn from_byte(b: u8) -> Option<Target> {
+    pub(super) fn from_byte(b: u8) -> Option<Target> {
         match b {
             0 => Some(Target::Devices),
             1 => Some(Target::Reports),
@@ -72,6 +79,10 @@ impl Pending {
         self.buf.extend_from_slice(value);
         self.records += 1;
         Ok(())
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.buf.len()
     }
 
     /// The entry to append and how many records it holds; `None` when empty.
@@ -135,16 +146,6 @@ pub(super) fn decode(entry: &[u8]) -> Result<Vec<Record<'_>>, &'static str> {
     Ok(out)
 }
 
-/// The key of the entry with sequence number `seq`: big endian, so the tree's
-/// order is the order of appends.
-pub(super) fn entry_key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
-
-pub(super) fn entry_seq(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(key.try_into().ok()?))
-}
-
 /// Limits of one fold.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct FoldLimits {
@@ -156,34 +157,41 @@ pub(super) struct FoldLimits {
 /// Every `SAMPLE`th record's key is kept to cut the key space into parts.
 const SAMPLE: usize = 64;
 
+/// Snapshot entries are cut at about this many bytes.
+const BLOCK_BYTES: usize = 64 << 10;
+
 /// What a fold did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Folded {
     pub entries: u64,
     pub records: u64,
-    /// Distinct keys written.
+    /// Distinct keys written from the journal.
     pub written: u64,
+    /// Records carried over from the old snapshot.
+    pub kept: u64,
     /// Key-range passes over the journal.
     pub parts: u64,
-    /// Entries that did not decode, moved aside (`journal/{seq}`).
+    /// Entries that were damaged, set aside under `aside/`
+    /// (`journal/{segment}@{offset}`, `snapshot@{offset}`).
     pub corrupt: Vec<String>,
 }
 
-/// The trees a fold reads and writes.
-pub(super) struct Trees<'a> {
-    pub db: &'a sled::Db,
-    pub journal: &'a sled::Tree,
-    pub aside: &'a sled::Tree,
-    pub devices: &'a sled::Tree,
-    pub reports: &'a sled::Tree,
+/// What a fold leaves out of the new snapshot.
+#[derive(Debug, Default)]
+pub(super) struct Leave {
+    /// Records whose sort key (tree byte, key) starts with this: the reports
+    /// of a deleted rollout.
+    pub prefix: Option<Vec<u8>>,
+    /// Records by sort key: ones set aside as undecodable.
+    pub keys: BTreeSet<Vec<u8>>,
 }
 
-impl Trees<'_> {
-    fn tree(&self, t: Target) -> &sled::Tree {
-        match t {
-            Target::Devices => self.devices,
-            Target::Reports => self.reports,
-        }
+impl Leave {
+    fn out(&self, sort_key: &[u8]) -> bool {
+        self.prefix
+            .as_ref()
+            .is_some_and(|p| sort_key.starts_with(p))
+            || self.keys.contains(sort_key)
     }
 }
 
@@ -197,45 +205,181 @@ fn in_part(r: &Record<'_>, lo: Option<&[u8]>, up: Option<&[u8]>) -> bool {
     lo.is_none_or(|b| cmp(b) != Ordering::Less) && up.is_none_or(|b| cmp(b) == Ordering::Less)
 }
 
-/// Folds every entry present when it starts into the per-key trees, then
-/// removes those entries. Callers hold the store's fold lock.
-pub(super) fn fold(t: &Trees<'_>, limits: FoldLimits) -> Result<Folded, StoreError> {
-    let mut done = Folded::default();
-    let Some((last, _)) = t.journal.last()? else {
-        return Ok(done);
-    };
-    let hi = last.to_vec();
-    // Pass 1: set aside what does not decode, count, and sample keys.
-    let mut samples: Vec<Vec<u8>> = Vec::new();
-    for kv in t.journal.range(..=hi.as_slice()) {
-        let (k, v) = kv?;
-        match decode(&v) {
-            Ok(records) => {
-                for r in records {
-                    if done.records % SAMPLE as u64 == 0 {
-                        samples.push(r.sort_key());
-                    }
-                    done.records += 1;
+pub(super) fn snapshot_path(dir: &Path) -> PathBuf {
+    dir.join("snapshot")
+}
+
+/// Keeps damaged bytes in `aside/` under `name` and logs why.
+fn set_aside(
+    dir: &Path,
+    name: String,
+    reason: &str,
+    bytes: &[u8],
+    corrupt: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    tracing::warn!(entry = %name, reason, "damaged journal entry set aside");
+    let aside = dir.join("aside");
+    std::fs::create_dir_all(&aside)?;
+    crate::durable::write_atomic(&aside.join(name.replace('/', "-")), bytes)?;
+    corrupt.push(name);
+    Ok(())
+}
+
+/// The snapshot's records in key order, read a block at a time.
+struct Cursor<'a> {
+    dir: &'a Path,
+    reader: Option<EntryReader>,
+    queue: VecDeque<(Vec<u8>, Vec<u8>)>,
+}
+
+impl<'a> Cursor<'a> {
+    fn open(dir: &'a Path) -> Result<Cursor<'a>, StoreError> {
+        Ok(Cursor {
+            dir,
+            reader: EntryReader::open(&snapshot_path(dir))?,
+            queue: VecDeque::new(),
+        })
+    }
+
+    /// The next record's sort key, compared with `key`.
+    fn peek_cmp(
+        &mut self,
+        key: &[u8],
+        corrupt: &mut Vec<String>,
+    ) -> Result<Option<Ordering>, StoreError> {
+        while self.queue.is_empty() {
+            let Some(reader) = self.reader.as_mut() else {
+                return Ok(None);
+            };
+            let (offset, reason, bytes) = match reader.next_entry()? {
+                None => {
+                    self.reader = None;
+                    continue;
                 }
-                done.entries += 1;
-            }
-            Err(reason) => {
-                let name = format!(
-                    "journal/{}",
-                    entry_seq(&k).map_or_else(|| hex::encode(&k), |s| s.to_string())
-                );
-                tracing::warn!(entry = %name, reason, "corrupt journal entry set aside");
-                t.aside.insert(&k, v)?;
-                t.journal.remove(&k)?;
-                done.corrupt.push(name);
-            }
+                Some(Found::Entry { offset, body }) => match decode(&body) {
+                    Ok(records) => {
+                        self.queue.extend(
+                            records
+                                .into_iter()
+                                .map(|r| (r.sort_key(), r.value.to_vec())),
+                        );
+                        continue;
+                    }
+                    Err(reason) => (offset, reason, body),
+                },
+                Some(Found::Bad {
+                    offset,
+                    reason,
+                    bytes,
+                }) => (offset, reason, bytes),
+                Some(Found::Torn { offset }) => (offset, "snapshot cut short", Vec::new()),
+            };
+            set_aside(
+                self.dir,
+                format!("snapshot@{offset}"),
+                reason,
+                &bytes,
+                corrupt,
+            )?;
+        }
+        Ok(self.queue.front().map(|(k, _)| k.as_slice().cmp(key)))
+    }
+
+    fn pop(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.queue.pop_front()
+    }
+}
+
+/// Records in key order, cut into snapshot entries.
+struct Blocks {
+    out: SnapshotWriter,
+    block: Pending,
+    leave: Leave,
+}
+
+impl Blocks {
+    /// Writes one record unless it is left out; false if it was.
+    fn put(&mut self, sort_key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        let Some((target, key)) = sort_key
+            .split_first()
+            .and_then(|(&tb, key)| Some((Target::from_byte(tb)?, key)))
+        else {
+            return Ok(false);
+        };
+        if self.leave.out(sort_key) {
+            return Ok(false);
+        }
+        self.block.push(target, key, value)?;
+        if self.block.bytes() >= BLOCK_BYTES {
+            self.cut()?;
+        }
+        Ok(true)
+    }
+
+    fn cut(&mut self) -> Result<(), StoreError> {
+        if let Some((body, _)) = self.block.take() {
+            self.out.entry(&body)?;
+        }
+        Ok(())
+    }
+}
+
+/// Merges the journal segments `segments` into the snapshot in `dir`: the
+/// newest value of each key, in key order, minus what `leave` names. The new
+/// snapshot is in place (synced, renamed) before the segments are removed,
+/// so a fold cut short anywhere is simply done again. Callers hold the
+/// store's fold lock.
+pub(super) fn fold(
+    dir: &Path,
+    segments: &[u64],
+    leave: Leave,
+    limits: FoldLimits,
+) -> Result<Folded, StoreError> {
+    let mut done = Folded::default();
+    // Pass 1: set aside what is damaged, count, and sample keys.
+    let mut samples: Vec<Vec<u8>> = Vec::new();
+    for &seq in segments {
+        let Some(mut r) = EntryReader::open(&segment_path(dir, seq))? else {
+            continue;
+        };
+        while let Some(found) = r.next_entry()? {
+            let (offset, reason, bytes) = match found {
+                Found::Entry { offset, body } => match decode(&body) {
+                    Ok(records) => {
+                        for r in records {
+                            if done.records % SAMPLE as u64 == 0 {
+                                samples.push(r.sort_key());
+                            }
+                            done.records += 1;
+                        }
+                        done.entries += 1;
+                        continue;
+                    }
+                    Err(reason) => (offset, reason, body),
+                },
+                Found::Bad {
+                    offset,
+                    reason,
+                    bytes,
+                } => (offset, reason, bytes),
+                // Torn tails are cut when the store opens; one here is damage.
+                Found::Torn { offset } => (offset, "segment cut short", Vec::new()),
+            };
+            let name = format!("journal/{seq}@{offset}");
+            set_aside(dir, name, reason, &bytes, &mut done.corrupt)?;
         }
     }
     samples.sort_unstable();
     let step = (limits.part_records / SAMPLE).max(1);
     let bounds: Vec<Vec<u8>> = samples.into_iter().skip(step).step_by(step).collect();
-    // A pass per part: the newest value of each key in range, written in key
-    // order, so each leaf is read and written once.
+    let mut old = Cursor::open(dir)?;
+    let mut new = Blocks {
+        out: SnapshotWriter::create(&snapshot_path(dir))?,
+        block: Pending::default(),
+        leave,
+    };
+    // A pass per part: the newest value of each key in range, merged in key
+    // order with the old snapshot's records of the range.
     for i in 0..=bounds.len() {
         let lo = i
             .checked_sub(1)
@@ -243,32 +387,83 @@ pub(super) fn fold(t: &Trees<'_>, limits: FoldLimits) -> Result<Folded, StoreErr
             .map(Vec::as_slice);
         let up = bounds.get(i).map(Vec::as_slice);
         let mut newest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        for kv in t.journal.range(..=hi.as_slice()) {
-            let (_, v) = kv?;
-            for r in decode(&v).unwrap_or_default() {
-                if in_part(&r, lo, up) {
-                    newest.insert(r.sort_key(), r.value.to_vec());
+        for &seq in segments {
+            let Some(mut r) = EntryReader::open(&segment_path(dir, seq))? else {
+                continue;
+            };
+            while let Some(found) = r.next_entry()? {
+                let Found::Entry { body, .. } = found else {
+                    continue;
+                };
+                for r in decode(&body).unwrap_or_default() {
+                    if in_part(&r, lo, up) {
+                        newest.insert(r.sort_key(), r.value.to_vec());
+                    }
                 }
             }
         }
         for (sk, value) in newest {
-            let Some((&tb, key)) = sk.split_first() else {
-                continue;
+            loop {
+                match old.peek_cmp(&sk, &mut done.corrupt)? {
+                    Some(Ordering::Less) => {
+                        if let Some((k, v)) = old.pop() {
+                            done.kept += u64::from(new.put(&k, &v)?);
+                        }
+                    }
+                    // The journal's value is newer.
+                    Some(Ordering::Equal) => {
+                        old.pop();
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            done.written += u64::from(new.put(&sk, &value)?);
+        }
+        // The rest of the old snapshot's records in this range.
+        loop {
+            let below_up = match up {
+                Some(u) => old.peek_cmp(u, &mut done.corrupt)? == Some(Ordering::Less),
+                None => old.peek_cmp(&[], &mut done.corrupt)?.is_some(),
             };
-            let Some(target) = Target::from_byte(tb) else {
-                continue;
-            };
-            t.tree(target).insert(key, value)?;
-            done.written += 1;
+            if !below_up {
+                break;
+            }
+            if let Some((k, v)) = old.pop() {
+                done.kept += u64::from(new.put(&k, &v)?);
+            }
         }
         done.parts += 1;
     }
-    // The folded values are durable before the entries that carried them go.
-    t.db.flush()?;
-    for kv in t.journal.range(..=hi.as_slice()) {
-        t.journal.remove(kv?.0)?;
+    new.cut()?;
+    new.out.install()?;
+    for &seq in segments {
+        match std::fs::remove_file(segment_path(dir, seq)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
     }
+    sync_dir(dir)?;
     Ok(done)
+}
+
+/// Calls `each` with every record of the snapshot, in key order. Damaged
+/// entries are set aside and named in the result.
+pub(super) fn read_snapshot(
+    dir: &Path,
+    mut each: impl FnMut(Target, &[u8], &[u8]),
+) -> Result<Vec<String>, StoreError> {
+    let mut corrupt = Vec::new();
+    let mut cursor = Cursor::open(dir)?;
+    while cursor.peek_cmp(&[], &mut corrupt)?.is_some() {
+        if let Some((sk, value)) = cursor.pop()
+            && let Some((&tb, key)) = sk.split_first()
+            && let Some(target) = Target::from_byte(tb)
+        {
+            each(target, key, &value);
+        }
+    }
+    Ok(corrupt)
 }
 
 #[cfg(test)]
@@ -315,12 +510,5 @@ mod tests {
         huge[2..6].copy_from_slice(&u32::MAX.to_le_bytes());
         huge[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&huge), Err("record longer than its entry"));
-    }
-
-    #[test]
-    fn entry_keys_sort_as_their_sequence() {
-        assert!(entry_key(255) < entry_key(256));
-        assert_eq!(entry_seq(&entry_key(77)), Some(77));
-        assert_eq!(entry_seq(b"short"), None);
     }
 }

@@ -1,19 +1,24 @@
-//! Durable state, in sled, behind the [`Store`] trait.
+//! Durable state behind the [`Store`] trait: rollouts in sled, device and
+//! report records in a journal of plain files beside it.
 //!
-//! - tree `rollouts`: `r/{rollout}` → JSON [`RolloutRecord`]; `d/{rollout}/{n:016x}`
-//!   → JSON [`DecisionEntry`]. A transition and its decisions are written in one
-//!   atomic batch and flushed before anything is published (STATE-1), so the audit
-//!   log never misses or repeats a transition.
-//! - tree `devices`: `{device}` → postcard [`DeviceRecord`].
-//! - tree `reports`: `{rollout}/{device}` → postcard latest report (release,
-//!   phase, envelope `seq`), from which the trackers are rebuilt on start.
-//! - tree `journal`: device and report records not yet in their trees, one
-//!   entry per flush ([`journal`]). A flush appends the records written since
-//!   the last one as a single value, so the messages acknowledged after it are
-//!   durable (STATE-1) at the cost of one insert, not one per record. A
-//!   background thread folds the journal into `devices` and `reports` once it
-//!   holds [`FOLD_AFTER_RECORDS`] records; a start folds what is left before
-//!   it loads.
+//! - sled tree `rollouts`: `r/{rollout}` → JSON [`RolloutRecord`];
+//!   `d/{rollout}/{n:016x}` → JSON [`DecisionEntry`]. A transition and its
+//!   decisions are written in one atomic batch and flushed before anything is
+//!   published (STATE-1), so the audit log never misses or repeats a
+//!   transition.
+//! - `records/` ([`journal`], [`files`]): device records (`{device}` →
+//!   postcard [`DeviceRecord`]) and latest reports (`{rollout}/{device}` →
+//!   postcard release, phase, envelope `seq`, from which the trackers are
+//!   rebuilt on start). A flush appends the records written since the last
+//!   one as one checksummed entry of the current segment file and syncs it,
+//!   so the messages acknowledged after it are durable (STATE-1). Once a
+//!   segment holds [`FOLD_AFTER_RECORDS`] records it is closed, and a
+//!   background thread folds the closed segments into `records/snapshot`
+//!   (newest record per key, in key order, streamed). A start folds what is
+//!   left before it loads. Records that do not decode go to sled tree
+//!   `records.corrupt`, damaged entries to `records/aside/` (STATE-3).
+//!   Databases of earlier versions, which kept these records in sled trees
+//!   (`devices`, `reports`, `journal`), are moved over when they open.
 //!
 //! A report that counts is one record: it carries the report's `seq`, so
 //! the device's replay floor is the larger of its device record's `last_seq` and
@@ -25,14 +30,16 @@
 //! The coordinator epoch lives apart, in a small atomically written file
 //! ([`crate::durable`]), so a lost or rebuilt database can never lower it.
 
+mod files;
 mod journal;
 
 use crate::fleet::registry::DeviceRecord;
 use crate::rollout::spec::RolloutSpec;
 use crate::rollout::state::{Command, Decision, Observations, RolloutState};
-use journal::{FoldLimits, Pending, Target};
+use files::Appender;
+use journal::{FoldLimits, Leave, Pending, Target};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use swell_protocol::messages::Phase;
@@ -106,6 +113,8 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("cannot encode {what}: {reason}")]
     Encode { what: &'static str, reason: String },
+    #[error("journal file: {0}")]
+    Io(#[from] std::io::Error),
     #[error("cannot start the journal's fold thread: {0}")]
     FoldThread(std::io::Error),
 }
@@ -143,7 +152,9 @@ pub trait Store: Send + Sync {
     fn flush(&self) -> Result<(), StoreError>;
 }
 
-/// The sled implementation. Clones share one database and one fold thread.
+/// The implementation: sled for rollouts, the journal's files for device
+/// and report records. Clones share one database, one journal and one fold
+/// thread.
 #[derive(Debug, Clone)]
 pub struct SledStore {
     inner: Arc<Inner>,
@@ -154,30 +165,35 @@ pub struct SledStore {
 struct Inner {
     db: sled::Db,
     rollouts: sled::Tree,
-    devices: sled::Tree,
-    reports: sled::Tree,
-    journal: sled::Tree,
-    /// Journal entries that did not decode.
-    journal_aside: sled::Tree,
-    pending: Mutex<Pending>,
-    next_entry: AtomicU64,
-    /// Journal records appended since the last fold began.
-    unfolded: AtomicU64,
+    /// Device and report records that did not decode, set aside by `load`.
+    corrupt: sled::Tree,
+    /// The journal's segments and snapshot ([`journal`]).
+    dir: PathBuf,
+    journal: Mutex<Journal>,
+    /// Segments below this number are closed: the fold thread may take them.
+    active_segment: AtomicU64,
     fold_lock: Mutex<()>,
     tuning: Tuning,
 }
 
-/// sled's page cache unless configured: the coordinator's own maps are the
-/// hot state, and the journal (see [`journal`]) keeps the hot path off
-/// random-key inserts, so a small cache no longer costs CPU (at 1,000,000
-/// devices 16 MiB took the same CPU as 64 MiB and peaked 79–85 MiB lower;
-/// BENCHMARKS.md, ninth round).
+/// Records not flushed yet, and the segment a flush appends them to.
+#[derive(Debug)]
+struct Journal {
+    pending: Pending,
+    segment: Appender,
+}
+
+/// sled's page cache unless configured. sled holds only rollouts and their
+/// decision logs now (device and report records are in the journal's files),
+/// so this bounds little; it is kept small because sled's real use is a
+/// multiple of it.
 pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Journal records after which a fold starts in the background. A fold
-/// writes each key once however often it changed, so the larger, the fewer
-/// writes; the journal's size on disk and the time a start takes to fold it
-/// grow with it.
+/// Records after which a journal segment is closed and folded into the
+/// snapshot in the background. A fold rewrites the whole snapshot (about
+/// 200 MB at a million devices, streamed), so the larger, the fewer
+/// rewrites; the journal's size on disk and the time a start takes to fold
+/// it grow with it.
 pub const FOLD_AFTER_RECORDS: u64 = 1 << 20;
 
 /// Records a fold holds in memory at once (about 150 bytes each).
@@ -228,7 +244,7 @@ impl Drop for FoldThread {
         if let Err(e) = self
             .inner
             .append_pending()
-            .and_then(|()| Ok(self.inner.db.flush()?))
+            .and_then(|_| Ok(self.inner.db.flush()?))
         {
             tracing::warn!(error = %e, "store not flushed on close");
         }
@@ -263,21 +279,37 @@ impl SledStore {
             .cache_capacity(tuning.cache_bytes)
             .flush_every_ms(Some(500))
             .open()?;
-        let journal = db.open_tree("journal")?;
-        let next_entry = match journal.last()? {
-            Some((k, _)) => journal::entry_seq(&k).map_or(0, |s| s.saturating_add(1)),
-            None => 0,
-        };
+        let records = dir.join(RECORDS_DIR);
+        std::fs::create_dir_all(&records)?;
+        // A fold that died before its rename leaves a partial snapshot.
+        match std::fs::remove_file(records.join("snapshot.tmp")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        let existing = files::segments(&records)?;
+        let mut next = existing.last().map_or(1, |s| s.saturating_add(1));
+        if let Some(&newest) = existing.last()
+            && let Some(at) = files::cut_torn_tail(&files::segment_path(&records, newest))?
+        {
+            tracing::warn!(
+                segment = newest,
+                offset = at,
+                "journal segment ended inside an entry (a write cut short); cut there"
+            );
+        }
+        if migrate_sled_trees(&db, &records, next)? {
+            next += 1;
+        }
         let inner = Arc::new(Inner {
             rollouts: db.open_tree("rollouts")?,
-            devices: db.open_tree("devices")?,
-            reports: db.open_tree("reports")?,
-            journal_aside: db.open_tree("journal.corrupt")?,
-            journal,
+            corrupt: db.open_tree("records.corrupt")?,
+            journal: Mutex::new(Journal {
+                pending: Pending::default(),
+                segment: Appender::create(&records, next)?,
+            }),
+            active_segment: AtomicU64::new(next),
+            dir: records,
             db,
-            pending: Mutex::new(Pending::default()),
-            next_entry: AtomicU64::new(next_entry),
-            unfolded: AtomicU64::new(0),
             fold_lock: Mutex::new(()),
             tuning,
         });
@@ -287,14 +319,15 @@ impl SledStore {
             .name("swell-store-fold".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
-                    match bg.fold() {
+                    match bg.fold(Leave::default()) {
                         Ok(f) => tracing::debug!(
                             records = f.records,
                             written = f.written,
+                            kept = f.kept,
                             parts = f.parts,
                             "journal folded"
                         ),
-                        // The entries stay; the next fold or start retries.
+                        // The segments stay; the next fold or start retries.
                         Err(e) => tracing::warn!(error = %e, "journal fold failed"),
                     }
                 }
@@ -312,15 +345,17 @@ impl SledStore {
 
     /// Folds the whole journal now (as a start does).
     #[cfg(test)]
-    fn fold_journal(&self) -> Result<(), StoreError> {
+    fn fold_journal(&self) -> Result<journal::Folded, StoreError> {
         self.inner.append_pending()?;
-        self.inner.fold().map(|_| ())
+        let _g = lock(&self.inner.fold_lock);
+        self.inner.rotate()?;
+        self.inner.fold_held(Leave::default())
     }
 
-    /// Journal entries not folded yet.
+    /// Journal segment files, the one being appended to included.
     #[cfg(test)]
-    fn journal_entries(&self) -> usize {
-        self.inner.journal.len()
+    fn segment_files(&self) -> usize {
+        files::segments(&self.inner.dir).map_or(0, |s| s.len())
     }
 
     fn wake_folder(&self) {
@@ -331,48 +366,128 @@ impl SledStore {
     }
 }
 
-impl Inner {
-    /// Appends the records written since the last call as one journal entry.
-    fn append_pending(&self) -> Result<(), StoreError> {
-        // Held through the insert: entries get their numbers in the order
-        // their records were written, and are in the tree in that order, so
-        // a fold that saw entry n has seen every entry before it.
-        let mut pending = lock(&self.pending);
-        if let Some((entry, records)) = pending.take() {
-            let seq = self.next_entry.fetch_add(1, AtomicOrdering::Relaxed);
-            self.journal.insert(journal::entry_key(seq), entry)?;
-            self.unfolded.fetch_add(records, AtomicOrdering::Relaxed);
+/// The journal's directory inside the database's.
+const RECORDS_DIR: &str = "records";
+
+/// Moves device and report records that earlier versions kept in sled (the
+/// `devices` and `reports` trees, and the `journal` tree of the ninth
+/// benchmark round) into journal segment `seq`, then drops those trees. The
+/// segment is synced before the trees go, so a crash in between only
+/// migrates the same records again. Returns whether there was anything.
+fn migrate_sled_trees(db: &sled::Db, dir: &Path, seq: u64) -> Result<bool, StoreError> {
+    let names: [(&[u8], Option<Target>); 3] = [
+        (b"devices", Some(Target::Devices)),
+        (b"reports", Some(Target::Reports)),
+        (b"journal", None),
+    ];
+    let present: Vec<_> = names
+        .into_iter()
+        .filter(|(name, _)| db.tree_names().iter().any(|n| n.as_ref() == *name))
+        .collect();
+    if present.is_empty() {
+        return Ok(false);
+    }
+    let mut out = Appender::create(dir, seq)?;
+    let mut block = Pending::default();
+    for (name, target) in &present {
+        let tree = db.open_tree(name)?;
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            match target {
+                // Records set aside by earlier versions stay aside.
+                Some(_) if k.starts_with(b"corrupt/") => {}
+                Some(t) => {
+                    block.push(*t, &k, &v)?;
+                    if block.bytes() >= 64 << 10
+                        && let Some((body, n)) = block.take()
+                    {
+                        out.append(&body, n)?;
+                    }
+                }
+                // Old journal entries are in the same format already.
+                None => {
+                    if let Some((body, n)) = block.take() {
+                        out.append(&body, n)?;
+                    }
+                    out.append(&v, 0)?;
+                }
+            }
         }
+        if let Some((body, n)) = block.take() {
+            out.append(&body, n)?;
+        }
+    }
+    for (name, _) in &present {
+        db.drop_tree(name)?;
+    }
+    db.flush()?;
+    tracing::info!(
+        segment = seq,
+        "device and report records moved from sled to the journal"
+    );
+    Ok(true)
+}
+
+impl Inner {
+    /// Appends the records written since the last call as one entry of the
+    /// current segment, synced. Returns whether the segment is full and was
+    /// closed, so a fold is due.
+    fn append_pending(&self) -> Result<bool, StoreError> {
+        let mut j = lock(&self.journal);
+        let Journal { pending, segment } = &mut *j;
+        if let Some((entry, records)) = pending.take() {
+            segment.append(&entry, records)?;
+        }
+        if segment.records >= self.tuning.fold_after_records {
+            self.rotate_held(&mut j)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Closes the current segment (a fold takes closed ones) and opens the next.
+    fn rotate(&self) -> Result<(), StoreError> {
+        let mut j = lock(&self.journal);
+        if let Some((entry, records)) = j.pending.take() {
+            j.segment.append(&entry, records)?;
+        }
+        self.rotate_held(&mut j)
+    }
+
+    fn rotate_held(&self, j: &mut Journal) -> Result<(), StoreError> {
+        let next = j.segment.seq.saturating_add(1);
+        j.segment = Appender::create(&self.dir, next)?;
+        self.active_segment.store(next, AtomicOrdering::Release);
         Ok(())
     }
 
     fn push(&self, target: Target, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        lock(&self.pending).push(target, key, value)
+        lock(&self.journal).pending.push(target, key, value)
     }
 
-    fn fold(&self) -> Result<journal::Folded, StoreError> {
+    fn fold(&self, leave: Leave) -> Result<journal::Folded, StoreError> {
         let _g = lock(&self.fold_lock);
-        self.fold_held()
+        self.fold_held(leave)
     }
 
-    /// [`Inner::fold`] for a caller that holds the fold lock.
-    fn fold_held(&self) -> Result<journal::Folded, StoreError> {
-        let before = self.unfolded.load(AtomicOrdering::Relaxed);
-        let done = journal::fold(
-            &journal::Trees {
-                db: &self.db,
-                journal: &self.journal,
-                aside: &self.journal_aside,
-                devices: &self.devices,
-                reports: &self.reports,
-            },
+    /// Folds the closed segments; for a caller that holds the fold lock.
+    fn fold_held(&self, leave: Leave) -> Result<journal::Folded, StoreError> {
+        let active = self.active_segment.load(AtomicOrdering::Acquire);
+        let closed: Vec<u64> = files::segments(&self.dir)?
+            .into_iter()
+            .filter(|s| *s < active)
+            .collect();
+        if closed.is_empty() && leave.prefix.is_none() && leave.keys.is_empty() {
+            return Ok(journal::Folded::default());
+        }
+        journal::fold(
+            &self.dir,
+            &closed,
+            leave,
             FoldLimits {
                 part_records: self.tuning.fold_part_records,
             },
-        )?;
-        self.unfolded
-            .fetch_sub(done.records.min(before), AtomicOrdering::Relaxed);
-        Ok(done)
+        )
     }
 }
 
@@ -408,9 +523,10 @@ fn report_key(rollout: &RolloutId, device: &DeviceId) -> String {
 impl Store for SledStore {
     fn load(&self) -> Result<Loaded, StoreError> {
         let s = &self.inner;
-        s.append_pending()?;
+        let _g = lock(&s.fold_lock);
+        s.rotate()?;
         let mut out = Loaded {
-            corrupt: s.fold()?.corrupt,
+            corrupt: s.fold_held(Leave::default())?.corrupt,
             ..Loaded::default()
         };
         let mut bad: Vec<(sled::Tree, Vec<u8>)> = Vec::new();
@@ -421,35 +537,47 @@ impl Store for SledStore {
                 Err(_) => bad.push((s.rollouts.clone(), k.to_vec())),
             }
         }
-        for kv in s.devices.iter() {
-            let (k, v) = kv?;
-            if k.starts_with(b"corrupt/") {
-                continue;
+        // Records that do not decode go to the `records.corrupt` tree and
+        // out of the snapshot, so the next start is clean (STATE-3).
+        let mut leave = Leave::default();
+        let mut aside = sled::Batch::default();
+        let damaged = journal::read_snapshot(&s.dir, |target, key, value| {
+            let ok = match target {
+                Target::Devices => postcard::from_bytes::<DeviceRecord>(value)
+                    .map(|d| out.devices.push(d))
+                    .is_ok(),
+                Target::Reports => std::str::from_utf8(key)
+                    .ok()
+                    .and_then(|s| s.split_once('/'))
+                    .and_then(|(r, d)| {
+                        Some((
+                            RolloutId::new(r).ok()?,
+                            DeviceId::new(d).ok()?,
+                            StoredReport::decode(value)?,
+                        ))
+                    })
+                    .map(|t| out.reports.push(t))
+                    .is_some(),
+            };
+            if !ok {
+                let tree = match target {
+                    Target::Devices => "devices/",
+                    Target::Reports => "reports/",
+                };
+                let mut name = tree.as_bytes().to_vec();
+                name.extend_from_slice(key);
+                aside.insert(name, value);
+                let mut sort_key = vec![target as u8];
+                sort_key.extend_from_slice(key);
+                leave.keys.insert(sort_key);
+                out.corrupt.push(String::from_utf8_lossy(key).into_owned());
             }
-            match postcard::from_bytes::<DeviceRecord>(&v) {
-                Ok(d) => out.devices.push(d),
-                Err(_) => bad.push((s.devices.clone(), k.to_vec())),
-            }
-        }
-        for kv in s.reports.iter() {
-            let (k, v) = kv?;
-            if k.starts_with(b"corrupt/") {
-                continue;
-            }
-            let parsed = std::str::from_utf8(&k)
-                .ok()
-                .and_then(|s| s.split_once('/'))
-                .and_then(|(r, d)| {
-                    Some((
-                        RolloutId::new(r).ok()?,
-                        DeviceId::new(d).ok()?,
-                        StoredReport::decode(&v)?,
-                    ))
-                });
-            match parsed {
-                Some(t) => out.reports.push(t),
-                None => bad.push((s.reports.clone(), k.to_vec())),
-            }
+        })?;
+        out.corrupt.extend(damaged);
+        if !leave.keys.is_empty() {
+            s.corrupt.apply_batch(aside)?;
+            s.db.flush()?;
+            s.fold_held(leave)?;
         }
         for (tree, key) in bad {
             quarantine(&tree, &key, &mut out.corrupt)?;
@@ -463,7 +591,9 @@ impl Store for SledStore {
         entry: Option<&DecisionEntry>,
     ) -> Result<(), StoreError> {
         // The reports a transition was computed from are durable with it.
-        self.inner.append_pending()?;
+        if self.inner.append_pending()? {
+            self.wake_folder();
+        }
         let mut batch = sled::Batch::default();
         let id = rec.spec.id.as_str();
         if let Some(e) = entry {
@@ -515,30 +645,28 @@ impl Store for SledStore {
 
     fn delete_rollout(&self, rollout: &RolloutId) -> Result<(), StoreError> {
         let s = &self.inner;
-        // Nothing of the rollout may come back from a later fold.
-        s.append_pending()?;
+        // The reports go first, from the journal and the snapshot alike, so
+        // nothing of the rollout can come back once its record is gone.
         let _g = lock(&s.fold_lock);
-        s.fold_held()?;
+        s.rotate()?;
+        let mut prefix = vec![Target::Reports as u8];
+        prefix.extend_from_slice(format!("{rollout}/").as_bytes());
+        s.fold_held(Leave {
+            prefix: Some(prefix),
+            ..Leave::default()
+        })?;
         let mut batch = sled::Batch::default();
         batch.remove(format!("r/{rollout}").as_bytes());
         for kv in s.rollouts.scan_prefix(format!("d/{rollout}/").as_bytes()) {
             batch.remove(kv?.0);
         }
         s.rollouts.apply_batch(batch)?;
-        let mut batch = sled::Batch::default();
-        for kv in s.reports.scan_prefix(format!("{rollout}/").as_bytes()) {
-            batch.remove(kv?.0);
-        }
-        s.reports.apply_batch(batch)?;
         s.db.flush()?;
         Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.inner.append_pending()?;
-        self.inner.db.flush()?;
-        if self.inner.unfolded.load(AtomicOrdering::Relaxed) >= self.inner.tuning.fold_after_records
-        {
+        if self.inner.append_pending()? {
             self.wake_folder();
         }
         Ok(())
@@ -646,13 +774,21 @@ mod tests {
             phase: Phase,
         }
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        let old = postcard::to_allocvec(&V0 {
-            release: ReleaseId([3; 32]),
-            phase: Phase::Committed,
-        })
-        .unwrap();
-        s.inner.reports.insert(b"r/d1", old).unwrap();
+        {
+            // As the eighth round's code left it: reports in a sled tree.
+            let db = sled::open(dir.path()).unwrap();
+            let old = postcard::to_allocvec(&V0 {
+                release: ReleaseId([3; 32]),
+                phase: Phase::Committed,
+            })
+            .unwrap();
+            let reports = db.open_tree("reports").unwrap();
+            reports.insert(b"r/d1", old).unwrap();
+            // A record of neither format is set aside.
+            reports.insert(b"r/d3", vec![0xff; 3]).unwrap();
+            db.flush().unwrap();
+        }
+        let s = reopen(dir.path(), Tuning::default());
         s.put_report(
             &RolloutId::new("r").unwrap(),
             &DeviceId::new("d2").unwrap(),
@@ -663,8 +799,6 @@ mod tests {
             },
         )
         .unwrap();
-        // A record of neither format is set aside.
-        s.inner.reports.insert(b"r/d3", vec![0xff; 3]).unwrap();
         let mut loaded = s.load().unwrap();
         loaded.reports.sort_by(|a, b| a.1.cmp(&b.1));
         let got: Vec<_> = loaded
@@ -675,6 +809,7 @@ mod tests {
         assert_eq!(got, vec![("d1", 0), ("d2", 9)]);
         assert_eq!(loaded.reports[0].2.release, ReleaseId([3; 32]));
         assert_eq!(loaded.corrupt, vec!["r/d3".to_string()]);
+        assert!(s.load().unwrap().corrupt.is_empty());
     }
 
     #[test]
@@ -686,14 +821,22 @@ mod tests {
             .rollouts
             .insert(b"r/broken", b"{not json".to_vec())
             .unwrap();
-        s.inner.devices.insert(b"d9", b"\xff\xff".to_vec()).unwrap();
+        s.inner.push(Target::Devices, b"d9", b"\xff\xff").unwrap();
+        s.put_device(&DeviceRecord::for_tests("d1")).unwrap();
+        s.flush().unwrap();
         let loaded = s.load().unwrap();
         assert_eq!(loaded.rollouts.len(), 1);
+        assert_eq!(loaded.devices.len(), 1);
         assert_eq!(loaded.corrupt.len(), 2);
         // Set aside, so the next start is clean.
         let again = s.load().unwrap();
         assert!(again.corrupt.is_empty());
+        assert_eq!(again.devices.len(), 1);
         assert!(s.inner.rollouts.get(b"corrupt/r/broken").unwrap().is_some());
+        assert_eq!(
+            s.inner.corrupt.get(b"devices/d9").unwrap().as_deref(),
+            Some(&b"\xff\xff"[..])
+        );
     }
 
     fn report(seq: u64) -> StoredReport {
@@ -711,6 +854,12 @@ mod tests {
             .iter()
             .map(|(_, d, r)| (d.as_str().to_string(), r.seq))
             .collect()
+    }
+
+    fn snapshot_records(s: &SledStore) -> usize {
+        let mut n = 0;
+        journal::read_snapshot(&s.inner.dir, |_, _, _| n += 1).unwrap();
+        n
     }
 
     fn reopen(dir: &Path, tuning: Tuning) -> SledStore {
@@ -755,11 +904,11 @@ mod tests {
             // 1,200 records against a threshold of 500: the folder ran, in
             // parts of about 128 records, and emptied what it saw.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while s.inner.reports.len() < 300 && std::time::Instant::now() < deadline {
+            while s.segment_files() > 1 && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            assert_eq!(s.inner.reports.len(), 300, "the background fold ran");
-            assert!(s.journal_entries() < 60);
+            assert_eq!(s.segment_files(), 1, "the background fold ran");
+            assert_eq!(snapshot_records(&s), 300);
             // Newer reports stay in the journal: no flush, no fold.
             let dev = DeviceId::new("dev-0007").unwrap();
             s.put_report(&rollout, &dev, &report(99_999)).unwrap();
@@ -769,7 +918,7 @@ mod tests {
         let loaded = s.load().unwrap();
         assert_eq!(seqs(&loaded), want);
         assert!(loaded.corrupt.is_empty());
-        assert_eq!(s.journal_entries(), 0);
+        assert_eq!(s.segment_files(), 1, "only the new, empty one");
     }
 
     #[test]
@@ -793,7 +942,7 @@ mod tests {
         }
         s.put_device(&DeviceRecord::for_tests("dev-0001")).unwrap();
         s.flush().unwrap();
-        let done = s.inner.fold().unwrap();
+        let done = s.fold_journal().unwrap();
         assert_eq!(done.records, 1201);
         assert_eq!(done.entries, 31);
         assert_eq!(done.written, 301, "each key once, in exactly one part");
@@ -815,56 +964,188 @@ mod tests {
             s.flush().unwrap();
             s.put_report(&rollout, &a, &report(2)).unwrap();
             s.flush().unwrap();
-            let entries: Vec<_> = s.inner.journal.iter().map(Result::unwrap).collect();
-            assert_eq!(entries.len(), 2);
-            s.fold_journal().unwrap();
-            assert_eq!(s.journal_entries(), 0);
-            // As if the process died after writing `a` and before writing
-            // `b` and removing the entries.
-            s.inner.reports.remove(b"r/b").unwrap();
-            for (k, v) in entries {
-                s.inner.journal.insert(k, v).unwrap();
-            }
-            s.inner.db.flush().unwrap();
+            let seg = files::segment_path(
+                &s.inner.dir,
+                s.inner.active_segment.load(AtomicOrdering::Acquire),
+            );
+            let bytes = std::fs::read(&seg).unwrap();
+            let done = s.fold_journal().unwrap();
+            assert_eq!((done.entries, done.written), (2, 2));
+            assert!(!seg.exists());
+            // As if the process died after the new snapshot was in place and
+            // before the segment went, in the middle of writing the next one.
+            std::fs::write(&seg, bytes).unwrap();
+            std::fs::write(s.inner.dir.join("snapshot.tmp"), b"half a snapshot").unwrap();
         }
         let s = reopen(dir.path(), Tuning::default());
+        assert!(!s.inner.dir.join("snapshot.tmp").exists());
         let loaded = s.load().unwrap();
         let want: BTreeMap<String, u64> = [("a".to_string(), 2), ("b".to_string(), 1)].into();
         assert_eq!(seqs(&loaded), want);
-        // Appends continue after the entries found on open.
+        assert!(loaded.corrupt.is_empty());
+        // Appends continue in a segment of their own.
         s.put_report(&rollout, &b, &report(3)).unwrap();
         s.flush().unwrap();
         assert_eq!(seqs(&s.load().unwrap())["b"], 3);
     }
 
     #[test]
-    fn a_corrupt_journal_entry_is_set_aside_and_the_rest_folded() {
+    fn a_write_cut_short_by_a_crash_is_cut_off_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let rollout = RolloutId::new("r").unwrap();
+        let a = DeviceId::new("a").unwrap();
+        let seg;
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.put_report(&rollout, &a, &report(1)).unwrap();
+            s.flush().unwrap();
+            s.put_report(&rollout, &a, &report(2)).unwrap();
+            s.flush().unwrap();
+            seg = files::segment_path(
+                &s.inner.dir,
+                s.inner.active_segment.load(AtomicOrdering::Acquire),
+            );
+        }
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 5).unwrap();
+        drop(f);
+        let s = reopen(dir.path(), Tuning::default());
+        let loaded = s.load().unwrap();
+        // The torn entry was never acknowledged (its sync did not return).
+        assert_eq!(seqs(&loaded)["a"], 1);
+        assert!(loaded.corrupt.is_empty(), "a torn tail is not damage");
+        s.put_report(&rollout, &a, &report(3)).unwrap();
+        s.flush().unwrap();
+        assert_eq!(seqs(&s.load().unwrap())["a"], 3);
+    }
+
+    #[test]
+    fn a_damaged_journal_entry_is_set_aside_and_the_rest_folded() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         let rollout = RolloutId::new("r").unwrap();
         s.put_report(&rollout, &DeviceId::new("a").unwrap(), &report(4))
             .unwrap();
         s.flush().unwrap();
-        // A record header claiming more bytes than the entry has.
-        s.inner
-            .journal
-            .insert(
-                journal::entry_key(77),
-                vec![1, 1, 200, 0, 0, 0, 1, 0, 0, 0, b'x'],
+        let seq = s.inner.active_segment.load(AtomicOrdering::Acquire);
+        let seg = files::segment_path(&s.inner.dir, seq);
+        let at = std::fs::metadata(&seg).unwrap().len();
+        // Checksummed, but a record header claims more bytes than the entry has.
+        let body = [1, 1, 200, 0, 0, 0, 1, 0, 0, 0, b'x'];
+        let mut bytes = files::frame(&body).unwrap().to_vec();
+        bytes.extend_from_slice(&body);
+        // And one whose checksum does not match its bytes.
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut f, &bytes).unwrap();
+        std::io::Write::write_all(&mut f, &flipped).unwrap();
+        drop(f);
+        s.put_report(&rollout, &DeviceId::new("b").unwrap(), &report(5))
+            .unwrap();
+        s.flush().unwrap();
+        let loaded = s.load().unwrap();
+        let second = at + bytes.len() as u64;
+        assert_eq!(
+            loaded.corrupt,
+            vec![
+                format!("journal/{seq}@{at}"),
+                format!("journal/{seq}@{second}")
+            ]
+        );
+        assert_eq!(seqs(&loaded).get("a"), Some(&4));
+        assert_eq!(
+            seqs(&loaded).get("b"),
+            Some(&5),
+            "entries after the damage are read"
+        );
+        let aside = s
+            .inner
+            .dir
+            .join("aside")
+            .join(format!("journal-{seq}@{at}"));
+        assert_eq!(std::fs::read(aside).unwrap(), body.to_vec());
+        assert!(s.load().unwrap().corrupt.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_snapshot_block_is_set_aside_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let rollout = RolloutId::new("r").unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        // Enough records for three snapshot blocks of 64 KiB.
+        for n in 0..6000u64 {
+            let dev = DeviceId::new(format!("dev-{n:05}")).unwrap();
+            s.put_report(&rollout, &dev, &report(n + 1)).unwrap();
+        }
+        s.flush().unwrap();
+        s.fold_journal().unwrap();
+        let snap = s.inner.dir.join("snapshot");
+        let mut bytes = std::fs::read(&snap).unwrap();
+        bytes[20] ^= 0xff;
+        std::fs::write(&snap, &bytes).unwrap();
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.corrupt, vec!["snapshot@8".to_string()]);
+        let kept = loaded.reports.len();
+        assert!(
+            kept > 1000 && kept < 6000,
+            "only the damaged block is lost: {kept}"
+        );
+        assert!(s.inner.dir.join("aside").join("snapshot@8").exists());
+        let again = s.load().unwrap();
+        assert!(again.corrupt.is_empty());
+        assert_eq!(again.reports.len(), kept);
+    }
+
+    #[test]
+    fn a_database_of_the_ninth_round_opens_with_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let devices = db.open_tree("devices").unwrap();
+            let dev = DeviceRecord::for_tests("d1");
+            devices
+                .insert(b"d1", postcard::to_allocvec(&dev).unwrap())
+                .unwrap();
+            devices
+                .insert(b"corrupt/d0", b"old damage".to_vec())
+                .unwrap();
+            db.open_tree("reports")
+                .unwrap()
+                .insert(b"r/d1", postcard::to_allocvec(&report(1)).unwrap())
+                .unwrap();
+            // An unfolded journal entry (its format is unchanged) with a newer report.
+            let mut p = Pending::default();
+            p.push(
+                Target::Reports,
+                b"r/d1",
+                &postcard::to_allocvec(&report(2)).unwrap(),
             )
             .unwrap();
-        let loaded = s.load().unwrap();
-        assert_eq!(loaded.corrupt, vec!["journal/77".to_string()]);
-        assert_eq!(seqs(&loaded).get("a"), Some(&4));
-        assert_eq!(s.journal_entries(), 0);
-        assert!(
-            s.inner
-                .journal_aside
-                .get(journal::entry_key(77))
+            let (entry, _) = p.take().unwrap();
+            db.open_tree("journal")
                 .unwrap()
-                .is_some()
-        );
-        assert!(s.load().unwrap().corrupt.is_empty());
+                .insert(7u64.to_be_bytes(), entry)
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = reopen(dir.path(), Tuning::default());
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.devices.len(), 1);
+        assert_eq!(seqs(&loaded)["d1"], 2);
+        assert!(loaded.corrupt.is_empty());
+        let names = s.inner.db.tree_names();
+        for gone in ["devices", "reports", "journal"] {
+            assert!(
+                !names.iter().any(|n| n.as_ref() == gone.as_bytes()),
+                "{gone}"
+            );
+        }
+        drop(s);
+        // Nothing is migrated twice.
+        let s = reopen(dir.path(), Tuning::default());
+        assert_eq!(seqs(&s.load().unwrap())["d1"], 2);
     }
 
     #[test]
