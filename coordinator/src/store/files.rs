@@ -70,6 +70,8 @@ pub(super) struct Appender {
     /// so nothing more is appended here (the store errors until a restart,
     /// whose open cuts a torn tail off).
     failed: bool,
+    /// Entries written since the last sync.
+    unsynced: bool,
 }
 
 impl Appender {
@@ -88,11 +90,32 @@ impl Appender {
             records: 0,
             len: MAGIC.len() as u64,
             failed: false,
+            unsynced: false,
         })
     }
 
     /// Appends one entry and syncs it: when this returns, it is durable.
     pub(super) fn append(&mut self, body: &[u8], records: u64) -> io::Result<()> {
+        self.write(body, records)?;
+        self.sync()
+    }
+
+    /// Makes every entry written so far durable.
+    pub(super) fn sync(&mut self) -> io::Result<()> {
+        if self.failed {
+            return Err(io::Error::other(
+                "an earlier write to this journal segment failed",
+            ));
+        }
+        if self.unsynced {
+            self.file.sync_data().inspect_err(|_| self.failed = true)?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Writes one entry, not synced yet.
+    pub(super) fn write(&mut self, body: &[u8], records: u64) -> io::Result<()> {
         if self.failed {
             return Err(io::Error::other(
                 "an earlier write to this journal segment failed",
@@ -101,11 +124,7 @@ impl Appender {
         let mut buf = Vec::with_capacity(FRAME + body.len());
         buf.extend_from_slice(&frame(body)?);
         buf.extend_from_slice(body);
-        let written = self
-            .file
-            .write_all(&buf)
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
+        if let Err(e) = self.file.write_all(&buf) {
             self.failed = true;
             // Best effort: take the partial entry back (a disk that is full
             // still lets a file shrink).
@@ -114,6 +133,7 @@ impl Appender {
         }
         self.len += buf.len() as u64;
         self.records += records;
+        self.unsynced = true;
         Ok(())
     }
 }

@@ -366,6 +366,9 @@ impl SledStore {
     }
 }
 
+/// Pending records are written out (not yet synced) at this size.
+const ENTRY_BYTES: usize = 1 << 20;
+
 /// The journal's directory inside the database's.
 const RECORDS_DIR: &str = "records";
 
@@ -393,30 +396,38 @@ fn migrate_sled_trees(db: &sled::Db, dir: &Path, seq: u64) -> Result<bool, Store
         let tree = db.open_tree(name)?;
         for kv in tree.iter() {
             let (k, v) = kv?;
-            match target {
+            let records = match target {
                 // Records set aside by earlier versions stay aside.
-                Some(_) if k.starts_with(b"corrupt/") => {}
-                Some(t) => {
-                    block.push(*t, &k, &v)?;
-                    if block.bytes() >= 64 << 10
-                        && let Some((body, n)) = block.take()
-                    {
-                        out.append(&body, n)?;
+                Some(_) if k.starts_with(b"corrupt/") => continue,
+                Some(t) => vec![journal::Record {
+                    target: *t,
+                    key: &k,
+                    value: &v,
+                }],
+                // Old journal entries have the same record format.
+                None => match journal::decode(&v) {
+                    Ok(records) => records,
+                    Err(reason) => {
+                        tracing::warn!(entry = ?k, reason, "old journal entry kept in tree journal.corrupt");
+                        db.open_tree("journal.corrupt")?.insert(&k, &v)?;
+                        continue;
                     }
-                }
-                // Old journal entries are in the same format already.
-                None => {
-                    if let Some((body, n)) = block.take() {
-                        out.append(&body, n)?;
-                    }
-                    out.append(&v, 0)?;
+                },
+            };
+            for r in records {
+                block.push(r.target, r.key, r.value)?;
+                if block.bytes() >= ENTRY_BYTES
+                    && let Some((body, n)) = block.take()
+                {
+                    out.write(&body, n)?;
                 }
             }
         }
-        if let Some((body, n)) = block.take() {
-            out.append(&body, n)?;
-        }
     }
+    if let Some((body, n)) = block.take() {
+        out.write(&body, n)?;
+    }
+    out.sync()?;
     for (name, _) in &present {
         db.drop_tree(name)?;
     }
@@ -436,8 +447,10 @@ impl Inner {
         let mut j = lock(&self.journal);
         let Journal { pending, segment } = &mut *j;
         if let Some((entry, records)) = pending.take() {
-            segment.append(&entry, records)?;
+            segment.write(&entry, records)?;
         }
+        // Entries written out early by `push` are synced here too.
+        segment.sync()?;
         if segment.records >= self.tuning.fold_after_records {
             self.rotate_held(&mut j)?;
             return Ok(true);
@@ -455,6 +468,7 @@ impl Inner {
     }
 
     fn rotate_held(&self, j: &mut Journal) -> Result<(), StoreError> {
+        j.segment.sync()?;
         let next = j.segment.seq.saturating_add(1);
         j.segment = Appender::create(&self.dir, next)?;
         self.active_segment.store(next, AtomicOrdering::Release);
@@ -462,7 +476,18 @@ impl Inner {
     }
 
     fn push(&self, target: Target, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        lock(&self.journal).pending.push(target, key, value)
+        let mut j = lock(&self.journal);
+        j.pending.push(target, key, value)?;
+        // Thousands of records between two flushes (a rollout deleted over
+        // a million devices writes each member's floor) go out in entries
+        // of bounded size; the flush still syncs them all before any ack.
+        if j.pending.bytes() >= ENTRY_BYTES {
+            let Journal { pending, segment } = &mut *j;
+            if let Some((entry, records)) = pending.take() {
+                segment.write(&entry, records)?;
+            }
+        }
+        Ok(())
     }
 
     fn fold(&self, leave: Leave) -> Result<journal::Folded, StoreError> {
@@ -990,6 +1015,38 @@ mod tests {
     }
 
     #[test]
+    fn many_records_between_two_flushes_go_out_in_bounded_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 30_000;
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            // About 3.5 MB of device records and no flush in between, as
+            // deleting a rollout over a large fleet writes them.
+            for i in 0..n {
+                s.put_device(&DeviceRecord::for_tests(&format!("dev-{i:05}")))
+                    .unwrap();
+            }
+            s.flush().unwrap();
+            let seg = files::segment_path(
+                &s.inner.dir,
+                s.inner.active_segment.load(AtomicOrdering::Acquire),
+            );
+            let mut r = files::EntryReader::open(&seg).unwrap().unwrap();
+            let mut sizes = Vec::new();
+            while let Some(found) = r.next_entry().unwrap() {
+                let files::Found::Entry { body, .. } = found else {
+                    panic!("{found:?}");
+                };
+                sizes.push(body.len());
+            }
+            assert!(sizes.len() >= 3, "{sizes:?}");
+            assert!(sizes.iter().all(|b| *b < ENTRY_BYTES + 1024), "{sizes:?}");
+        }
+        let s = reopen(dir.path(), Tuning::default());
+        assert_eq!(s.load().unwrap().devices.len(), n);
+    }
+
+    #[test]
     fn a_write_cut_short_by_a_crash_is_cut_off_at_the_next_start() {
         let dir = tempfile::tempdir().unwrap();
         let rollout = RolloutId::new("r").unwrap();
@@ -1124,10 +1181,9 @@ mod tests {
             )
             .unwrap();
             let (entry, _) = p.take().unwrap();
-            db.open_tree("journal")
-                .unwrap()
-                .insert(7u64.to_be_bytes(), entry)
-                .unwrap();
+            let journal = db.open_tree("journal").unwrap();
+            journal.insert(7u64.to_be_bytes(), entry).unwrap();
+            journal.insert(8u64.to_be_bytes(), vec![9, 9, 9]).unwrap();
             db.flush().unwrap();
         }
         let s = reopen(dir.path(), Tuning::default());
@@ -1142,6 +1198,11 @@ mod tests {
                 "{gone}"
             );
         }
+        // An old entry that does not decode stays where the ninth round set
+        // such entries aside.
+        let aside = s.inner.db.open_tree("journal.corrupt").unwrap();
+        assert!(aside.get(8u64.to_be_bytes()).unwrap().is_some());
+        drop(aside);
         drop(s);
         // Nothing is migrated twice.
         let s = reopen(dir.path(), Tuning::default());
