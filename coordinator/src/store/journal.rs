@@ -5,7 +5,7 @@
 //! of a sled tree, and a million devices each report five phases per
 //! rollout. Each insert copied or read back a whole leaf, and sled kept what
 //! it had written resident well past its cache size (the journal as a sled
-//! tree held every unfolded byte; the folded trees about 120 MB at a million
+//! tree held every unfolded byte; the folded trees 115–180 MiB at a million
 //! devices: BENCHMARKS.md, tenth round). The coordinator reads these records
 //! only when it starts, so they need a log and a compaction, not an index:
 //! the hot path appends the bytes of a flush's records to the current
@@ -40,7 +40,7 @@ pub(super) enum Target {
 }
 
 impl Target {
-    pub(super) fn from_byte(b: u8) -> Option<Target> {
+    fn from_byte(b: u8) -> Option<Target> {
         match b {
             0 => Some(Target::Devices),
             1 => Some(Target::Reports),
