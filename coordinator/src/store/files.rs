@@ -9,11 +9,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::durable::{rename_durably, sync_dir};
+
 /// First bytes of every journal segment and snapshot (format version 1).
 pub(super) const MAGIC: &[u8; 8] = b"swell-j1";
 const FRAME: usize = 8;
-/// No entry is larger: a flush holds at most a few thousand records, a
-/// snapshot block 64 KiB. A larger length is damage, not data.
+/// No entry is larger: the store cuts entries at 1 MiB (plus one record),
+/// snapshot blocks at 64 KiB. A larger length is damage, not data.
 pub(super) const MAX_ENTRY: u32 = 64 << 20;
 
 /// The name of segment `seq`: zero-padded, so names sort as numbers.
@@ -39,11 +41,6 @@ pub(super) fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     }
     out.sort_unstable();
     Ok(out)
-}
-
-/// Makes renames and removals in `dir` durable.
-pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 pub(super) fn frame(body: &[u8]) -> io::Result<[u8; FRAME]> {
@@ -94,19 +91,18 @@ impl Appender {
         })
     }
 
-    /// Appends one entry and syncs it: when this returns, it is durable.
-    pub(super) fn append(&mut self, body: &[u8], records: u64) -> io::Result<()> {
-        self.write(body, records)?;
-        self.sync()
-    }
-
-    /// Makes every entry written so far durable.
-    pub(super) fn sync(&mut self) -> io::Result<()> {
+    fn usable(&self) -> io::Result<()> {
         if self.failed {
             return Err(io::Error::other(
                 "an earlier write to this journal segment failed",
             ));
         }
+        Ok(())
+    }
+
+    /// Makes every entry written so far durable.
+    pub(super) fn sync(&mut self) -> io::Result<()> {
+        self.usable()?;
         if self.unsynced {
             self.file.sync_data().inspect_err(|_| self.failed = true)?;
             self.unsynced = false;
@@ -116,11 +112,7 @@ impl Appender {
 
     /// Writes one entry, not synced yet.
     pub(super) fn write(&mut self, body: &[u8], records: u64) -> io::Result<()> {
-        if self.failed {
-            return Err(io::Error::other(
-                "an earlier write to this journal segment failed",
-            ));
-        }
+        self.usable()?;
         let mut buf = Vec::with_capacity(FRAME + body.len());
         buf.extend_from_slice(&frame(body)?);
         buf.extend_from_slice(body);
@@ -171,11 +163,7 @@ impl SnapshotWriter {
             .map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
         drop(file);
-        fs::rename(&self.tmp, &self.path)?;
-        match self.path.parent() {
-            Some(dir) => sync_dir(dir),
-            None => Ok(()),
-        }
+        rename_durably(&self.tmp, &self.path)
     }
 }
 
@@ -333,8 +321,9 @@ mod tests {
     fn entries_read_back_and_damage_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Appender::create(dir.path(), 3).unwrap();
-        a.append(b"one", 1).unwrap();
-        a.append(b"two", 2).unwrap();
+        a.write(b"one", 1).unwrap();
+        a.write(b"two", 2).unwrap();
+        a.sync().unwrap();
         assert_eq!(a.records, 3);
         assert!(Appender::create(dir.path(), 3).is_err(), "never reused");
         let path = segment_path(dir.path(), 3);
@@ -392,8 +381,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = segment_path(dir.path(), 1);
         let mut a = Appender::create(dir.path(), 1).unwrap();
-        a.append(b"kept", 1).unwrap();
-        a.append(b"cut short", 1).unwrap();
+        a.write(b"kept", 1).unwrap();
+        a.write(b"cut short", 1).unwrap();
+        a.sync().unwrap();
         drop(a);
         let full = fs::read(&path).unwrap();
         fs::write(&path, &full[..full.len() - 3]).unwrap();

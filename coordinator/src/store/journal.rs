@@ -22,7 +22,8 @@
 //! same entries, its records sorted and each key once.
 
 use super::StoreError;
-use super::files::{EntryReader, Found, SnapshotWriter, segment_path, sync_dir};
+use super::files::{EntryReader, Found, SnapshotWriter, segment_path};
+use crate::durable::sync_dir;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -104,13 +105,23 @@ pub(super) struct Record<'a> {
 }
 
 impl Record<'_> {
-    /// Where it sorts in a fold: tree, then key.
     fn sort_key(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(1 + self.key.len());
-        k.push(self.target as u8);
-        k.extend_from_slice(self.key);
-        k
+        sort_key(self.target, self.key)
     }
+}
+
+/// Where a record sorts in a fold and in the snapshot: tree, then key.
+pub(super) fn sort_key(target: Target, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(target as u8);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The tree and key of a sort key.
+fn split_sort_key(sort_key: &[u8]) -> Option<(Target, &[u8])> {
+    let (&tb, key) = sort_key.split_first()?;
+    Some((Target::from_byte(tb)?, key))
 }
 
 /// The records of an entry, or why it is malformed (nothing of a malformed
@@ -187,6 +198,10 @@ pub(super) struct Leave {
 }
 
 impl Leave {
+    pub(super) fn is_empty(&self) -> bool {
+        self.prefix.is_none() && self.keys.is_empty()
+    }
+
     fn out(&self, sort_key: &[u8]) -> bool {
         self.prefix
             .as_ref()
@@ -225,11 +240,14 @@ fn set_aside(
     Ok(())
 }
 
+/// A record read back: its sort key and value.
+type Owned = (Vec<u8>, Vec<u8>);
+
 /// The snapshot's records in key order, read a block at a time.
 struct Cursor<'a> {
     dir: &'a Path,
     reader: Option<EntryReader>,
-    queue: VecDeque<(Vec<u8>, Vec<u8>)>,
+    queue: VecDeque<Owned>,
 }
 
 impl<'a> Cursor<'a> {
@@ -241,12 +259,8 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// The next record's sort key, compared with `key`.
-    fn peek_cmp(
-        &mut self,
-        key: &[u8],
-        corrupt: &mut Vec<String>,
-    ) -> Result<Option<Ordering>, StoreError> {
+    /// The next record's sort key, reading the next block when needed.
+    fn front(&mut self, corrupt: &mut Vec<String>) -> Result<Option<&[u8]>, StoreError> {
         while self.queue.is_empty() {
             let Some(reader) = self.reader.as_mut() else {
                 return Ok(None);
@@ -282,11 +296,20 @@ impl<'a> Cursor<'a> {
                 corrupt,
             )?;
         }
-        Ok(self.queue.front().map(|(k, _)| k.as_slice().cmp(key)))
+        Ok(self.queue.front().map(|(k, _)| k.as_slice()))
     }
 
-    fn pop(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
-        self.queue.pop_front()
+    /// The next record if it sorts below `bound` (any record for `None`).
+    fn next_below(
+        &mut self,
+        bound: Option<&[u8]>,
+        corrupt: &mut Vec<String>,
+    ) -> Result<Option<Owned>, StoreError> {
+        let below = match self.front(corrupt)? {
+            Some(k) => bound.is_none_or(|b| k < b),
+            None => false,
+        };
+        Ok(if below { self.queue.pop_front() } else { None })
     }
 }
 
@@ -300,10 +323,7 @@ struct Blocks {
 impl Blocks {
     /// Writes one record unless it is left out; false if it was.
     fn put(&mut self, sort_key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
-        let Some((target, key)) = sort_key
-            .split_first()
-            .and_then(|(&tb, key)| Some((Target::from_byte(tb)?, key)))
-        else {
+        let Some((target, key)) = split_sort_key(sort_key) else {
             return Ok(false);
         };
         if self.leave.out(sort_key) {
@@ -324,6 +344,23 @@ impl Blocks {
     }
 }
 
+/// Calls `each` with every entry of the segments, oldest first.
+fn each_entry(
+    dir: &Path,
+    segments: &[u64],
+    mut each: impl FnMut(u64, Found) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    for &seq in segments {
+        let Some(mut r) = EntryReader::open(&segment_path(dir, seq))? else {
+            continue;
+        };
+        while let Some(found) = r.next_entry()? {
+            each(seq, found)?;
+        }
+    }
+    Ok(())
+}
+
 /// Merges the journal segments `segments` into the snapshot in `dir`: the
 /// newest value of each key, in key order, minus what `leave` names. The new
 /// snapshot is in place (synced, renamed) before the segments are removed,
@@ -338,37 +375,32 @@ pub(super) fn fold(
     let mut done = Folded::default();
     // Pass 1: set aside what is damaged, count, and sample keys.
     let mut samples: Vec<Vec<u8>> = Vec::new();
-    for &seq in segments {
-        let Some(mut r) = EntryReader::open(&segment_path(dir, seq))? else {
-            continue;
-        };
-        while let Some(found) = r.next_entry()? {
-            let (offset, reason, bytes) = match found {
-                Found::Entry { offset, body } => match decode(&body) {
-                    Ok(records) => {
-                        for r in records {
-                            if done.records % SAMPLE as u64 == 0 {
-                                samples.push(r.sort_key());
-                            }
-                            done.records += 1;
+    each_entry(dir, segments, |seq, found| {
+        let (offset, reason, bytes) = match found {
+            Found::Entry { offset, body } => match decode(&body) {
+                Ok(records) => {
+                    for r in records {
+                        if done.records % SAMPLE as u64 == 0 {
+                            samples.push(r.sort_key());
                         }
-                        done.entries += 1;
-                        continue;
+                        done.records += 1;
                     }
-                    Err(reason) => (offset, reason, body),
-                },
-                Found::Bad {
-                    offset,
-                    reason,
-                    bytes,
-                } => (offset, reason, bytes),
-                // Torn tails are cut when the store opens; one here is damage.
-                Found::Torn { offset } => (offset, "segment cut short", Vec::new()),
-            };
-            let name = format!("journal/{seq}@{offset}");
-            set_aside(dir, name, reason, &bytes, &mut done.corrupt)?;
-        }
-    }
+                    done.entries += 1;
+                    return Ok(());
+                }
+                Err(reason) => (offset, reason, body),
+            },
+            Found::Bad {
+                offset,
+                reason,
+                bytes,
+            } => (offset, reason, bytes),
+            // Torn tails are cut when the store opens; one here is damage.
+            Found::Torn { offset } => (offset, "segment cut short", Vec::new()),
+        };
+        let name = format!("journal/{seq}@{offset}");
+        set_aside(dir, name, reason, &bytes, &mut done.corrupt)
+    })?;
     samples.sort_unstable();
     let step = (limits.part_records / SAMPLE).max(1);
     let bounds: Vec<Vec<u8>> = samples.into_iter().skip(step).step_by(step).collect();
@@ -387,51 +419,29 @@ pub(super) fn fold(
             .map(Vec::as_slice);
         let up = bounds.get(i).map(Vec::as_slice);
         let mut newest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        for &seq in segments {
-            let Some(mut r) = EntryReader::open(&segment_path(dir, seq))? else {
-                continue;
-            };
-            while let Some(found) = r.next_entry()? {
-                let Found::Entry { body, .. } = found else {
-                    continue;
-                };
+        each_entry(dir, segments, |_, found| {
+            if let Found::Entry { body, .. } = found {
                 for r in decode(&body).unwrap_or_default() {
                     if in_part(&r, lo, up) {
                         newest.insert(r.sort_key(), r.value.to_vec());
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
         for (sk, value) in newest {
-            loop {
-                match old.peek_cmp(&sk, &mut done.corrupt)? {
-                    Some(Ordering::Less) => {
-                        if let Some((k, v)) = old.pop() {
-                            done.kept += u64::from(new.put(&k, &v)?);
-                        }
-                    }
-                    // The journal's value is newer.
-                    Some(Ordering::Equal) => {
-                        old.pop();
-                        break;
-                    }
-                    _ => break,
-                }
+            while let Some((k, v)) = old.next_below(Some(&sk), &mut done.corrupt)? {
+                done.kept += u64::from(new.put(&k, &v)?);
+            }
+            // The journal's value is newer than the snapshot's.
+            if old.front(&mut done.corrupt)? == Some(sk.as_slice()) {
+                old.queue.pop_front();
             }
             done.written += u64::from(new.put(&sk, &value)?);
         }
         // The rest of the old snapshot's records in this range.
-        loop {
-            let below_up = match up {
-                Some(u) => old.peek_cmp(u, &mut done.corrupt)? == Some(Ordering::Less),
-                None => old.peek_cmp(&[], &mut done.corrupt)?.is_some(),
-            };
-            if !below_up {
-                break;
-            }
-            if let Some((k, v)) = old.pop() {
-                done.kept += u64::from(new.put(&k, &v)?);
-            }
+        while let Some((k, v)) = old.next_below(up, &mut done.corrupt)? {
+            done.kept += u64::from(new.put(&k, &v)?);
         }
         done.parts += 1;
     }
@@ -455,11 +465,8 @@ pub(super) fn read_snapshot(
 ) -> Result<Vec<String>, StoreError> {
     let mut corrupt = Vec::new();
     let mut cursor = Cursor::open(dir)?;
-    while cursor.peek_cmp(&[], &mut corrupt)?.is_some() {
-        if let Some((sk, value)) = cursor.pop()
-            && let Some((&tb, key)) = sk.split_first()
-            && let Some(target) = Target::from_byte(tb)
-        {
+    while let Some((sk, value)) = cursor.next_below(None, &mut corrupt)? {
+        if let Some((target, key)) = split_sort_key(&sk) {
             each(target, key, &value);
         }
     }

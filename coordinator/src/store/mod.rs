@@ -10,8 +10,9 @@
 //!   postcard [`DeviceRecord`]) and latest reports (`{rollout}/{device}` →
 //!   postcard release, phase, envelope `seq`, from which the trackers are
 //!   rebuilt on start). A flush appends the records written since the last
-//!   one as one checksummed entry of the current segment file and syncs it,
-//!   so the messages acknowledged after it are durable (STATE-1). Once a
+//!   one to the current segment file as checksummed entries (one, or
+//!   several of about 1 MiB after a burst) and syncs it, so the messages
+//!   acknowledged after it are durable (STATE-1). Once a
 //!   segment holds [`FOLD_AFTER_RECORDS`] records it is closed, and a
 //!   background thread folds the closed segments into `records/snapshot`
 //!   (newest record per key, in key order, streamed). A start folds what is
@@ -41,7 +42,7 @@ use journal::{FoldLimits, Leave, Pending, Target};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use swell_protocol::messages::Phase;
 use swell_protocol::{DeviceId, ReleaseId, RolloutId};
 
@@ -173,6 +174,9 @@ struct Inner {
     /// Segments below this number are closed: the fold thread may take them.
     active_segment: AtomicU64,
     fold_lock: Mutex<()>,
+    /// Folds the background thread has finished, announced on `folded_cv`.
+    folds_done: Mutex<u64>,
+    folded_cv: Condvar,
     tuning: Tuning,
 }
 
@@ -181,6 +185,16 @@ struct Inner {
 struct Journal {
     pending: Pending,
     segment: Appender,
+}
+
+impl Journal {
+    /// Writes the pending records out as one entry (not synced yet).
+    fn write_pending(&mut self) -> Result<(), StoreError> {
+        if let Some((entry, records)) = self.pending.take() {
+            self.segment.write(&entry, records)?;
+        }
+        Ok(())
+    }
 }
 
 /// sled's page cache unless configured. sled holds only rollouts and their
@@ -311,6 +325,8 @@ impl SledStore {
             dir: records,
             db,
             fold_lock: Mutex::new(()),
+            folds_done: Mutex::new(0),
+            folded_cv: Condvar::new(),
             tuning,
         });
         let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
@@ -330,6 +346,8 @@ impl SledStore {
                         // The segments stay; the next fold or start retries.
                         Err(e) => tracing::warn!(error = %e, "journal fold failed"),
                     }
+                    *lock(&bg.folds_done) += 1;
+                    bg.folded_cv.notify_all();
                 }
             })
             .map_err(StoreError::FoldThread)?;
@@ -346,7 +364,6 @@ impl SledStore {
     /// Folds the whole journal now (as a start does).
     #[cfg(test)]
     fn fold_journal(&self) -> Result<journal::Folded, StoreError> {
-        self.inner.append_pending()?;
         let _g = lock(&self.inner.fold_lock);
         self.inner.rotate()?;
         self.inner.fold_held(Leave::default())
@@ -356,6 +373,27 @@ impl SledStore {
     #[cfg(test)]
     fn segment_files(&self) -> usize {
         files::segments(&self.inner.dir).map_or(0, |s| s.len())
+    }
+
+    /// Waits, woken by each background fold, until `done` holds or `timeout`
+    /// passes; returns whether it holds.
+    #[cfg(test)]
+    fn wait_for_folds(&self, timeout: std::time::Duration, done: impl Fn(&Self) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut folds = lock(&self.inner.folds_done);
+        while !done(self) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            folds = self
+                .inner
+                .folded_cv
+                .wait_timeout(folds, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
     }
 
     fn wake_folder(&self) {
@@ -445,24 +483,23 @@ impl Inner {
     /// closed, so a fold is due.
     fn append_pending(&self) -> Result<bool, StoreError> {
         let mut j = lock(&self.journal);
-        let Journal { pending, segment } = &mut *j;
-        if let Some((entry, records)) = pending.take() {
-            segment.write(&entry, records)?;
-        }
+        j.write_pending()?;
         // Entries written out early by `push` are synced here too.
-        segment.sync()?;
-        if segment.records >= self.tuning.fold_after_records {
+        j.segment.sync()?;
+        if j.segment.records >= self.tuning.fold_after_records {
             self.rotate_held(&mut j)?;
             return Ok(true);
         }
         Ok(false)
     }
 
-    /// Closes the current segment (a fold takes closed ones) and opens the next.
+    /// Closes the current segment, unless it holds no records, so a fold
+    /// takes everything written so far; the next segment is opened.
     fn rotate(&self) -> Result<(), StoreError> {
         let mut j = lock(&self.journal);
-        if let Some((entry, records)) = j.pending.take() {
-            j.segment.append(&entry, records)?;
+        j.write_pending()?;
+        if j.segment.records == 0 {
+            return Ok(());
         }
         self.rotate_held(&mut j)
     }
@@ -482,10 +519,7 @@ impl Inner {
         // a million devices writes each member's floor) go out in entries
         // of bounded size; the flush still syncs them all before any ack.
         if j.pending.bytes() >= ENTRY_BYTES {
-            let Journal { pending, segment } = &mut *j;
-            if let Some((entry, records)) = pending.take() {
-                segment.write(&entry, records)?;
-            }
+            j.write_pending()?;
         }
         Ok(())
     }
@@ -495,14 +529,21 @@ impl Inner {
         self.fold_held(leave)
     }
 
-    /// Folds the closed segments; for a caller that holds the fold lock.
+    /// Folds the closed segments, if there are any or `leave` names
+    /// something; for a caller that holds the fold lock.
     fn fold_held(&self, leave: Leave) -> Result<journal::Folded, StoreError> {
+        self.fold_closed(leave, false)
+    }
+
+    /// With `rewrite`, the snapshot is written anew even when there is
+    /// nothing to fold (to leave damaged blocks behind).
+    fn fold_closed(&self, leave: Leave, rewrite: bool) -> Result<journal::Folded, StoreError> {
         let active = self.active_segment.load(AtomicOrdering::Acquire);
         let closed: Vec<u64> = files::segments(&self.dir)?
             .into_iter()
             .filter(|s| *s < active)
             .collect();
-        if closed.is_empty() && leave.prefix.is_none() && leave.keys.is_empty() {
+        if closed.is_empty() && leave.is_empty() && !rewrite {
             return Ok(journal::Folded::default());
         }
         journal::fold(
@@ -592,18 +633,18 @@ impl Store for SledStore {
                 let mut name = tree.as_bytes().to_vec();
                 name.extend_from_slice(key);
                 aside.insert(name, value);
-                let mut sort_key = vec![target as u8];
-                sort_key.extend_from_slice(key);
-                leave.keys.insert(sort_key);
+                leave.keys.insert(journal::sort_key(target, key));
                 out.corrupt.push(String::from_utf8_lossy(key).into_owned());
             }
         })?;
-        out.corrupt.extend(damaged);
-        if !leave.keys.is_empty() {
+        // The next start is clean: a rewrite leaves damaged blocks and
+        // undecodable records behind.
+        if !leave.keys.is_empty() || !damaged.is_empty() {
             s.corrupt.apply_batch(aside)?;
             s.db.flush()?;
-            s.fold_held(leave)?;
+            s.fold_closed(leave, true)?;
         }
+        out.corrupt.extend(damaged);
         for (tree, key) in bad {
             quarantine(&tree, &key, &mut out.corrupt)?;
         }
@@ -674,10 +715,11 @@ impl Store for SledStore {
         // nothing of the rollout can come back once its record is gone.
         let _g = lock(&s.fold_lock);
         s.rotate()?;
-        let mut prefix = vec![Target::Reports as u8];
-        prefix.extend_from_slice(format!("{rollout}/").as_bytes());
         s.fold_held(Leave {
-            prefix: Some(prefix),
+            prefix: Some(journal::sort_key(
+                Target::Reports,
+                format!("{rollout}/").as_bytes(),
+            )),
             ..Leave::default()
         })?;
         let mut batch = sled::Batch::default();
@@ -928,10 +970,9 @@ mod tests {
             }
             // 1,200 records against a threshold of 500: the folder ran, in
             // parts of about 128 records, and emptied what it saw.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while s.segment_files() > 1 && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            s.wait_for_folds(std::time::Duration::from_secs(20), |s| {
+                s.segment_files() == 1
+            });
             assert_eq!(s.segment_files(), 1, "the background fold ran");
             assert_eq!(snapshot_records(&s), 300);
             // Newer reports stay in the journal: no flush, no fold.
