@@ -12,9 +12,14 @@
 //! 2. the broker's raw relay rate for the same number and size of messages,
 //!    from the same number of connections to one plain subscriber;
 //! 3. the ratio of (1)'s ingest rate to (2)'s relay rate.
+//! 4. for both phases, the CPU each process spent per message (coordinator,
+//!    broker, and this process: the fleet or the relay's clients) and how busy
+//!    the machine was, so the ratio can be read against the cores all three
+//!    share ([`bench_cpu`]).
 //!
 //! Nothing here asserts a time: tests run a small fleet to keep it working.
 
+use crate::bench_cpu::{self, Roles, Spent, proc_usage};
 use crate::demo::{DemoKeys, demo_keys};
 use crate::ops_client::OpsClient;
 use anyhow::{Context as _, Result, bail};
@@ -121,31 +126,6 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 }
 
 const FLEET: &str = "bench";
-
-/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
-fn proc_usage(pid: &str) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) are split by ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 (1-based), in USER_HZ (100 on Linux).
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let cpu = (ticks(11) + ticks(12)) / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    (cpu, hwm)
-}
 
 /// The coordinator of the benchmark, in its own process.
 async fn child(a: ChildArgs) -> Result<()> {
@@ -356,7 +336,8 @@ async fn relay_rate(
     count: u64,
     size: usize,
     topic_len: usize,
-) -> Result<(f64, Duration)> {
+    roles: &Roles,
+) -> Result<(f64, Spent)> {
     let received = Arc::new(AtomicU64::new(0));
     let mut opts = MqttOptions::new(
         format!("bench-relay-sub-{}", std::process::id()),
@@ -396,6 +377,7 @@ async fn relay_rate(
     let pad = topic_len.saturating_sub("bench/relay//x".len() + 5).max(1);
     let payload = vec![0x5a; size];
     let started = Instant::now();
+    let from = roles.mark();
     let mut pubs = Vec::new();
     for c in 0..connections {
         let share = count / connections as u64 + u64::from((c as u64) < count % connections as u64);
@@ -440,6 +422,7 @@ async fn relay_rate(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let took = started.elapsed();
+    let spent = Spent::between(roles, &from, &roles.mark(), count);
     for p in pubs {
         if let Ok((client, poller)) = p.await {
             let _ = client.disconnect().await;
@@ -447,7 +430,7 @@ async fn relay_rate(
         }
     }
     sub_task.abort();
-    Ok((count as f64 / took.as_secs_f64(), took))
+    Ok((count as f64 / took.as_secs_f64(), spent))
 }
 
 async fn fleet(a: FleetArgs) -> Result<()> {
@@ -456,7 +439,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     }
     let limit = humantime::parse_duration(&a.timeout).context("--timeout")?;
     let keys = demo_keys(a.seed)?;
-    let mut mosquitto = None;
+    let mut mosquitto: Option<swell_e2e::mosquitto::Mosquitto> = None;
     let (host, port, broker_name) = match a.broker.as_str() {
         "embedded" => {
             let addr = broker::free_addr("127.0.0.1")?;
@@ -506,6 +489,11 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     ));
     let coordinator = ChildProc::start(&host, port, &a)?;
     let coordinator_pid = coordinator.child.id().to_string();
+    let roles = Roles {
+        coordinator: Some(coordinator_pid.clone()),
+        broker: mosquitto.as_ref().map(|m| m.pid().to_string()),
+        clients: "self".into(),
+    };
     let v2 = release(2, &keys)?;
     let sim_cfg = SimConfig {
         host: host.clone(),
@@ -577,6 +565,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "waves": waves, "min_devices": 1, "success_threshold": "99%",
         "max_failure_rate": "1%", "bake": "0s", "install_timeout": "30m", "policy": "pause"}});
     let started = Instant::now();
+    let rollout_from = roles.mark();
     let r = ops.command(create, Duration::from_secs(30)).await?;
     if r["ok"] != true {
         bail!("create refused: {}", r["message"]);
@@ -608,6 +597,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let reports = stats.reports.load(Ordering::Relaxed) - reports0;
     let payload = stats.bytes_sent.load(Ordering::Relaxed) - bytes0;
+    let rollout_cpu = Spent::between(&roles, &rollout_from, &roles.mark(), reports);
     let (cpu_now, _) = proc_usage(&coordinator_pid);
     let summary = coordinator.finish()?;
     fleet_sim.stop().await;
@@ -619,9 +609,24 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "rollout: {reports} signed reports ingested and gated in {:.2} s ({ingest:.0} reports/s)",
         finished.as_secs_f64()
     ));
-    let (relay, relay_took) =
-        relay_rate(&host, port, connections, reports, size, topic_len).await?;
+    let relay_roles = Roles {
+        coordinator: None,
+        ..roles.clone()
+    };
+    let (relay, relay_cpu) = relay_rate(
+        &host,
+        port,
+        connections,
+        reports,
+        size,
+        topic_len,
+        &relay_roles,
+    )
+    .await?;
     drop(mosquitto);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let ceiling = bench_cpu::rate_without_coordinator(&rollout_cpu, cores);
+    let budget = bench_cpu::coordinator_budget_us(&rollout_cpu, cores, 0.8, relay);
     let mut lat: Vec<f64> = summary["gate_to_manifest_seconds"]
         .as_array()
         .map(|v| v.iter().filter_map(Value::as_f64).collect())
@@ -650,7 +655,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "reports": reports,
         "ingest_reports_per_second": ingest,
         "relay_messages_per_second": relay,
-        "relay_seconds": relay_took.as_secs_f64(),
+        "relay_seconds": relay_cpu.seconds,
         "message_bytes": size,
         "ratio": ingest / relay,
         "coordinator_cpu_seconds": cpu,
@@ -659,6 +664,14 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "coordinator_bytes_per_device": rss_kib * 1024 / a.devices as u64,
         "payload_bytes_per_device": payload / a.devices as u64,
         "wire_bytes_per_device": wire / a.devices as u64,
+        "cpu": {
+            "cores": cores,
+            "rollout": rollout_cpu.to_json(),
+            "relay": relay_cpu.to_json(),
+            "ingest_without_coordinator_cost": ceiling,
+            "ratio_without_coordinator_cost": ceiling.map(|c| c / relay),
+            "coordinator_us_per_report_for_ratio_0_8": budget,
+        },
         "gate_to_manifest_ms": {
             "samples": lat.len(),
             "p50": percentile(&lat, 0.5) * 1e3,
@@ -679,7 +692,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     }
     println!(
         "broker relay baseline: {reports} messages of {size} B in {:.2} s ({relay:.0} msg/s)",
-        relay_took.as_secs_f64()
+        relay_cpu.seconds
     );
     println!("ratio ingest / relay: {:.2}", ingest / relay);
     println!(
@@ -691,6 +704,24 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         rss_kib as f64 / 1024.0,
         result["coordinator_bytes_per_device"]
     );
+    let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for (phase, spent) in [("rollout", &rollout_cpu), ("relay", &relay_cpu)] {
+        println!(
+            "CPU per message, {phase}: coordinator {} µs, broker {} µs, clients {:.1} µs, all {:.1} µs; machine busy {:.2} of {cores} cores (stolen {:.2})",
+            us(spent.coordinator_us),
+            us(spent.broker_us),
+            spent.clients_us,
+            spent.total_us(),
+            spent.machine_busy_cores,
+            spent.machine_steal_cores,
+        );
+    }
+    if let (Some(c), Some(b)) = (ceiling, budget) {
+        println!(
+            "with a coordinator that cost nothing, broker + fleet would reach {c:.0} reports/s (ratio {:.2}); ratio 0.8 leaves the coordinator {b:.1} µs per report",
+            c / relay
+        );
+    }
     println!(
         "on the wire per device during the rollout: {} B of signed reports ({} B with MQTT framing and acks)",
         result["payload_bytes_per_device"], result["wire_bytes_per_device"]

@@ -1,6 +1,7 @@
 //! `swell`: the operator CLI.
 
 mod bench;
+mod bench_cpu;
 mod decode;
 mod demo;
 mod keys;

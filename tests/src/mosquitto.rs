@@ -129,6 +129,11 @@ impl Mosquitto {
         self.addr.port()
     }
 
+    /// The broker's process id (the fleet benchmark charges CPU to it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
     }
