@@ -624,6 +624,8 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     )
     .await?;
     drop(mosquitto);
+    // The cores this process (the fleet) and its children (the broker, and the
+    // coordinator unless `--wrap-coordinator` pins it elsewhere) may run on.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let ceiling = bench_cpu::rate_without_coordinator(&rollout_cpu, cores);
     let budget = bench_cpu::coordinator_budget_us(&rollout_cpu, cores, 0.8, relay);
@@ -707,7 +709,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     for (phase, spent) in [("rollout", &rollout_cpu), ("relay", &relay_cpu)] {
         println!(
-            "CPU per message, {phase}: coordinator {} µs, broker {} µs, clients {:.1} µs, all {:.1} µs; machine busy {:.2} of {cores} cores (stolen {:.2})",
+            "CPU per message, {phase}: coordinator {} µs, broker {} µs, clients {:.1} µs, all {:.1} µs; machine busy {:.2} cores (stolen {:.2})",
             us(spent.coordinator_us),
             us(spent.broker_us),
             spent.clients_us,
@@ -718,7 +720,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     }
     if let (Some(c), Some(b)) = (ceiling, budget) {
         println!(
-            "with a coordinator that cost nothing, broker + fleet would reach {c:.0} reports/s (ratio {:.2}); ratio 0.8 leaves the coordinator {b:.1} µs per report",
+            "with a coordinator that cost nothing, broker + fleet on the {cores} cores this benchmark may use would reach {c:.0} reports/s (ratio {:.2}); ratio 0.8 leaves the coordinator {b:.1} µs per report on them",
             c / relay
         );
     }
