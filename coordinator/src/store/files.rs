@@ -280,6 +280,19 @@ impl EntryReader {
     }
 }
 
+/// Removes segment `seq` if it holds no entry (the previous run's active
+/// segment when it wrote nothing): folding it would rewrite the whole
+/// snapshot for nothing. Returns whether it was removed.
+pub(super) fn remove_if_empty(dir: &Path, seq: u64) -> io::Result<bool> {
+    let path = segment_path(dir, seq);
+    if fs::metadata(&path)?.len() > MAGIC.len() as u64 {
+        return Ok(false);
+    }
+    fs::remove_file(&path)?;
+    sync_dir(dir)?;
+    Ok(true)
+}
+
 /// Cuts a segment's torn last entry off, so appends after a crash never
 /// follow half an entry. Returns the offset it was cut at.
 pub(super) fn cut_torn_tail(path: &Path) -> io::Result<Option<u64>> {

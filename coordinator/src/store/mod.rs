@@ -16,7 +16,8 @@
 //!   segment holds [`FOLD_AFTER_RECORDS`] records it is closed, and a
 //!   background thread folds the closed segments into `records/snapshot`
 //!   (newest record per key, in key order, streamed). A start folds what is
-//!   left before it loads. Records that do not decode go to sled tree
+//!   left before it loads (a segment with no entries is dropped, not folded,
+//!   so a start after a run that wrote nothing does not rewrite the snapshot). Records that do not decode go to sled tree
 //!   `records.corrupt`, damaged entries to `records/aside/` (STATE-3).
 //!   Databases of earlier versions, which kept these records in sled trees
 //!   (`devices`, `reports`, `journal`), are moved over when they open.
@@ -302,14 +303,16 @@ impl SledStore {
         }
         let existing = files::segments(&records)?;
         let mut next = existing.last().map_or(1, |s| s.saturating_add(1));
-        if let Some(&newest) = existing.last()
-            && let Some(at) = files::cut_torn_tail(&files::segment_path(&records, newest))?
-        {
-            tracing::warn!(
-                segment = newest,
-                offset = at,
-                "journal segment ended inside an entry (a write cut short); cut there"
-            );
+        if let Some(&newest) = existing.last() {
+            if let Some(at) = files::cut_torn_tail(&files::segment_path(&records, newest))? {
+                tracing::warn!(
+                    segment = newest,
+                    offset = at,
+                    "journal segment ended inside an entry (a write cut short); cut there"
+                );
+            }
+            // Its number is not reused: `next` stays above it.
+            files::remove_if_empty(&records, newest)?;
         }
         if migrate_sled_trees(&db, &records, next)? {
             next += 1;
@@ -985,6 +988,53 @@ mod tests {
         assert_eq!(seqs(&loaded), want);
         assert!(loaded.corrupt.is_empty());
         assert_eq!(s.segment_files(), 1, "only the new, empty one");
+    }
+
+    #[test]
+    fn a_start_with_nothing_new_to_fold_keeps_the_snapshot() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning::default();
+        let rollout = RolloutId::new("r").unwrap();
+        let snapshot_inode = |s: &SledStore| {
+            std::fs::metadata(s.inner.dir.join("snapshot"))
+                .unwrap()
+                .ino()
+        };
+        let first = {
+            let s = SledStore::open_tuned(dir.path(), tuning).unwrap();
+            for n in 0..50u64 {
+                let dev = DeviceId::new(format!("dev-{n:04}")).unwrap();
+                s.put_report(&rollout, &dev, &report(n + 1)).unwrap();
+            }
+            s.flush().unwrap();
+            drop(s);
+            let s = reopen(dir.path(), tuning);
+            assert_eq!(s.load().unwrap().reports.len(), 50);
+            snapshot_inode(&s)
+        };
+        // Two starts that write nothing: each leaves an empty active segment
+        // behind, which the next start drops instead of folding it (a fold
+        // renames a new snapshot into place).
+        for _ in 0..2 {
+            let s = reopen(dir.path(), tuning);
+            let loaded = s.load().unwrap();
+            assert_eq!(loaded.reports.len(), 50);
+            assert!(loaded.corrupt.is_empty());
+            assert_eq!(snapshot_inode(&s), first, "the snapshot was not rewritten");
+            assert_eq!(s.segment_files(), 1, "only the new, empty one");
+        }
+        // A start after new records folds them as before.
+        {
+            let s = reopen(dir.path(), tuning);
+            let dev = DeviceId::new("dev-0007").unwrap();
+            s.put_report(&rollout, &dev, &report(777)).unwrap();
+            s.flush().unwrap();
+        }
+        let s = reopen(dir.path(), tuning);
+        let loaded = s.load().unwrap();
+        assert_eq!(seqs(&loaded)["dev-0007"], 777);
+        assert_ne!(snapshot_inode(&s), first, "new records were folded in");
     }
 
     #[test]
