@@ -376,7 +376,6 @@ async fn relay_rate(
     // Topics as long as the devices' report topics.
     let pad = topic_len.saturating_sub("bench/relay//x".len() + 5).max(1);
     let payload = vec![0x5a; size];
-    let started = Instant::now();
     let from = roles.mark();
     let mut pubs = Vec::new();
     for c in 0..connections {
@@ -421,7 +420,6 @@ async fn relay_rate(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let took = started.elapsed();
     let spent = Spent::between(roles, &from, &roles.mark(), count);
     for p in pubs {
         if let Ok((client, poller)) = p.await {
@@ -430,7 +428,7 @@ async fn relay_rate(
         }
     }
     sub_task.abort();
-    Ok((count as f64 / took.as_secs_f64(), spent))
+    Ok((count as f64 / spent.seconds, spent))
 }
 
 async fn fleet(a: FleetArgs) -> Result<()> {

@@ -312,7 +312,12 @@ impl SledStore {
                 );
             }
             // Its number is not reused: `next` stays above it.
-            files::remove_if_empty(&records, newest)?;
+            if files::remove_if_empty(&records, newest)? {
+                tracing::debug!(
+                    segment = newest,
+                    "empty journal segment of the last run removed"
+                );
+            }
         }
         if migrate_sled_trees(&db, &records, next)? {
             next += 1;
