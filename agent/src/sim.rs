@@ -70,6 +70,9 @@ impl std::fmt::Debug for SimConfig {
 #[derive(Debug, Default)]
 pub struct SimStats {
     pub reports: AtomicU64,
+    /// Hellos sent (on connect, on a coordinator epoch not seen before, and
+    /// after a running release changes).
+    pub hellos: AtomicU64,
     pub committed: AtomicU64,
     pub rolled_back: AtomicU64,
     pub rejected: AtomicU64,
@@ -396,6 +399,7 @@ impl Conn {
                 self.cfg.topics.online(&d.id),
             )
         };
+        self.stats.hellos.fetch_add(1, Ordering::Relaxed);
         self.publish(topic, bytes, false).await;
         self.publish(online, b"1".to_vec(), true).await;
     }

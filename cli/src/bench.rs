@@ -189,7 +189,9 @@ async fn child(a: ChildArgs) -> Result<()> {
     tokio::time::timeout(Duration::from_secs(30), ready_rx.wait_for(|r| *r))
         .await
         .context("coordinator could not connect")??;
-    println!("ready");
+    // Its own pid: a profiler wrapping it (`--wrap-coordinator`) may be the
+    // parent's child instead, and its CPU is charged to this process.
+    println!("ready {}", std::process::id());
     std::io::stdout().flush()?;
     // The parent closes our stdin when it is done with us.
     tokio::task::spawn_blocking(|| {
@@ -244,6 +246,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 struct ChildProc {
     child: std::process::Child,
+    /// The coordinator's own process (under a wrapper, not `child`).
+    pid: u32,
     summary: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -287,21 +291,30 @@ impl ChildProc {
         // A profiler wrapping the process may print its own lines first.
         let mut out = std::io::BufReader::new(out);
         let mut line = String::new();
+        let mut pid = None;
         for _ in 0..64 {
             line.clear();
-            if out.read_line(&mut line)? == 0 || line.trim() == "ready" {
+            if out.read_line(&mut line)? == 0 {
+                break;
+            }
+            pid = line
+                .trim()
+                .strip_prefix("ready ")
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some() {
                 break;
             }
         }
-        if line.trim() != "ready" {
+        let Some(pid) = pid else {
             let _ = child.kill();
             bail!("the coordinator process did not start");
-        }
+        };
         // Whatever a profiler prints later goes on to our stderr; a closed pipe
         // would kill it before it writes its data.
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::stderr()));
         Ok(ChildProc {
             child,
+            pid,
             summary,
             _dir: dir,
         })
@@ -486,7 +499,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         a.devices,
     ));
     let coordinator = ChildProc::start(&host, port, &a)?;
-    let coordinator_pid = coordinator.child.id().to_string();
+    let coordinator_pid = coordinator.pid.to_string();
     let roles = Roles {
         coordinator: Some(coordinator_pid.clone()),
         broker: mosquitto.as_ref().map(|m| m.pid().to_string()),
@@ -548,13 +561,14 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let enrolled_in = t0.elapsed();
+    let stats = fleet_sim.stats.clone();
+    let hellos = stats.hellos.load(Ordering::Relaxed);
     say(format!(
-        "enrollment: {} signed Hellos verified in {:.1} s ({:.0}/s)",
+        "enrollment: {} devices approved in {:.1} s ({:.0}/s); {hellos} signed Hellos sent so far",
         a.devices,
         enrolled_in.as_secs_f64(),
         a.devices as f64 / enrolled_in.as_secs_f64()
     ));
-    let stats = fleet_sim.stats.clone();
     let reports0 = stats.reports.load(Ordering::Relaxed);
     let bytes0 = stats.bytes_sent.load(Ordering::Relaxed);
     let waves = ["1%", "10%", "50%", "100%"];
@@ -650,6 +664,8 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "broker": broker_name,
         "signature_check": signature_check,
         "enrollment_seconds": enrolled_in.as_secs_f64(),
+        "hellos_sent_by_enrollment": hellos,
+        "hellos_sent_in_all": stats.hellos.load(Ordering::Relaxed),
         "rollout_seconds": finished.as_secs_f64(),
         "waves": per_wave,
         "reports": reports,
