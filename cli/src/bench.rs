@@ -450,7 +450,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     }
     let limit = humantime::parse_duration(&a.timeout).context("--timeout")?;
     let keys = demo_keys(a.seed)?;
-    let mut mosquitto: Option<swell_e2e::mosquitto::Mosquitto> = None;
+    let mut mosquitto = None;
     let (host, port, broker_name) = match a.broker.as_str() {
         "embedded" => {
             let addr = broker::free_addr("127.0.0.1")?;

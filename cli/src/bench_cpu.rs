@@ -136,6 +136,12 @@ impl Spent {
         self.coordinator_us.unwrap_or(0.0) + self.broker_us.unwrap_or(0.0) + self.clients_us
     }
 
+    /// CPU microseconds per message of the broker and the clients together,
+    /// if the broker was watched: what a coordinator could not take away.
+    fn without_coordinator_us(&self) -> Option<f64> {
+        Some(self.broker_us? + self.clients_us)
+    }
+
     pub fn to_json(self) -> Value {
         json!({
             "seconds": self.seconds,
@@ -154,7 +160,7 @@ impl Spent {
 /// coordinator cost nothing: the broker and the fleet at their measured CPU
 /// per report. `None` when they were not both watched.
 pub fn rate_without_coordinator(rollout: &Spent, cores: f64) -> Option<f64> {
-    let others = rollout.broker_us? + rollout.clients_us;
+    let others = rollout.without_coordinator_us()?;
     (others > 0.0).then(|| cores * 1e6 / others)
 }
 
@@ -162,7 +168,7 @@ pub fn rate_without_coordinator(rollout: &Spent, cores: f64) -> Option<f64> {
 /// and the fleet's measured cost, for the ingest rate to reach `ratio` of
 /// `relay` on `cores` (negative: not even a coordinator that costs nothing).
 pub fn coordinator_budget_us(rollout: &Spent, cores: f64, ratio: f64, relay: f64) -> Option<f64> {
-    let others = rollout.broker_us? + rollout.clients_us;
+    let others = rollout.without_coordinator_us()?;
     (relay > 0.0).then(|| cores * 1e6 / (ratio * relay) - others)
 }
 

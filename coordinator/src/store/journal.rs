@@ -299,6 +299,14 @@ impl<'a> Cursor<'a> {
         Ok(self.queue.front().map(|(k, _)| k.as_slice()))
     }
 
+    /// Drops the next record if its sort key is `key`.
+    fn skip(&mut self, key: &[u8], corrupt: &mut Vec<String>) -> Result<(), StoreError> {
+        if self.front(corrupt)? == Some(key) {
+            self.queue.pop_front();
+        }
+        Ok(())
+    }
+
     /// The next record if it sorts below `bound` (any record for `None`).
     fn next_below(
         &mut self,
@@ -434,9 +442,7 @@ pub(super) fn fold(
                 done.kept += u64::from(new.put(&k, &v)?);
             }
             // The journal's value is newer than the snapshot's.
-            if old.front(&mut done.corrupt)? == Some(sk.as_slice()) {
-                old.queue.pop_front();
-            }
+            old.skip(&sk, &mut done.corrupt)?;
             done.written += u64::from(new.put(&sk, &value)?);
         }
         // The rest of the old snapshot's records in this range.

@@ -17,7 +17,8 @@
 //!   background thread folds the closed segments into `records/snapshot`
 //!   (newest record per key, in key order, streamed). A start folds what is
 //!   left before it loads (a segment with no entries is dropped, not folded,
-//!   so a start after a run that wrote nothing does not rewrite the snapshot). Records that do not decode go to sled tree
+//!   so a start after a run that wrote nothing does not rewrite the
+//!   snapshot). Records that do not decode go to sled tree
 //!   `records.corrupt`, damaged entries to `records/aside/` (STATE-3).
 //!   Databases of earlier versions, which kept these records in sled trees
 //!   (`devices`, `reports`, `journal`), are moved over when they open.
