@@ -67,14 +67,16 @@ impl OpsClient {
         tokio::spawn(async move {
             let mut up = Some(up_tx);
             loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        subs.on_connack(&sub_client, ack.session_present);
+                let event = eventloop.poll().await;
+                if let Ok(ev) = &event {
+                    subs.note(&sub_client, ev);
+                }
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         if let Some(u) = up.take() {
                             let _ = u.send(Ok(()));
                         }
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => subs.on_suback(),
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
                         let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {

@@ -38,8 +38,10 @@ async fn healthz(State(m): State<Arc<Metrics>>) -> (StatusCode, String) {
     (StatusCode::OK, "ok\n".into())
 }
 
-/// Ready: connected to the broker and, in Kubernetes mode, holding the lease or
-/// cleanly waiting for it (a standby that could take over now).
+/// Ready: connected to the broker, every subscription granted and the
+/// coordinator's own probes coming back through them (MQTT-7), and, in
+/// Kubernetes mode, holding the lease or cleanly waiting for it (a standby
+/// that could take over now).
 async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, String) {
     let lease = m.lease();
     if lease == LeaseState::Failing {
@@ -52,6 +54,12 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, String) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not connected to the MQTT broker\n".into(),
+        );
+    }
+    if let Some(problem) = m.ingest_problem() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("ingest path not proven: {problem}\n"),
         );
     }
     let role = match lease {

@@ -7,6 +7,7 @@ pub mod durable;
 pub mod engine;
 pub mod fleet;
 pub mod http;
+pub mod ingest_probe;
 #[cfg(feature = "kube")]
 pub mod k8s;
 pub mod keyfile;

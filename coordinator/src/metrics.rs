@@ -34,6 +34,11 @@ struct WhatLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FilterLabel {
+    filter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -71,6 +76,13 @@ pub struct Metrics {
     mqtt_unacked: Gauge,
     mqtt_received: Counter,
     mqtt_acked: Counter,
+    mqtt_subscribes: Counter,
+    mqtt_refused: Counter,
+    mqtt_takeovers: Counter,
+    ingest_up: Family<FilterLabel, Gauge>,
+    ingest_failures: Family<FilterLabel, Counter>,
+    /// Why the ingest path is not proven (None: it is, or nothing to prove).
+    ingest_problem: Mutex<Option<String>>,
     /// Raw gate-to-manifest samples (seconds) for benchmarks, capped.
     gate_samples: Mutex<Vec<f64>>,
     last: Mutex<Counters>,
@@ -106,6 +118,12 @@ impl Metrics {
             mqtt_unacked: Gauge::default(),
             mqtt_received: Counter::default(),
             mqtt_acked: Counter::default(),
+            mqtt_subscribes: Counter::default(),
+            mqtt_refused: Counter::default(),
+            mqtt_takeovers: Counter::default(),
+            ingest_up: Family::default(),
+            ingest_failures: Family::default(),
+            ingest_problem: Mutex::new(None),
             gate_samples: Mutex::new(Vec::new()),
             last: Mutex::new(Counters::default()),
             heartbeat: AtomicU64::new(0),
@@ -184,6 +202,31 @@ impl Metrics {
             "mqtt_acked",
             "Acknowledgements written to the broker",
             m.mqtt_acked.clone(),
+        );
+        r.register(
+            "mqtt_subscribes",
+            "SUBSCRIBE packets sent: every filter on every connection (a restored session is not trusted), and repairs",
+            m.mqtt_subscribes.clone(),
+        );
+        r.register(
+            "mqtt_subscriptions_refused",
+            "Subscriptions the broker refused or downgraded below QoS 1",
+            m.mqtt_refused.clone(),
+        );
+        r.register(
+            "mqtt_session_takeovers",
+            "Times the broker closed the coordinator's session because another client connected with its client id",
+            m.mqtt_takeovers.clone(),
+        );
+        r.register(
+            "ingest_path_up",
+            "1 while the coordinator's own probe comes back through the filter",
+            m.ingest_up.clone(),
+        );
+        r.register(
+            "ingest_probe_failures",
+            "Times a filter's probe was lost (the filter was then subscribed again)",
+            m.ingest_failures.clone(),
         );
         let m = Metrics { registry: r, ..m };
         m.set_lease(LeaseState::NotUsed);
@@ -298,6 +341,46 @@ impl Metrics {
         }
         self.mqtt_unacked
             .set(i64::try_from(flow.unacked()).unwrap_or(i64::MAX));
+    }
+
+    /// The session's subscription and takeover totals.
+    pub fn observe_session(&self, stats: &swell_mqtt::SessionStats) {
+        for (c, total) in [
+            (&self.mqtt_subscribes, stats.subscribes()),
+            (&self.mqtt_refused, stats.refused()),
+            (&self.mqtt_takeovers, stats.taken_over()),
+        ] {
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+    }
+
+    /// Whether the probe comes back through `filter`.
+    pub fn set_ingest_path(&self, filter: &str, up: bool) {
+        self.ingest_up
+            .get_or_create(&FilterLabel {
+                filter: filter.into(),
+            })
+            .set(i64::from(up));
+    }
+
+    /// A probe on `filter` was lost.
+    pub fn ingest_probe_failed(&self, filter: &str) {
+        self.ingest_failures
+            .get_or_create(&FilterLabel {
+                filter: filter.into(),
+            })
+            .inc();
+    }
+
+    /// Why readiness must fail although the broker is connected (None: no reason).
+    pub fn set_ingest_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.ingest_problem.lock() {
+            *p = problem;
+        }
+    }
+
+    pub fn ingest_problem(&self) -> Option<String> {
+        self.ingest_problem.lock().ok().and_then(|p| p.clone())
     }
 
     pub fn set_connected(&self, up: bool) {

@@ -6,6 +6,7 @@
 //! replay the engine already ignores (device `seq` floors).
 
 use crate::engine::{Engine, EngineError, Forwarded, Out, ReplyTo};
+use crate::ingest_probe::{Effect, IngestProbe, ProbeConfig};
 use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::ops::Op;
@@ -39,6 +40,8 @@ pub struct LoopConfig {
     /// Hand free heap pages back to the kernel this often
     /// ([`crate::memory`]); `None`: never.
     pub trim_every: Option<Duration>,
+    /// The probes that prove each device filter delivers (MQTT-7).
+    pub probe: ProbeConfig,
 }
 
 impl Default for LoopConfig {
@@ -49,6 +52,7 @@ impl Default for LoopConfig {
             verify_threads: 0,
             batch_signatures: true,
             trim_every: Some(crate::memory::TRIM_EVERY),
+            probe: ProbeConfig::default(),
         }
     }
 }
@@ -157,7 +161,105 @@ fn publish(client: &rumqttc::v5::AsyncClient, out: Out) {
     }
 }
 
-/// Runs until `cancel` fires. `ready` turns true once connected.
+/// The ingest path's facts readiness is made of.
+struct Ingest {
+    probe: IngestProbe,
+    connected: bool,
+    subscriptions: swell_mqtt::Subscribed,
+    /// Milliseconds are counted from here for the probes.
+    started: std::time::Instant,
+}
+
+impl Ingest {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Why the loop is not ready (None: it is).
+    fn problem(&self) -> Option<String> {
+        if !self.connected {
+            return Some("not connected to the MQTT broker".into());
+        }
+        let waiting: Vec<&str> = self
+            .subscriptions
+            .filters
+            .iter()
+            .filter_map(|(f, st)| match st {
+                swell_mqtt::FilterState::Granted => None,
+                _ => Some(f.as_str()),
+            })
+            .collect();
+        if let Some((f, swell_mqtt::FilterState::Refused(why))) = self
+            .subscriptions
+            .filters
+            .iter()
+            .find(|(_, st)| matches!(st, swell_mqtt::FilterState::Refused(_)))
+        {
+            return Some(format!("the broker refused the subscription {f} ({why})"));
+        }
+        if !waiting.is_empty() {
+            return Some(format!("no SUBACK yet for {}", waiting.join(", ")));
+        }
+        let unproven: Vec<String> = self
+            .probe
+            .states()
+            .filter(|(_, st)| *st != crate::ingest_probe::PathState::Up)
+            .map(|(f, st)| format!("{f} ({st:?})"))
+            .collect();
+        if !unproven.is_empty() {
+            return Some(format!(
+                "own probe not back through {}",
+                unproven.join(", ")
+            ));
+        }
+        None
+    }
+}
+
+/// Carries out the probe's effects: publishes, alarms, repairs.
+fn probe_effects(
+    effects: Vec<Effect>,
+    ingest: &mut Ingest,
+    session: &mqtt::Session,
+    metrics: Option<&Metrics>,
+) {
+    for e in effects {
+        match e {
+            Effect::Send { topic, payload } => {
+                publish(
+                    &session.client,
+                    Out {
+                        topic,
+                        payload,
+                        retain: false,
+                        correlation: None,
+                    },
+                );
+            }
+            Effect::Dead { filter, reason } => {
+                error!(%filter, %reason, "ingest path dead: device messages on this filter do not reach the gate; subscribing again");
+                if let Some(m) = metrics {
+                    m.ingest_probe_failed(&filter);
+                    m.set_ingest_path(&filter, false);
+                }
+                session.repair(&filter);
+                let now = ingest.now_ms();
+                ingest.probe.on_repaired(&filter, now);
+            }
+            Effect::Recovered { filter } => {
+                info!(%filter, "ingest path back: the probe came through again");
+            }
+        }
+    }
+    if let Some(m) = metrics {
+        for (filter, st) in ingest.probe.states() {
+            m.set_ingest_path(filter, st == crate::ingest_probe::PathState::Up);
+        }
+    }
+}
+
+/// Runs until `cancel` fires. `ready` turns true once connected, subscribed and
+/// the probes come back.
 pub async fn run(
     engine: Engine,
     initial: Vec<Out>,
@@ -201,6 +303,19 @@ impl Sink<'_> {
         for o in outs {
             self.send(o);
         }
+    }
+}
+
+/// Publishes readiness (to the caller's watch and to `/readyz`).
+fn set_ready(ingest: &Ingest, ready: &watch::Sender<bool>, metrics: Option<&Metrics>) {
+    let problem = ingest.problem();
+    ready.send_if_modified(|r| {
+        let now = problem.is_none();
+        std::mem::replace(r, now) != now
+    });
+    if let Some(m) = metrics {
+        // "Not connected" has its own metric and its own readiness line.
+        m.set_ingest_problem(problem.filter(|_| ingest.connected));
     }
 }
 
@@ -272,14 +387,38 @@ pub async fn run_with(
     // guard stops it on every way out of this function.
     let session_stop = CancellationToken::new();
     let _session_guard = session_stop.clone().drop_guard();
-    let session = mqtt::spawn(mqtt_cfg, subs, Some(will), session_stop);
+    let paths = {
+        let t = engine.topics();
+        ["hello", "report", "online"]
+            .iter()
+            .filter_map(|ch| {
+                let filter = engine
+                    .subscriptions()
+                    .into_iter()
+                    .find(|f| f.ends_with(&format!("/{ch}")))?;
+                Some((filter, t.probe(ch)))
+            })
+            .collect()
+    };
+    let mut nonce = [0u8; 8];
+    // Without randomness the probes still work; they only lose the guard
+    // against an earlier process's probes coming back from its session.
+    let _ = getrandom::fill(&mut nonce);
+    let mut ingest = Ingest {
+        probe: IngestProbe::new(cfg.probe, u64::from_le_bytes(nonce), paths),
+        connected: false,
+        subscriptions: swell_mqtt::Subscribed::default(),
+        started: std::time::Instant::now(),
+    };
+    let mut session = mqtt::spawn(mqtt_cfg, subs, Some(will), session_stop);
     let client = session.client.clone();
+    let mut subscribed = session.subscriptions.clone();
     let sink = Sink {
         client: &client,
         events_topic: engine.topics().ops_events(),
         events: events.as_ref(),
     };
-    let mut incoming = session.incoming;
+    let mut incoming = session.take_incoming();
     let manifest_prefix = engine
         .topics()
         .manifests(engine.fleet())
@@ -315,10 +454,25 @@ pub async fn run_with(
             changed = connected.changed() => {
                 if changed.is_err() { break; }
                 let up = *connected.borrow();
+                ingest.connected = up;
                 if let Some(m) = &metrics {
                     m.set_connected(up);
                 }
-                let _ = ready.send(up);
+                set_ready(&ingest, &ready, metrics.as_deref());
+            }
+            changed = subscribed.changed() => {
+                if changed.is_err() { break; }
+                let snapshot = subscribed.borrow().clone();
+                let now = ingest.now_ms();
+                if snapshot.connection != ingest.subscriptions.connection {
+                    // Nothing sent before this connection's SUBACKs proves it.
+                    ingest.probe.on_connected(now);
+                }
+                ingest.subscriptions = snapshot;
+                // Granted just now: the first probes go out without waiting a tick.
+                let effects = ingest.probe.tick(now, ingest.subscriptions.all_granted());
+                probe_effects(effects, &mut ingest, &session, metrics.as_deref());
+                set_ready(&ingest, &ready, metrics.as_deref());
             }
             ctl = next_control(&mut control) => {
                 let Some(ctl) = ctl else {
@@ -349,6 +503,7 @@ pub async fn run_with(
                 if let Some(m) = &metrics {
                     m.observe_gauges(&engine.gauges());
                     m.observe_mqtt(ACKS_NOT_SENT.total(), PUBLISHES_DROPPED.total(), &flow);
+                    m.observe_session(&session.stats);
                 }
             }
             msg = incoming.recv() => {
@@ -365,14 +520,36 @@ pub async fn run_with(
                 let size = batch.len();
                 let mut outs = Vec::new();
                 let mut acks = Vec::with_capacity(batch.len());
+                let mut probes = Vec::new();
                 for m in batch {
                     match m {
                         Incoming::Connected { session_present } => {
                             publish(&client, Out { topic: online_topic.clone(), payload: b"online".to_vec(), retain: true, correlation: None });
                             debug!(session_present, "session ready");
                         }
-                        Incoming::Publish(p) => acks.push(p),
+                        Incoming::Publish(p) => {
+                            let topic = String::from_utf8_lossy(&p.topic);
+                            if ingest.probe.is_probe_topic(&topic) {
+                                probes.push(p);
+                                continue;
+                            }
+                            if let Some(i) = ingest.probe.path_of(&topic) {
+                                let now = ingest.now_ms();
+                                ingest.probe.on_traffic(i, now);
+                            }
+                            acks.push(p);
+                        }
                     }
+                }
+                for p in &probes {
+                    let now = ingest.now_ms();
+                    let effects = ingest.probe.on_probe(&String::from_utf8_lossy(&p.topic), &p.payload, now);
+                    probe_effects(effects, &mut ingest, &session, metrics.as_deref());
+                    // It changes no state: acknowledged at once.
+                    let _ = client.try_ack(p);
+                }
+                if !probes.is_empty() {
+                    set_ready(&ingest, &ready, metrics.as_deref());
                 }
                 // Gates are evaluated every STEP_EVERY reports, not only once per
                 // batch: the report that completes a gate moves the rollout after
@@ -435,6 +612,11 @@ pub async fn run_with(
                 }
             }
             _ = tick.tick() => {
+                let now = ingest.now_ms();
+                let granted = ingest.subscriptions.all_granted();
+                let effects = ingest.probe.tick(now, ingest.connected && granted);
+                probe_effects(effects, &mut ingest, &session, metrics.as_deref());
+                set_ready(&ingest, &ready, metrics.as_deref());
                 sink.send_all(engine.tick(unix_now())?);
                 if let Some(m) = &metrics {
                     m.observe_counters(&engine.counters);

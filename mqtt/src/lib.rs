@@ -1,8 +1,13 @@
 //! Swell's MQTT session, shared by the coordinator and the agent: rumqttc (MQTT 5)
 //! driven by a task that backs off with jitter after errors and subscribes again
-//! whenever the broker did not keep the session (MQTT-5) — rumqttc does neither by
-//! itself. [`options`] and [`backoff`] are public for callers that drive their own
-//! event loop (the agent tracks PUBACKs of its outbox).
+//! on every connection, checking each SUBACK (MQTT-5, MQTT-7) — rumqttc does
+//! neither by itself. [`options`], [`backoff`] and [`Subscriptions`] are public
+//! for callers that drive their own event loop (the agent tracks PUBACKs of its
+//! outbox).
+
+mod subscriptions;
+
+pub use subscriptions::{FilterState, SubAckOutcome, Subscriptions};
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, Publish};
@@ -119,7 +124,8 @@ pub fn parse_url(url: &str) -> Result<BrokerUrl, UrlError> {
 /// Something the session delivers to its owner.
 #[derive(Debug)]
 pub enum Incoming {
-    /// (Re)connected; subscriptions are in place.
+    /// (Re)connected; the subscriptions are being made again (see
+    /// [`Session::subscriptions`] for the broker's answers).
     Connected {
         session_present: bool,
     },
@@ -133,7 +139,79 @@ pub struct Session {
     pub incoming: mpsc::Receiver<Incoming>,
     /// Whether the broker connection is up (for readiness).
     pub connected: watch::Receiver<bool>,
+    /// Each subscription filter and what the broker answered on this connection.
+    pub subscriptions: watch::Receiver<Subscribed>,
     pub flow: Arc<Flow>,
+    pub stats: Arc<SessionStats>,
+    repair: mpsc::UnboundedSender<String>,
+}
+
+/// The subscriptions of a session as the broker answered them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscribed {
+    /// Counts connections: a new number means none of the filters was confirmed
+    /// on it yet, whatever a watcher saw before.
+    pub connection: u64,
+    pub filters: Vec<(String, FilterState)>,
+}
+
+impl Subscribed {
+    pub fn all_granted(&self) -> bool {
+        self.filters.iter().all(|(_, s)| *s == FilterState::Granted)
+    }
+}
+
+impl Session {
+    /// The incoming messages, for an owner that keeps the session itself.
+    pub fn take_incoming(&mut self) -> mpsc::Receiver<Incoming> {
+        std::mem::replace(&mut self.incoming, mpsc::channel(1).1)
+    }
+
+    /// Subscribes to `filter` again (its path was found dead).
+    pub fn repair(&self, filter: &str) {
+        let _ = self.repair.send(filter.to_string());
+    }
+}
+
+/// What happened to a session since it started, for metrics.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    subscribes: AtomicU64,
+    refused: AtomicU64,
+    taken_over: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl SessionStats {
+    /// SUBSCRIBE packets requested (every connection subscribes again).
+    pub fn subscribes(&self) -> u64 {
+        self.subscribes.load(Ordering::Relaxed)
+    }
+    /// Subscriptions the broker refused (or downgraded).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+    /// Times the broker closed the session because another client connected
+    /// with its client id.
+    pub fn taken_over(&self) -> u64 {
+        self.taken_over.load(Ordering::Relaxed)
+    }
+    /// Connections made (CONNACKs).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether a connection error is the broker's "another client took this
+/// session" (MQTT 5 DISCONNECT reason 0x8E).
+pub fn taken_over(e: &rumqttc::v5::ConnectionError) -> bool {
+    matches!(
+        e,
+        rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+            reason_code: rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::SessionTakenOver,
+            ..
+        })
+    )
 }
 
 /// QoS 1 publishes received and acks written by a session. What is received
@@ -234,53 +312,6 @@ pub fn options(cfg: &MqttConfig, will: Option<LastWill>) -> MqttOptions {
     opts
 }
 
-/// The subscriptions a client keeps. They are made again on a connection whose
-/// session may lack them: the broker kept no session, or the last connection
-/// dropped before every SUBACK came back (the broker may have created the
-/// session at CONNECT and lost the SUBSCRIBE with the connection; rumqttc
-/// does not resend it). An agent whose connection dropped a millisecond after
-/// its first CONNACK came back with a session and no subscriptions, and never
-/// saw a manifest.
-#[derive(Debug)]
-pub struct Subscriptions {
-    filters: Vec<(String, QoS)>,
-    /// Requested on this connection and not yet acknowledged.
-    unconfirmed: usize,
-}
-
-impl Subscriptions {
-    pub fn new(filters: Vec<(String, QoS)>) -> Self {
-        Subscriptions {
-            filters,
-            unconfirmed: 0,
-        }
-    }
-
-    /// Subscribes through `client` unless the broker's session has them all.
-    pub fn on_connack(&mut self, client: &AsyncClient, session_present: bool) {
-        if session_present && self.unconfirmed == 0 {
-            return;
-        }
-        // A request that could not be queued gets no SUBACK either, so the
-        // next connection asks again.
-        self.unconfirmed = self.filters.len();
-        for (filter, qos) in &self.filters {
-            if let Err(e) = client.try_subscribe(filter.clone(), *qos) {
-                warn!(%filter, error = %e, "subscribe request failed");
-            }
-        }
-    }
-
-    pub fn on_suback(&mut self) {
-        self.unconfirmed = self.unconfirmed.saturating_sub(1);
-    }
-
-    /// Requested and not yet acknowledged.
-    pub fn unconfirmed(&self) -> usize {
-        self.unconfirmed
-    }
-}
-
 /// Requests (acks, publishes) the session may have queued for the event loop.
 pub const REQUEST_QUEUE: usize = 2_000_000;
 
@@ -309,26 +340,57 @@ pub fn spawn(
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_QUEUE);
     let (tx, rx) = mpsc::channel(4_096);
     let (up_tx, up_rx) = watch::channel(false);
+    let (repair_tx, mut repair_rx) = mpsc::unbounded_channel::<String>();
     let sub_client = client.clone();
     let mut subscriptions = Subscriptions::new(subscriptions);
+    let snapshot = |s: &Subscriptions, connection: u64| Subscribed {
+        connection,
+        filters: s
+            .states()
+            .map(|(f, st)| (f.to_string(), st.clone()))
+            .collect(),
+    };
+    let (subs_tx, subs_rx) = watch::channel(snapshot(&subscriptions, 0));
     let flow = Arc::new(Flow::default());
+    let stats = Arc::new(SessionStats::default());
     let task_flow = flow.clone();
+    let task_stats = stats.clone();
     tokio::spawn(async move {
         let mut attempt = 0u32;
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => break,
+                Some(filter) = repair_rx.recv() => {
+                    subscriptions.repair(&sub_client, &filter);
+                    task_stats.subscribes.store(subscriptions.subscribes(), Ordering::Relaxed);
+                    let _ = subs_tx.send(snapshot(&subscriptions, task_stats.connections()));
+                    continue;
+                }
                 e = eventloop.poll() => e,
             };
             if let Ok(ev) = &event {
                 task_flow.note(ev);
+                if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
+                    task_stats.connections.fetch_add(1, Ordering::Relaxed);
+                }
+                let outcomes = subscriptions.note(&sub_client, ev);
+                let refused = outcomes
+                    .iter()
+                    .filter(|o| matches!(o.state, FilterState::Refused(_)))
+                    .count() as u64;
+                task_stats.refused.fetch_add(refused, Ordering::Relaxed);
+                task_stats
+                    .subscribes
+                    .store(subscriptions.subscribes(), Ordering::Relaxed);
+                if !outcomes.is_empty() || matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
+                    let _ = subs_tx.send(snapshot(&subscriptions, task_stats.connections()));
+                }
             }
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     attempt = 0;
                     let _ = up_tx.send(true);
                     info!(host = %cfg.host, port = cfg.port, session_present = ack.session_present, "connected to broker");
-                    subscriptions.on_connack(&sub_client, ack.session_present);
                     if tx
                         .send(Incoming::Connected {
                             session_present: ack.session_present,
@@ -344,13 +406,16 @@ pub fn spawn(
                         break;
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => subscriptions.on_suback(),
                 // Asked to leave: the broker closes the link next, which is
                 // not a connection lost.
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(_) => {}
                 Err(e) => {
                     let _ = up_tx.send(false);
+                    if taken_over(&e) {
+                        task_stats.taken_over.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(client_id = %cfg.client_id, "another client connected with this client id and took the session over");
+                    }
                     let wait = backoff(attempt);
                     attempt = attempt.saturating_add(1);
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
@@ -367,7 +432,10 @@ pub fn spawn(
         client,
         incoming: rx,
         connected: up_rx,
+        subscriptions: subs_rx,
         flow,
+        stats,
+        repair: repair_tx,
     }
 }
 
@@ -444,29 +512,6 @@ mod tests {
         f.note(&ack(3));
         f.note(&ack(4)); // a stale ack never takes it below zero
         assert_eq!((f.received(), f.acked(), f.unacked()), (5, 4, 0));
-    }
-
-    #[test]
-    fn mqtt_subscriptions_are_made_again_until_every_suback_came() {
-        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1883), 16);
-        let mut s = Subscriptions::new(vec![
-            ("a/#".into(), QoS::AtLeastOnce),
-            ("b/#".into(), QoS::AtLeastOnce),
-        ]);
-        s.on_connack(&client, false);
-        assert_eq!(s.unconfirmed(), 2);
-        s.on_suback();
-        // Dropped before the second SUBACK: the session exists, one
-        // subscription may not.
-        s.on_connack(&client, true);
-        assert_eq!(s.unconfirmed(), 2, "subscribed again");
-        s.on_suback();
-        s.on_suback();
-        assert_eq!(s.unconfirmed(), 0);
-        s.on_connack(&client, true);
-        assert_eq!(s.unconfirmed(), 0, "the session has them all");
-        s.on_connack(&client, false);
-        assert_eq!(s.unconfirmed(), 2, "no session: subscribe again");
     }
 
     #[test]

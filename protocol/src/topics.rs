@@ -13,11 +13,19 @@
 //! | `{p}/ops/rollout/{rollout}/status` | coordinator → operators | yes |
 //! | `{p}/ops/events` | coordinator → operators | no |
 //! | `{p}/ops/coordinator` | coordinator (Last Will) | yes |
+//! | `{p}/dev/_probe/{channel}` | coordinator → itself | no |
+//!
+//! `_probe` can never be a device id (ids start with `[a-z0-9]`), so the
+//! coordinator's ingest probes travel the device filters without standing for
+//! any device.
 
 use crate::ids::{DeviceId, FleetId, IdError, RolloutId};
 
 /// Default prefix.
 pub const DEFAULT_PREFIX: &str = "swell/v1";
+
+/// The device level of the coordinator's ingest probes (not a valid device id).
+pub const PROBE_LEVEL: &str = "_probe";
 
 /// Shared-subscription group the coordinator replicas join for ingest.
 pub const SHARE_GROUP: &str = "swell";
@@ -130,6 +138,11 @@ impl Topics {
         let channel = filter.rsplit('/').next().unwrap_or("all");
         format!("$share/{SHARE_GROUP}-{channel}/{filter}")
     }
+    /// Where the coordinator sends the probe that proves its subscription to
+    /// [`Topics::all_devices`]`(channel)` delivers (MQTT-7).
+    pub fn probe(&self, channel: &str) -> String {
+        format!("{}/dev/{PROBE_LEVEL}/{channel}", self.prefix)
+    }
     pub fn ops_cmd(&self) -> String {
         format!("{}/ops/cmd", self.prefix)
     }
@@ -225,6 +238,9 @@ mod tests {
             assert_eq!(t.parse(&s).unwrap(), want, "{s}");
         }
         assert_eq!(t.manifest(&f, &r), "swell/v1/fleet/plant-7/manifest/fw-2.3");
+        // A probe is never a device's topic.
+        assert_eq!(t.probe("report"), "swell/v1/dev/_probe/report");
+        assert!(t.parse(&t.probe("report")).is_err());
         assert_eq!(
             t.shared(&t.all_devices("report")),
             "$share/swell-report/swell/v1/dev/+/report"

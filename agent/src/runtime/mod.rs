@@ -105,6 +105,9 @@ pub struct Counters {
     pub duplicates: u64,
     pub reports_queued: u64,
     pub reports_acked: u64,
+    /// Subscriptions the broker refused: a misconfigured broker ACL, and the
+    /// messages on those filters never arrive.
+    pub subscriptions_refused: u64,
 }
 
 fn unix_now() -> u64 {
@@ -557,15 +560,18 @@ impl Agent {
         ev: MqttEvent,
         eventloop: &mut EventLoop,
     ) -> Result<(), AgentError> {
+        // Subscribes on every CONNACK and checks each SUBACK (MQTT-5).
+        for outcome in self.subscriptions.note(&self.client, &ev) {
+            if matches!(outcome.state, swell_mqtt::FilterState::Refused(_)) {
+                self.counters.subscriptions_refused += 1;
+                self.status_dirty = true;
+            }
+        }
         match ev {
             MqttEvent::Incoming(Packet::ConnAck(ack)) => {
                 eventloop.options.set_clean_start(false);
                 info!(session_present = ack.session_present, "connected to broker");
                 self.link.connected = true;
-                // The first connect of a process is a clean start, so this also
-                // subscribes then; later, when the session may lack them.
-                self.subscriptions
-                    .on_connack(&self.client, ack.session_present);
                 self.link.publish_other(
                     &self.client,
                     self.cfg.topics.online(&self.cfg.device),
@@ -600,7 +606,6 @@ impl Agent {
                     );
                 }
             }
-            MqttEvent::Incoming(Packet::SubAck(_)) => self.subscriptions.on_suback(),
             MqttEvent::Outgoing(Outgoing::Publish(pkid)) => self.link.sent(pkid),
             _ => {}
         }
