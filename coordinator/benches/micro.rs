@@ -162,6 +162,7 @@ fn gate(c: &mut Criterion) {
         critical_reasons: vec![],
     };
     let wave = WaveCounts {
+        planned: 10_000,
         population: 10_000,
         healthy: 9_700,
         failed: 100,
@@ -169,6 +170,7 @@ fn gate(c: &mut Criterion) {
         critical: 0,
     };
     let cumulative = WaveCounts {
+        planned: 11_000,
         population: 11_000,
         healthy: 10_650,
         failed: 110,

@@ -1437,6 +1437,7 @@ fn status_json(l: &Live, now: u64) -> Value {
                 "index": i,
                 "label": spec.plan.wave_label(i),
                 "opened": st.started && i <= usize::from(st.wave),
+                "planned": c.planned,
                 "population": c.population,
                 "healthy": c.healthy,
                 "failed": c.failed,

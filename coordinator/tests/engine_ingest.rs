@@ -356,6 +356,57 @@ fn engine_reports_from_unopened_waves_do_not_count() {
     );
 }
 
+/// RO-007 (ROLL-7): every member of the wave looks offline (a broker restart,
+/// before the retained online flags are read again): the gate holds and says
+/// why instead of passing an empty population; once devices come online and
+/// report it moves on.
+#[test]
+fn engine_gate_holds_when_the_whole_wave_looks_offline() {
+    let mut t = T::new();
+    for i in 0..20 {
+        t.send(
+            topic_hello(i),
+            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+        );
+        // Their Last Will: offline.
+        t.send(format!("swell/v1/dev/{}/online", dev(i)), b"0");
+    }
+    let rel = release(2, "2.0.0");
+    let r = t.command(create_cmd(
+        "r",
+        &rel,
+        &["100%"],
+        json!({"bake": "0s", "install_timeout": "1s"}),
+    ));
+    assert_eq!(r["ok"], true);
+    let id = RolloutId::new("r").unwrap();
+    // Well past the bake and the install deadline, nobody online, no report.
+    for dt in [0, 5, 60, 3_600] {
+        t.e.step_active(t.now + dt).unwrap();
+        t.e.settle(t.now + dt);
+    }
+    let s = t.e.status(&id, t.now + 3_600).unwrap();
+    assert_eq!(s["waves"][0]["planned"], 20, "{s:#}");
+    assert_eq!(s["waves"][0]["population"], 0);
+    assert_ne!(s["phase"], "completed", "{s:#}");
+    let waiting = s.to_string();
+    assert!(
+        waiting.contains("none of the wave's 20 devices has been online"),
+        "{s:#}"
+    );
+    // Evidence arrives: they come online and report; the gate passes.
+    for i in 0..20 {
+        t.send(format!("swell/v1/dev/{}/online", dev(i)), b"1");
+        t.send(
+            topic_report(i),
+            &report(i, &key(i), 2, "r", rel.id(), Phase::Committed, 0),
+        );
+    }
+    t.e.step_active(t.now + 3_601).unwrap();
+    let s = t.e.status(&id, t.now + 3_601).unwrap();
+    assert_eq!(s["phase"], "completed", "{s:#}");
+}
+
 /// A wave opens in O(1): the manifest comes out of `step_active` before the
 /// opened wave is walked, and the status (with the new wave's population)
 /// follows from `settle`. Gates never judge an unwalked wave.
@@ -416,18 +467,7 @@ fn engine_opens_a_wave_before_walking_it() {
 fn engine_replay_floor_held_by_stored_reports_survives_restart_and_removal() {
     let dir = tempfile::tempdir().unwrap();
     let open = |now: u64| {
-        // sled's flusher thread lets go of the database's file lock shortly
-        // after the engine that used it is dropped ("could not acquire lock"
-        // if reopened at once).
-        let path = dir.path().join("db");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let store = loop {
-            match SledStore::open(&path) {
-                Ok(s) => break Arc::new(s),
-                Err(e) if std::time::Instant::now() >= deadline => panic!("{e}"),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        };
+        let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
         Engine::start(settings(1), store, now).unwrap().0
     };
     let now = unix_now();

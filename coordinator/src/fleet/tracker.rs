@@ -174,6 +174,7 @@ impl Tracker {
         if self.members.len() <= slot {
             self.members.resize(slot + 1, Member::NONE);
         }
+        self.counts[usize::from(m.wave)].planned += 1;
         self.members[slot] = m;
         self.member_count += 1;
         if open && online {

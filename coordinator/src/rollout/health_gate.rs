@@ -15,6 +15,10 @@
 //! - **gate**, after the bake: enough reports, success share at or above the
 //!   threshold and failure share at or below the limit, on point estimates; once the
 //!   install deadline has passed, silent and unfinished devices count as failed.
+//!   A wave with planned members never passes on zero reports (ROLL-7): when
+//!   none of them has been seen online since it opened (a broker restart before
+//!   the retained online flags were read again, say) the gate holds and says
+//!   so; only an operator's `promote` moves it on without evidence.
 
 use super::spec::GateSpec;
 use serde::{Deserialize, Serialize};
@@ -23,6 +27,10 @@ use swell_protocol::cohort::PPM_FULL;
 /// Device counts of one wave (or of several, added up).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaveCounts {
+    /// Members assigned to the wave, online or not (0 in decisions stored
+    /// before it was counted).
+    #[serde(default)]
+    pub planned: u32,
     /// Devices of the wave seen online since it opened.
     pub population: u32,
     pub healthy: u32,
@@ -45,6 +53,7 @@ impl WaveCounts {
     }
 
     pub fn add(&mut self, o: &WaveCounts) {
+        self.planned += o.planned;
         self.population += o.population;
         self.healthy += o.healthy;
         self.failed += o.failed;
@@ -124,6 +133,15 @@ pub fn evaluate(
     } else {
         0
     };
+    // ROLL-7: no pass without evidence. (With devices online and the deadline
+    // past, their silence is the evidence: they count as failed below.)
+    let reports = wave.finished() + wave.in_progress;
+    if wave.planned > 0 && reports == 0 && wave.population == 0 {
+        return Verdict::Hold(format!(
+            "none of the wave's {} devices has been online since it opened: no evidence to pass on (promote to pass without it)",
+            wave.planned
+        ));
+    }
     let failed = wave.failed + late;
     let considered =
         wave.healthy + wave.failed + wave.in_progress + if timed_out { wave.silent() } else { 0 };
@@ -180,6 +198,7 @@ mod tests {
 
     fn c(population: u32, healthy: u32, failed: u32, in_progress: u32) -> WaveCounts {
         WaveCounts {
+            planned: population,
             population,
             healthy,
             failed,
@@ -212,6 +231,43 @@ mod tests {
             };
             assert_eq!(got, *want, "{counts:?} timed_out={timed_out}: {v:?}");
         }
+    }
+
+    // RO-007 (ROLL-7): a wave with planned members never passes on zero reports.
+    #[test]
+    fn health_gate_holds_without_evidence() {
+        let g = gate();
+        let offline = WaveCounts {
+            planned: 40,
+            ..WaveCounts::default()
+        };
+        for timed_out in [false, true] {
+            match evaluate(&g, &offline, &offline, timed_out) {
+                Verdict::Hold(why) => {
+                    assert!(why.contains("none of the wave's 40 devices"), "{why}")
+                }
+                v => panic!("timed_out={timed_out}: {v:?}"),
+            }
+        }
+        // A wave nobody was assigned to has nothing to wait for.
+        assert_eq!(
+            evaluate(&g, &WaveCounts::default(), &WaveCounts::default(), false),
+            Verdict::Proceed
+        );
+        // Online and silent past the deadline: the silence is the evidence.
+        let silent = WaveCounts {
+            planned: 40,
+            population: 40,
+            ..WaveCounts::default()
+        };
+        assert!(matches!(
+            evaluate(&g, &silent, &silent, true),
+            Verdict::Halt(_)
+        ));
+        assert!(matches!(
+            evaluate(&g, &silent, &silent, false),
+            Verdict::Hold(_)
+        ));
     }
 
     // RO-002: a breach halts whatever the wave's own numbers say.

@@ -267,6 +267,41 @@ impl Drop for FoldThread {
     }
 }
 
+/// How long an open waits for the database's file lock. sled's flush jobs hold
+/// the lock a moment after the last handle in this process is dropped, so a
+/// reopen right after a drop (a restarted engine, a test) found it taken.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(500))
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(StoreError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} is in use by another process (its file lock was not released within {} s): {e}",
+                        dir.display(),
+                        LOCK_WAIT.as_secs()
+                    ),
+                )));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// A poisoned lock only means another thread panicked while holding it; the
 /// data behind these locks stays consistent (appends and folds are whole).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -290,11 +325,7 @@ impl SledStore {
     }
 
     pub fn open_tuned(dir: &Path, tuning: Tuning) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(tuning.cache_bytes)
-            .flush_every_ms(Some(500))
-            .open()?;
+        let db = open_sled(dir, tuning.cache_bytes)?;
         let records = dir.join(RECORDS_DIR);
         std::fs::create_dir_all(&records)?;
         // A fold that died before its rename leaves a partial snapshot.
@@ -939,17 +970,23 @@ mod tests {
     }
 
     fn reopen(dir: &Path, tuning: Tuning) -> SledStore {
-        // sled's flusher thread may hold the file lock a moment after a drop.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match SledStore::open_tuned(dir, tuning) {
-                Ok(s) => return s,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
+        SledStore::open_tuned(dir, tuning).unwrap()
+    }
+
+    // A reopen right after a drop waits for sled's flush jobs to let go of the
+    // file lock (a one-in-fifteen failure of the suite before); a second open
+    // while the first is alive says the database is in use.
+    #[test]
+    fn store_reopens_at_once_and_refuses_a_second_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..20 {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.flush().unwrap();
         }
+        let held = SledStore::open(dir.path()).unwrap();
+        let second = SledStore::open(dir.path()).unwrap_err().to_string();
+        assert!(second.contains("in use by another process"), "{second}");
+        drop(held);
     }
 
     #[test]
