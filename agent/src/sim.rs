@@ -55,6 +55,10 @@ pub struct SimConfig {
     /// Download artifacts that carry URLs for real (HTTP, length cap, SHA-256)
     /// instead of simulating it; at most this many at once per connection.
     pub fetch_concurrency: usize,
+    /// A gateway's user name and password: the simulated devices share a few
+    /// connections, so the broker knows them as one gateway (each device still
+    /// signs its own messages).
+    pub credentials: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for SimConfig {
@@ -244,7 +248,15 @@ async fn run_conn(
     stop: Arc<AtomicBool>,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
-    let mut opts = MqttOptions::new(format!("{}sim-{c}", cfg.prefix), cfg.host.clone(), cfg.port);
+    // A gateway's client ids (swell-broker's rules).
+    let mut opts = MqttOptions::new(
+        format!("swell-gw-{}sim-{c}", cfg.prefix),
+        cfg.host.clone(),
+        cfg.port,
+    );
+    if let Some((u, p)) = &cfg.credentials {
+        opts.set_credentials(u.clone(), p.clone());
+    }
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(Some(1 << 20));
     let (client, mut eventloop) = AsyncClient::new(opts, 100_000);

@@ -42,7 +42,7 @@ fn lines(p: &Path) -> Vec<String> {
 async fn agent_command_backend_drives_rauc() {
     let broker = Broker::start();
     let files = ArtifactServer::start().await;
-    let control = Control::start(broker.port).await;
+    let control = Control::start(&broker).await;
     control.publish_keys().await;
     control.start_beacons();
     let dir = tempfile::tempdir().unwrap();
@@ -69,7 +69,7 @@ case "$1" in
 esac
 "#,
     );
-    let mut spec = AgentSpec::new("dev-rauc", broker.port);
+    let mut spec = broker.agent_spec("dev-rauc").await;
     spec.backend =
         "[install]\nbackend = \"command\"\nprobation = \"1s\"\nprobe_interval = \"200ms\"\n\
                     [install.command]\npreset = \"rauc\"\ntimeout = \"10s\"\n"
@@ -173,7 +173,7 @@ fn container_release(counter: u64, repo: &str, digest_seed: &str) -> ThresholdSi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_container_backend_drives_podman() {
     let broker = Broker::start();
-    let control = Control::start(broker.port).await;
+    let control = Control::start(&broker).await;
     control.publish_keys().await;
     control.start_beacons();
     let dir = tempfile::tempdir().unwrap();
@@ -192,8 +192,7 @@ case "$1" in
 esac
 "#,
     );
-    let mut spec = AgentSpec::new("dev-pod", 0);
-    spec.broker_port = broker.port;
+    let mut spec = broker.agent_spec("dev-pod").await;
     spec.backend = "[install]\nbackend = \"container\"\nprobation = \"1s\"\nprobe_interval = \"200ms\"\n\
                     [install.container]\ncli = \"podman\"\nname = \"web\"\nrun_args = [\"--network=host\"]\n"
         .into();

@@ -19,11 +19,11 @@ fn program(version: &str) -> Vec<u8> {
 async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
     let broker = Broker::start();
     let files = ArtifactServer::start().await;
-    let control = Control::start(broker.port).await;
+    let control = Control::start(&broker).await;
     control.publish_keys().await;
     control.start_beacons();
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = AgentSpec::new("dev-1", broker.port);
+    let mut spec = broker.agent_spec("dev-1").await;
     spec.backend
         .push_str("[install.slots]\nrun = [\"artifact-0\"]\n");
     // Healthy while the supervised program runs and its bundle is not marked bad.
@@ -149,10 +149,10 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
 async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     let broker = Broker::start();
     let files = ArtifactServer::start().await;
-    let control = Control::start(broker.port).await;
+    let control = Control::start(&broker).await;
     control.publish_keys().await;
     let dir = tempfile::tempdir().unwrap();
-    let agent = AgentProc::start(&AgentSpec::new("dev-2", broker.port), dir.path());
+    let agent = AgentProc::start(&broker.agent_spec("dev-2").await, dir.path());
     control.wait_hello("dev-2", 20).await;
     let good = program("2.0");
 

@@ -40,11 +40,11 @@ fn content_probe(dir: &std::path::Path) -> String {
 async fn agent_resumes_an_interrupted_download_with_range() {
     let broker = Broker::start();
     let files = ArtifactServer::start().await;
-    let control = Control::start(broker.port).await;
+    let control = Control::start(&broker).await;
     control.publish_keys().await;
     control.start_beacons();
     let dir = tempfile::tempdir().unwrap();
-    let agent = AgentProc::start(&AgentSpec::new("dev-r", broker.port), dir.path());
+    let agent = AgentProc::start(&broker.agent_spec("dev-r").await, dir.path());
     control.wait_hello("dev-r", 20).await;
 
     let data = bundle("2.0", 256 * 1024, false);
@@ -77,11 +77,11 @@ async fn agent_resumes_an_interrupted_download_with_range() {
 async fn agent_gives_up_on_a_slow_server_in_bounded_time() {
     let broker = Broker::start();
     let files = ArtifactServer::start().await;
-    let control = Control::start(broker.port).await;
+    let control = Control::start(&broker).await;
     control.publish_keys().await;
     control.start_beacons();
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = AgentSpec::new("dev-s", broker.port);
+    let mut spec = broker.agent_spec("dev-s").await;
     spec.download =
         "[download]\nmin_bytes_per_sec = 5000\nwatchdog = \"1s\"\ndeadline = \"4s\"\n".into();
     let agent = AgentProc::start(&spec, dir.path());
@@ -120,11 +120,15 @@ async fn agent_outbox_drains_in_order_after_an_offline_period() {
     let broker = Broker::start();
     let proxy = Proxy::start(broker.port).await.unwrap();
     let files = ArtifactServer::start().await;
-    let control = Control::start(broker.port).await;
+    let control = Control::start(&broker).await;
     control.publish_keys().await;
     control.start_beacons();
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = AgentSpec::new("dev-o", proxy.port);
+    let mut spec = {
+        let mut s = broker.agent_spec("dev-o").await;
+        s.broker_port = proxy.port;
+        s
+    };
     spec.heartbeat = "300ms";
     let mut agent = AgentProc::start(&spec, dir.path());
     control.wait_hello("dev-o", 20).await;
@@ -233,11 +237,11 @@ async fn agent_survives_sigkill_at_every_journal_state() {
         .unwrap_or(12);
     let broker = Broker::start();
     let files = ArtifactServer::start().await;
-    let control = Control::start(broker.port).await;
+    let control = Control::start(&broker).await;
     control.publish_keys().await;
     control.start_beacons();
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = AgentSpec::new("dev-k", broker.port);
+    let mut spec = broker.agent_spec("dev-k").await;
     spec.probes = content_probe(dir.path());
     let mut agent = AgentProc::start(&spec, dir.path());
     control.wait_hello("dev-k", 20).await;

@@ -1,7 +1,7 @@
 //! `swell bench fleet`: how a full rollout scales, measured against the broker's
 //! own limit in the same run (BENCHMARKS.md).
 //!
-//! One run: a broker (embedded rumqttd, a Mosquitto started here with tuned
+//! One run: a broker (the embedded one, a Mosquitto started here with tuned
 //! limits, or a URL), the coordinator as a child process (so its CPU and peak
 //! RSS are its own), and N simulated devices running the real agent logic, each
 //! signing its own Hello and Reports. It measures:
@@ -35,7 +35,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use swell_agent::sim::{self, SimConfig};
-use swell_coordinator::broker;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
@@ -55,6 +54,17 @@ pub enum BenchCmd {
     /// (internal) The coordinator process of `bench fleet`.
     #[command(hide = true)]
     Coordinator(ChildArgs),
+    /// (internal) The embedded broker in a process of its own, so `bench fleet`
+    /// charges its CPU and memory to it.
+    #[command(hide = true)]
+    Broker(BrokerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Its credentials directory.
+    #[arg(long)]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -62,8 +72,9 @@ pub struct FleetArgs {
     /// Simulated devices.
     #[arg(long, default_value_t = 10_000)]
     devices: usize,
-    /// `embedded` (rumqttd in this process), `mosquitto` (Debian's mosquitto
-    /// started here on a free port with raised queue limits) or mqtt://host:port.
+    /// `embedded` (Swell's embedded broker, in a process of its own),
+    /// `mosquitto` (Debian's mosquitto started here on a free port with raised
+    /// queue limits, anonymous) or mqtt://host:port (anonymous).
     #[arg(long, default_value = "embedded")]
     broker: String,
     /// MQTT connections the devices share (default: one per 2,000, 2 to 64).
@@ -112,6 +123,11 @@ pub struct ChildArgs {
     strict_signatures: bool,
     #[arg(long)]
     db_cache_mib: Option<u64>,
+    /// The broker's coordinator login (the embedded broker's).
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long)]
+    password_file: Option<PathBuf>,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -122,6 +138,62 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Fleet(a) => rt.block_on(fleet(a)),
         BenchCmd::Coordinator(a) => rt.block_on(child(a)),
+        BenchCmd::Broker(a) => broker_child(a),
+    }
+}
+
+/// The embedded broker of `bench fleet --broker embedded`: prints `ready {pid}
+/// {port}` and serves until stdin closes.
+fn broker_child(a: BrokerArgs) -> Result<()> {
+    let creds = swell_broker::Credentials::load_or_create(&a.dir)?;
+    let b = swell_broker::EmbeddedBroker::start(swell_broker::BrokerConfig::new(
+        "127.0.0.1:0".parse()?,
+        creds,
+        swell_broker::Rules::new(Topics::default().prefix(), Some(FLEET)),
+    ))?;
+    println!("ready {} {}", std::process::id(), b.addr().port());
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(b);
+    Ok(())
+}
+
+/// A child process of the benchmark (the broker), killed on drop.
+struct BrokerProc {
+    child: std::process::Child,
+    pid: u32,
+    port: u16,
+}
+
+impl BrokerProc {
+    fn start(dir: &std::path::Path) -> Result<BrokerProc> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["bench", "broker", "--dir"])
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the broker process")?;
+        let out = child.stdout.take().context("broker stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        let mut it = line.split_whitespace().skip(1);
+        let (Some(pid), Some(port)) = (
+            it.next().and_then(|p| p.parse().ok()),
+            it.next().and_then(|p| p.parse().ok()),
+        ) else {
+            let _ = child.kill();
+            bail!("the broker process did not start: {line:?}");
+        };
+        Ok(BrokerProc { child, pid, port })
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 }
 
@@ -156,11 +228,15 @@ async fn child(a: ChildArgs) -> Result<()> {
     let cancel = CancellationToken::new();
     let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
     let metrics = Arc::new(Metrics::new());
+    let credentials = match (a.username, a.password_file) {
+        (Some(u), Some(f)) => Some((u, std::fs::read_to_string(f)?.trim().to_string())),
+        _ => None,
+    };
     let mqtt = MqttConfig {
         host: a.host,
         port: a.port,
-        client_id: format!("swell-bench-coordinator-{}", std::process::id()),
-        credentials: None,
+        client_id: format!("swell-coordinator-bench-{}", std::process::id()),
+        credentials,
         keep_alive: Duration::from_secs(30),
         max_packet: 256 * 1024,
         // As in production: a million-Hello burst delays the broker's PINGRESP
@@ -253,7 +329,7 @@ struct ChildProc {
 }
 
 impl ChildProc {
-    fn start(host: &str, port: u16, a: &FleetArgs) -> Result<ChildProc> {
+    fn start(host: &str, port: u16, a: &FleetArgs, logins: &Logins) -> Result<ChildProc> {
         let dir = tempfile::tempdir()?;
         let summary = dir.path().join("summary.json");
         let exe = std::env::current_exe()?;
@@ -279,6 +355,11 @@ impl ChildProc {
         }
         if let Some(m) = a.db_cache_mib {
             cmd.arg("--db-cache-mib").arg(m.to_string());
+        }
+        if let Some((user, password)) = &logins.coordinator {
+            let file = dir.path().join("coordinator.password");
+            std::fs::write(&file, password)?;
+            cmd.args(["--username", user, "--password-file"]).arg(&file);
         }
         let mut child = cmd
             .arg("--summary")
@@ -340,8 +421,18 @@ impl Drop for ChildProc {
     }
 }
 
+/// The broker's logins for the benchmark's clients (none: anonymous).
+#[derive(Debug, Default)]
+struct Logins {
+    coordinator: Option<(String, String)>,
+    operator: Option<(String, String)>,
+    gateway: Option<(String, String)>,
+}
+
 /// The broker's raw relay: `count` QoS 1 messages of `size` bytes from
-/// `connections` publishers to one plain subscriber. Messages per second.
+/// `connections` publishers (gateways, on device report topics) to one plain
+/// subscriber (the coordinator's user). Messages per second.
+#[allow(clippy::too_many_arguments)]
 async fn relay_rate(
     host: &str,
     port: u16,
@@ -350,13 +441,17 @@ async fn relay_rate(
     size: usize,
     topic_len: usize,
     roles: &Roles,
+    logins: &Logins,
 ) -> Result<(f64, Spent)> {
     let received = Arc::new(AtomicU64::new(0));
     let mut opts = MqttOptions::new(
-        format!("bench-relay-sub-{}", std::process::id()),
+        format!("swell-coordinator-bench-relay-{}", std::process::id()),
         host,
         port,
     );
+    if let Some((u, p)) = &logins.coordinator {
+        opts.set_credentials(u.clone(), p.clone());
+    }
     opts.set_max_packet_size(Some(1 << 20));
     opts.set_keep_alive(Duration::from_secs(60));
     let (sub, mut el) = AsyncClient::new(opts, 1_000);
@@ -373,7 +468,7 @@ async fn relay_rate(
                     }
                 }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = sub.try_subscribe("bench/relay/+/x", QoS::AtLeastOnce);
+                    let _ = sub.try_subscribe("swell/v1/dev/+/report", QoS::AtLeastOnce);
                 }
                 Ok(Event::Incoming(Packet::Publish(_))) => {
                     r.fetch_add(1, Ordering::Relaxed);
@@ -387,21 +482,26 @@ async fn relay_rate(
         .await
         .context("relay subscriber")??;
     // Topics as long as the devices' report topics.
-    let pad = topic_len.saturating_sub("bench/relay//x".len() + 5).max(1);
+    let pad = topic_len
+        .saturating_sub("swell/v1/dev/relay-/report".len() + 5)
+        .max(1);
     let payload = vec![0x5a; size];
     let from = roles.mark();
     let mut pubs = Vec::new();
     for c in 0..connections {
         let share = count / connections as u64 + u64::from((c as u64) < count % connections as u64);
         let mut opts = MqttOptions::new(
-            format!("bench-relay-pub-{c}-{}", std::process::id()),
+            format!("swell-gw-bench-relay-{c}-{}", std::process::id()),
             host,
             port,
         );
+        if let Some((u, p)) = &logins.gateway {
+            opts.set_credentials(u.clone(), p.clone());
+        }
         opts.set_max_packet_size(Some(1 << 20));
         opts.set_keep_alive(Duration::from_secs(60));
         let (client, mut el) = AsyncClient::new(opts, 10_000);
-        let topic = format!("bench/relay/{c:05}{}/x", "p".repeat(pad));
+        let topic = format!("swell/v1/dev/relay-{c:05}{}/report", "p".repeat(pad));
         let payload = payload.clone();
         pubs.push(tokio::spawn(async move {
             let poller = tokio::spawn(async move {
@@ -451,18 +551,33 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     let limit = humantime::parse_duration(&a.timeout).context("--timeout")?;
     let keys = demo_keys(a.seed)?;
     let mut mosquitto = None;
+    let mut embedded = None;
+    let broker_dir = tempfile::tempdir()?;
+    let mut logins = Logins::default();
     let (host, port, broker_name) = match a.broker.as_str() {
         "embedded" => {
-            let addr = broker::free_addr("127.0.0.1")?;
-            broker::start(addr, None).map_err(anyhow::Error::msg)?;
+            let creds = swell_broker::Credentials::load_or_create(broker_dir.path())?;
+            let login = |role: swell_broker::Role, user: &str| {
+                creds
+                    .password(role)
+                    .map(|p| (user.to_string(), p.to_string()))
+            };
+            logins = Logins {
+                coordinator: login(swell_broker::Role::Coordinator, "coordinator"),
+                operator: login(swell_broker::Role::Operator, "operator"),
+                gateway: login(swell_broker::Role::Gateway, "gateway"),
+            };
+            let b = BrokerProc::start(broker_dir.path())?;
+            let port = b.port;
+            embedded = Some(b);
             (
-                addr.ip().to_string(),
-                addr.port(),
-                "embedded rumqttd".to_string(),
+                "127.0.0.1".to_string(),
+                port,
+                "embedded (rmqtt with Swell's checks, own process)".to_string(),
             )
         }
         "mosquitto" => {
-            let m = swell_e2e::mosquitto::Mosquitto::start()
+            let m = swell_e2e::mosquitto::Mosquitto::start_relaxed()
                 .map_err(|e| anyhow::anyhow!("mosquitto: {e:?}"))?;
             let port = m.port();
             mosquitto = Some(m);
@@ -498,11 +613,15 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "swell bench fleet: {} devices on {connections} connections, broker {broker_name} at {host}:{port}, QoS 1, signatures checked: {signature_check}",
         a.devices,
     ));
-    let coordinator = ChildProc::start(&host, port, &a)?;
+    let coordinator = ChildProc::start(&host, port, &a, &logins)?;
     let coordinator_pid = coordinator.pid.to_string();
+    let broker_pid = mosquitto
+        .as_ref()
+        .map(|m| m.pid())
+        .or(embedded.as_ref().map(|b| b.pid));
     let roles = Roles {
         coordinator: Some(coordinator_pid.clone()),
-        broker: mosquitto.as_ref().map(|m| m.pid().to_string()),
+        broker: broker_pid.map(|p| p.to_string()),
         clients: "self".into(),
     };
     let v2 = release(2, &keys)?;
@@ -529,14 +648,22 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         probation: Duration::ZERO,
         work: Duration::ZERO,
         fetch_concurrency: 0,
+        credentials: logins.gateway.clone(),
     };
     // The operator connects first: during a million-device Hello burst the
     // broker may not accept a new connection in time.
     let mut ops = OpsClient::connect(
-        &host,
-        port,
+        &MqttConfig {
+            host: host.clone(),
+            port,
+            client_id: format!("swell-bench-operator-{}", std::process::id()),
+            credentials: logins.operator.clone(),
+            keep_alive: Duration::from_secs(30),
+            max_packet: 1 << 20,
+            persistent: false,
+            tls: None,
+        },
         Topics::default(),
-        &format!("swell-bench-operator-{}", std::process::id()),
     )
     .await?;
     let t0 = Instant::now();
@@ -633,9 +760,14 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         size,
         topic_len,
         &relay_roles,
+        &logins,
     )
     .await?;
+    // The broker's peak resident memory over the whole run (enrollment,
+    // rollout and relay).
+    let broker_rss_kib = broker_pid.map(|p| proc_usage(&p.to_string()).1);
     drop(mosquitto);
+    drop(embedded);
     // The cores this process (the fleet) and its children (the broker, and the
     // coordinator unless `--wrap-coordinator` pins it elsewhere) may run on.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -671,6 +803,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         "reports": reports,
         "ingest_reports_per_second": ingest,
         "relay_messages_per_second": relay,
+        "broker_peak_rss_kib": broker_rss_kib,
         "relay_seconds": relay_cpu.seconds,
         "message_bytes": size,
         "ratio": ingest / relay,
@@ -711,6 +844,12 @@ async fn fleet(a: FleetArgs) -> Result<()> {
         relay_cpu.seconds
     );
     println!("ratio ingest / relay: {:.2}", ingest / relay);
+    if let Some(kib) = broker_rss_kib {
+        println!(
+            "broker: peak RSS {:.1} MiB over enrollment, rollout and relay",
+            kib as f64 / 1024.0
+        );
+    }
     println!(
         "coordinator: {cpu:.1} CPU s over enrollment + rollout ({:.0}% of one core), peak RSS {:.1} MiB ({} B per device)",
         100.0

@@ -15,11 +15,11 @@ use sha2::{Digest as _, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use swell_agent::sim::{self, SimConfig};
+use swell_coordinator::durable;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
 use swell_coordinator::transport::mqtt::{MqttConfig, parse_url};
-use swell_coordinator::{broker, durable};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
 use swell_protocol::threshold::ThresholdSigned;
@@ -197,6 +197,11 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         t.say(format!("  {v:<10} release id {}", r.id().short()));
     }
 
+    let state = tempfile::tempdir()?;
+    let fleet = FleetId::new("demo")?;
+    let topics = Topics::default();
+    // Kept until the end: dropping it stops the broker.
+    let mut embedded = None;
     let (host, port) = match &args.broker {
         Some(url) => {
             let u = parse_url(url)?;
@@ -206,16 +211,22 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
             (u.host, u.port)
         }
         None => {
-            let addr = broker::free_addr("127.0.0.1")?;
-            broker::start(addr, None).map_err(anyhow::Error::msg)?;
-            t.say(format!("embedded MQTT broker (rumqttd) on {addr}"));
+            let creds = swell_broker::Credentials::load_or_create(&state.path().join("broker"))?;
+            let b = swell_broker::EmbeddedBroker::start(swell_broker::BrokerConfig::new(
+                "127.0.0.1:0".parse()?,
+                creds,
+                swell_broker::Rules::new(topics.prefix(), Some(fleet.as_str())),
+            ))?;
+            let addr = b.addr();
+            t.say(format!(
+                "embedded MQTT broker on {addr} (every client logs in: coordinator, operator, a gateway for the simulated devices)"
+            ));
+            embedded = Some(b);
             (addr.ip().to_string(), addr.port())
         }
     };
+    let login = |role| embedded.as_ref().and_then(|b| b.login(role));
 
-    let state = tempfile::tempdir()?;
-    let fleet = FleetId::new("demo")?;
-    let topics = Topics::default();
     let settings = Settings {
         fleet: fleet.clone(),
         topics: topics.clone(),
@@ -235,8 +246,8 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     let mqtt = MqttConfig {
         host: host.clone(),
         port,
-        client_id: format!("swell-demo-coordinator-{}", std::process::id()),
-        credentials: None,
+        client_id: format!("swell-coordinator-demo-{}", std::process::id()),
+        credentials: login(swell_broker::Role::Coordinator),
         keep_alive: Duration::from_secs(30),
         max_packet: 256 * 1024,
         persistent: false,
@@ -303,6 +314,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         probation: Duration::from_secs(1),
         work: Duration::from_millis(150),
         fetch_concurrency: 16,
+        credentials: login(swell_broker::Role::Gateway),
     };
     let fleet_sim = sim::start(sim_cfg).await.map_err(anyhow::Error::msg)?;
     t.say(format!(
@@ -311,10 +323,17 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     ));
 
     let mut ops = OpsClient::connect(
-        &host,
-        port,
+        &MqttConfig {
+            host: host.clone(),
+            port,
+            client_id: format!("swell-demo-operator-{}", std::process::id()),
+            credentials: login(swell_broker::Role::Operator),
+            keep_alive: Duration::from_secs(30),
+            max_packet: 1 << 20,
+            persistent: false,
+            tls: None,
+        },
         topics,
-        &format!("swell-demo-operator-{}", std::process::id()),
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(120);

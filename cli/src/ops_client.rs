@@ -5,11 +5,12 @@
 use anyhow::{Context as _, Result, bail};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
 use swell_coordinator::ops::OPS_DOMAIN;
+use swell_mqtt::MqttConfig;
 use swell_protocol::SecretKey;
 use swell_protocol::topics::Topics;
 use tokio::sync::mpsc;
@@ -38,18 +39,24 @@ pub struct OpsClient {
 }
 
 impl OpsClient {
-    /// Connects and subscribes to replies, statuses and events.
-    pub async fn connect(
-        host: &str,
-        port: u16,
-        topics: Topics,
-        client_id: &str,
-    ) -> Result<OpsClient> {
-        let mut opts = MqttOptions::new(client_id, host, port);
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(Some(1 << 20));
+    /// Connects and subscribes to replies, statuses and events. Replies come on
+    /// `swell-ops/{user}/{client id}/replies`: a broker that enforces Swell's
+    /// rules lets only this operator's user read them.
+    pub async fn connect(cfg: &MqttConfig, topics: Topics) -> Result<OpsClient> {
+        let (host, port) = (cfg.host.as_str(), cfg.port);
+        let mut opts = swell_mqtt::options(cfg, None);
+        // Replies and statuses change nothing on disk here: acked on arrival.
+        opts.set_manual_acks(false);
         let (client, mut eventloop) = AsyncClient::new(opts, 1_000);
-        let reply_topic = format!("swell-ops/{client_id}/replies");
+        let user = cfg
+            .credentials
+            .as_ref()
+            .map_or("anonymous", |(u, _)| u.as_str());
+        let reply_topic = format!(
+            "{}/{user}/{}/replies",
+            swell_broker::rules::REPLIES_ROOT,
+            cfg.client_id
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let (up_tx, up_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let t = topics.clone();
@@ -227,8 +234,10 @@ mod tests {
 
     /// Stands in for the coordinator: answers every command with its id and
     /// how many commands it has seen.
-    async fn answer_commands(port: u16, topics: Topics) {
-        let opts = MqttOptions::new("ops-test-coordinator", "127.0.0.1", port);
+    async fn answer_commands(port: u16, topics: Topics, login: (String, String)) {
+        let mut opts =
+            rumqttc::v5::MqttOptions::new("swell-coordinator-ops-test", "127.0.0.1", port);
+        opts.set_credentials(login.0, login.1);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         client
             .subscribe(topics.ops_cmd(), QoS::AtLeastOnce)
@@ -259,14 +268,25 @@ mod tests {
     /// lost and each command waits for its deadline.
     #[tokio::test]
     async fn commands_are_answered_after_the_link_comes_back() {
-        let addr = swell_coordinator::broker::free_addr("127.0.0.1").unwrap();
-        swell_coordinator::broker::start(addr, None).unwrap();
+        let b = swell_e2e::broker::TestBroker::embedded();
         let topics = Topics::default();
-        tokio::spawn(answer_commands(addr.port(), topics.clone()));
-        let proxy = Proxy::start(addr.port()).await.unwrap();
-        let mut ops = OpsClient::connect("127.0.0.1", proxy.port, topics, "ops-reconnect")
-            .await
-            .unwrap();
+        tokio::spawn(answer_commands(
+            b.port,
+            topics.clone(),
+            b.login(swell_broker::Role::Coordinator),
+        ));
+        let proxy = Proxy::start(b.port).await.unwrap();
+        let cfg = MqttConfig {
+            host: "127.0.0.1".into(),
+            port: proxy.port,
+            client_id: "ops-reconnect".into(),
+            credentials: Some(b.login(swell_broker::Role::Operator)),
+            keep_alive: Duration::from_secs(30),
+            max_packet: 1 << 20,
+            persistent: false,
+            tls: None,
+        };
+        let mut ops = OpsClient::connect(&cfg, topics).await.unwrap();
         let first = ops
             .command(json!({"op": "list"}), Duration::from_secs(20))
             .await

@@ -9,13 +9,13 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use swell_coordinator::transport::mqtt::parse_url;
+use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_protocol::topics::{DEFAULT_PREFIX, Topics};
 
-/// Where the coordinator listens.
+/// Where the coordinator listens, and how to log in to its broker.
 #[derive(Debug, Args)]
 pub struct Conn {
-    /// Broker URL.
+    /// Broker URL: mqtt://host:port, or mqtts://host:port with --ca-file.
     #[arg(
         long,
         env = "SWELL_BROKER",
@@ -23,6 +23,23 @@ pub struct Conn {
         global = true
     )]
     broker: String,
+    /// Broker user name (an operator's; `operator` on the embedded broker).
+    #[arg(long, env = "SWELL_USERNAME", global = true)]
+    username: Option<String>,
+    /// File holding the broker password (never the password itself on the
+    /// command line); `swell-coordinator broker-password operator` prints the
+    /// embedded broker's.
+    #[arg(long, env = "SWELL_PASSWORD_FILE", global = true)]
+    password_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the broker's certificate (mqtts://).
+    #[arg(long, env = "SWELL_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "SWELL_CLIENT_CERT", global = true)]
+    client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "SWELL_CLIENT_KEY", global = true)]
+    client_key: Option<PathBuf>,
     /// Topic prefix.
     #[arg(long, env = "SWELL_TOPIC_PREFIX", default_value = DEFAULT_PREFIX, global = true)]
     topic_prefix: String,
@@ -114,23 +131,64 @@ pub enum RolloutCmd {
 }
 
 impl Conn {
-    /// Broker host, port, topic prefix and output format (plain MQTT only).
-    pub fn endpoint(&self) -> Result<(String, u16, String, Output)> {
+    pub fn topics(&self) -> Result<Topics> {
+        Ok(Topics::new(&self.topic_prefix)?)
+    }
+
+    pub fn output(&self) -> Output {
+        self.output
+    }
+
+    /// The session settings: broker, credentials, TLS (rustls with ring).
+    pub fn mqtt(&self, client_id: String) -> Result<MqttConfig> {
         let u = parse_url(&self.broker)?;
-        if u.tls {
-            bail!("the CLI connects without TLS in this version; give an mqtt:// broker");
-        }
-        Topics::new(&self.topic_prefix)?;
-        Ok((u.host, u.port, self.topic_prefix.clone(), self.output))
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let credentials = match (&self.username, &self.password_file) {
+            (Some(user), Some(file)) => {
+                let pw = String::from_utf8(read(file)?)
+                    .with_context(|| format!("{} is not UTF-8", file.display()))?;
+                Some((user.clone(), pw.trim_end_matches(['\n', '\r']).to_string()))
+            }
+            (Some(_), None) => bail!("--username needs --password-file"),
+            (None, Some(_)) => bail!("--password-file needs --username"),
+            (None, None) => None,
+        };
+        let tls = if u.tls {
+            let ca = self
+                .ca_file
+                .as_ref()
+                .with_context(|| format!("{} is TLS: --ca-file is required", self.broker))?;
+            let client = match (&self.client_cert, &self.client_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                (None, None) => None,
+                _ => bail!("--client-cert and --client-key go together"),
+            };
+            Some(TlsPem {
+                ca: read(ca)?,
+                client,
+            })
+        } else {
+            if self.ca_file.is_some() || self.client_cert.is_some() || self.client_key.is_some() {
+                bail!("TLS files given but {} is not mqtts://", self.broker);
+            }
+            None
+        };
+        Ok(MqttConfig {
+            host: u.host,
+            port: u.port,
+            client_id,
+            credentials,
+            keep_alive: Duration::from_secs(30),
+            max_packet: 1 << 20,
+            persistent: false,
+            tls,
+        })
     }
 }
 
 async fn connect(c: &Conn) -> Result<OpsClient> {
-    let u = parse_url(&c.broker)?;
-    if u.tls {
-        bail!("the CLI connects without TLS in this version; give an mqtt:// broker");
-    }
-    let topics = Topics::new(&c.topic_prefix)?;
+    let topics = c.topics()?;
     let signer = c
         .operator_key
         .as_deref()
@@ -142,10 +200,8 @@ async fn connect(c: &Conn) -> Result<OpsClient> {
         })
         .transpose()?;
     let mut ops = OpsClient::connect(
-        &u.host,
-        u.port,
+        &c.mqtt(format!("swell-cli-{}", std::process::id()))?,
         topics,
-        &format!("swell-cli-{}", std::process::id()),
     )
     .await?;
     if let Some(k) = signer {

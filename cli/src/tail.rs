@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -178,19 +178,17 @@ pub fn run(args: TailArgs, c: Conn) -> Result<std::process::ExitCode> {
         roots,
         threshold: args.root_threshold,
     };
-    let (host, port, prefix, output) = c.endpoint()?;
+    let cfg = c.mqtt(format!("swell-tail-{}", std::process::id()))?;
+    let (host, port) = (cfg.host.clone(), cfg.port);
+    let prefix = c.topics()?.prefix().to_string();
+    let output = c.output();
     let filter = args.filter.clone().unwrap_or_else(|| format!("{prefix}/#"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let mut opts = MqttOptions::new(
-            format!("swell-tail-{}", std::process::id()),
-            host.clone(),
-            port,
-        );
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(Some(1 << 20));
+        let mut opts = swell_mqtt::options(&cfg, None);
+        opts.set_manual_acks(false);
         let (client, mut el) = AsyncClient::new(opts, 100);
         let mut keys = Keys::default();
         let mut seen = 0usize;

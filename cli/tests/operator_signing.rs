@@ -17,12 +17,17 @@ use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::Topics;
 
+/// The operator's login (user, password file) for the broker.
+static LOGIN: std::sync::OnceLock<(String, std::path::PathBuf)> = std::sync::OnceLock::new();
+
 fn swell(dir: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_swell"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap()
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_swell"));
+    cmd.current_dir(dir).args(args);
+    if let Some((user, file)) = LOGIN.get() {
+        cmd.env("SWELL_USERNAME", user)
+            .env("SWELL_PASSWORD_FILE", file);
+    }
+    cmd.output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,9 +44,10 @@ async fn cli_signs_commands_with_the_operator_key() {
     }
     let (role, op_pub) = read_public(&d.join("op.key.pub")).unwrap();
     assert_eq!(role, Role::Operator);
-    let addr = swell_coordinator::broker::free_addr("127.0.0.1").unwrap();
-    swell_coordinator::broker::start(addr, None).unwrap();
-    let broker = format!("mqtt://{addr}");
+    let tb = swell_e2e::broker::TestBroker::start();
+    let broker = tb.url();
+    let (user, password) = tb.login(swell_broker::Role::Operator);
+    let _ = LOGIN.set((user, tb.password_file("operator", &password)));
     let kl = KeyList {
         version: 1,
         expires_at: unix_now() + 3_600,
@@ -75,9 +81,9 @@ async fn cli_signs_commands_with_the_operator_key() {
     let (tx, _rx) = tokio::sync::watch::channel(false);
     let mqtt = MqttConfig {
         host: "127.0.0.1".into(),
-        port: addr.port(),
-        client_id: "signing-test-coordinator".into(),
-        credentials: None,
+        port: tb.port,
+        client_id: "swell-coordinator-signing-test".into(),
+        credentials: Some(tb.login(swell_broker::Role::Coordinator)),
         keep_alive: Duration::from_secs(30),
         max_packet: 256 * 1024,
         persistent: false,

@@ -1,5 +1,7 @@
 //! `swell rollout …`, `swell fleet`, `swell events` against a real coordinator
-//! (in this test process) and simulated devices over an embedded broker.
+//! (in this test process) and simulated devices over the test's broker (the
+//! embedded one, or the shipped Mosquitto when required), logged in as an
+//! operator.
 #![allow(clippy::unwrap_used)]
 
 use serde_json::json;
@@ -7,6 +9,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 use swell_agent::sim::{self, SimConfig};
+use swell_broker::Role;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
@@ -17,12 +20,18 @@ use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::Topics;
 use swell_protocol::{Digest, FleetId};
 
+/// The operator's login (user, password file), as the CLI takes it from the
+/// environment.
+static LOGIN: std::sync::OnceLock<(String, std::path::PathBuf)> = std::sync::OnceLock::new();
+
 fn swell(args: &[&str], broker: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_swell"))
-        .args(args)
-        .args(["--broker", broker])
-        .output()
-        .unwrap()
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_swell"));
+    cmd.args(args).args(["--broker", broker]);
+    if let Some((user, file)) = LOGIN.get() {
+        cmd.env("SWELL_USERNAME", user)
+            .env("SWELL_PASSWORD_FILE", file);
+    }
+    cmd.output().unwrap()
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -34,9 +43,10 @@ fn text(o: &Output) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_rollout_commands_against_a_coordinator() {
-    let addr = swell_coordinator::broker::free_addr("127.0.0.1").unwrap();
-    swell_coordinator::broker::start(addr, None).unwrap();
-    let broker = format!("mqtt://{addr}");
+    let tb = swell_e2e::broker::TestBroker::start();
+    let broker = tb.url();
+    let (user, password) = tb.login(Role::Operator);
+    let _ = LOGIN.set((user, tb.password_file("operator", &password)));
     let kl = KeyList {
         version: 1,
         expires_at: unix_now() + 3_600,
@@ -72,9 +82,9 @@ async fn cli_rollout_commands_against_a_coordinator() {
     let (tx, _rx) = tokio::sync::watch::channel(false);
     let mqtt = MqttConfig {
         host: "127.0.0.1".into(),
-        port: addr.port(),
-        client_id: "cli-test-coordinator".into(),
-        credentials: None,
+        port: tb.port,
+        client_id: "swell-coordinator-cli-test".into(),
+        credentials: Some(tb.login(Role::Coordinator)),
         keep_alive: Duration::from_secs(30),
         max_packet: 256 * 1024,
         persistent: false,
@@ -91,7 +101,7 @@ async fn cli_rollout_commands_against_a_coordinator() {
     });
     let fleet_sim = sim::start(SimConfig {
         host: "127.0.0.1".into(),
-        port: addr.port(),
+        port: tb.port,
         fleet,
         topics: Topics::default(),
         keys: kl,
@@ -112,6 +122,7 @@ async fn cli_rollout_commands_against_a_coordinator() {
         probation: Duration::from_secs(1),
         work: Duration::from_millis(50),
         fetch_concurrency: 0,
+        credentials: Some(tb.login(Role::Gateway)),
     })
     .await
     .unwrap();
@@ -247,12 +258,7 @@ async fn cli_rollout_commands_against_a_coordinator() {
     .unwrap();
 
     // No coordinator there: a clear line, not a hang or a panic.
-    let dead = format!(
-        "mqtt://127.0.0.1:{}",
-        swell_coordinator::broker::free_addr("127.0.0.1")
-            .unwrap()
-            .port()
-    );
+    let dead = format!("mqtt://127.0.0.1:{}", swell_e2e::mosquitto::free_port());
     let o = tokio::task::spawn_blocking(move || {
         swell(&["rollout", "status", "x", "--timeout", "1s"], &dead)
     })

@@ -12,7 +12,6 @@
 use crate::fleet::interner::Interner;
 use crate::fleet::registry::{DeviceRecord, Enrollment, Registry, RegistryError};
 use crate::fleet::tracker::Tracker;
-use crate::log_gate::LogGate;
 use crate::ops::{self, Op, OpsParser, Refused, Request};
 use crate::precheck::{Planned, Precheck};
 use crate::rollout::spec::RolloutSpec;
@@ -22,6 +21,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use swell_mqtt::log_gate::LogGate;
 use swell_protocol::envelope::{Audience, EnvelopeError, Stamp, UnverifiedEnvelope, seal};
 use swell_protocol::messages::{
     Beacon, Hello, KeyList, Manifest, Release, Report, RolloutState as ManifestState,

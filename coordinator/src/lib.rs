@@ -2,7 +2,6 @@
 //! (feature `kube`) its Kubernetes face. The component map, module by module,
 //! is docs/architecture.md.
 
-pub mod broker;
 pub mod durable;
 pub mod engine;
 pub mod fleet;
@@ -11,7 +10,6 @@ pub mod ingest_probe;
 #[cfg(feature = "kube")]
 pub mod k8s;
 pub mod keyfile;
-pub mod log_gate;
 pub mod memory;
 pub mod metrics;
 pub mod ops;

@@ -17,7 +17,7 @@ use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
 use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem, parse_url};
-use swell_coordinator::{broker, durable, http};
+use swell_coordinator::{durable, http};
 use swell_protocol::messages::{KeyList, RootOfTrust};
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::{DEFAULT_PREFIX, Topics};
@@ -58,12 +58,11 @@ struct Cli {
     /// Client key (PEM) for mutual TLS.
     #[arg(long, env = "SWELL_CLIENT_KEY")]
     client_key: Option<PathBuf>,
-    /// Start an in-process MQTT 5 broker on this address and use it.
+    /// Start an in-process MQTT broker (3.1.1 and 5) on this address and use it;
+    /// its credentials are generated into {state-dir}/broker (see the
+    /// `broker-password` command). Loopback unless told otherwise.
     #[arg(long, env = "SWELL_EMBEDDED_BROKER", num_args = 0..=1, default_missing_value = "127.0.0.1:1883")]
     embedded_broker: Option<SocketAddr>,
-    /// Also serve MQTT 3.1.1 on this address from the embedded broker.
-    #[arg(long, env = "SWELL_EMBEDDED_BROKER_V4")]
-    embedded_broker_v4: Option<SocketAddr>,
     /// Directory for the database and the epoch file.
     #[arg(long, env = "SWELL_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -141,6 +140,18 @@ struct Cli {
 enum Cmd {
     /// Print the Rollout CustomResourceDefinition (YAML) generated from the code.
     Crd,
+    /// Print a password of the embedded broker (made on first use):
+    /// `operator` (for `swell --username operator --password-file`),
+    /// `gateway`, `coordinator`, or `device ID` (the agent's `mqtt.password_file`).
+    BrokerPassword {
+        /// The coordinator's state directory.
+        #[arg(long, env = "SWELL_STATE_DIR")]
+        state_dir: PathBuf,
+        /// operator, gateway, coordinator or device.
+        who: String,
+        /// The device id (with `device`).
+        device: Option<String>,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,7 +165,6 @@ struct FileConfig {
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
     embedded_broker: Option<SocketAddr>,
-    embedded_broker_v4: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     fleet: Option<String>,
     topic_prefix: Option<String>,
@@ -188,7 +198,7 @@ struct KubeConfig {
 /// The merged, validated configuration.
 struct Config {
     mqtt: MqttConfig,
-    embedded: Option<(SocketAddr, Option<SocketAddr>)>,
+    embedded: Option<SocketAddr>,
     state_dir: PathBuf,
     db_cache_bytes: u64,
     settings: Settings,
@@ -247,10 +257,13 @@ fn config(cli: Cli) -> Result<Config> {
         }
         None => FileConfig::default(),
     };
-    let embedded_addr = cli.embedded_broker.or(file.embedded_broker);
-    let embedded = embedded_addr.map(|a| (a, cli.embedded_broker_v4.or(file.embedded_broker_v4)));
-    let broker_url = match (cli.broker.or(file.broker), embedded_addr) {
-        (Some(u), _) => u,
+    let embedded = cli.embedded_broker.or(file.embedded_broker);
+    let broker_url = match (cli.broker.or(file.broker), embedded) {
+        (Some(_), Some(_)) => bail!(
+            "--broker and --embedded-broker exclude each other: the coordinator uses the broker it starts"
+        ),
+        (Some(u), None) => u,
+        // Where the embedded broker listens is known once it has bound.
         (None, Some(a)) => format!("mqtt://{a}"),
         (None, None) => bail!("--broker or --embedded-broker is required"),
     };
@@ -315,6 +328,9 @@ fn config(cli: Cli) -> Result<Config> {
         (None, None) => None,
         _ => bail!("--username and --password go together"),
     };
+    if embedded.is_some() && credentials.is_some() {
+        bail!("--embedded-broker makes its own credentials: drop --username and --password");
+    }
     let log_format = cli
         .log_format
         .or(file.log_format)
@@ -408,8 +424,9 @@ fn config(cli: Cli) -> Result<Config> {
 }
 
 fn init_logs(json: bool) {
+    // rmqtt (the embedded broker) reports every client that goes away.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmqtt=warn,rmqtt_net=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -428,9 +445,14 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(Cmd::Crd) = cli.cmd {
-        print_crd()?;
-        return Ok(());
+    match &cli.cmd {
+        Some(Cmd::Crd) => return print_crd(),
+        Some(Cmd::BrokerPassword {
+            state_dir,
+            who,
+            device,
+        }) => return print_broker_password(state_dir, who, device.as_deref()),
+        None => {}
     }
     let cfg = config(cli)?;
     init_logs(cfg.json_logs);
@@ -439,6 +461,24 @@ fn real_main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(run(cfg))
+}
+
+fn print_broker_password(state_dir: &Path, who: &str, device: Option<&str>) -> Result<()> {
+    let creds = swell_broker::Credentials::load_or_create(&state_dir.join("broker"))?;
+    let role = match who {
+        "operator" => swell_broker::Role::Operator,
+        "gateway" => swell_broker::Role::Gateway,
+        "coordinator" => swell_broker::Role::Coordinator,
+        "device" => {
+            let id = device.context("device: which device id?")?;
+            let id = swell_protocol::DeviceId::new(id).context("device id")?;
+            println!("{}", creds.device_password(id.as_str()));
+            return Ok(());
+        }
+        other => bail!("{other:?}: say operator, gateway, coordinator or device ID"),
+    };
+    println!("{}", creds.password(role).unwrap_or_default());
+    Ok(())
 }
 
 #[cfg(feature = "kube")]
@@ -468,12 +508,13 @@ async fn run(mut cfg: Config) -> Result<()> {
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
         tokio::spawn(http::serve(listener, metrics.clone(), cancel.clone()));
     }
-    if let Some((v5, v4)) = cfg.embedded {
-        broker::start(v5, v4).map_err(anyhow::Error::msg)?;
-        tracing::info!(%v5, ?v4, "embedded broker listening");
-    }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+    // Kept for as long as the coordinator runs: dropping it stops the broker.
+    let _broker = match cfg.embedded {
+        Some(addr) => Some(start_embedded(&mut cfg, addr, &metrics)?),
+        None => None,
+    };
     if let Some(k) = cfg.kube.take() {
         return run_kubernetes(cfg, k, metrics, cancel).await;
     }
@@ -501,6 +542,40 @@ async fn run(mut cfg: Config) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// Starts the embedded broker; the coordinator connects to it with its own
+/// credentials. Fails, and with it the process, when the address is taken.
+fn start_embedded(
+    cfg: &mut Config,
+    addr: SocketAddr,
+    metrics: &Arc<Metrics>,
+) -> Result<swell_broker::EmbeddedBroker> {
+    let dir = cfg.state_dir.join("broker");
+    let creds =
+        swell_broker::Credentials::load_or_create(&dir).context("embedded broker credentials")?;
+    let rules = swell_broker::Rules::new(
+        cfg.settings.topics.prefix(),
+        Some(cfg.settings.fleet.as_str()),
+    );
+    let broker =
+        swell_broker::EmbeddedBroker::start(swell_broker::BrokerConfig::new(addr, creds, rules))?;
+    let bound = broker.addr();
+    // A wildcard address listens everywhere; the coordinator itself goes over loopback.
+    cfg.mqtt.host = if bound.ip().is_unspecified() {
+        if bound.is_ipv6() {
+            "::1".into()
+        } else {
+            "127.0.0.1".into()
+        }
+    } else {
+        bound.ip().to_string()
+    };
+    cfg.mqtt.port = bound.port();
+    cfg.mqtt.credentials = broker.login(swell_broker::Role::Coordinator);
+    metrics.watch_broker(broker.stats().clone());
+    tracing::info!(addr = %bound, credentials = %dir.display(), "embedded broker listening (MQTT 3.1.1 and 5)");
+    Ok(broker)
 }
 
 #[cfg(not(feature = "kube"))]

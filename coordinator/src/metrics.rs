@@ -9,8 +9,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +83,10 @@ pub struct Metrics {
     ingest_failures: Family<FilterLabel, Counter>,
     /// Why the ingest path is not proven (None: it is, or nothing to prove).
     ingest_problem: Mutex<Option<String>>,
+    broker_refused: Family<ReasonLabel, Counter>,
+    broker_connections: Counter,
+    /// The embedded broker's counts, read at every scrape.
+    broker: Mutex<Option<Arc<swell_broker::BrokerStats>>>,
     /// Raw gate-to-manifest samples (seconds) for benchmarks, capped.
     gate_samples: Mutex<Vec<f64>>,
     last: Mutex<Counters>,
@@ -124,6 +128,9 @@ impl Metrics {
             ingest_up: Family::default(),
             ingest_failures: Family::default(),
             ingest_problem: Mutex::new(None),
+            broker_refused: Family::default(),
+            broker_connections: Counter::default(),
+            broker: Mutex::new(None),
             gate_samples: Mutex::new(Vec::new()),
             last: Mutex::new(Counters::default()),
             heartbeat: AtomicU64::new(0),
@@ -228,13 +235,54 @@ impl Metrics {
             "Times a filter's probe was lost (the filter was then subscribed again)",
             m.ingest_failures.clone(),
         );
+        r.register(
+            "embedded_broker_refused",
+            "What the embedded broker refused, by reason (bad_credentials, client_id: another identity's client id, will, subscribe, publish)",
+            m.broker_refused.clone(),
+        );
+        r.register(
+            "embedded_broker_connections",
+            "Connections the embedded broker authenticated",
+            m.broker_connections.clone(),
+        );
         let m = Metrics { registry: r, ..m };
         m.set_lease(LeaseState::NotUsed);
         m
     }
 
+    /// Exports the embedded broker's counts from now on.
+    pub fn watch_broker(&self, stats: Arc<swell_broker::BrokerStats>) {
+        if let Ok(mut b) = self.broker.lock() {
+            *b = Some(stats);
+        }
+    }
+
+    fn observe_broker(&self) {
+        let Some(stats) = self.broker.lock().ok().and_then(|b| b.clone()) else {
+            return;
+        };
+        for (reason, total) in [
+            ("bad_credentials", stats.bad_credentials()),
+            ("client_id", stats.client_id_refused()),
+            ("will", stats.will_refused()),
+            ("subscribe", stats.subscribe_refused()),
+            ("publish", stats.publish_refused()),
+        ] {
+            let c = self.broker_refused.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+        self.broker_connections.inc_by(
+            stats
+                .connections()
+                .saturating_sub(self.broker_connections.get()),
+        );
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
+        self.observe_broker();
         let mut buf = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut buf, &self.registry);

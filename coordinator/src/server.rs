@@ -7,7 +7,6 @@
 
 use crate::engine::{Engine, EngineError, Forwarded, Out, ReplyTo};
 use crate::ingest_probe::{Effect, IngestProbe, ProbeConfig};
-use crate::log_gate::LogGate;
 use crate::metrics::Metrics;
 use crate::ops::Op;
 use crate::precheck::{default_threads, pipeline};
@@ -18,6 +17,7 @@ use rumqttc::v5::mqttbytes::v5::{LastWill, PublishProperties};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
+use swell_mqtt::log_gate::LogGate;
 use swell_protocol::RolloutId;
 use tokio::sync::watch;
 use tokio::sync::{broadcast, mpsc, oneshot};

@@ -65,11 +65,16 @@ impl Drop for Proc {
 }
 
 fn spawn(b: &TestBroker, f: &Files, state: &Path) -> Proc {
+    let (user, password) = b.login(swell_broker::Role::Coordinator);
     Proc(
         Command::new(env!("CARGO_BIN_EXE_swell-coordinator"))
             .args([
                 "--broker",
                 &b.url(),
+                "--username",
+                &user,
+                "--password",
+                &password,
                 "--fleet",
                 "plant-7",
                 "--key",
@@ -85,7 +90,7 @@ fn spawn(b: &TestBroker, f: &Files, state: &Path) -> Proc {
                 "--tick",
                 "100ms",
                 "--client-id",
-                "crash-coord",
+                "swell-coordinator-crash",
             ])
             .arg("--state-dir")
             .arg(state)

@@ -772,9 +772,9 @@ async fn lease_lost_stops_the_engine_publishing() {
 async fn retained(b: &TestBroker, topic: &str) -> Vec<Vec<u8>> {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::v5::{AsyncClient, Event};
     let id = format!("retained-{}-{}", std::process::id(), unix_now());
-    let (client, mut el) = AsyncClient::new(MqttOptions::new(id, b.host.clone(), b.port), 100);
+    let (client, mut el) = AsyncClient::new(options(b, Role::Operator, &id), 100);
     client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
@@ -798,11 +798,11 @@ impl BeaconWatch {
     async fn start(b: &TestBroker) -> BeaconWatch {
         use rumqttc::v5::mqttbytes::QoS;
         use rumqttc::v5::mqttbytes::v5::Packet;
-        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-        let opts = MqttOptions::new(
-            format!("beacons-{}", std::process::id()),
-            b.host.clone(),
-            b.port,
+        use rumqttc::v5::{AsyncClient, Event};
+        let opts = options(
+            b,
+            Role::Operator,
+            &format!("beacons-{}", std::process::id()),
         );
         let (client, mut el) = AsyncClient::new(opts, 100);
         let topic = swell_protocol::topics::Topics::default().beacon(&fleet());

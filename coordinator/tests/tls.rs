@@ -14,7 +14,7 @@ use swell_coordinator::engine::Engine;
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
 use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem};
-use swell_e2e::mosquitto::{self, Mosquitto, StartError};
+use swell_e2e::mosquitto::{self, StartError};
 use tokio_util::sync::CancellationToken;
 
 fn ca() -> (String, Issuer<'static, KeyPair>) {
@@ -69,18 +69,14 @@ async fn coordinator_connects_over_tls() {
         p("server.pem").display(),
         p("server.key").display()
     );
-    let broker = match Mosquitto::start_with(&extra) {
+    // The shipped configuration with a TLS listener added.
+    let plain = match TestBroker::mosquitto_with(false, &extra) {
         Ok(m) => m,
         Err(StartError::Missing) => {
             eprintln!("SKIPPED coordinator_connects_over_tls: mosquitto not installed");
             return;
         }
         Err(StartError::Failed(e)) => panic!("{e}"),
-    };
-    let plain = TestBroker {
-        host: "127.0.0.1".into(),
-        port: broker.port(),
-        _mosquitto: None,
     };
     let mut cfg = mqtt_config(&plain, "tls-coordinator");
     cfg.port = tls_port;
@@ -104,7 +100,7 @@ async fn coordinator_connects_over_tls() {
 
     // A CA that did not sign the broker's certificate: no connection.
     let (other_ca, _) = ca();
-    cfg.client_id = "tls-wrong-ca".into();
+    cfg.client_id = "swell-coordinator-tls-wrong-ca".into();
     cfg.tls = Some(TlsPem {
         ca: other_ca.into_bytes(),
         client: None,

@@ -9,8 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+use swell_broker::Role;
+use swell_e2e::broker::TestBroker;
 use swell_e2e::http::FileServer;
-use swell_e2e::mosquitto::{self, Mosquitto};
+use swell_e2e::mosquitto;
 use swell_e2e::procs::{Proc, bin};
 
 const TOKEN: &str = "e2e-enroll";
@@ -19,6 +21,16 @@ fn swell(dir: &Path, args: &[&str]) -> Output {
     Command::new(bin("swell"))
         .current_dir(dir)
         .args(args)
+        .output()
+        .unwrap()
+}
+
+fn swell_as(dir: &Path, user: &str, password_file: &Path, args: &[&str]) -> Output {
+    Command::new(bin("swell"))
+        .current_dir(dir)
+        .args(args)
+        .env("SWELL_USERNAME", user)
+        .env("SWELL_PASSWORD_FILE", password_file)
         .output()
         .unwrap()
 }
@@ -71,7 +83,9 @@ struct System {
     coordinator: Proc,
     fleet: Fleet,
     files: FileServer,
-    _mosq: Option<Mosquitto>,
+    /// The operator's user name and password (the CLI reads them from a file).
+    operator: (String, String),
+    _mosq: Option<TestBroker>,
 }
 
 impl System {
@@ -79,20 +93,71 @@ impl System {
         self.tmp.path()
     }
 
+    /// The CLI, logged in as the operator.
+    fn cli(&self, args: &[&str]) -> Output {
+        let file = self.dir().join("operator.password");
+        std::fs::write(&file, &self.operator.1).unwrap();
+        Command::new(bin("swell"))
+            .current_dir(self.dir())
+            .args(args)
+            .env("SWELL_USERNAME", &self.operator.0)
+            .env("SWELL_PASSWORD_FILE", &file)
+            .output()
+            .unwrap()
+    }
+
     /// Keys (with the CLI), the coordinator, `devices` agents, all enrolled.
     fn start(devices: u64, use_mosquitto: bool) -> System {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path();
-        // Broker: Mosquitto when asked for, else the coordinator's embedded one.
-        let mosq: Option<Mosquitto> = if use_mosquitto {
-            Some(Mosquitto::start().unwrap_or_else(|e| panic!("mosquitto: {e:?}")))
+        // Broker: Mosquitto as shipped when asked for, else the coordinator's
+        // embedded one.
+        let mosq: Option<TestBroker> = if use_mosquitto {
+            Some(TestBroker::mosquitto(false).unwrap_or_else(|e| panic!("mosquitto: {e:?}")))
         } else {
             None
         };
-        let port = mosq
-            .as_ref()
-            .map_or_else(mosquitto::free_port, Mosquitto::port);
+        let port = mosq.as_ref().map_or_else(mosquitto::free_port, |m| m.port);
         let broker = format!("mqtt://127.0.0.1:{port}");
+        let devices_ids: Vec<String> = (0..devices).map(|i| format!("e2e-{i}")).collect();
+        // Logins: Mosquitto's from the test's users (each device made known to
+        // it), the embedded broker's as a user gets them from the coordinator.
+        let state = d.join("coordinator");
+        let broker_password = |who: &[&str]| -> String {
+            let o = Command::new(bin("swell-coordinator"))
+                .arg("broker-password")
+                .arg("--state-dir")
+                .arg(&state)
+                .args(who)
+                .output()
+                .unwrap();
+            ok(&o).trim().to_string()
+        };
+        let (operator, device_logins): ((String, String), Vec<(String, String)>) = match &mosq {
+            Some(m) => {
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(m.add_devices(&devices_ids));
+                (
+                    m.login(Role::Operator),
+                    devices_ids.iter().map(|id| m.device_login(id)).collect(),
+                )
+            }
+            None => (
+                ("operator".to_string(), broker_password(&["operator"])),
+                devices_ids
+                    .iter()
+                    .map(|id| (id.clone(), broker_password(&["device", id])))
+                    .collect(),
+            ),
+        };
+        let device_login = |id: &str| {
+            device_logins
+                .iter()
+                .find(|(u, _)| u == id)
+                .cloned()
+                .unwrap()
+        };
 
         // Keys and the key list, with the CLI.
         for (role, name) in [
@@ -140,10 +205,12 @@ impl System {
         .arg(d.join("coordinator"))
         .env("RUST_LOG", "warn,swell_coordinator=info")
         .current_dir(d);
-        if mosq.is_some() {
+        if let Some(m) = &mosq {
             // This system also runs the coordinator's one-by-one signature
             // check (the other, the default batches).
-            cmd.args(["--broker", &broker, "--strict-signatures"]);
+            let (user, password) = m.login(Role::Coordinator);
+            cmd.args(["--broker", &broker, "--strict-signatures"])
+                .args(["--username", &user, "--password", &password]);
         } else {
             cmd.args(["--embedded-broker", &format!("127.0.0.1:{port}")]);
         }
@@ -158,12 +225,16 @@ impl System {
             let dev = format!("e2e-{i}");
             let home = d.join(&dev);
             std::fs::create_dir_all(&home).unwrap();
+            let (user, password) = device_login(&dev);
+            std::fs::write(home.join("broker.password"), &password).unwrap();
             let cfg = format!(
                 "device_id = \"{dev}\"\nfleet = \"e2e\"\nhardware = \"rpi4\"\nbroker = \"{broker}\"\n\
                  state_dir = \"{state}\"\nenrollment_token = \"{TOKEN}\"\n[labels]\nsite = \"lab\"\n\
+                 [mqtt]\nusername = \"{user}\"\npassword_file = \"{pw}\"\n\
                  [trust]\nroots = [\"{root_hex}\"]\n[install]\nprobation = \"1s\"\nprobe_interval = \"200ms\"\n\
                  [[probes]]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"! grep -q BAD {state}/slots/current/artifact-0\"]\n",
-                state = home.join("state").display()
+                state = home.join("state").display(),
+                pw = home.join("broker.password").display(),
             );
             std::fs::write(home.join("agent.toml"), cfg).unwrap();
             let mut cmd = Command::new(bin("swell-agent"));
@@ -175,9 +246,13 @@ impl System {
 
         // Wait for the three devices to be enrolled, through the CLI.
         let until = Instant::now() + Duration::from_secs(60);
+        let pw_file = d.join("operator.password");
+        std::fs::write(&pw_file, &operator.1).unwrap();
         loop {
-            let o = swell(
+            let o = swell_as(
                 d,
+                &operator.0,
+                &pw_file,
                 &[
                     "fleet",
                     "-o",
@@ -207,6 +282,7 @@ impl System {
             coordinator,
             fleet,
             files: FileServer::start().unwrap(),
+            operator,
             _mosq: mosq,
             tmp,
         }
@@ -280,29 +356,23 @@ fn e2e_rollout_and_rollback_across_processes() {
 
     // The good release: canary, 50 %, 100 %, completed.
     let p = spec("app-v2", &good);
-    ok(&swell(
-        d,
-        &[
-            "rollout",
-            "create",
-            p.to_str().unwrap(),
-            "--broker",
-            &broker,
-        ],
-    ));
-    let o = swell(
-        d,
-        &[
-            "rollout",
-            "status",
-            "app-v2",
-            "--wait",
-            "--wait-timeout",
-            "120s",
-            "--broker",
-            &broker,
-        ],
-    );
+    ok(&sys.cli(&[
+        "rollout",
+        "create",
+        p.to_str().unwrap(),
+        "--broker",
+        &broker,
+    ]));
+    let o = sys.cli(&[
+        "rollout",
+        "status",
+        "app-v2",
+        "--wait",
+        "--wait-timeout",
+        "120s",
+        "--broker",
+        &broker,
+    ]);
     assert!(
         o.status.success(),
         "app-v2 did not complete: {}{}\n{}\n{}",
@@ -331,29 +401,23 @@ fn e2e_rollout_and_rollback_across_processes() {
         ),
     )
     .unwrap();
-    ok(&swell(
-        d,
-        &[
-            "rollout",
-            "create",
-            p.to_str().unwrap(),
-            "--broker",
-            &broker,
-        ],
-    ));
-    let o = swell(
-        d,
-        &[
-            "rollout",
-            "status",
-            "app-v3",
-            "--wait",
-            "--wait-timeout",
-            "120s",
-            "--broker",
-            &broker,
-        ],
-    );
+    ok(&sys.cli(&[
+        "rollout",
+        "create",
+        p.to_str().unwrap(),
+        "--broker",
+        &broker,
+    ]));
+    let o = sys.cli(&[
+        "rollout",
+        "status",
+        "app-v3",
+        "--wait",
+        "--wait-timeout",
+        "120s",
+        "--broker",
+        &broker,
+    ]);
     assert_eq!(
         o.status.code(),
         Some(1),
@@ -364,23 +428,20 @@ fn e2e_rollout_and_rollback_across_processes() {
         fleet.logs()
     );
     // The fleet topics, decoded and verified from the root key down.
-    let o = swell(
-        d,
-        &[
-            "mqtt",
-            "tail",
-            "swell/v1/fleet/e2e/#",
-            "--decode",
-            "--root-key",
-            "root.key.pub",
-            "--count",
-            "4",
-            "-o",
-            "json",
-            "--broker",
-            &broker,
-        ],
-    );
+    let o = sys.cli(&[
+        "mqtt",
+        "tail",
+        "swell/v1/fleet/e2e/#",
+        "--decode",
+        "--root-key",
+        "root.key.pub",
+        "--count",
+        "4",
+        "-o",
+        "json",
+        "--broker",
+        &broker,
+    ]);
     let tail = ok(&o);
     let seen: Vec<serde_json::Value> = tail
         .lines()
@@ -401,18 +462,21 @@ fn e2e_rollout_and_rollback_across_processes() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let inventory: serde_json::Value = serde_json::from_str(&ok(&swell(
-        d,
-        &["fleet", "-o", "json", "--broker", &broker],
-    )))
-    .unwrap();
+    let inventory: serde_json::Value =
+        serde_json::from_str(&ok(&sys.cli(&["fleet", "-o", "json", "--broker", &broker]))).unwrap();
     assert_eq!(inventory["status"]["online"], 3, "{inventory}");
 }
 
 /// Runs `mosquitto_sub` for one message on `topic` (retained or the next one).
-fn sub_one(port: u16, topic: &str, secs: u32) -> Option<serde_json::Value> {
+fn sub_one(
+    port: u16,
+    login: &(String, String),
+    topic: &str,
+    secs: u32,
+) -> Option<serde_json::Value> {
     let o = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5"])
+        .args(["-u", &login.0, "-P", &login.1])
         .args(["-t", topic, "-C", "1", "-W", &secs.to_string()])
         .output()
         .ok()?;
@@ -425,6 +489,8 @@ fn to_hex(bytes: &[u8]) -> String {
 
 /// Plain MQTT tools operate Swell: a rollout created, refused and followed with
 /// `mosquitto_pub`/`mosquitto_sub` JSON only, the devices being real agents.
+/// Commands go out over MQTT 3.1.1 (mosquitto_pub's default), replies and
+/// statuses come back over MQTT 5: one broker port speaks both.
 #[test]
 fn e2e_operated_with_mosquitto_tools_only() {
     if swell_e2e::mosquitto::find("mosquitto_pub").is_none() {
@@ -442,38 +508,45 @@ fn e2e_operated_with_mosquitto_tools_only() {
     let rel = sys.release("tool-2", "2.0.0", "2", false);
     let release_hex = to_hex(&std::fs::read(d.join(rel)).unwrap());
     let port = sys.port.to_string();
+    let op = sys.operator.clone();
     let publish = |json: &str| {
         let o = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5"])
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(["-u", &op.0, "-P", &op.1])
             .args(["-t", "swell/v1/ops/cmd", "-m", json])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
-    // Replies go to `reply_to`; a subscriber waits there first.
+    // Replies go to `reply_to`, under the operator's user (the only place an
+    // operator may read them); a subscriber waits there first.
+    let replies = format!("swell-ops/{}/e2e/replies", op.0);
     let ask = |json: &str| {
         let p = sys.port;
-        let waiter = std::thread::spawn(move || sub_one(p, "e2e/replies", 20));
+        let (login, topic) = (op.clone(), replies.clone());
+        let waiter = std::thread::spawn(move || sub_one(p, &login, &topic, 20));
         std::thread::sleep(Duration::from_millis(300));
         publish(json);
-        waiter.join().unwrap().expect("a reply on e2e/replies")
+        waiter.join().unwrap().expect("a reply")
     };
     let create = serde_json::json!({
         "op": "create",
-        "reply_to": "e2e/replies",
+        "reply_to": replies,
         "spec": {"rollout": "tools-1", "release": release_hex, "waves": ["100%"],
                  "min_devices": 1, "bake": "1s", "install_timeout": "60s"}
     });
     let reply = ask(&create.to_string());
     assert_eq!(reply["ok"], true, "{reply}\n{}", sys.context());
     // A refused command answers with a reason, and changes nothing.
-    let reply = ask(r#"{"op":"pause","rollout":"no-such","reply_to":"e2e/replies"}"#);
+    let reply = ask(
+        &serde_json::json!({"op": "pause", "rollout": "no-such", "reply_to": replies}).to_string(),
+    );
     assert_eq!(reply["ok"], false, "{reply}");
     assert!(reply["reason"].is_string(), "{reply}");
     // The retained status topic says when it is done.
     let until = Instant::now() + Duration::from_secs(90);
     loop {
-        let s = sub_one(sys.port, "swell/v1/ops/rollout/tools-1/status", 5);
+        let s = sub_one(sys.port, &op, "swell/v1/ops/rollout/tools-1/status", 5);
         if s.as_ref().is_some_and(|s| s["phase"] == "completed") {
             break;
         }

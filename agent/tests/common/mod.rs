@@ -44,28 +44,29 @@ pub fn root_hex() -> String {
 
 // ---------------------------------------------------------------- broker
 
-/// A broker for one test: Mosquitto when required, else the embedded rumqttd.
+/// A broker for one test, configured as shipped: Mosquitto when required,
+/// else the embedded broker. Every client logs in.
 pub struct Broker {
     pub port: u16,
-    _mosquitto: Option<swell_e2e::mosquitto::Mosquitto>,
+    pub inner: swell_e2e::broker::TestBroker,
 }
 
 impl Broker {
     pub fn start() -> Broker {
-        if swell_e2e::mosquitto::required() {
-            let m = swell_e2e::mosquitto::Mosquitto::start()
-                .unwrap_or_else(|e| panic!("mosquitto: {e:?}"));
-            return Broker {
-                port: m.port(),
-                _mosquitto: Some(m),
-            };
-        }
-        let addr = swell_coordinator::broker::free_addr("127.0.0.1").unwrap();
-        swell_coordinator::broker::start(addr, None).unwrap();
+        let inner = swell_e2e::broker::TestBroker::start();
         Broker {
-            port: addr.port(),
-            _mosquitto: None,
+            port: inner.port,
+            inner,
         }
+    }
+
+    /// An agent's spec with its own login, the device made known to the broker.
+    pub async fn agent_spec(&self, device: &str) -> AgentSpec {
+        self.inner.add_devices(&[device.to_string()]).await;
+        let (user, password) = self.inner.device_login(device);
+        let mut spec = AgentSpec::new(device, self.port);
+        spec.login = Some((user, self.inner.password_file(device, &password)));
+        spec
     }
 }
 
@@ -287,12 +288,15 @@ pub struct Control {
 }
 
 impl Control {
-    pub async fn start(broker_port: u16) -> Arc<Control> {
+    /// Stands in for the coordinator, with its login.
+    pub async fn start(broker: &Broker) -> Arc<Control> {
         let mut o = MqttOptions::new(
-            format!("control-{}", std::process::id()),
+            format!("swell-coordinator-control-{}", std::process::id()),
             "127.0.0.1",
-            broker_port,
+            broker.port,
         );
+        let (user, password) = broker.inner.login(swell_broker::Role::Coordinator);
+        o.set_credentials(user, password);
         o.set_keep_alive(Duration::from_secs(10));
         o.set_max_packet_size(Some(1 << 20));
         let (client, mut el) = AsyncClient::new(o, 1000);
@@ -619,6 +623,8 @@ pub struct AgentSpec {
     pub download: String,
     pub heartbeat: &'static str,
     pub extra: String,
+    /// User name and password file.
+    pub login: Option<(String, PathBuf)>,
 }
 
 impl AgentSpec {
@@ -632,6 +638,7 @@ impl AgentSpec {
             download: "[download]\nmin_bytes_per_sec = 1000\nwatchdog = \"2s\"\ndeadline = \"20s\"\n".into(),
             heartbeat: "1h",
             extra: String::new(),
+            login: None,
         }
     }
 
@@ -639,13 +646,17 @@ impl AgentSpec {
         format!(
             "device_id = \"{}\"\nfleet = \"{FLEET}\"\nhardware = \"{HW}\"\nbroker = \"mqtt://127.0.0.1:{}\"\n\
              state_dir = \"{}\"\nheartbeat = \"{}\"\n{}\n[labels]\nring = \"beta\"\n[trust]\nroots = [\"{}\"]\n\
-             [mqtt]\nkeep_alive = \"5s\"\n{}\n{}\n{}\n",
+             [mqtt]\nkeep_alive = \"5s\"\n{}\n{}\n{}\n{}\n",
             self.device,
             self.broker_port,
             state_dir.display(),
             self.heartbeat,
             self.extra,
             root_hex(),
+            self.login.as_ref().map_or(String::new(), |(u, f)| format!(
+                "username = \"{u}\"\npassword_file = \"{}\"",
+                f.display()
+            )),
             self.download,
             self.backend,
             self.probes,

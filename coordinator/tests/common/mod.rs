@@ -81,37 +81,12 @@ pub fn release_hex(r: &ThresholdSigned) -> String {
     hex::encode(r.encode().unwrap())
 }
 
-/// A broker for one test: Mosquitto when required, else the embedded rumqttd.
-pub struct TestBroker {
-    pub host: String,
-    pub port: u16,
-    pub _mosquitto: Option<swell_e2e::mosquitto::Mosquitto>,
-}
+pub use swell_broker::Role;
+pub use swell_e2e::broker::TestBroker;
 
-impl TestBroker {
-    pub fn start() -> TestBroker {
-        if swell_e2e::mosquitto::required() {
-            let m = swell_e2e::mosquitto::Mosquitto::start()
-                .unwrap_or_else(|e| panic!("mosquitto: {e:?}"));
-            return TestBroker {
-                host: "127.0.0.1".into(),
-                port: m.port(),
-                _mosquitto: Some(m),
-            };
-        }
-        let addr = swell_coordinator::broker::free_addr("127.0.0.1").unwrap();
-        swell_coordinator::broker::start(addr, None).unwrap();
-        TestBroker {
-            host: "127.0.0.1".into(),
-            port: addr.port(),
-            _mosquitto: None,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("mqtt://{}:{}", self.host, self.port)
-    }
-}
+/// Where the test operator's replies come: under its user, as the rules
+/// require (`swell-ops/{user}/#`).
+pub const REPLIES: &str = "swell-ops/operator/test/replies";
 
 pub fn settings(epoch: u64) -> Settings {
     let body = key_list_body();
@@ -128,12 +103,13 @@ pub fn settings(epoch: u64) -> Settings {
     }
 }
 
+/// The coordinator's session: its user and a client id of its own prefix.
 pub fn mqtt_config(b: &TestBroker, client_id: &str) -> MqttConfig {
     MqttConfig {
         host: b.host.clone(),
         port: b.port,
-        client_id: client_id.into(),
-        credentials: None,
+        client_id: format!("swell-coordinator-{client_id}"),
+        credentials: Some(b.login(Role::Coordinator)),
         keep_alive: Duration::from_secs(10),
         max_packet: 256 * 1024,
         persistent: true,
@@ -196,14 +172,28 @@ pub async fn start_coordinator_in(b: &TestBroker, s: Settings, dir: tempfile::Te
     }
 }
 
+/// Options of a connection as `role` (a gateway's client id gets its prefix).
+pub fn options(b: &TestBroker, role: Role, id: &str) -> MqttOptions {
+    let prefix = match role {
+        Role::Gateway => "swell-gw-",
+        _ => "",
+    };
+    let mut opts = MqttOptions::new(format!("{prefix}{id}"), b.host.clone(), b.port);
+    let (user, password) = b.login(role);
+    opts.set_credentials(user, password);
+    opts
+}
+
+/// A connection as `role` (the gateway for scripted devices, an operator).
 async fn client(
     b: &TestBroker,
+    role: Role,
     id: &str,
 ) -> (
     AsyncClient,
     mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
 ) {
-    let mut opts = MqttOptions::new(id, b.host.clone(), b.port);
+    let mut opts = options(b, role, id);
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_max_packet_size(Some(1 << 20));
     let (client, mut eventloop) = AsyncClient::new(opts, 100_000);
@@ -274,7 +264,8 @@ impl Devices {
         n: usize,
         setup: impl Fn(usize) -> (Vec<(&'static str, String)>, Behavior),
     ) -> Devices {
-        let (client, mut rx) = client(b, &format!("sim-{}", std::process::id())).await;
+        let (client, mut rx) =
+            client(b, Role::Gateway, &format!("sim-{}", std::process::id())).await;
         let topics = Topics::default();
         let devs = (0..n)
             .map(|i| {
@@ -551,12 +542,14 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(b: &TestBroker) -> Operator {
-        let (client, rx) = client(b, &format!("operator-{}", std::process::id())).await;
+        let (client, rx) = client(
+            b,
+            Role::Operator,
+            &format!("operator-{}", std::process::id()),
+        )
+        .await;
         let t = Topics::default();
-        client
-            .subscribe("test/replies", QoS::AtLeastOnce)
-            .await
-            .unwrap();
+        client.subscribe(REPLIES, QoS::AtLeastOnce).await.unwrap();
         client
             .subscribe(t.ops_statuses(), QoS::AtLeastOnce)
             .await
@@ -599,7 +592,7 @@ impl Operator {
         let id = format!("req-{}", self.n);
         cmd["id"] = json!(id);
         let props = PublishProperties {
-            response_topic: Some("test/replies".into()),
+            response_topic: Some(REPLIES.into()),
             ..Default::default()
         };
         self.client
@@ -639,7 +632,7 @@ impl Operator {
     /// Publishes raw bytes on the command topic with a reply topic in the body.
     pub async fn command_raw(&mut self, payload: &[u8]) {
         let props = PublishProperties {
-            response_topic: Some("test/replies".into()),
+            response_topic: Some(REPLIES.into()),
             ..Default::default()
         };
         self.client
@@ -664,7 +657,7 @@ impl Operator {
             while let Ok(Some(p)) = tokio::time::timeout_at(attempt, self.rx.recv()).await {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 if let Some(v) = self.absorb(&p)
-                    && topic == "test/replies"
+                    && topic == REPLIES
                     && v["id"] == id
                 {
                     return v;
@@ -686,7 +679,7 @@ impl Operator {
                 .unwrap();
             let topic = String::from_utf8_lossy(&p.topic).into_owned();
             if let Some(v) = self.absorb(&p)
-                && topic == "test/replies"
+                && topic == REPLIES
             {
                 return v;
             }
