@@ -116,7 +116,12 @@ impl Handler for Checks {
             }
             Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
                 let id = identity_of(session.id.username.as_deref());
-                let filter = subscribe.topic_filter.to_string();
+                // rmqtt takes `$share/{group}/` off the filter before this hook;
+                // the rules judge the filter as the client wrote it.
+                let filter = match subscribe.opts.shared_group() {
+                    Some(group) => format!("$share/{group}/{}", subscribe.topic_filter),
+                    None => subscribe.topic_filter.to_string(),
+                };
                 let allowed = id
                     .as_ref()
                     .is_some_and(|id| self.rules.may_subscribe(id, &filter));
