@@ -186,12 +186,18 @@ async fn serve(
     let scx = ServerContext::new()
         // Retained messages without a TTL and without a cap on their number
         // (manifests, key list, beacon, one desired state and online flag per
-        // device); shared subscriptions handed round-robin.
+        // device); shared subscriptions handed round-robin within each group
+        // (the plugin's plain round robin counts across all groups, so with
+        // two groups fed in turn each group's messages always went to the same
+        // member).
         .plugins_config_map_add(
             "rmqtt-retainer",
             "max_retained_messages = 0\nretained_message_ttl = \"0s\"\n",
         )
-        .plugins_config_map_add("rmqtt-shared-subscription", "strategy = \"round_robin\"\n")
+        .plugins_config_map_add(
+            "rmqtt-shared-subscription",
+            "strategy = \"round_robin_per_group\"\n",
+        )
         .build()
         .await;
     if let Err(e) = rmqtt_retainer::register(&scx, true, false).await {

@@ -309,14 +309,12 @@ impl Sink<'_> {
 /// Publishes readiness (to the caller's watch and to `/readyz`).
 fn set_ready(ingest: &Ingest, ready: &watch::Sender<bool>, metrics: Option<&Metrics>) {
     let problem = ingest.problem();
-    ready.send_if_modified(|r| {
-        let now = problem.is_none();
-        std::mem::replace(r, now) != now
-    });
+    let now = problem.is_none();
     if let Some(m) = metrics {
         // "Not connected" has its own metric and its own readiness line.
         m.set_ingest_problem(problem.filter(|_| ingest.connected));
     }
+    ready.send_if_modified(|r| std::mem::replace(r, now) != now);
 }
 
 async fn until_deposed(leading: &mut Option<watch::Receiver<bool>>) {
@@ -469,6 +467,9 @@ pub async fn run_with(
                     ingest.probe.on_connected(now);
                 }
                 ingest.subscriptions = snapshot;
+                if let Some(m) = &metrics {
+                    m.observe_session(&session.stats);
+                }
                 // Granted just now: the first probes go out without waiting a tick.
                 let effects = ingest.probe.tick(now, ingest.subscriptions.all_granted());
                 probe_effects(effects, &mut ingest, &session, metrics.as_deref());
@@ -503,7 +504,6 @@ pub async fn run_with(
                 if let Some(m) = &metrics {
                     m.observe_gauges(&engine.gauges());
                     m.observe_mqtt(ACKS_NOT_SENT.total(), PUBLISHES_DROPPED.total(), &flow);
-                    m.observe_session(&session.stats);
                 }
             }
             msg = incoming.recv() => {
@@ -620,6 +620,7 @@ pub async fn run_with(
                 sink.send_all(engine.tick(unix_now())?);
                 if let Some(m) = &metrics {
                     m.observe_counters(&engine.counters);
+                    m.observe_session(&session.stats);
                 }
             }
             _ = beacon.tick() => {

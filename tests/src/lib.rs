@@ -11,6 +11,8 @@
 //! - [`http`]: a small artifact file server with `Range` support.
 //! - [`procs`]: the workspace binaries as processes (killed on drop).
 //! - [`link`]: a TCP proxy in front of a broker that a test can cut.
+//! - [`system`]: the whole system as processes (coordinator, agents, CLI,
+//!   artifact server), enrolled and ready for a rollout.
 //!
 //! Whether Mosquitto is required is read once from `SWELL_TEST_MOSQUITTO`:
 //! `required` (what `.ci/run` sets) makes a missing Mosquitto a test failure;
@@ -21,3 +23,4 @@ pub mod http;
 pub mod link;
 pub mod mosquitto;
 pub mod procs;
+pub mod system;

@@ -152,6 +152,12 @@ impl Mosquitto {
             text.push_str(&out);
             text.push('\n');
         }
+        // Started as root (CI), Mosquitto would drop to user `mosquitto`, which
+        // cannot write the test's directory (its database, the plugin's file);
+        // in the cluster it runs as uid 1883 and never changes user.
+        if running_as_root() {
+            text.push_str("user root\n");
+        }
         text.push_str(&s.extra);
         let path = root.join("mosquitto.conf");
         std::fs::write(&path, text).map_err(failed)?;
@@ -225,6 +231,31 @@ impl Mosquitto {
         Ok(())
     }
 
+    /// Has it write its persistence database (what an autosave does, on
+    /// SIGUSR1) and waits until the file changed.
+    pub fn save(&self) -> Result<(), String> {
+        let db = self.data_dir().join("mosquitto.db");
+        let before = std::fs::metadata(&db).and_then(|m| m.modified()).ok();
+        let pid = self.pid();
+        if pid == 0 {
+            return Err("not running".into());
+        }
+        let _ = Command::new("kill")
+            .args(["-USR1", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = std::fs::metadata(&db).and_then(|m| m.modified()).ok();
+            if now.is_some() && now != before {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} was not written within 10 s", db.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills it with SIGKILL (nothing saved since its last autosave).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -243,8 +274,9 @@ impl Mosquitto {
         }
     }
 
-    /// Starts it again with the same configuration, port and data directory.
-    pub fn restart(&mut self) -> Result<(), StartError> {
+    /// Starts it again with the same configuration, port and data directory
+    /// (after [`Mosquitto::kill`] or [`Mosquitto::terminate`]).
+    pub fn start_again(&mut self) -> Result<(), StartError> {
         self.kill();
         self.spawn()
     }
@@ -275,6 +307,18 @@ impl Mosquitto {
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+fn running_as_root() -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    }
+    #[cfg(not(unix))]
+    {
+        false
     }
 }
 

@@ -1,0 +1,239 @@
+//! MQTT-7: the broker restarts during rollouts and the outcome is the one
+//! without faults. Mosquitto with the shipped configuration, persistence as
+//! shipped (`persistence true`), the real coordinator and four real agents as
+//! processes. Mosquitto 2.0.11 restores a persistent session after a restart
+//! without its `$share` subscriptions: a coordinator that trusted
+//! `session_present` went deaf, later waves had no reports and passed, and a
+//! bad release went to every device.
+//!
+//! During a good rollout and during a bad one, Mosquitto is restarted four
+//! times: SIGKILL right after it saved its database (what an autosave does)
+//! and SIGTERM, twice each. The good release completes with every device on
+//! it; the bad one breaches and rolls back, every device back on the good one.
+//! Needs Mosquitto (skipped with a line when absent and not required).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read as _, Write as _};
+use std::time::{Duration, Instant};
+use swell_e2e::mosquitto::{self, find};
+use swell_e2e::system::{BrokerChoice, System, bundle, ok};
+
+#[derive(Debug, Clone, Copy)]
+enum Restart {
+    /// SIGKILL after a save: what survives is what the last autosave wrote.
+    KillAfterSave,
+    /// SIGTERM: Mosquitto saves, then stops.
+    Term,
+}
+
+fn restart(sys: &mut System, how: Restart) {
+    let m = sys
+        .mosquitto
+        .as_mut()
+        .and_then(|b| b.mosquitto_mut())
+        .unwrap();
+    match how {
+        Restart::KillAfterSave => {
+            m.save().unwrap();
+            m.kill();
+        }
+        Restart::Term => m.terminate(),
+    }
+    m.start_again()
+        .unwrap_or_else(|e| panic!("mosquitto did not start again: {e:?}"));
+}
+
+/// The rollout's status, asked through the CLI.
+fn status(sys: &System, rollout: &str) -> serde_json::Value {
+    let o = sys.cli(&[
+        "rollout",
+        "status",
+        rollout,
+        "-o",
+        "json",
+        "--broker",
+        &sys.broker,
+        "--timeout",
+        "20s",
+    ]);
+    let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    reply["status"].clone()
+}
+
+/// A wave at or past `k` is open and the rollout is not over: a restart now
+/// happens during it.
+fn at_wave(s: &serde_json::Value, k: u64) -> bool {
+    s["wave"].as_u64() >= Some(k) && s["phase"] == "wave_open"
+}
+
+/// Waits until the rollout's status satisfies `pred` (asked through the CLI).
+fn wait_for(sys: &System, rollout: &str, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = status(sys, rollout);
+        if pred(&s) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{rollout}: not there within {secs} s: {s:#}\n{}",
+            sys.context()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
+
+fn create(sys: &System, rollout: &str, release: &str) {
+    let path = sys.dir().join(format!("{rollout}.json"));
+    std::fs::write(
+        &path,
+        serde_json::json!({
+            "rollout": rollout,
+            "release": release,
+            "selector": "site=lab",
+            "waves": ["25%", "50%", "100%"],
+            "min_devices": 1,
+            // Long enough for the restarts to fall inside the waves.
+            "bake": "6s",
+            "install_timeout": "90s",
+            "max_failure_rate": "20%",
+            "policy": "rollback",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    ok(&sys.cli(&[
+        "rollout",
+        "create",
+        path.to_str().unwrap(),
+        "--broker",
+        &sys.broker,
+        "--timeout",
+        "30s",
+    ]));
+}
+
+#[test]
+fn broker_restart_with_persistence_changes_no_outcome() {
+    if find("mosquitto").is_none() {
+        assert!(
+            !mosquitto::required(),
+            "SWELL_TEST_MOSQUITTO=required but mosquitto is not installed"
+        );
+        eprintln!(
+            "SKIPPED broker_restart_with_persistence_changes_no_outcome: mosquitto not installed"
+        );
+        return;
+    }
+    let http = mosquitto::free_port();
+    let http_addr = format!("127.0.0.1:{http}");
+    let mut sys = System::start_with(
+        4,
+        BrokerChoice::Mosquitto { persistence: true },
+        &["--http-addr", &http_addr],
+    );
+    let good = sys.release("app-2", "2.0.0", "2", false);
+    let bad = sys.release("app-3", "3.0.0", "3", true);
+    let devices: Vec<String> = (0..4).map(|i| format!("e2e-{i}")).collect();
+
+    // The good release, with the four restarts spread over its waves.
+    create(&sys, "good", &good);
+    restart(&mut sys, Restart::KillAfterSave);
+    wait_for(&sys, "good", 120, |s| at_wave(s, 1));
+    restart(&mut sys, Restart::Term);
+    wait_for(&sys, "good", 120, |s| at_wave(s, 2));
+    restart(&mut sys, Restart::KillAfterSave);
+    restart(&mut sys, Restart::Term);
+    assert_ne!(
+        status(&sys, "good")["phase"],
+        "completed",
+        "the restarts fell inside the rollout"
+    );
+    wait_for(&sys, "good", 180, |s| s["phase"] == "completed");
+    let s = status(&sys, "good");
+    let healthy: u64 = s["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["healthy"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(healthy, 4, "every device counted: {s:#}");
+    let until = Instant::now() + Duration::from_secs(30);
+    while devices
+        .iter()
+        .any(|d| sys.fleet.running(d) != Some(bundle("2.0.0", false)))
+    {
+        assert!(
+            Instant::now() < until,
+            "not all on 2.0.0\n{}",
+            sys.context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The bad release: restarted around while it installs, it still breaches.
+    create(&sys, "bad", &bad);
+    restart(&mut sys, Restart::KillAfterSave);
+    restart(&mut sys, Restart::Term);
+    restart(&mut sys, Restart::KillAfterSave);
+    restart(&mut sys, Restart::Term);
+    wait_for(&sys, "bad", 180, |s| s["phase"] == "rolled_back");
+    let s = status(&sys, "bad");
+    assert!(
+        s["halt_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("failed")),
+        "a breach, with its reason: {s:#}"
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    while devices
+        .iter()
+        .any(|d| sys.fleet.running(d) != Some(bundle("2.0.0", false)))
+    {
+        assert!(
+            Instant::now() < until,
+            "not all back on 2.0.0\n{}",
+            sys.context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The coordinator subscribed again after every restart and its probes
+    // come back: ready.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(http, "/readyz");
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < until, "/readyz {code}: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, metrics) = http_get(http, "/metrics");
+    let subscribes: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("swell_mqtt_subscribes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    // Restarts back to back may fall within one reconnection backoff; at
+    // least the first connection and one after a restart subscribed.
+    assert!(
+        subscribes >= 8.0,
+        "the 4 filters subscribed again after a restart: {subscribes}"
+    );
+}
