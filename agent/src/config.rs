@@ -177,6 +177,10 @@ pub struct Overrides {
     pub topic_prefix: Option<String>,
     pub enrollment_token: Option<String>,
     pub roots: Vec<String>,
+    /// Broker user name (`mqtt.username`).
+    pub username: Option<String>,
+    /// Broker password file (`mqtt.password_file`).
+    pub password_file: Option<PathBuf>,
 }
 
 /// Which installer, configured.
@@ -395,7 +399,15 @@ impl AgentConfig {
             return Err(invalid("outbox_cap", "must be at least 1"));
         }
         let m = f.mqtt;
-        let credentials = match (m.username, m.password_file) {
+        // A device's broker user name is its device id (the rules Swell's
+        // brokers enforce), so a password file alone is enough.
+        let username = over.username.clone().or(m.username);
+        let password_file = over.password_file.clone().or(m.password_file);
+        let username = match (&username, &password_file) {
+            (None, Some(_)) => Some(device.to_string()),
+            _ => username,
+        };
+        let credentials = match (username, password_file) {
             (Some(u), Some(p)) => {
                 let pw = read_file("mqtt.password_file", &p)?;
                 let pw = String::from_utf8(pw)
@@ -403,8 +415,7 @@ impl AgentConfig {
                 Some((u, pw.trim_end_matches(['\n', '\r']).to_string()))
             }
             (Some(u), None) => Some((u, String::new())),
-            (None, Some(_)) => return Err(invalid("mqtt.password_file", "needs mqtt.username")),
-            (None, None) => None,
+            (None, _) => None,
         };
         let tls = if broker.tls {
             let ca = m
@@ -637,6 +648,42 @@ mod tests {
         assert_eq!(c.labels.len(), 1);
         assert!(matches!(c.backend, BackendConfig::Slots { .. }));
         assert_eq!(c.probation, Duration::from_secs(60));
+    }
+
+    // MQTT-8: a device's broker user is its id; a password file is enough.
+    #[test]
+    fn config_broker_login_defaults_to_the_device_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "device-password-000\n").unwrap();
+        let f = || -> FileConfig {
+            toml::from_str(&format!(
+                "device_id = \"dev-1\"\nhardware = \"rpi4\"\n[trust]\nroots = [\"{ROOT}\"]\n"
+            ))
+            .unwrap()
+        };
+        let over = Overrides {
+            password_file: Some(pw.clone()),
+            ..Overrides::default()
+        };
+        let c = AgentConfig::from_parts(f(), &over).unwrap();
+        assert_eq!(
+            c.credentials.as_ref(),
+            Some(&("dev-1".to_string(), "device-password-000".to_string()))
+        );
+        let over = Overrides {
+            password_file: Some(pw),
+            username: Some("other".into()),
+            ..Overrides::default()
+        };
+        let c = AgentConfig::from_parts(f(), &over).unwrap();
+        assert_eq!(c.credentials.as_ref().map(|c| c.0.as_str()), Some("other"));
+        assert_eq!(
+            AgentConfig::from_parts(f(), &Overrides::default())
+                .unwrap()
+                .credentials,
+            None
+        );
     }
 
     #[test]

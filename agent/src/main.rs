@@ -30,6 +30,13 @@ struct Cli {
     broker: Option<String>,
     #[arg(long, env = "SWELL_AGENT_TOPIC_PREFIX", global = true)]
     topic_prefix: Option<String>,
+    /// Broker user name (default with a password file: the device id).
+    #[arg(long, env = "SWELL_AGENT_USERNAME", global = true)]
+    username: Option<String>,
+    /// File holding the broker password (`swell-coordinator broker-password
+    /// device ID` prints the embedded broker's).
+    #[arg(long, env = "SWELL_AGENT_PASSWORD_FILE", global = true)]
+    password_file: Option<PathBuf>,
     #[arg(
         long,
         env = "SWELL_AGENT_ENROLLMENT_TOKEN",
@@ -121,6 +128,8 @@ fn load(cli: &Cli) -> anyhow::Result<AgentConfig> {
         topic_prefix: cli.topic_prefix.clone(),
         enrollment_token: cli.enrollment_token.clone(),
         roots: cli.root_keys.clone(),
+        username: cli.username.clone(),
+        password_file: cli.password_file.clone(),
     };
     Ok(AgentConfig::load(&path, explicit, &over)?)
 }

@@ -19,10 +19,15 @@ fn example() -> std::path::PathBuf {
 #[test]
 fn agent_cli_example_config_with_flag_and_env_overrides() {
     let dir = tempfile::tempdir().unwrap();
+    // Its broker password file is not here either: a flag names one that is.
+    let pw = dir.path().join("mqtt-password");
+    std::fs::write(&pw, "device-password-000\n").unwrap();
     // The example points at an mqtts:// broker whose CA is not here: refused, clearly.
     let out = agent()
         .arg("--config")
         .arg(example())
+        .arg("--password-file")
+        .arg(&pw)
         .arg("check-config")
         .output()
         .unwrap();
@@ -38,6 +43,7 @@ fn agent_cli_example_config_with_flag_and_env_overrides() {
         .arg("--state-dir")
         .arg(dir.path())
         .env("SWELL_AGENT_DEVICE_ID", "edge-0042")
+        .env("SWELL_AGENT_PASSWORD_FILE", &pw)
         .arg("check-config")
         .output()
         .unwrap();

@@ -22,6 +22,7 @@ pub struct BrokerStats {
     subscribe_refused: AtomicU64,
     publish_refused: AtomicU64,
     connections: AtomicU64,
+    dropped: AtomicU64,
 }
 
 impl BrokerStats {
@@ -48,7 +49,14 @@ impl BrokerStats {
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
     }
+    /// Messages the broker accepted and could not hand to a subscriber (its
+    /// queue full, or its session closing at that instant).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
 }
+
+static DROPS: swell_mqtt::log_gate::LogGate = swell_mqtt::log_gate::LogGate::new();
 
 /// Who a session's (already authenticated) user is.
 pub(crate) fn identity_of(user: Option<&str>) -> Option<Identity> {
@@ -162,6 +170,20 @@ impl Handler for Checks {
                         false, None,
                     ))),
                 )
+            }
+            Parameter::MessageDropped(to, _from, publish, reason) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(g) = DROPS.hit() {
+                    tracing::error!(
+                        to = ?to.as_ref().map(|t| t.client_id.to_string()),
+                        topic = %publish.topic,
+                        %reason,
+                        suppressed = g.suppressed,
+                        total = g.total,
+                        "embedded broker dropped a message it had accepted"
+                    );
+                }
+                (true, None)
             }
             _ => (true, None),
         }

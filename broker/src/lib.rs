@@ -215,6 +215,7 @@ async fn serve(
         Type::ClientAuthenticate,
         Type::ClientSubscribeCheckAcl,
         Type::MessagePublishCheckAcl,
+        Type::MessageDropped,
     ] {
         let checks = hooks::Checks {
             credentials: cfg.credentials.clone(),

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cpu;
+mod broker_config;
 mod decode;
 mod demo;
 mod keys;
@@ -42,6 +43,9 @@ enum Command {
     /// Make and sign releases (offline).
     #[command(subcommand)]
     Release(release::ReleaseCmd),
+    /// The Mosquitto configuration that enforces Swell's rules (offline).
+    #[command(subcommand)]
+    Broker(broker_config::BrokerCmd),
     /// Create, follow and steer rollouts (over the MQTT ops topics).
     Rollout {
         #[command(subcommand)]
@@ -103,10 +107,10 @@ enum DeviceCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The embedded broker reports every peer that goes away as an error (the
-    // demo's own coordinator at shutdown): not the operator's business.
+    // The embedded broker (rmqtt) reports every peer that goes away: not the
+    // operator's business.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,rumqttd=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,rmqtt=off,rmqtt_net=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
         Command::Bench(cmd) => bench::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Release(cmd) => release::release(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Broker(cmd) => broker_config::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Rollout { cmd, conn } => rollout::rollout(cmd, conn),
         Command::Fleet { cmd: None, conn } => rollout::fleet(conn),
         Command::Fleet {

@@ -85,6 +85,7 @@ pub struct Metrics {
     ingest_problem: Mutex<Option<String>>,
     broker_refused: Family<ReasonLabel, Counter>,
     broker_connections: Counter,
+    broker_dropped: Counter,
     /// The embedded broker's counts, read at every scrape.
     broker: Mutex<Option<Arc<swell_broker::BrokerStats>>>,
     /// Raw gate-to-manifest samples (seconds) for benchmarks, capped.
@@ -130,6 +131,7 @@ impl Metrics {
             ingest_problem: Mutex::new(None),
             broker_refused: Family::default(),
             broker_connections: Counter::default(),
+            broker_dropped: Counter::default(),
             broker: Mutex::new(None),
             gate_samples: Mutex::new(Vec::new()),
             last: Mutex::new(Counters::default()),
@@ -244,6 +246,11 @@ impl Metrics {
             "embedded_broker_connections",
             "Connections the embedded broker authenticated",
             m.broker_connections.clone(),
+        );
+        r.register(
+            "embedded_broker_dropped",
+            "Messages the embedded broker accepted and could not hand to a subscriber (queue full, session closing)",
+            m.broker_dropped.clone(),
         );
         let m = Metrics { registry: r, ..m };
         m.set_lease(LeaseState::NotUsed);
@@ -472,6 +479,41 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Attacks are visible: the embedded broker's refusals reach /metrics.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_broker_refusals_are_exported_by_reason() {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let creds = swell_broker::Credentials::load_or_create(dir.path()).unwrap();
+        let broker = swell_broker::EmbeddedBroker::start(swell_broker::BrokerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            creds,
+            swell_broker::Rules::new("swell/v1", None),
+        ))
+        .unwrap();
+        let m = Metrics::new();
+        m.watch_broker(broker.stats().clone());
+        let mut o = MqttOptions::new("swell-agent-dev-1", "127.0.0.1", broker.addr().port());
+        o.set_credentials("dev-1", "wrong-password-00000");
+        let (_c, mut el) = AsyncClient::new(o, 10);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let text = m.encode();
+        assert!(
+            text.contains("swell_embedded_broker_refused_total{reason=\"bad_credentials\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("swell_embedded_broker_dropped_total 0"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn counters_are_added_as_deltas_and_phases_reset() {

@@ -515,6 +515,7 @@ mod tests {
         assert_eq!((f.received(), f.acked(), f.unacked()), (5, 4, 0));
     }
 
+    // MQTT-5: reconnects back off with jitter.
     #[test]
     fn mqtt_backoff_is_bounded_and_grows() {
         for attempt in 0..40 {

@@ -199,7 +199,7 @@ mod tests {
         (client, eventloop, s)
     }
 
-    // MQTT-7: a restored session is not trusted for its subscriptions.
+    // MQTT-5, MQTT-7: a restored session is not trusted for its subscriptions.
     #[test]
     fn mqtt_subscriptions_are_made_on_every_connack_even_with_a_session() {
         let (client, _el, mut s) = subs();
