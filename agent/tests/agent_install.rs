@@ -44,6 +44,9 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
     agent
         .phase(&control, "dev-1", "r-v2", "committed", 30)
         .await;
+    if control.phases("dev-1", "r-v2")[0] == "rejected" {
+        eprintln!("AGENTLOG\n{}", agent.log_text());
+    }
     assert_eq!(
         control.phases("dev-1", "r-v2"),
         [
@@ -333,4 +336,55 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
             "nothing may reach {phase}"
         );
     }
+}
+
+/// The key list arriving after the beacon and a manifest (retained messages of
+/// different subscriptions come in any order on the embedded broker): both are
+/// kept until the key list is accepted, then checked, and the install goes
+/// ahead at once, with no refusal for want of a beacon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_checks_the_beacon_and_manifests_that_came_before_the_key_list() {
+    let broker = Broker::start();
+    let files = ArtifactServer::start().await;
+    let control = Control::start(&broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = program("2.0");
+    let url = files.put("v2", v2.clone(), Mode::Normal);
+    let r2 = release(2, "2.0", &v2, &url);
+    // One beacon only: a later one would hide a beacon that was lost.
+    control.beacon().await;
+    control
+        .publish_manifest("r-v2", control.manifest("r-v2", &r2, RolloutState::Active))
+        .await;
+    let agent = AgentProc::start(&broker.agent_spec("dev-3").await, dir.path());
+    agent
+        .wait_status("beacon and manifest waiting for a key list", 20, |s| {
+            s["waiting_for_key_list"] == 2 && s["key_list_version"].is_null()
+        })
+        .await;
+    control.publish_keys().await;
+    agent
+        .phase(&control, "dev-3", "r-v2", "probation", 30)
+        .await;
+    // Commit needs a coordinator message after activation (INST-2).
+    control.start_beacons();
+    agent
+        .phase(&control, "dev-3", "r-v2", "committed", 30)
+        .await;
+    assert_eq!(
+        control.phases("dev-3", "r-v2"),
+        [
+            "downloading",
+            "downloaded",
+            "installing",
+            "probation",
+            "committed"
+        ]
+    );
+    let s = agent
+        .wait_status("nothing left waiting", 5, |s| {
+            s["waiting_for_key_list"] == 0
+        })
+        .await;
+    assert_eq!(s["counters"]["dropped_before_keys"], 0);
 }

@@ -4,6 +4,7 @@
 //! state is made durable before the message that caused it is acknowledged
 //! (STATE-1, MQTT-4) and before its side effects start (the journal).
 
+mod before_keys;
 mod link;
 mod state;
 
@@ -17,6 +18,7 @@ use crate::install::{self, Installer, Prepared, PreparedArtifact};
 use crate::probe;
 use crate::store::AgentStore;
 use crate::trust::{TrustFile, TrustState};
+use before_keys::BeforeKeys;
 use link::Link;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
@@ -108,6 +110,8 @@ pub struct Counters {
     /// Subscriptions the broker refused: a misconfigured broker ACL, and the
     /// messages on those filters never arrive.
     pub subscriptions_refused: u64,
+    /// Fleet messages dropped while waiting for a first key list (bounded).
+    pub dropped_before_keys: u64,
 }
 
 fn unix_now() -> u64 {
@@ -148,6 +152,8 @@ pub struct Agent {
     held_events: Vec<Event>,
     /// Manifests that could not act yet, by rollout (bytes, when received).
     held: std::collections::BTreeMap<RolloutId, (Vec<u8>, u64)>,
+    /// Fleet messages that came before any key list.
+    before_keys: BeforeKeys,
     boot: u64,
     started: Instant,
     last_probe: Instant,
@@ -318,6 +324,7 @@ impl Agent {
             committing: None,
             held_events: Vec::new(),
             held: Default::default(),
+            before_keys: BeforeKeys::default(),
             boot,
             started: Instant::now(),
             last_probe: Instant::now(),
@@ -447,6 +454,7 @@ impl Agent {
             boot: self.boot,
             connected: self.link.connected,
             key_list_version: self.keys.as_ref().map(|k| k.version),
+            waiting_for_key_list: self.before_keys.len(),
             running: self.installed.running.clone(),
             previous: self.installed.previous.clone(),
             job: self.job.as_ref().map(state::JobStatus::of),
@@ -623,9 +631,17 @@ impl Agent {
                 self.on_beacon(&p.payload, now)
             }
             Ok(Topic::Manifest { fleet, .. }) if fleet == self.cfg.fleet => {
+                if self.keys.is_none() {
+                    self.keep_until_keys(&topic, before_keys::Kind::Manifest, &p.payload);
+                    return Ok(());
+                }
                 self.on_manifest(&p.payload, now)
             }
             Ok(Topic::Desired { device }) if device == self.cfg.device => {
+                if self.keys.is_none() {
+                    self.keep_until_keys(&topic, before_keys::Kind::Directive, &p.payload);
+                    return Ok(());
+                }
                 self.on_directive(&p.payload, now)
             }
             _ => {
@@ -668,6 +684,7 @@ impl Agent {
                 self.persist_trust()?;
                 info!(version = list.version, "key list accepted");
                 self.keys = Some(list);
+                self.check_before_keys(now)?;
             }
             Err(e) => {
                 self.counters.rejected_key_lists += 1;
@@ -677,8 +694,37 @@ impl Agent {
         Ok(())
     }
 
+    fn keep_until_keys(&mut self, topic: &str, kind: before_keys::Kind, payload: &[u8]) {
+        self.status_dirty = true;
+        if !self.before_keys.keep(topic, kind, payload) {
+            self.counters.dropped_before_keys += 1;
+            warn!(%topic, "too many messages before any key list; dropped");
+        }
+    }
+
+    /// The messages that came before the first key list, checked now.
+    fn check_before_keys(&mut self, now: u64) -> Result<(), AgentError> {
+        let kept = self.before_keys.take();
+        if !kept.is_empty() {
+            debug!(
+                messages = kept.len(),
+                "checking what came before the key list"
+            );
+        }
+        for (kind, payload) in kept {
+            match kind {
+                before_keys::Kind::Beacon => self.on_beacon(&payload, now)?,
+                before_keys::Kind::Directive => self.on_directive(&payload, now)?,
+                before_keys::Kind::Manifest => self.on_manifest(&payload, now)?,
+            }
+        }
+        Ok(())
+    }
+
     fn on_beacon(&mut self, payload: &[u8], now: u64) -> Result<(), AgentError> {
         let Some(keys) = &self.keys else {
+            let topic = self.cfg.topics.beacon(&self.cfg.fleet);
+            self.keep_until_keys(&topic, before_keys::Kind::Beacon, payload);
             return Ok(());
         };
         let checked = UnverifiedEnvelope::parse(payload).and_then(|env| {
@@ -764,8 +810,7 @@ impl Agent {
             return Ok(()); // a cleared retained manifest
         }
         let Some(keys) = self.keys.clone() else {
-            debug!("manifest before any key list; ignored");
-            return Ok(());
+            return Ok(()); // kept by the caller until a key list arrives
         };
         let (running, installing) = self.device_facts();
         let dev = Device {

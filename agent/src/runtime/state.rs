@@ -69,6 +69,8 @@ pub struct Status {
     pub boot: u64,
     pub connected: bool,
     pub key_list_version: Option<u64>,
+    /// Fleet messages received before any key list, checked once one arrives.
+    pub waiting_for_key_list: usize,
     pub running: Option<Running>,
     pub previous: Option<Running>,
     pub job: Option<JobStatus>,
