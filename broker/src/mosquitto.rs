@@ -4,9 +4,9 @@
 //! [`acl_file`]).
 //!
 //! Mosquitto's `acl_file` cannot refuse a subscription (its subscribe check is
-//! an unconditional yes in 2.0), so a device could join the coordinator's
-//! `$share` group and take half of the fleet's reports, which the ACL then
-//! dropped on delivery. And a client id is not bound to anyone, so any client
+//! an unconditional yes in 2.0), so a device could join a `$share` group on
+//! the report filter (when the coordinator still subscribed through one, it
+//! took half of the fleet's reports, which the ACL then dropped on delivery). And a client id is not bound to anyone, so any client
 //! could connect with another's id and take its session. Two mechanisms, chained:
 //!
 //! - the **dynamic-security plugin** ([`dynamic_security`]) authenticates every

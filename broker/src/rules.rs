@@ -15,7 +15,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The coordinator: publishes under the prefix, reads device channels and
-    /// commands through its (shared) subscriptions.
+    /// commands (plain subscriptions, or shared ones for replicas).
     Coordinator,
     /// An operator: sends commands, reads statuses, events, fleet topics and its
     /// own replies.

@@ -441,12 +441,16 @@ impl Engine {
         &self.s.topics
     }
 
-    /// Subscriptions the coordinator needs (ingest through a shared subscription).
+    /// Subscriptions the coordinator needs. Plain, not `$share/…`: Mosquitto
+    /// 2.0 keeps a persistent session's plain subscriptions across a restart
+    /// and queues what devices publish before the coordinator is back, but
+    /// restores the session without its shared subscriptions, so reports sent
+    /// in that gap were acknowledged to devices and dropped.
     pub fn subscriptions(&self) -> Vec<String> {
         let t = &self.s.topics;
         vec![
-            t.shared(&t.all_devices("hello")),
-            t.shared(&t.all_devices("report")),
+            t.all_devices("hello"),
+            t.all_devices("report"),
             t.all_devices("online"),
             t.ops_cmd(),
         ]

@@ -3,9 +3,9 @@
 //! (`{p}/dev/_probe/{hello|report|online}`) and expects it back. A SUBACK only
 //! says the broker took the subscription; Mosquitto with persistence restored a
 //! session without its shared subscriptions and acknowledged every device report
-//! into the void, and a device that joined the coordinator's share group received
-//! half of them. Only a message that comes back through the subscription shows
-//! that the gate hears the fleet.
+//! into the void while the SUBACKs of the session before were all fine. Only a
+//! message that comes back through the subscription shows that the gate hears
+//! the fleet.
 //!
 //! Pure: the server loop says when probes may go out, hands over every probe
 //! that arrives and every other message per filter, and carries out the
@@ -180,7 +180,7 @@ impl IngestProbe {
             }
             p.lost += overtaken.len() as u64;
             let reason = format!(
-                "probe {} did not come back while probe {seq}, sent after it, did: another subscriber takes a share of this filter's messages",
+                "probe {} did not come back while probe {seq}, sent after it, did: the broker lost it or handed it to another subscriber",
                 overtaken[0]
             );
             if p.state != PathState::Dead {
@@ -278,7 +278,7 @@ fn parse(payload: &[u8]) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
-    const FILTER: &str = "$share/swell-report/swell/v1/dev/+/report";
+    const FILTER: &str = "swell/v1/dev/+/report";
     const TOPIC: &str = "swell/v1/dev/_probe/report";
 
     fn probe() -> IngestProbe {
@@ -367,17 +367,18 @@ mod tests {
         assert_eq!(p.lost(FILTER), 0);
     }
 
-    // MQTT-8: a share of the filter taken by another subscriber loses probes.
+    // A probe overtaken by a later one was lost or went elsewhere.
     #[test]
     fn ingest_probe_dead_when_a_later_probe_overtakes() {
         let mut p = probe();
         let first = sent(&p.tick(0, true));
         let second = sent(&p.tick(1_000, true));
         p.on_traffic(0, 1_001);
-        // The first went to the other member of the share group.
+        // The first never came (dropped by the broker, or delivered to another
+        // subscriber of a share group).
         let effects = p.on_probe(TOPIC, &second[0], 1_002);
         assert!(
-            matches!(&effects[..], [Effect::Dead { reason, .. }] if reason.contains("share")),
+            matches!(&effects[..], [Effect::Dead { reason, .. }] if reason.contains("another subscriber")),
             "{effects:?}"
         );
         assert_eq!(p.lost(FILTER), 1);

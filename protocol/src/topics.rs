@@ -27,9 +27,6 @@ pub const DEFAULT_PREFIX: &str = "swell/v1";
 /// The device level of the coordinator's ingest probes (not a valid device id).
 pub const PROBE_LEVEL: &str = "_probe";
 
-/// Shared-subscription group the coordinator replicas join for ingest.
-pub const SHARE_GROUP: &str = "swell";
-
 /// Why a topic or prefix was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -129,14 +126,6 @@ impl Topics {
     /// (`hello`, `report` or `online`).
     pub fn all_devices(&self, channel: &str) -> String {
         format!("{}/dev/+/{channel}", self.prefix)
-    }
-    /// `filter` as an MQTT 5 shared subscription of the coordinator replicas.
-    /// One group per filter (`swell-report`, …): rumqttd keys a shared group by
-    /// its name alone, so two filters in one group would share one cursor and
-    /// lose messages; per-filter groups behave the same on every broker.
-    pub fn shared(&self, filter: &str) -> String {
-        let channel = filter.rsplit('/').next().unwrap_or("all");
-        format!("$share/{SHARE_GROUP}-{channel}/{filter}")
     }
     /// Where the coordinator sends the probe that proves its subscription to
     /// [`Topics::all_devices`]`(channel)` delivers (MQTT-7).
@@ -241,10 +230,6 @@ mod tests {
         // A probe is never a device's topic.
         assert_eq!(t.probe("report"), "swell/v1/dev/_probe/report");
         assert!(t.parse(&t.probe("report")).is_err());
-        assert_eq!(
-            t.shared(&t.all_devices("report")),
-            "$share/swell-report/swell/v1/dev/+/report"
-        );
     }
 
     #[test]
