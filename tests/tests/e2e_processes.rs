@@ -260,3 +260,66 @@ fn e2e_operated_with_mosquitto_tools_only() {
         );
     }
 }
+
+/// `--embedded-broker` on an address another program holds: the coordinator
+/// exits non-zero and says why, instead of running against whatever listens
+/// there.
+#[test]
+fn e2e_coordinator_exits_when_the_embedded_brokers_address_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let swell = |args: &[&str]| ok(&swell_e2e::system::swell(d, args));
+    swell(&["keys", "gen", "root", "--out", "root.key"]);
+    swell(&["keys", "gen", "release", "--out", "rel.key"]);
+    swell(&["keys", "gen", "coordinator", "--out", "coord.key"]);
+    swell(&[
+        "keys",
+        "list",
+        "--root",
+        "root.key",
+        "--release",
+        "rel.key.pub",
+        "--release-threshold",
+        "1",
+        "--coordinator",
+        "coord.key.pub",
+        "--out",
+        "keys.bin",
+    ]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut child = Command::new(swell_e2e::procs::bin("swell-coordinator"))
+        .current_dir(d)
+        .args(["--embedded-broker", &addr, "--fleet", "lab"])
+        .args(["--key", "coord.key", "--key-list", "keys.bin"])
+        .args([
+            "--root-key",
+            "root.key.pub",
+            "--enrollment-token",
+            "a-long-enough-token",
+        ])
+        .args(["--state-dir", "coord"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("the coordinator kept running with its broker's address taken");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "exit status {status}: {err}");
+    assert!(
+        err.contains(&format!("embedded broker cannot listen on {addr}")),
+        "{err}"
+    );
+    drop(taken);
+}
