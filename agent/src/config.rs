@@ -181,6 +181,8 @@ pub struct Overrides {
     pub username: Option<String>,
     /// Broker password file (`mqtt.password_file`).
     pub password_file: Option<PathBuf>,
+    /// [`AgentConfig::abort_after`].
+    pub abort_after: Option<String>,
 }
 
 /// Which installer, configured.
@@ -243,6 +245,10 @@ pub struct AgentConfig {
     pub reach_timeout: Duration,
     pub max_attempts: u16,
     pub probes: Vec<ProbeConfig>,
+    /// Testing hook (`SWELL_AGENT_ABORT_AFTER=<stage>`, never in a file):
+    /// abort right after journaling this stage, as a power cut would; the
+    /// crash tests use it to die at every stage on purpose.
+    pub abort_after: Option<String>,
 }
 
 /// Download limits (DL-2).
@@ -622,6 +628,7 @@ impl AgentConfig {
             )?,
             max_attempts,
             probes,
+            abort_after: over.abort_after.clone(),
         })
     }
 }

@@ -9,6 +9,8 @@
 //! - [`evaluate`]: manifest and directive → verdict (install, roll back, refuse
 //!   with a reason, or nothing to do), pure.
 //! - [`deployment`]: the install state machine and crash recovery, pure.
+//! - [`device`]: the device as one pure state machine (messages, work
+//!   results, ticks → effects): the agent and the simulator both run it.
 //! - [`store`]: sled journal of the current install and the bounded report
 //!   outbox (heartbeats evicted first), rebuilt when corrupt.
 //! - [`download`]: digest-addressed blobs fetched over HTTP(S) with resume,
@@ -16,12 +18,14 @@
 //! - [`install`]: the `Installer` trait and its `slots`, `command` and
 //!   `container` backends.
 //! - [`probe`]: command, HTTP and process health probes.
-//! - [`runtime`]: the running agent — MQTT session, outbox delivery, workers.
-//! - [`sim`]: a fleet simulator running the decision logic for many virtual
-//!   devices over real MQTT connections (demo, tests, benchmarks).
+//! - [`runtime`]: the running agent — the loop that feeds [`device`] and
+//!   carries out its effects: MQTT session, outbox delivery, workers.
+//! - [`sim`]: a fleet simulator running [`device`] for many virtual devices
+//!   over real MQTT connections (demo, tests, benchmarks).
 
 pub mod config;
 pub mod deployment;
+pub mod device;
 pub mod download;
 pub mod durable;
 pub mod evaluate;

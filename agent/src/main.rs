@@ -52,6 +52,9 @@ struct Cli {
         global = true
     )]
     root_keys: Vec<String>,
+    /// Testing hook: abort right after journaling this install stage.
+    #[arg(long, env = "SWELL_AGENT_ABORT_AFTER", global = true, hide = true)]
+    abort_after: Option<String>,
     /// Log format.
     #[arg(
         long,
@@ -130,6 +133,7 @@ fn load(cli: &Cli) -> anyhow::Result<AgentConfig> {
         roots: cli.root_keys.clone(),
         username: cli.username.clone(),
         password_file: cli.password_file.clone(),
+        abort_after: cli.abort_after.clone(),
     };
     Ok(AgentConfig::load(&path, explicit, &over)?)
 }

@@ -17,6 +17,9 @@
 //! - [`topics`]: build and parse every topic.
 //! - [`cohort`]: `bucket()`, waves → `open_below`, label selectors.
 //! - [`version`]: protocol version negotiation and the `Unsupported` answer.
+//! - `testkeys`, `fixtures` (feature `test-util`): public test keys and signed
+//!   test objects (key list, releases, manifests, beacons, directives) for the
+//!   tests and benchmarks of every crate.
 //!
 //! The normative description is `docs/protocol.md`; the golden vectors under
 //! `protocol/tests/golden/v1/` pin the bytes.
@@ -31,6 +34,8 @@ pub mod threshold;
 pub mod topics;
 pub mod version;
 
+#[cfg(feature = "test-util")]
+pub mod fixtures;
 #[cfg(feature = "test-util")]
 pub mod testkeys;
 

@@ -1,27 +1,9 @@
-//! What the device runs, as kept in the store, and the status snapshot the agent
-//! writes to `{state}/status.json` for `swell-agent status` and for people.
+//! The status snapshot the agent writes to `{state}/status.json` for
+//! `swell-agent status` and for people.
 
 use crate::deployment::{Job, Stage};
-use serde::{Deserialize, Serialize};
-use swell_protocol::{ReleaseId, RolloutId};
-
-/// A release the device runs (or ran).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Running {
-    pub release: ReleaseId,
-    pub rollout: Option<RolloutId>,
-    pub counter: u64,
-    pub version: String,
-}
-
-/// What runs, what ran before, and the last release that failed here.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Installed {
-    pub running: Option<Running>,
-    pub previous: Option<Running>,
-    /// (rollout, release, retry generation) of the last failure.
-    pub failed: Option<(RolloutId, ReleaseId, u32)>,
-}
+use crate::device::{Counters, DeviceCore, Running};
+use serde::Serialize;
 
 /// The journaled job, for people.
 #[derive(Debug, Clone, Serialize)]
@@ -71,11 +53,33 @@ pub struct Status {
     pub key_list_version: Option<u64>,
     /// Fleet messages received before any key list, checked once one arrives.
     pub waiting_for_key_list: usize,
+    /// Manifests held until they can act (no fresh beacon, another install).
+    pub held_manifests: usize,
     pub running: Option<Running>,
     pub previous: Option<Running>,
     pub job: Option<JobStatus>,
     pub counter_floor: u64,
     pub outbox: usize,
     pub outbox_dropped: u64,
-    pub counters: super::Counters,
+    pub counters: Counters,
+}
+
+impl Status {
+    pub fn of(core: &DeviceCore, connected: bool, outbox: usize, outbox_dropped: u64) -> Status {
+        Status {
+            device: core.settings().device.to_string(),
+            boot: core.boot(),
+            connected,
+            key_list_version: core.keys().map(|k| k.version),
+            waiting_for_key_list: core.waiting_for_key_list(),
+            held_manifests: core.held_manifests(),
+            running: core.installed().running.clone(),
+            previous: core.installed().previous.clone(),
+            job: core.job().map(JobStatus::of),
+            counter_floor: core.trust().counter_floor,
+            outbox,
+            outbox_dropped,
+            counters: core.counters().clone(),
+        }
+    }
 }
