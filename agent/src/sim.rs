@@ -1,14 +1,27 @@
-//! Fleet simulator: many virtual devices running the real agent logic
-//! ([`crate::evaluate`], [`crate::deployment`], [`crate::trust`]) with a simulated
-//! installer, over real MQTT connections. Devices are multiplexed: each connection
-//! carries `devices / connections` virtual devices, gets each manifest and beacon
-//! once, and applies it to all of them; every device still signs its own Hello
-//! and Reports with its own key and keeps its own floors. Shared by `swell demo`,
-//! end-to-end tests and the fleet benchmark.
+//! Fleet simulator: many virtual devices, each one [`DeviceCore`] (the device
+//! the agent runs), with a simulated installer, over real MQTT connections.
+//! What differs from the agent is the transport and the installer only:
+//! - devices are multiplexed: each connection carries `devices / connections`
+//!   virtual devices, gets each manifest and beacon once, checks its
+//!   coordinator signature once ([`crate::evaluate::check_manifest`],
+//!   [`crate::device::check_beacon`]) and hands it to every device, which
+//!   applies its own floors and checks; every device signs its own Hello and
+//!   reports with its own key;
+//! - the key list comes with the configuration (no retained key list is read),
+//!   nothing is persisted, there is no outbox (reports go straight out) and no
+//!   heartbeat;
+//! - downloads, installs and rollbacks take the configured work time (or, with
+//!   `fetch_concurrency`, downloads are real HTTP with length and digest
+//!   checks), probes pass or fail by [`SimConfig::outcome`], commits succeed;
+//! - a device is ticked only when [`DeviceCore::wake_at`] says it has
+//!   something to do.
+//!
+//! Shared by `swell demo`, end-to-end tests and the fleet benchmark.
 
-use crate::deployment::{self, Action, Event, Job, Policy};
-use crate::evaluate::{Device, Verdict, evaluate, evaluate_checked};
-use crate::trust::TrustState;
+use crate::deployment::Policy;
+use crate::device::{
+    Clock, DeviceCore, Effect, Installed, JobKey, Outgoing, Restored, Running, Settings, Task, Work,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
@@ -19,12 +32,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use swell_protocol::cohort::Label;
-use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
-use swell_protocol::messages::{
-    Beacon, Hello, KeyList, Metrics, Phase, Reason, Release, Report, reason,
-};
+use swell_protocol::messages::{KeyList, Phase, Reason, Release, RootOfTrust, reason};
 use swell_protocol::topics::Topics;
-use swell_protocol::{DeviceId, FleetId, ReleaseId, RolloutId, SecretKey};
+use swell_protocol::{DeviceId, FleetId, ReleaseId, SecretKey};
 use tokio::time::Instant;
 
 /// Whether a simulated install of `release` on `device` passes its probes.
@@ -110,43 +120,28 @@ pub fn device_key(seed: u64, i: usize) -> SecretKey {
     swell_protocol::testkeys::test_key(&format!("sim-{seed}-{i}"))
 }
 
-struct VDev {
-    id: DeviceId,
-    key: SecretKey,
-    labels: Vec<Label>,
-    trust: TrustState,
-    running: Option<(ReleaseId, Option<RolloutId>)>,
-    previous: Option<(ReleaseId, Option<RolloutId>)>,
-    failed: Option<(RolloutId, ReleaseId, u32)>,
-    job: Option<Job>,
-    /// The verified release of the current job (its artifacts and URLs).
-    release: Option<Release>,
-    seq: u64,
-}
-
-/// Simulated work finishing; turned into an [`Event`] when it fires.
-#[derive(Debug, Clone, Copy)]
-enum Timed {
-    Downloaded,
-    Installed,
-    Probe { ok: bool },
-    RolledBack,
+/// A timer: simulated work finishing, or a device's next tick.
+#[derive(Debug)]
+enum Timer {
+    Work(Option<JobKey>, Work),
+    Wake,
 }
 
 struct Conn {
     cfg: SimConfig,
     client: AsyncClient,
-    devs: Vec<VDev>,
-    beacon_until: u64,
-    epoch_seen: u64,
+    devs: Vec<DeviceCore>,
+    /// The earliest wake scheduled per device (monotonic ms), so a device has
+    /// one pending wake, not one per input.
+    wake: Vec<Option<u64>>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    pending: std::collections::HashMap<u64, Timed>,
+    pending: std::collections::HashMap<u64, Timer>,
     next_timer: u64,
+    started: Instant,
     stats: Arc<SimStats>,
-    policy: Policy,
     http: reqwest::Client,
     fetches: Arc<tokio::sync::Semaphore>,
-    fetched_tx: tokio::sync::mpsc::UnboundedSender<(usize, ReleaseId, Result<(), Reason>)>,
+    fetched_tx: tokio::sync::mpsc::UnboundedSender<(usize, Option<JobKey>, Result<(), Reason>)>,
 }
 
 /// Fetches every artifact of `release` that has a URL: the body is read up to
@@ -260,29 +255,51 @@ async fn run_conn(
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(Some(1 << 20));
     let (client, mut eventloop) = AsyncClient::new(opts, 100_000);
-    let devs = idx
+    let started = Instant::now();
+    let settings = Arc::new(Settings {
+        fleet: cfg.fleet.clone(),
+        hardware: cfg.hardware.clone(),
+        agent_version: concat!("sim-", env!("CARGO_PKG_VERSION")).into(),
+        enrollment_token: Some(cfg.enrollment_token.clone()),
+        roots: RootOfTrust::of(&cfg.keys),
+        policy: Policy {
+            probation_secs: cfg.probation.as_secs(),
+            max_attempts: 3,
+        },
+        reach_timeout_secs: REACH_TIMEOUT_SECS,
+        probe_interval_ms: PROBE_INTERVAL_MS,
+        heartbeat_ms: None,
+    });
+    let keys = Arc::new(cfg.keys.clone());
+    let clock = clock_at(started);
+    let devs: Vec<DeviceCore> = idx
         .iter()
         .filter_map(|&i| Some((i, DeviceId::new(format!("{}{i:05}", cfg.prefix)).ok()?)))
-        .map(|(i, id)| VDev {
-            id,
-            key: device_key(cfg.seed, i),
-            labels: (cfg.labels)(i),
-            trust: TrustState {
-                counter_floor: cfg.initial.map_or(0, |i| i.1),
-                ..TrustState::default()
-            },
-            running: cfg.initial.map(|i| (i.0, None)),
-            previous: None,
-            failed: None,
-            job: None,
-            release: None,
-            seq: 0,
+        .map(|(i, id)| {
+            let restored = Restored {
+                keys: Some(keys.clone()),
+                installed: Installed {
+                    running: cfg.initial.map(|(release, counter)| Running {
+                        release,
+                        rollout: None,
+                        counter,
+                        version: String::new(),
+                    }),
+                    ..Installed::default()
+                },
+                boot: 1,
+                ..Restored::default()
+            };
+            DeviceCore::new(
+                settings.clone(),
+                id,
+                (cfg.labels)(i),
+                device_key(cfg.seed, i),
+                restored,
+                clock,
+            )
         })
         .collect();
-    let policy = Policy {
-        probation_secs: cfg.probation.as_secs(),
-        max_attempts: 3,
-    };
     let (fetched_tx, mut fetched_rx) = tokio::sync::mpsc::unbounded_channel();
     let fetches = Arc::new(tokio::sync::Semaphore::new(cfg.fetch_concurrency.max(1)));
     let mut conn = Conn {
@@ -291,15 +308,19 @@ async fn run_conn(
         fetched_tx,
         cfg,
         client,
+        wake: vec![None; devs.len()],
         devs,
-        beacon_until: 0,
-        epoch_seen: 0,
         timers: BinaryHeap::new(),
         pending: Default::default(),
         next_timer: 0,
+        started,
         stats,
-        policy,
     };
+    let mut out = Vec::new();
+    for i in 0..conn.devs.len() {
+        conn.devs[i].start(clock, &mut out);
+        conn.execute(i, &mut out).await;
+    }
     let mut ready = Some(ready);
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -315,7 +336,7 @@ async fn run_conn(
         tokio::select! {
             ev = eventloop.poll() => match ev {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    conn.subscribe_and_hello().await;
+                    conn.connected().await;
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
                     }
@@ -325,27 +346,41 @@ async fn run_conn(
                     conn.on_message(&topic, &p.payload).await;
                 }
                 Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(_) => {
+                    for d in &mut conn.devs {
+                        d.disconnected();
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             },
             _ = sleep => conn.fire_due().await,
-            Some((i, release, r)) = fetched_rx.recv() => {
-                // A result for the device's current job only.
-                if conn.devs[i].job.as_ref().is_some_and(|j| j.release == release) {
-                    let ev = match r {
-                        Ok(()) => {
-                            conn.stats.downloads.fetch_add(1, Ordering::Relaxed);
-                            Event::Downloaded
-                        }
-                        Err(reason) => Event::DownloadFailed(reason),
-                    };
-                    conn.event(i, ev).await;
+            Some((i, for_job, r)) = fetched_rx.recv() => {
+                if r.is_ok() {
+                    conn.stats.downloads.fetch_add(1, Ordering::Relaxed);
                 }
+                conn.work_done(i, for_job, Work::Downloaded(r)).await;
             }
         }
     }
 }
 
+/// How often a simulated device in probation runs its probes.
+const PROBE_INTERVAL_MS: u64 = 250;
+/// INST-2 for simulated devices, as the agent's default.
+const REACH_TIMEOUT_SECS: u64 = 600;
+
+fn clock_at(started: Instant) -> Clock {
+    Clock {
+        unix: unix_now(),
+        mono_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
 impl Conn {
+    fn clock(&self) -> Clock {
+        clock_at(self.started)
+    }
+
     async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) {
         self.stats
             .bytes_sent
@@ -356,176 +391,58 @@ impl Conn {
             .await;
     }
 
-    async fn subscribe_and_hello(&mut self) {
+    /// A connection: subscribe, then every device is online and says Hello.
+    async fn connected(&mut self) {
         let t = &self.cfg.topics;
-        let _ = self
-            .client
-            .subscribe(t.manifests(&self.cfg.fleet), QoS::AtLeastOnce)
-            .await;
-        let _ = self
-            .client
-            .subscribe(t.beacon(&self.cfg.fleet), QoS::AtLeastOnce)
-            .await;
-        self.hello_all().await;
-    }
-
-    async fn hello_all(&mut self) {
-        for i in 0..self.devs.len() {
-            self.hello(i).await;
+        for filter in [t.manifests(&self.cfg.fleet), t.beacon(&self.cfg.fleet)] {
+            let _ = self.client.subscribe(filter, QoS::AtLeastOnce).await;
         }
-    }
-
-    /// Hello for device `i`: on connect, on a new coordinator epoch, and whenever
-    /// the release it runs changes (so the fleet inventory stays exact).
-    async fn hello(&mut self, i: usize) {
-        let (topic, bytes, online) = {
-            let d = &mut self.devs[i];
-            d.seq += 1;
-            let h = Hello {
-                device: d.id.clone(),
-                fleet: self.cfg.fleet.clone(),
-                key: d.key.public(),
-                labels: d.labels.clone(),
-                hardware: self.cfg.hardware.clone(),
-                agent_version: concat!("sim-", env!("CARGO_PKG_VERSION")).into(),
-                proto_min: 1,
-                proto_max: 1,
-                boot: 1,
-                running: d.running.as_ref().map(|r| r.0),
-                counter_floor: d.trust.counter_floor,
-                enrollment_token: Some(self.cfg.enrollment_token.clone()),
-            };
-            let stamp = Stamp {
-                epoch: 1,
-                seq: d.seq,
-                issued_at: unix_now(),
-                expires_at: 0,
-                audience: Audience::Any,
-            };
-            let Ok(b) = seal(&d.key, stamp, &h) else {
-                return;
-            };
-            (
-                self.cfg.topics.hello(&d.id),
-                b,
-                self.cfg.topics.online(&d.id),
-            )
-        };
-        self.stats.hellos.fetch_add(1, Ordering::Relaxed);
-        self.publish(topic, bytes, false).await;
-        self.publish(online, b"1".to_vec(), true).await;
+        let clock = self.clock();
+        let mut out = Vec::new();
+        for i in 0..self.devs.len() {
+            let online = self.cfg.topics.online(self.devs[i].id());
+            self.publish(online, b"1".to_vec(), true).await;
+            self.devs[i].connected(clock, &mut out);
+            self.execute(i, &mut out).await;
+        }
     }
 
     async fn on_message(&mut self, topic: &str, payload: &[u8]) {
-        let now = unix_now();
+        let clock = self.clock();
+        let mut out = Vec::new();
         if topic.ends_with("/beacon") {
-            let Ok(env) = UnverifiedEnvelope::parse(payload) else {
+            // One signature check for every device of this connection.
+            let Ok(v) = crate::device::check_beacon(payload, &self.cfg.keys, clock.unix) else {
                 return;
             };
-            let Some(key) = self
-                .cfg
-                .keys
-                .coordinator_keys
-                .iter()
-                .find(|k| k.key_id() == env.header.key_id)
-            else {
-                return;
-            };
-            let Ok(v) = env.verify::<Beacon>(key, now) else {
-                return;
-            };
-            self.beacon_until = v.header.expires_at;
-            if v.header.epoch > self.epoch_seen {
-                // A coordinator epoch not seen before: say hello again.
-                self.epoch_seen = v.header.epoch;
-                self.hello_all().await;
-            }
             for i in 0..self.devs.len() {
-                self.event(i, Event::FreshMessage { now }).await;
+                self.devs[i].on_checked_beacon(&v, clock, &mut out);
+                self.execute(i, &mut out).await;
             }
             return;
         }
-        // One signature check for every device of this connection.
-        let checked = crate::evaluate::check_manifest(payload, &self.cfg.keys, now).ok();
+        // One signature check for every device of this connection; each device
+        // still applies its own floors and checks.
+        let checked = crate::evaluate::check_manifest(payload, &self.cfg.keys, clock.unix).ok();
         for i in 0..self.devs.len() {
-            let verdict = {
-                let d = &mut self.devs[i];
-                let dev = Device {
-                    id: &d.id,
-                    fleet: &self.cfg.fleet,
-                    labels: &d.labels,
-                    hardware: &self.cfg.hardware,
-                    running: d.running.clone(),
-                    failed: d.failed.clone(),
-                    installing: d
-                        .job
-                        .as_ref()
-                        .filter(|j| !j.is_final())
-                        .map(|j| (j.rollout.clone(), j.release)),
-                    beacon_fresh: now < self.beacon_until,
-                    directive: None,
-                };
-                match &checked {
-                    Some(c) => evaluate_checked(c, &dev, &self.cfg.keys, &mut d.trust, now),
-                    None => evaluate(payload, &dev, &self.cfg.keys, &mut d.trust, now),
-                }
-            };
-            match verdict {
-                Verdict::Install {
-                    rollout,
-                    release_id,
-                    release,
-                    retry,
-                } => {
-                    if self.devs[i].job.as_ref().is_some_and(|j| !j.is_final()) {
-                        continue;
-                    }
-                    let previous = self.devs[i].running.as_ref().map(|r| r.0);
-                    let (job, actions) =
-                        Job::start(rollout, release_id, release.counter, retry, previous);
-                    self.devs[i].job = Some(job);
-                    self.devs[i].release = Some(*release);
-                    self.carry_out(i, actions).await;
-                }
-                Verdict::RollBack { .. } => {
-                    self.event(
-                        i,
-                        Event::RollbackRequested(Reason {
-                            code: reason::OPERATOR,
-                            detail: "rollout rolling back".into(),
-                        }),
-                    )
-                    .await
-                }
-                Verdict::Reject {
-                    rollout,
-                    release_id,
-                    reason,
-                } => {
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    if let (Some(r), Some(rel)) = (rollout, release_id) {
-                        self.report(i, r, rel, Phase::Rejected(reason)).await;
-                    }
-                }
-                Verdict::NotForMe(_) | Verdict::Duplicate => {}
+            match &checked {
+                Some(c) => self.devs[i].on_checked_manifest(c, payload, clock, &mut out),
+                None => self.devs[i].on_manifest(topic, payload, clock, &mut out),
             }
-            // Any verified manifest is a fresh message for probation (INST-2).
-            self.event(i, Event::FreshMessage { now }).await;
+            self.execute(i, &mut out).await;
         }
     }
 
-    async fn event(&mut self, i: usize, ev: Event) {
-        let Some(job) = self.devs[i].job.clone() else {
-            return;
-        };
-        let (next, actions) = deployment::step(&job, ev, &self.policy);
-        self.devs[i].job = Some(next);
-        self.carry_out(i, actions).await;
+    async fn work_done(&mut self, i: usize, for_job: Option<JobKey>, work: Work) {
+        let mut out = Vec::new();
+        let clock = self.clock();
+        self.devs[i].work_done(for_job, work, clock, &mut out);
+        self.execute(i, &mut out).await;
     }
 
-    fn schedule(&mut self, i: usize, after: Duration, ev: Timed) {
+    fn schedule(&mut self, i: usize, after: Duration, t: Timer) {
         self.next_timer += 1;
-        self.pending.insert(self.next_timer, ev);
+        self.pending.insert(self.next_timer, t);
         self.timers
             .push(Reverse((Instant::now() + after, i, self.next_timer)));
     }
@@ -536,69 +453,115 @@ impl Conn {
         self.cfg.work + Duration::from_millis(if w == 0 { 0 } else { h % w })
     }
 
-    async fn carry_out(&mut self, i: usize, actions: Vec<Action>) {
-        for a in actions {
-            let Some(job) = self.devs[i].job.clone() else {
-                return;
-            };
-            match a {
-                Action::Download => {
-                    let real = self.cfg.fetch_concurrency > 0
-                        && self.devs[i]
-                            .release
-                            .as_ref()
-                            .is_some_and(|r| r.artifacts.iter().any(|a| !a.urls.is_empty()));
-                    match self.devs[i].release.clone().filter(|_| real) {
-                        Some(release) => {
-                            let (http, permits, tx) = (
-                                self.http.clone(),
-                                self.fetches.clone(),
-                                self.fetched_tx.clone(),
-                            );
-                            let id = job.release;
-                            tokio::spawn(async move {
-                                let _permit = permits.acquire_owned().await;
-                                let r = fetch_release(&http, &release).await;
-                                let _ = tx.send((i, id, r));
-                            });
-                        }
-                        None => self.schedule(i, self.jitter(i), Timed::Downloaded),
+    /// Carries out device `i`'s effects: messages go out on this connection,
+    /// tasks are simulated (or, for downloads with URLs, done for real), the
+    /// device's state stays in memory. Then its next tick is timed.
+    async fn execute(&mut self, i: usize, out: &mut Vec<Effect>) {
+        for effect in std::mem::take(out) {
+            match effect {
+                Effect::Send(Outgoing::Hello { bytes, .. }) => {
+                    self.stats.hellos.fetch_add(1, Ordering::Relaxed);
+                    let topic = self.cfg.topics.hello(self.devs[i].id());
+                    self.publish(topic, bytes, false).await;
+                }
+                Effect::Send(Outgoing::Report { bytes, phase, .. }) => {
+                    let counter = match phase {
+                        Phase::Committed => Some(&self.stats.committed),
+                        Phase::RolledBack(_) => Some(&self.stats.rolled_back),
+                        Phase::Rejected(_) => Some(&self.stats.rejected),
+                        _ => None,
+                    };
+                    if let Some(c) = counter {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.stats.reports.fetch_add(1, Ordering::Relaxed);
+                    let topic = self.cfg.topics.report(self.devs[i].id());
+                    self.publish(topic, bytes, false).await;
+                }
+                Effect::Start(task) => self.start(i, task),
+                Effect::Journal(_)
+                | Effect::SaveRelease(_)
+                | Effect::SaveInstalled(_)
+                | Effect::PersistTrust(_)
+                | Effect::StoreKeyList(_)
+                | Effect::PruneBlobs(_) => {}
+            }
+        }
+        let clock = self.clock();
+        if let Some(at) = self.devs[i].wake_at(clock)
+            && self.wake[i].is_none_or(|w| at < w)
+        {
+            self.wake[i] = Some(at);
+            let after = Duration::from_millis(at.saturating_sub(clock.mono_ms));
+            self.schedule(i, after, Timer::Wake);
+        }
+    }
+
+    /// The simulated installer: downloads, installs and rollbacks take the
+    /// configured work time, probes pass or fail by the configured outcome,
+    /// commits succeed.
+    fn start(&mut self, i: usize, task: Task) {
+        let for_job = self.devs[i].job_key();
+        match task {
+            Task::Download => {
+                let release = self.devs[i]
+                    .job_release()
+                    .filter(|r| r.artifacts.iter().any(|a| !a.urls.is_empty()))
+                    .filter(|_| self.cfg.fetch_concurrency > 0)
+                    .cloned();
+                match release {
+                    Some(release) => {
+                        let (http, permits, tx) = (
+                            self.http.clone(),
+                            self.fetches.clone(),
+                            self.fetched_tx.clone(),
+                        );
+                        tokio::spawn(async move {
+                            let _permit = permits.acquire_owned().await;
+                            let r = fetch_release(&http, &release).await;
+                            let _ = tx.send((i, for_job, r));
+                        });
+                    }
+                    None => {
+                        let after = self.jitter(i);
+                        self.schedule(i, after, Timer::Work(for_job, Work::Downloaded(Ok(()))));
                     }
                 }
-                Action::Install => {
-                    let work = self.jitter(i);
-                    self.schedule(i, work, Timed::Installed);
-                    // Probes run through the probation, then say how it went.
-                    let ok = (self.cfg.outcome)(&self.devs[i].id, &job.release);
-                    self.schedule(i, work + self.cfg.probation, Timed::Probe { ok });
-                }
-                Action::Commit => {
-                    let d = &mut self.devs[i];
-                    d.previous = d.running.take();
-                    d.running = Some((job.release, Some(job.rollout.clone())));
-                    d.trust.raise_counter_floor(job.counter);
-                    self.stats.committed.fetch_add(1, Ordering::Relaxed);
-                }
-                Action::RollBack => self.schedule(i, self.jitter(i), Timed::RolledBack),
-                Action::Report(phase) => {
-                    if let Phase::RolledBack(_) = phase {
-                        let d = &mut self.devs[i];
-                        if d.running.as_ref().is_some_and(|r| r.0 == job.release) {
-                            d.running = d.previous.take();
-                        }
-                        d.failed = Some((job.rollout.clone(), job.release, job.retry));
-                        self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if let Phase::Failed(_) = phase {
-                        self.devs[i].failed = Some((job.rollout.clone(), job.release, job.retry));
-                    }
-                    let changed = matches!(phase, Phase::RolledBack(_));
-                    self.report(i, job.rollout.clone(), job.release, phase)
-                        .await;
-                    if changed {
-                        self.hello(i).await;
-                    }
-                }
+            }
+            Task::Install => {
+                let after = self.jitter(i);
+                self.schedule(i, after, Timer::Work(for_job, Work::Installed(Ok(()))));
+            }
+            Task::RollBack => {
+                let after = self.jitter(i);
+                self.schedule(i, after, Timer::Work(for_job, Work::RolledBack(Ok(()))));
+            }
+            Task::Probe => {
+                let ok = for_job
+                    .as_ref()
+                    .is_none_or(|(_, release)| (self.cfg.outcome)(self.devs[i].id(), release));
+                let failure = (!ok).then(|| Reason {
+                    code: reason::PROBE_FAILED,
+                    detail: "simulated probe".into(),
+                });
+                self.schedule(
+                    i,
+                    Duration::ZERO,
+                    Timer::Work(
+                        for_job,
+                        Work::Probed {
+                            results: vec![],
+                            failure,
+                        },
+                    ),
+                );
+            }
+            Task::Commit => {
+                self.schedule(
+                    i,
+                    Duration::ZERO,
+                    Timer::Work(for_job, Work::Committed(Ok(()))),
+                );
             }
         }
     }
@@ -613,56 +576,16 @@ impl Conn {
             let Some(t) = self.pending.remove(&id) else {
                 continue;
             };
-            let now = unix_now();
-            let ev = match t {
-                Timed::Downloaded => Event::Downloaded,
-                Timed::Installed => Event::Installed { now },
-                Timed::Probe { ok: true } => Event::ProbesOk { now },
-                Timed::Probe { ok: false } => Event::ProbeFailed(Reason {
-                    code: reason::PROBE_FAILED,
-                    detail: "simulated probe".into(),
-                }),
-                Timed::RolledBack => Event::RolledBack,
-            };
-            self.event(i, ev).await;
-            // Probes keep running until the job commits: it waits for the whole
-            // probation and a fresh coordinator message after activation.
-            if matches!(t, Timed::Probe { ok: true })
-                && self.devs[i]
-                    .job
-                    .as_ref()
-                    .is_some_and(|j| matches!(j.stage, deployment::Stage::Probation { .. }))
-            {
-                self.schedule(i, Duration::from_millis(250), Timed::Probe { ok: true });
+            match t {
+                Timer::Work(for_job, work) => self.work_done(i, for_job, work).await,
+                Timer::Wake => {
+                    self.wake[i] = None;
+                    let mut out = Vec::new();
+                    let clock = self.clock();
+                    self.devs[i].tick(clock, &mut out);
+                    self.execute(i, &mut out).await;
+                }
             }
         }
-    }
-
-    async fn report(&mut self, i: usize, rollout: RolloutId, release: ReleaseId, phase: Phase) {
-        let (topic, bytes) = {
-            let d = &mut self.devs[i];
-            d.seq += 1;
-            let r = Report {
-                device: d.id.clone(),
-                rollout: Some(rollout),
-                release,
-                phase,
-                probes: vec![],
-                metrics: Metrics::default(),
-            };
-            let stamp = Stamp {
-                epoch: 1,
-                seq: d.seq,
-                issued_at: unix_now(),
-                expires_at: 0,
-                audience: Audience::Any,
-            };
-            let Ok(b) = seal(&d.key, stamp, &r) else {
-                return;
-            };
-            (self.cfg.topics.report(&d.id), b)
-        };
-        self.stats.reports.fetch_add(1, Ordering::Relaxed);
-        self.publish(topic, bytes, false).await;
     }
 }

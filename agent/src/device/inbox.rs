@@ -49,7 +49,7 @@ impl DeviceCore {
         let trusted = self
             .keys
             .as_ref()
-            .map_or_else(|| self.s.roots.clone(), RootOfTrust::of);
+            .map_or_else(|| self.s.roots.clone(), |k| RootOfTrust::of(k));
         let current = self.keys.as_ref().map(|k| k.version);
         if let Ok(same) = signed.verify::<KeyList>(&trusted.roots, trusted.threshold)
             && Some(same.version) == current
@@ -68,7 +68,7 @@ impl DeviceCore {
                 self.persist_trust(out);
                 info!(version = list.version, "key list accepted");
                 let first = self.keys.is_none();
-                self.keys = Some(list);
+                self.keys = Some(std::sync::Arc::new(list));
                 if first {
                     self.check_before_keys(clock, out);
                 }
@@ -221,9 +221,9 @@ impl DeviceCore {
             .filter(|j| !j.is_final())
             .map(|j| (j.rollout.clone(), j.release));
         let dev = Device {
-            id: &self.s.device,
+            id: &self.id,
             fleet: &self.s.fleet,
-            labels: &self.s.labels,
+            labels: &self.labels,
             hardware: &self.s.hardware,
             running,
             failed: self.installed.failed.clone(),
@@ -400,7 +400,7 @@ impl DeviceCore {
             return;
         };
         let before = self.trust.clone();
-        match verify_directive(payload, &self.s.device, &keys, &mut self.trust, clock.unix) {
+        match verify_directive(payload, &self.id, &keys, &mut self.trust, clock.unix) {
             Ok(d) => {
                 if self.trust != before {
                     self.persist_trust(out);

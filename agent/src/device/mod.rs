@@ -35,6 +35,7 @@ mod tests;
 use crate::deployment::{Event, Job, Policy};
 use crate::trust::TrustState;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use swell_protocol::cohort::Label;
 use swell_protocol::envelope::{Audience, Stamp, seal};
 use swell_protocol::messages::{
@@ -59,12 +60,11 @@ pub struct Clock {
     pub mono_ms: u64,
 }
 
-/// What does not change while a device runs.
+/// What does not change while a device runs and devices of one fleet share
+/// (the simulator's devices share one copy).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub device: DeviceId,
     pub fleet: FleetId,
-    pub labels: Vec<Label>,
     pub hardware: String,
     /// `swell-agent/x.y.z` (the simulator says `sim-x.y.z`).
     pub agent_version: String,
@@ -86,7 +86,7 @@ pub struct Settings {
 #[derive(Debug, Clone, Default)]
 pub struct Restored {
     pub trust: TrustState,
-    pub keys: Option<KeyList>,
+    pub keys: Option<Arc<KeyList>>,
     pub installed: Installed,
     pub job: Option<Job>,
     pub job_release: Option<Release>,
@@ -182,10 +182,12 @@ pub struct Counters {
 /// One device's decisions.
 #[derive(Debug)]
 pub struct DeviceCore {
-    s: Settings,
+    s: Arc<Settings>,
+    id: DeviceId,
+    labels: Vec<Label>,
     key: SecretKey,
     trust: TrustState,
-    keys: Option<KeyList>,
+    keys: Option<Arc<KeyList>>,
     installed: Installed,
     job: Option<Job>,
     job_release: Option<Release>,
@@ -211,7 +213,14 @@ pub struct DeviceCore {
 }
 
 impl DeviceCore {
-    pub fn new(settings: Settings, key: SecretKey, restored: Restored, clock: Clock) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        id: DeviceId,
+        labels: Vec<Label>,
+        key: SecretKey,
+        restored: Restored,
+        clock: Clock,
+    ) -> Self {
         let mut trust = restored.trust;
         // Never let a rebuilt trust file sit below what already runs (VER-2).
         if let Some(r) = &restored.installed.running {
@@ -219,6 +228,8 @@ impl DeviceCore {
         }
         DeviceCore {
             s: settings,
+            id,
+            labels,
             key,
             trust,
             keys: restored.keys,
@@ -286,11 +297,14 @@ impl DeviceCore {
     pub fn settings(&self) -> &Settings {
         &self.s
     }
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
     pub fn trust(&self) -> &TrustState {
         &self.trust
     }
     pub fn keys(&self) -> Option<&KeyList> {
-        self.keys.as_ref()
+        self.keys.as_deref()
     }
     pub fn installed(&self) -> &Installed {
         &self.installed
@@ -359,7 +373,7 @@ impl DeviceCore {
         let stamp = self.next_stamp(clock, out);
         let seq = stamp.seq;
         let r = Report {
-            device: self.s.device.clone(),
+            device: self.id.clone(),
             rollout,
             release,
             phase,
@@ -394,10 +408,10 @@ impl DeviceCore {
         let stamp = self.next_stamp(clock, out);
         let seq = stamp.seq;
         let h = Hello {
-            device: self.s.device.clone(),
+            device: self.id.clone(),
             fleet: self.s.fleet.clone(),
             key: self.key.public(),
-            labels: self.s.labels.clone(),
+            labels: self.labels.clone(),
             hardware: self.s.hardware.clone(),
             agent_version: self.s.agent_version.clone(),
             proto_min: 1,

@@ -21,9 +21,7 @@ fn rollout(name: &str) -> RolloutId {
 
 fn settings() -> Settings {
     Settings {
-        device: DeviceId::new("dev-1").unwrap(),
         fleet: fleet(),
-        labels: vec![],
         hardware: HW.into(),
         agent_version: "test".into(),
         enrollment_token: None,
@@ -64,7 +62,7 @@ struct Rig {
 impl Rig {
     fn new() -> Rig {
         Rig::with(Restored {
-            keys: Some(fixtures::key_list(T0)),
+            keys: Some(Arc::new(fixtures::key_list(T0))),
             ..Restored::default()
         })
     }
@@ -74,7 +72,14 @@ impl Rig {
             unix: T0,
             mono_ms: 0,
         };
-        let mut core = DeviceCore::new(settings(), test_key("device-1"), restored, clock);
+        let mut core = DeviceCore::new(
+            Arc::new(settings()),
+            DeviceId::new("dev-1").unwrap(),
+            vec![],
+            test_key("device-1"),
+            restored,
+            clock,
+        );
         let mut out = Vec::new();
         core.start(clock, &mut out);
         core.connected(clock, &mut out);
@@ -407,13 +412,13 @@ fn device_rolls_back_when_its_directive_forces_it() {
     r.work(probed_ok());
     r.work(Work::Committed(Ok(())));
     let d = swell_protocol::messages::DeviceDirective {
-        device: r.core.settings().device.clone(),
+        device: r.core.id().clone(),
         pin: None,
         exclude: false,
         force_rollback: Some(rollout("r1")),
     };
     let stamp = r.stamp(600);
-    let bytes = fixtures::directive(&r.core.settings().device, d, stamp);
+    let bytes = fixtures::directive(r.core.id(), d, stamp);
     let mut out = Vec::new();
     let clock = r.clock();
     r.core.on_directive("d", &bytes, clock, &mut out);
@@ -424,7 +429,7 @@ fn device_rolls_back_when_its_directive_forces_it() {
 fn device_abandons_a_journaled_job_whose_release_is_gone() {
     let (job, _) = crate::deployment::Job::start(rollout("r1"), ReleaseId([7; 32]), 2, 0, None);
     let r = Rig::with(Restored {
-        keys: Some(fixtures::key_list(T0)),
+        keys: Some(Arc::new(fixtures::key_list(T0))),
         job: Some(job),
         rebuilt: Some("agent store rebuilt".into()),
         ..Restored::default()

@@ -151,7 +151,7 @@ impl Agent {
         store.put("boot", &boot)?;
         let keys_path = dir.join("keylist");
         let restored = Restored {
-            keys: load_key_list(&keys_path, &cfg.root, &trust),
+            keys: load_key_list(&keys_path, &cfg.root, &trust).map(Arc::new),
             trust,
             installed: store.get("installed")?.unwrap_or_default(),
             job: store.load_job()?,
@@ -201,9 +201,7 @@ impl Agent {
         let (work_tx, work_rx) = mpsc::channel(16);
         let started = Instant::now();
         let settings = Settings {
-            device: cfg.device.clone(),
             fleet: cfg.fleet.clone(),
-            labels: cfg.labels.clone(),
             hardware: cfg.hardware.clone(),
             agent_version: concat!("swell-agent/", env!("CARGO_PKG_VERSION")).into(),
             enrollment_token: cfg.enrollment_token.clone(),
@@ -216,7 +214,14 @@ impl Agent {
             probe_interval_ms: millis(cfg.probe_interval),
             heartbeat_ms: Some(millis(cfg.heartbeat)),
         };
-        let core = DeviceCore::new(settings, key, restored, clock_at(started));
+        let core = DeviceCore::new(
+            Arc::new(settings),
+            cfg.device.clone(),
+            cfg.labels.clone(),
+            key,
+            restored,
+            clock_at(started),
+        );
         let subscriptions = swell_mqtt::Subscriptions::new(
             [
                 cfg.topics.keys(&cfg.fleet),

@@ -67,7 +67,7 @@ pub struct Status {
 impl Status {
     pub fn of(core: &DeviceCore, connected: bool, outbox: usize, outbox_dropped: u64) -> Status {
         Status {
-            device: core.settings().device.to_string(),
+            device: core.id().to_string(),
             boot: core.boot(),
             connected,
             key_list_version: core.keys().map(|k| k.version),
