@@ -343,7 +343,7 @@ async fn run_conn(
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    conn.on_message(&topic, &p.payload).await;
+                    conn.on_message(&topic, &p.payload, p.retain).await;
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -407,7 +407,7 @@ impl Conn {
         }
     }
 
-    async fn on_message(&mut self, topic: &str, payload: &[u8]) {
+    async fn on_message(&mut self, topic: &str, payload: &[u8], retained: bool) {
         let clock = self.clock();
         let mut out = Vec::new();
         if topic.ends_with("/beacon") {
@@ -416,7 +416,7 @@ impl Conn {
                 return;
             };
             for i in 0..self.devs.len() {
-                self.devs[i].on_checked_beacon(&v, clock, &mut out);
+                self.devs[i].on_checked_beacon(&v, retained, clock, &mut out);
                 self.execute(i, &mut out).await;
             }
             return;

@@ -1,5 +1,6 @@
 //! The embedded broker against what broke rumqttd and what a hostile client
-//! tries: retained messages beyond 100, MQTT 3.1.1 and 5 on one port, a
+//! tries: retained messages beyond 100 (and the RETAIN flag only on stored
+//! ones), MQTT 3.1.1 and 5 on one port, a
 //! persistent shared subscription dropped with messages in flight again and
 //! again (rumqttd's router panicked there), garbage instead of packets, a Last
 //! Will on another device's topic, and an address already taken.
@@ -120,6 +121,31 @@ async fn embedded_delivers_every_retained_message() {
             got += 1;
         }
     }
+    // A retained message published while the subscription stands arrives
+    // without the flag (MQTT 5 §3.3.1.3): devices tell a live beacon from a
+    // stored one by it.
+    c.publish(
+        "swell/v1/dev/d-999/desired",
+        QoS::AtLeastOnce,
+        true,
+        vec![2],
+    )
+    .await
+    .unwrap();
+    let live = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::select! {
+                ev = gel.poll() => if let Ok(Event::Incoming(Packet::Publish(p))) = ev {
+                    return p;
+                },
+                _ = el.poll() => {}
+            }
+        }
+    })
+    .await
+    .expect("the live message comes");
+    assert_eq!(&live.topic[..], b"swell/v1/dev/d-999/desired");
+    assert!(!live.retain, "delivered live, not as stored");
 }
 
 // One port speaks MQTT 3.1.1 and 5 (mosquitto_pub without -V mqttv5).

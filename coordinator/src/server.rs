@@ -285,10 +285,28 @@ struct Sink<'a> {
     client: &'a rumqttc::v5::AsyncClient,
     events_topic: String,
     events: Option<&'a broadcast::Sender<Value>>,
+    /// What the engine said before the broker answered the first connection's
+    /// SUBSCRIBEs, in order; `None` once it went out. A beacon of a new epoch
+    /// makes devices say Hello only if it arrives live (devices take a retained
+    /// one as proof that its coordinator already had their Hello), so the
+    /// coordinator must be subscribed before its first beacon goes out.
+    held: std::cell::RefCell<Option<Vec<Out>>>,
 }
 
 impl Sink<'_> {
+    /// The subscriptions are in place: what waited goes out, in order.
+    fn open(&self) {
+        let held = self.held.borrow_mut().take();
+        if let Some(outs) = held {
+            self.send_all(outs);
+        }
+    }
+
     fn send(&self, o: Out) {
+        if let Some(held) = self.held.borrow_mut().as_mut() {
+            held.push(o);
+            return;
+        }
         if let Some(tx) = self.events
             && o.topic == self.events_topic
             && let Ok(v) = serde_json::from_slice::<Value>(&o.payload)
@@ -415,6 +433,7 @@ pub async fn run_with(
         client: &client,
         events_topic: engine.topics().ops_events(),
         events: events.as_ref(),
+        held: std::cell::RefCell::new(Some(Vec::new())),
     };
     let mut incoming = session.take_incoming();
     let manifest_prefix = engine
@@ -424,9 +443,9 @@ pub async fn run_with(
         .to_string();
     let mut connected = session.connected.clone();
     let flow = session.flow.clone();
-    // Queued in order before anything a tick may publish (rumqttc sends them once
-    // connected): a restarted coordinator must never publish an older manifest
-    // after a newer one.
+    // In order before anything a tick may publish: a restarted coordinator must
+    // never publish an older manifest after a newer one. Held with everything
+    // after them until the subscriptions are in place (`Sink::held`).
     sink.send_all(initial);
     let mut tick = tokio::time::interval(cfg.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -467,6 +486,9 @@ pub async fn run_with(
                     ingest.probe.on_connected(now);
                 }
                 ingest.subscriptions = snapshot;
+                if ingest.subscriptions.all_answered() {
+                    sink.open();
+                }
                 if let Some(m) = &metrics {
                     m.observe_session(&session.stats);
                 }

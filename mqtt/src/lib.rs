@@ -160,6 +160,12 @@ impl Subscribed {
     pub fn all_granted(&self) -> bool {
         self.filters.iter().all(|(_, s)| *s == FilterState::Granted)
     }
+
+    /// The broker answered every SUBSCRIBE of this connection (granted or
+    /// refused): from now on what arrives on a granted filter is delivered.
+    pub fn all_answered(&self) -> bool {
+        self.connection > 0 && self.filters.iter().all(|(_, s)| *s != FilterState::Pending)
+    }
 }
 
 impl Session {

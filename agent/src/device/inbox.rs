@@ -98,21 +98,29 @@ impl DeviceCore {
         }
         for (topic, kind, payload) in kept {
             match kind {
-                Kind::Beacon => self.on_beacon(&topic, &payload, clock, out),
+                Kind::Beacon { retained } => self.on_beacon(&topic, &payload, retained, clock, out),
                 Kind::Directive => self.on_directive(&topic, &payload, clock, out),
                 Kind::Manifest => self.on_manifest(&topic, &payload, clock, out),
             }
         }
     }
 
-    /// The fleet's beacon, received on `topic`.
-    pub fn on_beacon(&mut self, topic: &str, payload: &[u8], clock: Clock, out: &mut Vec<Effect>) {
+    /// The fleet's beacon, received on `topic`; `retained`: the broker
+    /// delivered it as a stored message (its RETAIN flag), not as published.
+    pub fn on_beacon(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retained: bool,
+        clock: Clock,
+        out: &mut Vec<Effect>,
+    ) {
         let Some(keys) = &self.keys else {
-            self.keep_until_keys(Kind::Beacon, topic, payload);
+            self.keep_until_keys(Kind::Beacon { retained }, topic, payload);
             return;
         };
         match check_beacon(payload, keys, self.trust.trusted_now(clock.unix)) {
-            Ok(v) => self.on_checked_beacon(&v, clock, out),
+            Ok(v) => self.on_checked_beacon(&v, retained, clock, out),
             Err(e) => {
                 self.counters.rejected_beacons += 1;
                 warn!(reason = e.reason(), "beacon refused: {e}");
@@ -121,7 +129,13 @@ impl DeviceCore {
     }
 
     /// A beacon already checked with [`check_beacon`].
-    pub fn on_checked_beacon(&mut self, v: &Verified<Beacon>, clock: Clock, out: &mut Vec<Effect>) {
+    pub fn on_checked_beacon(
+        &mut self,
+        v: &Verified<Beacon>,
+        retained: bool,
+        clock: Clock,
+        out: &mut Vec<Effect>,
+    ) {
         if v.header.epoch < self.trust.epoch_floor {
             self.counters.rejected_beacons += 1;
             warn!(
@@ -146,9 +160,16 @@ impl DeviceCore {
             self.persist_trust(out);
         }
         if v.header.epoch > self.epoch_seen {
-            // A coordinator epoch not seen before: it may have missed our Hello.
             self.epoch_seen = v.header.epoch;
-            self.hello(clock, out);
+            // A coordinator epoch not seen before, published while we were
+            // subscribed: that coordinator may have started after our Hello,
+            // so say it again. A retained beacon was stored before we
+            // subscribed, so before our Hello (the subscriptions go out first),
+            // by a coordinator that subscribes before it publishes a beacon:
+            // it has our Hello, or will from its session.
+            if !retained {
+                self.hello(clock, out);
+            }
         }
         let now = self.trust.trusted_now(clock.unix);
         self.apply(Event::FreshMessage { now }, clock, out);

@@ -70,7 +70,11 @@ pub const MAX_KEPT: usize = MAX_HELD + 2;
 /// What one kept message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    Beacon,
+    /// `retained`: delivered because it was stored when the device
+    /// subscribed (the broker's RETAIN flag on delivery).
+    Beacon {
+        retained: bool,
+    },
     Directive,
     Manifest,
 }
@@ -99,7 +103,7 @@ impl BeforeKeys {
     /// needs a fresh beacon to act on.
     pub fn take(&mut self) -> Vec<(String, Kind, Vec<u8>)> {
         let mut all: Vec<(String, Kind, Vec<u8>)> = self.kept.drain(..).collect();
-        all.sort_by_key(|(_, k, _)| *k != Kind::Beacon);
+        all.sort_by_key(|(_, k, _)| !matches!(k, Kind::Beacon { .. }));
         all
     }
 
@@ -135,13 +139,13 @@ mod tests {
         let mut b = BeforeKeys::default();
         assert!(b.keep("m/a", Kind::Manifest, b"a1"));
         assert!(b.keep("desired", Kind::Directive, b"d"));
-        assert!(b.keep("beacon", Kind::Beacon, b"b"));
+        assert!(b.keep("beacon", Kind::Beacon { retained: true }, b"b"));
         assert!(b.keep("m/a", Kind::Manifest, b"a2"));
         let got: Vec<(Kind, Vec<u8>)> = b.take().into_iter().map(|(_, k, p)| (k, p)).collect();
         assert_eq!(
             got,
             vec![
-                (Kind::Beacon, b"b".to_vec()),
+                (Kind::Beacon { retained: true }, b"b".to_vec()),
                 (Kind::Directive, b"d".to_vec()),
                 (Kind::Manifest, b"a2".to_vec()),
             ]

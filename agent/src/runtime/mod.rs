@@ -500,7 +500,7 @@ impl Agent {
                 core.on_key_list(&p.payload, clock, out);
             }
             Ok(Topic::Beacon { fleet }) if fleet == self.cfg.fleet => {
-                core.on_beacon(&topic, &p.payload, clock, out);
+                core.on_beacon(&topic, &p.payload, p.retain, clock, out);
             }
             Ok(Topic::Manifest { fleet, .. }) if fleet == self.cfg.fleet => {
                 core.on_manifest(&topic, &p.payload, clock, out);
