@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
 use swell_protocol::DeviceId;
 use swell_protocol::messages::{DeviceDirective, RolloutState, reason};
 
@@ -77,10 +76,17 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
     assert!(blob.is_file());
 
     // The same manifest again (a retained re-delivery after reconnect): no second install.
+    let seen = agent.status()["counters"]["manifests_evaluated"]
+        .as_u64()
+        .unwrap();
     control
         .publish_manifest("r-v2", control.manifest("r-v2", &r2, RolloutState::Active))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent
+        .wait_status("the manifest again, evaluated", 10, |s| {
+            s["counters"]["manifests_evaluated"].as_u64() > Some(seen)
+        })
+        .await;
     assert_eq!(control.phases("dev-1", "r-v2").len(), 5);
 
     // v3 fails its probe in probation: back to v2, rolled_back(probe_failed).
@@ -180,7 +186,10 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
         )
         .await;
     control.start_beacons();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A beacon came: the held manifest was evaluated again (and, halted, let go).
+    agent
+        .wait_status("the held manifest let go", 10, |s| s["held_manifests"] == 0)
+        .await;
 
     // Wrong hardware id.
     let r = release_with(
@@ -222,8 +231,8 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     let rx = release(2, "2.0", &good, &url_x);
     let older = control.manifest("r-replay", &rx, RolloutState::Paused);
     let newer = control.manifest("r-replay", &rx, RolloutState::Paused);
+    // One topic, one publisher: delivered in this order (MQTT 5 §4.6).
     control.publish_manifest("r-replay", newer).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     control.publish_manifest("r-replay", older).await;
     let s = agent
         .phase(&control, "dev-2", "r-replay", "rejected", 10)

@@ -150,10 +150,13 @@ async fn agent_outbox_drains_in_order_after_an_offline_period() {
             s["job"]["stage"] == "probation" && s["outbox"].as_u64() >= Some(5)
         })
         .await;
+    let boot = agent.status()["boot"].as_u64().unwrap();
     agent.kill9();
     agent.spawn();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let queued = agent.status()["outbox"].as_u64().unwrap();
+    let s = agent
+        .wait_status("started again", 20, |s| s["boot"].as_u64() > Some(boot))
+        .await;
+    let queued = s["outbox"].as_u64().unwrap();
     assert!(queued >= 5, "the outbox survived the restart: {queued}");
     assert!(
         !control

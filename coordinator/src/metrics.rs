@@ -79,6 +79,7 @@ pub struct Metrics {
     mqtt_subscribes: Counter,
     mqtt_refused: Counter,
     mqtt_takeovers: Counter,
+    mqtt_errors: Counter,
     ingest_up: Family<FilterLabel, Gauge>,
     ingest_failures: Family<FilterLabel, Counter>,
     /// Why the ingest path is not proven (None: it is, or nothing to prove).
@@ -126,6 +127,7 @@ impl Metrics {
             mqtt_subscribes: Counter::default(),
             mqtt_refused: Counter::default(),
             mqtt_takeovers: Counter::default(),
+            mqtt_errors: Counter::default(),
             ingest_up: Family::default(),
             ingest_failures: Family::default(),
             ingest_problem: Mutex::new(None),
@@ -226,6 +228,11 @@ impl Metrics {
             "mqtt_session_takeovers",
             "Times the broker closed the coordinator's session because another client connected with its client id",
             m.mqtt_takeovers.clone(),
+        );
+        r.register(
+            "mqtt_connection_errors",
+            "Connection attempts and connections to the broker that ended in an error (refused, TLS, network)",
+            m.mqtt_errors.clone(),
         );
         r.register(
             "ingest_path_up",
@@ -404,6 +411,7 @@ impl Metrics {
             (&self.mqtt_subscribes, stats.subscribes()),
             (&self.mqtt_refused, stats.refused()),
             (&self.mqtt_takeovers, stats.taken_over()),
+            (&self.mqtt_errors, stats.errors()),
         ] {
             c.inc_by(total.saturating_sub(c.get()));
         }

@@ -93,15 +93,6 @@ async fn wait_ready(ready: &mut watch::Receiver<bool>, want: bool, secs: u64) {
         .unwrap();
 }
 
-/// A metric's value in the exposition text (summed over its series).
-fn metric(m: &Metrics, name: &str) -> f64 {
-    m.encode()
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Tries to connect; whether the broker accepted.
 async fn try_connect(b: &TestBroker, client_id: &str, login: Option<(String, String)>) -> bool {
     let mut opts = MqttOptions::new(client_id, b.host.clone(), b.port);

@@ -11,7 +11,8 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use swell_coordinator::engine::Engine;
-use swell_coordinator::server::{self, LoopConfig, unix_now};
+use swell_coordinator::metrics::Metrics;
+use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
 use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem};
 use swell_e2e::mosquitto::{self, StartError};
@@ -25,28 +26,41 @@ fn ca() -> (String, Issuer<'static, KeyPair>) {
     (cert.pem(), Issuer::new(params, key))
 }
 
-async fn run_coordinator(
-    cfg: MqttConfig,
-) -> (
-    CancellationToken,
-    tokio::sync::watch::Receiver<bool>,
-    tempfile::TempDir,
-) {
+struct Running {
+    cancel: CancellationToken,
+    ready: tokio::sync::watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    _dir: tempfile::TempDir,
+}
+
+async fn run_coordinator(cfg: MqttConfig) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
     let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
     let cancel = CancellationToken::new();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let c = cancel.clone();
+    let metrics = Arc::new(Metrics::new());
+    let hooks = Hooks {
+        metrics: Some(metrics.clone()),
+        ..Hooks::default()
+    };
     tokio::spawn(async move {
         let lc = LoopConfig {
             tick: Duration::from_millis(200),
             beacon_interval: Duration::from_secs(10),
             ..LoopConfig::default()
         };
-        server::run(engine, initial, cfg, lc, c, tx).await.unwrap();
+        server::run_with(engine, initial, cfg, lc, c, tx, hooks)
+            .await
+            .unwrap();
     });
-    (cancel, rx, dir)
+    Running {
+        cancel,
+        ready: rx,
+        metrics,
+        _dir: dir,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,19 +98,16 @@ async fn coordinator_connects_over_tls() {
         ca: ca_pem.into_bytes(),
         client: None,
     });
-    let (cancel, mut ready, _d) = run_coordinator(cfg.clone()).await;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !*ready.borrow() {
-            ready.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("connected over TLS");
+    let mut good = run_coordinator(cfg.clone()).await;
+    tokio::time::timeout(Duration::from_secs(10), good.ready.wait_for(|r| *r))
+        .await
+        .expect("connected over TLS")
+        .unwrap();
     // An operator on the plain listener of the same broker gets answers.
     let mut op = Operator::start(&plain).await;
     let r = op.command_when_up(json!({"op": "status"}), 10).await;
     assert_eq!(r["ok"], true, "{r}");
-    cancel.cancel();
+    good.cancel.cancel();
 
     // A CA that did not sign the broker's certificate: no connection.
     let (other_ca, _) = ca();
@@ -105,11 +116,19 @@ async fn coordinator_connects_over_tls() {
         ca: other_ca.into_bytes(),
         client: None,
     });
-    let (cancel, ready, _d2) = run_coordinator(cfg).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = run_coordinator(cfg).await;
+    // Witness: the handshake was tried and failed, twice.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while metric(&c.metrics, "swell_mqtt_connection_errors_total") < 2.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the coordinator tries to connect");
     assert!(
-        !*ready.borrow(),
-        "connected although the broker's certificate is not trusted"
+        !*c.ready.borrow() && metric(&c.metrics, "swell_broker_connected") == 0.0,
+        "connected although the broker's certificate is not trusted: {}",
+        c.metrics.encode()
     );
-    cancel.cancel();
+    c.cancel.cancel();
 }

@@ -187,6 +187,7 @@ pub struct SessionStats {
     refused: AtomicU64,
     taken_over: AtomicU64,
     connections: AtomicU64,
+    errors: AtomicU64,
 }
 
 impl SessionStats {
@@ -206,6 +207,11 @@ impl SessionStats {
     /// Connections made (CONNACKs).
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+    /// Connection attempts and connections that ended in an error (refused,
+    /// TLS, network).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 }
 
@@ -419,6 +425,7 @@ pub fn spawn(
                 Ok(_) => {}
                 Err(e) => {
                     let _ = up_tx.send(false);
+                    task_stats.errors.fetch_add(1, Ordering::Relaxed);
                     if taken_over(&e) {
                         task_stats.taken_over.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(client_id = %cfg.client_id, "another client connected with this client id and took the session over");

@@ -178,6 +178,61 @@ fn sub_one(
     serde_json::from_slice(&o.stdout).ok()
 }
 
+/// `mosquitto_sub` for one message on `topic`, started and subscribed: the
+/// message it gets arrives on the receiver.
+fn sub_next(
+    port: u16,
+    login: &(String, String),
+    topic: &str,
+    secs: u32,
+) -> std::sync::mpsc::Receiver<Option<serde_json::Value>> {
+    use std::io::BufRead as _;
+    // Line-buffered: piped stdout is block-buffered otherwise, and the
+    // SUBACK line would come only at exit.
+    let mut child = Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-V",
+            "mqttv5",
+            "-d",
+        ])
+        .args(["-u", &login.0, "-P", &login.1])
+        .args(["-t", topic, "-C", "1", "-W", &secs.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = None;
+        // With -d, protocol events come as lines ("... received SUBACK");
+        // the message is the line that is JSON.
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("received SUBACK") {
+                let _ = subscribed_tx.send(());
+            }
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v.is_object()
+            {
+                got = Some(v);
+            }
+        }
+        let _ = child.wait();
+        let _ = tx.send(got);
+    });
+    // Witness: the broker acknowledged the subscription.
+    subscribed_rx
+        .recv_timeout(Duration::from_secs(u64::from(secs)))
+        .expect("mosquitto_sub subscribed");
+    rx
+}
+
 fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -217,12 +272,9 @@ fn e2e_operated_with_mosquitto_tools_only() {
     // operator may read them); a subscriber waits there first.
     let replies = format!("swell-ops/{}/e2e/replies", op.0);
     let ask = |json: &str| {
-        let p = sys.port;
-        let (login, topic) = (op.clone(), replies.clone());
-        let waiter = std::thread::spawn(move || sub_one(p, &login, &topic, 20));
-        std::thread::sleep(Duration::from_millis(300));
+        let reply = sub_next(sys.port, &op, &replies, 20);
         publish(json);
-        waiter.join().unwrap().expect("a reply")
+        reply.recv().unwrap().expect("a reply")
     };
     let create = serde_json::json!({
         "op": "create",

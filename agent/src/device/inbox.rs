@@ -230,6 +230,7 @@ impl DeviceCore {
         let Some(keys) = self.keys.clone() else {
             return;
         };
+        self.counters.manifests_evaluated += 1;
         let now = clock.unix;
         let running = self
             .installed

@@ -164,6 +164,9 @@ pub enum Effect {
 /// Counts of refused input and delivery, for `status.json` and the simulator.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Counters {
+    /// Manifests checked against the device's facts (each delivery, held
+    /// ones again when they are evaluated again).
+    pub manifests_evaluated: u64,
     pub rejected_manifests: u64,
     pub rejected_directives: u64,
     pub rejected_key_lists: u64,

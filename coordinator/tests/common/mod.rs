@@ -772,3 +772,12 @@ impl Devices {
             .collect()
     }
 }
+
+/// A metric's value in the exposition text (summed over its series).
+pub fn metric(m: &swell_coordinator::metrics::Metrics, name: &str) -> f64 {
+    m.encode()
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
