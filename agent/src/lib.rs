@@ -2,6 +2,7 @@
 //! flaky cellular link.
 //!
 //! # Layout
+//! - [`clock`]: the wall and monotonic clocks, read in one place.
 //! - [`config`]: `agent.toml` + `SWELL_AGENT_*` + flags, merged and validated.
 //! - [`identity`]: the device key, created on first start (mode 0600).
 //! - [`trust`]: the small, atomically written trust file (STATE-2) holding the
@@ -23,6 +24,7 @@
 //! - [`sim`]: a fleet simulator running [`device`] for many virtual devices
 //!   over real MQTT connections (demo, tests, benchmarks).
 
+pub mod clock;
 pub mod config;
 pub mod deployment;
 pub mod device;

@@ -137,7 +137,7 @@ struct Conn {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     pending: std::collections::HashMap<u64, Timer>,
     next_timer: u64,
-    started: Instant,
+    started: std::time::Instant,
     stats: Arc<SimStats>,
     http: reqwest::Client,
     fetches: Arc<tokio::sync::Semaphore>,
@@ -187,12 +187,6 @@ async fn fetch_release(http: &reqwest::Client, release: &Release) -> Result<(), 
         }
     }
     Ok(())
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Starts the fleet: connects, says hello for every device, and runs until stopped.
@@ -255,7 +249,7 @@ async fn run_conn(
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(Some(1 << 20));
     let (client, mut eventloop) = AsyncClient::new(opts, 100_000);
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let settings = Arc::new(Settings {
         fleet: cfg.fleet.clone(),
         hardware: cfg.hardware.clone(),
@@ -271,7 +265,7 @@ async fn run_conn(
         heartbeat_ms: None,
     });
     let keys = Arc::new(cfg.keys.clone());
-    let clock = clock_at(started);
+    let clock = crate::clock::now(started);
     let devs: Vec<DeviceCore> = idx
         .iter()
         .filter_map(|&i| Some((i, DeviceId::new(format!("{}{i:05}", cfg.prefix)).ok()?)))
@@ -369,16 +363,9 @@ const PROBE_INTERVAL_MS: u64 = 250;
 /// INST-2 for simulated devices, as the agent's default.
 const REACH_TIMEOUT_SECS: u64 = 600;
 
-fn clock_at(started: Instant) -> Clock {
-    Clock {
-        unix: unix_now(),
-        mono_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-    }
-}
-
 impl Conn {
     fn clock(&self) -> Clock {
-        clock_at(self.started)
+        crate::clock::now(self.started)
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) {

@@ -6,6 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use swell_coordinator::keyfile::{Role, read_public, read_secret_as};
+use swell_coordinator::server::unix_now;
 use swell_protocol::messages::{Artifact, ArtifactKind, ConfigBlob, KeyList, Release};
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::{Digest, PublicKey};
@@ -98,12 +99,6 @@ fn write(out: &Path, obj: &ThresholdSigned) -> Result<()> {
     std::fs::write(out, obj.encode()?).with_context(|| format!("cannot write {}", out.display()))
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 pub fn key_list(a: KeyListArgs) -> Result<()> {
     let signers = a
         .roots
@@ -114,7 +109,7 @@ pub fn key_list(a: KeyListArgs) -> Result<()> {
         .with_context(|| format!("--valid-for {:?}", a.valid_for))?;
     let list = KeyList {
         version: a.version,
-        expires_at: now() + valid.as_secs(),
+        expires_at: unix_now() + valid.as_secs(),
         roots: signers.iter().map(|k| k.public()).collect(),
         root_threshold: a.root_threshold,
         release_keys: publics(&a.release)?,
@@ -245,7 +240,7 @@ pub fn release(cmd: ReleaseCmd) -> Result<()> {
             let body = Release {
                 counter,
                 version,
-                created_at: now(),
+                created_at: unix_now(),
                 artifacts: list,
                 config,
                 hardware,

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use swell_coordinator::keyfile::read_public;
+use swell_coordinator::server::unix_now;
 use swell_protocol::PublicKey;
 use swell_protocol::envelope::{MessageKind, UnverifiedEnvelope};
 use swell_protocol::messages::{Hello, KeyList, RootOfTrust};
@@ -47,12 +48,6 @@ struct Keys {
     devices: HashMap<String, PublicKey>,
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn describe(
     topic: &str,
     payload: &[u8],
@@ -71,7 +66,7 @@ fn describe(
     }
     if let Ok(env) = UnverifiedEnvelope::parse(payload) {
         let candidates: Vec<PublicKey> = match env.kind() {
-            Some(MessageKind::Hello) => match Hello::verify_self_signed(&env, now()) {
+            Some(MessageKind::Hello) => match Hello::verify_self_signed(&env, unix_now()) {
                 Ok(v) => {
                     keys.devices.insert(v.body.device.to_string(), v.body.key);
                     vec![v.body.key]
@@ -94,7 +89,7 @@ fn describe(
                 .map(|l| l.coordinator_keys.clone())
                 .unwrap_or_default(),
         };
-        let mut out = match decode::envelope(&env, &candidates, now()) {
+        let mut out = match decode::envelope(&env, &candidates, unix_now()) {
             Ok(v) => v,
             Err(e) => json!({"format": "envelope", "verified": false, "error": format!("{e:#}")}),
         };
@@ -112,7 +107,7 @@ fn describe(
                 .as_ref()
                 .map_or_else(|| root.clone(), RootOfTrust::of);
             let current = keys.list.as_ref().map(|l| l.version);
-            match KeyList::accept(&obj, &trusted, current, now()) {
+            match KeyList::accept(&obj, &trusted, current, unix_now()) {
                 Ok(list) => keys.list = Some(list),
                 Err(e) if current.is_none() => {
                     return json!({"topic": topic, "format": "threshold", "verified": false, "error": e.to_string()});

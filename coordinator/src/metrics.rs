@@ -92,8 +92,11 @@ pub struct Metrics {
     /// Raw gate-to-manifest samples (seconds) for benchmarks, capped.
     gate_samples: Mutex<Vec<f64>>,
     last: Mutex<Counters>,
-    /// Unix seconds of the last turn of the engine loop; 0 before it runs.
+    /// Milliseconds from `created` to the last turn of the engine loop, plus
+    /// one; 0 before it runs. Monotonic: a step of the wall clock (NTP) must
+    /// not make a live loop look stalled.
     heartbeat: AtomicU64,
+    created: std::time::Instant,
     lease: Mutex<LeaseState>,
 }
 
@@ -138,6 +141,7 @@ impl Metrics {
             gate_samples: Mutex::new(Vec::new()),
             last: Mutex::new(Counters::default()),
             heartbeat: AtomicU64::new(0),
+            created: std::time::Instant::now(),
             lease: Mutex::new(LeaseState::NotUsed),
             registry: Registry::default(),
         };
@@ -472,21 +476,38 @@ impl Metrics {
         self.lease.lock().map_or(LeaseState::Failing, |l| *l)
     }
 
+    fn since_created_ms(&self) -> u64 {
+        u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Marks the engine loop as alive.
     pub fn heartbeat(&self) {
         self.heartbeat
-            .store(crate::server::unix_now(), Ordering::Relaxed);
+            .store(self.since_created_ms() + 1, Ordering::Relaxed);
     }
 
-    /// Unix seconds of the engine loop's last turn (0: not running).
-    pub fn last_heartbeat(&self) -> u64 {
-        self.heartbeat.load(Ordering::Relaxed)
+    /// How long ago the engine loop last turned; `None` before it runs.
+    pub fn since_heartbeat(&self) -> Option<std::time::Duration> {
+        let beat = self.heartbeat.load(Ordering::Relaxed);
+        (beat != 0).then(|| {
+            std::time::Duration::from_millis(self.since_created_ms().saturating_sub(beat - 1))
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // /healthz reads this: monotonic, so a wall-clock step cannot fake a stall.
+    #[test]
+    fn metrics_heartbeat_age_is_monotonic_and_none_before_the_loop_runs() {
+        let m = Metrics::new();
+        assert_eq!(m.since_heartbeat(), None);
+        m.heartbeat();
+        let age = m.since_heartbeat().unwrap();
+        assert!(age < std::time::Duration::from_secs(5), "{age:?}");
+    }
 
     // Attacks are visible: the embedded broker's refusals reach /metrics.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,12 +55,6 @@ pub enum AgentError {
 
 type WorkRx = mpsc::Receiver<(Option<JobKey>, Work)>;
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The agent.
 pub struct Agent {
     cfg: AgentConfig,
@@ -211,8 +205,8 @@ impl Agent {
                 max_attempts: cfg.max_attempts,
             },
             reach_timeout_secs: cfg.reach_timeout.as_secs(),
-            probe_interval_ms: millis(cfg.probe_interval),
-            heartbeat_ms: Some(millis(cfg.heartbeat)),
+            probe_interval_ms: crate::clock::millis(cfg.probe_interval),
+            heartbeat_ms: Some(crate::clock::millis(cfg.heartbeat)),
         };
         let core = DeviceCore::new(
             Arc::new(settings),
@@ -220,7 +214,7 @@ impl Agent {
             cfg.labels.clone(),
             key,
             restored,
-            clock_at(started),
+            crate::clock::now(started),
         );
         let subscriptions = swell_mqtt::Subscriptions::new(
             [
@@ -254,7 +248,7 @@ impl Agent {
     }
 
     fn clock(&self) -> Clock {
-        clock_at(self.started)
+        crate::clock::now(self.started)
     }
 
     async fn main_loop(
@@ -513,17 +507,6 @@ impl Agent {
                 warn!(%topic, "message on a topic this agent does not read; ignored");
             }
         }
-    }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn clock_at(started: Instant) -> Clock {
-    Clock {
-        unix: unix_now(),
-        mono_ms: millis(started.elapsed()),
     }
 }
 
