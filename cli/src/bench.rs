@@ -39,7 +39,7 @@ use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
 use swell_coordinator::store::{DEFAULT_CACHE_BYTES, SledStore, cache_bytes_from_mib};
-use swell_coordinator::transport::mqtt::{MqttConfig, parse_url};
+use swell_mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, Release};
 use swell_protocol::threshold::ThresholdSigned;

@@ -19,7 +19,7 @@ use swell_coordinator::durable;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
-use swell_coordinator::transport::mqtt::{MqttConfig, parse_url};
+use swell_mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
 use swell_protocol::threshold::ThresholdSigned;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem, parse_url};
+use swell_mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_protocol::topics::{DEFAULT_PREFIX, Topics};
 
 /// Where the coordinator listens, and how to log in to its broker.

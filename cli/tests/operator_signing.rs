@@ -10,7 +10,7 @@ use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::keyfile::{Role, read_public};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
-use swell_coordinator::transport::mqtt::MqttConfig;
+use swell_mqtt::MqttConfig;
 use swell_protocol::FleetId;
 use swell_protocol::messages::KeyList;
 use swell_protocol::testkeys::test_key;

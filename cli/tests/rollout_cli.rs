@@ -13,7 +13,7 @@ use swell_broker::Role;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
-use swell_coordinator::transport::mqtt::MqttConfig;
+use swell_mqtt::MqttConfig;
 use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;

@@ -17,4 +17,3 @@ pub mod precheck;
 pub mod rollout;
 pub mod server;
 pub mod store;
-pub mod transport;

@@ -16,8 +16,8 @@ use swell_coordinator::keyfile::{self, Role};
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
-use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_coordinator::{durable, http};
+use swell_mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_protocol::messages::{KeyList, RootOfTrust};
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::{DEFAULT_PREFIX, Topics};
@@ -609,8 +609,7 @@ async fn run_kubernetes(
     let mut standby_mqtt = cfg.mqtt.clone();
     standby_mqtt.client_id = format!("{}-standby-{}", cfg.mqtt.client_id, k.identity);
     standby_mqtt.persistent = false;
-    let standby =
-        swell_coordinator::transport::mqtt::spawn(standby_mqtt, vec![], None, standby_stop.clone());
+    let standby = swell_mqtt::spawn(standby_mqtt, vec![], None, standby_stop.clone());
     let mirror = metrics.clone();
     let mut up = standby.connected.clone();
     tokio::spawn(async move {

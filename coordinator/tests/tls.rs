@@ -14,8 +14,8 @@ use swell_coordinator::engine::Engine;
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
-use swell_coordinator::transport::mqtt::{MqttConfig, TlsPem};
 use swell_e2e::mosquitto::{self, StartError};
+use swell_mqtt::{MqttConfig, TlsPem};
 use tokio_util::sync::CancellationToken;
 
 fn ca() -> (String, Issuer<'static, KeyPair>) {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
-use swell_coordinator::transport::mqtt::MqttConfig;
+use swell_mqtt::MqttConfig;
 use swell_protocol::cohort::{self, Label};
 use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
 use swell_protocol::messages::*;
