@@ -63,7 +63,7 @@ const MAX_FRUITLESS: u32 = 8;
 impl Blobs {
     pub fn new(state_dir: &Path) -> std::io::Result<Blobs> {
         let dir = state_dir.join("blobs").join("sha256");
-        crate::durable::private_dir(&dir)?;
+        swell_durable::private_dir(&dir)?;
         Ok(Blobs { dir })
     }
 

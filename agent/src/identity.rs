@@ -49,12 +49,8 @@ pub fn load_or_create(path: &Path) -> Result<(SecretKey, bool), IdentityError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
-            crate::durable::write_atomic(
-                path,
-                format!("{}\n", hex::encode(seed)).as_bytes(),
-                0o600,
-            )
-            .map_err(io)?;
+            swell_durable::write_atomic(path, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)
+                .map_err(io)?;
             Ok((SecretKey::from_seed(&seed), true))
         }
         Err(e) => Err(io(e)),

@@ -29,7 +29,6 @@ pub mod config;
 pub mod deployment;
 pub mod device;
 pub mod download;
-pub mod durable;
 pub mod evaluate;
 pub mod identity;
 pub mod install;

@@ -187,7 +187,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Key => {
             let c = load(&cli)?;
-            swell_agent::durable::private_dir(&c.state_dir)?;
+            swell_durable::private_dir(&c.state_dir)?;
             let (key, _) = swell_agent::identity::load_or_create(&c.state_dir.join("device.key"))?;
             println!("{}", hex::encode(key.public().0));
             Ok(())

@@ -198,7 +198,7 @@ impl TrustFile {
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&Sha256::digest(&body));
         bytes.extend_from_slice(&body);
-        crate::durable::write_atomic(&self.path, &bytes, 0o600).map_err(|e| self.io(e))?;
+        swell_durable::write_atomic(&self.path, &bytes, 0o600).map_err(|e| self.io(e))?;
         Ok(())
     }
 

@@ -15,8 +15,8 @@ use sha2::{Digest as _, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use swell_agent::sim::{self, SimConfig};
-use swell_coordinator::durable;
 use swell_coordinator::engine::{Engine, Settings};
+use swell_coordinator::epoch;
 use swell_coordinator::server::{self, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
 use swell_mqtt::{MqttConfig, parse_url};
@@ -233,7 +233,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         key: coord,
         key_list: signed_kl,
         keys: kl.clone(),
-        epoch: durable::next_epoch(&state.path().join("epoch"))?,
+        epoch: epoch::next(&state.path().join("epoch"))?,
         enrollment_tokens: vec!["demo-token".into()],
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),

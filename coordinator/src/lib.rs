@@ -2,8 +2,8 @@
 //! (feature `kube`) its Kubernetes face. The component map, module by module,
 //! is docs/architecture.md.
 
-pub mod durable;
 pub mod engine;
+pub mod epoch;
 pub mod fleet;
 pub mod http;
 pub mod ingest_probe;

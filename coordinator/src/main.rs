@@ -16,7 +16,7 @@ use swell_coordinator::keyfile::{self, Role};
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
 use swell_coordinator::store::SledStore;
-use swell_coordinator::{durable, http};
+use swell_coordinator::{epoch, http};
 use swell_mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_protocol::messages::{KeyList, RootOfTrust};
 use swell_protocol::threshold::ThresholdSigned;
@@ -519,7 +519,7 @@ async fn run(mut cfg: Config) -> Result<()> {
         return run_kubernetes(cfg, k, metrics, cancel).await;
     }
     // A new epoch on every start fences messages of any earlier instance (ROLL-4).
-    cfg.settings.epoch = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
+    cfg.settings.epoch = epoch::next(&cfg.state_dir.join("epoch")).context("epoch file")?;
     let store = Arc::new(
         SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
             .context("database")?,
@@ -624,7 +624,7 @@ async fn run_kubernetes(
     standby_stop.cancel();
     drop(standby);
     metrics.set_connected(false);
-    let local = durable::next_epoch(&cfg.state_dir.join("epoch")).context("epoch file")?;
+    let local = epoch::next(&cfg.state_dir.join("epoch")).context("epoch file")?;
     cfg.settings.epoch = lease::epoch(term, local);
     // The state directory is opened only now: the previous leader has let go.
     let store = Arc::new(

@@ -33,7 +33,7 @@ fn fsync_dir(p: &Path) -> std::io::Result<()> {
 
 impl Slots {
     pub fn new(dir: PathBuf, run: Vec<String>) -> Result<Slots, InstallError> {
-        crate::durable::private_dir(&dir)?;
+        swell_durable::private_dir(&dir)?;
         Ok(Slots {
             dir,
             run,
@@ -155,7 +155,7 @@ impl Slots {
             .spawn()
             .map_err(|e| InstallError::step("start", format!("{}: {e}", prog_path.display())))?;
         info!(pid = child.id(), slot, "supervised process started");
-        crate::durable::write_atomic(
+        swell_durable::write_atomic(
             &self.dir.join("run.pid"),
             child.id().to_string().as_bytes(),
             0o600,
@@ -194,7 +194,7 @@ impl Installer for Slots {
         if let Some((d, len, path)) = &p.config {
             Self::copy_verified(path, &dir.join("config"), d, *len)?;
         }
-        crate::durable::write_atomic(
+        swell_durable::write_atomic(
             &dir.join("release"),
             hex::encode(p.release.0).as_bytes(),
             0o644,

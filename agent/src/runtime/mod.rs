@@ -115,7 +115,7 @@ pub async fn run(
 impl Agent {
     fn open(cfg: AgentConfig) -> Result<(Agent, EventLoop, WorkRx), AgentError> {
         let dir = cfg.state_dir.clone();
-        crate::durable::private_dir(&dir).map_err(|source| AgentError::StateDir {
+        swell_durable::private_dir(&dir).map_err(|source| AgentError::StateDir {
             path: dir.clone(),
             source,
         })?;
@@ -354,7 +354,7 @@ impl Agent {
                 Effect::SaveInstalled(i) => self.store.put("installed", &i)?,
                 Effect::PersistTrust(t) => self.trust_file.store(&t)?,
                 Effect::StoreKeyList(bytes) => {
-                    if let Err(e) = crate::durable::write_atomic(&self.keys_path, &bytes, 0o644) {
+                    if let Err(e) = swell_durable::write_atomic(&self.keys_path, &bytes, 0o644) {
                         error!(error = %e, "key list not stored; the next start reads the retained one");
                     }
                 }
@@ -420,7 +420,7 @@ impl Agent {
             self.store.dropped().unwrap_or(0),
         );
         if let Ok(json) = serde_json::to_vec_pretty(&s)
-            && let Err(e) = crate::durable::write_atomic(&self.status_path, &json, 0o644)
+            && let Err(e) = swell_durable::write_atomic(&self.status_path, &json, 0o644)
         {
             debug!(error = %e, "status file not written");
         }

@@ -9,7 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::durable::{rename_durably, sync_dir};
+use swell_durable::{rename_durably, sync_dir};
 
 /// First bytes of every journal segment and snapshot (format version 1).
 pub(super) const MAGIC: &[u8; 8] = b"swell-j1";

@@ -23,10 +23,10 @@
 
 use super::StoreError;
 use super::files::{EntryReader, Found, SnapshotWriter, segment_path};
-use crate::durable::sync_dir;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
+use swell_durable::sync_dir;
 
 /// Version of the entry layout.
 const FORMAT: u8 = 1;
@@ -235,7 +235,7 @@ fn set_aside(
     tracing::warn!(entry = %name, reason, "damaged journal entry set aside");
     let aside = dir.join("aside");
     std::fs::create_dir_all(&aside)?;
-    crate::durable::write_atomic(&aside.join(name.replace('/', "-")), bytes)?;
+    swell_durable::write_atomic(&aside.join(name.replace('/', "-")), bytes, 0o600)?;
     corrupt.push(name);
     Ok(())
 }
