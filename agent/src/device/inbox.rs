@@ -251,7 +251,7 @@ impl DeviceCore {
             failed: self.installed.failed.clone(),
             installing,
             beacon_fresh: now < self.beacon_until,
-            directive: self.directive.as_ref(),
+            directive: self.directive.as_deref(),
         };
         let before = self.trust.clone();
         let mut trial = self.trust.clone();
@@ -322,7 +322,7 @@ impl DeviceCore {
                     Job::start(rollout, release_id, release.counter, retry, previous);
                 info!(version = %release.version, "installing");
                 out.push(Effect::SaveRelease(Some(release.as_ref().clone())));
-                self.job_release = Some(*release);
+                self.job_release = Some(release);
                 self.commit_step(job, actions, clock, out);
             }
             Verdict::RollBack {
@@ -433,7 +433,7 @@ impl DeviceCore {
                     "directive accepted"
                 );
                 let force = d.force_rollback.clone();
-                self.directive = Some(d);
+                self.directive = Some(Box::new(d));
                 if let Some(rollout) = force {
                     if let Some(r) = self.installed.running.clone()
                         && r.rollout.as_ref() == Some(&rollout)

@@ -54,7 +54,7 @@ impl DeviceCore {
         }
         if next.stage == Stage::Committed && job.stage != Stage::Committed {
             // Commit with the installer first; journal `Committed` only if it worked.
-            self.committing = Some((next, actions));
+            self.committing = Some(Box::new((next, actions)));
             self.queue.push_front(Task::Commit);
             self.next_task(clock, out);
             return;
@@ -211,7 +211,8 @@ impl DeviceCore {
                 self.queue.push_back(Task::RollBack);
             }
             Work::Committed(r) => {
-                if let Some((next, actions)) = self.committing.take() {
+                if let Some(pending) = self.committing.take() {
+                    let (next, actions) = *pending;
                     match r {
                         Ok(()) => self.commit_step(next, actions, clock, out),
                         Err(r) => {

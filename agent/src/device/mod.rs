@@ -193,14 +193,15 @@ pub struct DeviceCore {
     keys: Option<Arc<KeyList>>,
     installed: Installed,
     job: Option<Job>,
-    job_release: Option<Release>,
+    // Boxed: rarely set, and a simulated fleet holds a million of these.
+    job_release: Option<Box<Release>>,
     beacon_until: u64,
     epoch_seen: u64,
-    directive: Option<DeviceDirective>,
+    directive: Option<Box<DeviceDirective>>,
     held: Held,
     before_keys: BeforeKeys,
     /// A commit with the installer: the job to journal once it succeeds.
-    committing: Option<(Job, Vec<crate::deployment::Action>)>,
+    committing: Option<Box<(Job, Vec<crate::deployment::Action>)>>,
     /// Events that arrived during the commit.
     held_events: Vec<Event>,
     busy: bool,
@@ -238,7 +239,7 @@ impl DeviceCore {
             keys: restored.keys,
             installed: restored.installed,
             job: restored.job,
-            job_release: restored.job_release,
+            job_release: restored.job_release.map(Box::new),
             beacon_until: 0,
             epoch_seen: 0,
             directive: None,
@@ -317,7 +318,7 @@ impl DeviceCore {
     }
     /// The verified release of the current job (its artifacts and URLs).
     pub fn job_release(&self) -> Option<&Release> {
-        self.job_release.as_ref()
+        self.job_release.as_deref()
     }
     pub fn boot(&self) -> u64 {
         self.boot
