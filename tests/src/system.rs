@@ -58,6 +58,39 @@ pub fn bundle(version: &str, bad: bool) -> Vec<u8> {
     format!("app {version}\n{}", if bad { "BAD\n" } else { "" }).into_bytes()
 }
 
+/// Keys made with the CLI in `d`, as an operator makes them: `root.key`,
+/// `rel.key` (threshold 1), `coord.key` (each with its `.pub`), and the
+/// root-signed key list `keys.bin`.
+pub fn make_keys(d: &Path) {
+    for (role, name) in [
+        ("root", "root"),
+        ("release", "rel"),
+        ("coordinator", "coord"),
+    ] {
+        ok(&swell(
+            d,
+            &["keys", "gen", role, "--out", &format!("{name}.key")],
+        ));
+    }
+    ok(&swell(
+        d,
+        &[
+            "keys",
+            "list",
+            "--root",
+            "root.key",
+            "--release",
+            "rel.key.pub",
+            "--release-threshold",
+            "1",
+            "--coordinator",
+            "coord.key.pub",
+            "--out",
+            "keys.bin",
+        ],
+    ));
+}
+
 /// The agents.
 #[derive(Debug)]
 pub struct Fleet {
@@ -179,34 +212,7 @@ impl System {
                 .unwrap()
         };
 
-        // Keys and the key list, with the CLI.
-        for (role, name) in [
-            ("root", "root"),
-            ("release", "rel"),
-            ("coordinator", "coord"),
-        ] {
-            ok(&swell(
-                d,
-                &["keys", "gen", role, "--out", &format!("{name}.key")],
-            ));
-        }
-        ok(&swell(
-            d,
-            &[
-                "keys",
-                "list",
-                "--root",
-                "root.key",
-                "--release",
-                "rel.key.pub",
-                "--release-threshold",
-                "1",
-                "--coordinator",
-                "coord.key.pub",
-                "--out",
-                "keys.bin",
-            ],
-        ));
+        make_keys(d);
         let root_hex = public_hex(d, "root.key.pub");
 
         // The coordinator.

@@ -128,25 +128,33 @@ fn create(sys: &System, rollout: &str, release: &str) {
     ]));
 }
 
-#[test]
-fn broker_restart_with_persistence_changes_no_outcome() {
+/// Four agents and the coordinator (its HTTP port returned) beside Mosquitto
+/// as shipped, persistence on; `None`, with a SKIPPED line, when Mosquitto is
+/// not installed and not required.
+fn system(test: &str) -> Option<(System, u16)> {
     if find("mosquitto").is_none() {
         assert!(
             !mosquitto::required(),
             "SWELL_TEST_MOSQUITTO=required but mosquitto is not installed"
         );
-        eprintln!(
-            "SKIPPED broker_restart_with_persistence_changes_no_outcome: mosquitto not installed"
-        );
-        return;
+        eprintln!("SKIPPED {test}: mosquitto not installed");
+        return None;
     }
     let http = mosquitto::free_port();
     let http_addr = format!("127.0.0.1:{http}");
-    let mut sys = System::start_with(
+    let sys = System::start_with(
         4,
         BrokerChoice::Mosquitto { persistence: true },
         &["--http-addr", &http_addr],
     );
+    Some((sys, http))
+}
+
+#[test]
+fn broker_restart_with_persistence_changes_no_outcome() {
+    let Some((mut sys, http)) = system("broker_restart_with_persistence_changes_no_outcome") else {
+        return;
+    };
     let good = sys.release("app-2", "2.0.0", "2", false);
     let bad = sys.release("app-3", "3.0.0", "3", true);
     let devices: Vec<String> = (0..4).map(|i| format!("e2e-{i}")).collect();
@@ -263,23 +271,11 @@ fn signal(pid: u32, sig: &str) {
 /// Mosquitto 2.0.11 does not restore, they were acknowledged and dropped.
 #[test]
 fn broker_restart_keeps_what_devices_send_before_the_coordinator_is_back() {
-    if find("mosquitto").is_none() {
-        assert!(
-            !mosquitto::required(),
-            "SWELL_TEST_MOSQUITTO=required but mosquitto is not installed"
-        );
-        eprintln!(
-            "SKIPPED broker_restart_keeps_what_devices_send_before_the_coordinator_is_back: mosquitto not installed"
-        );
+    let Some((mut sys, http)) =
+        system("broker_restart_keeps_what_devices_send_before_the_coordinator_is_back")
+    else {
         return;
-    }
-    let http = mosquitto::free_port();
-    let http_addr = format!("127.0.0.1:{http}");
-    let mut sys = System::start_with(
-        4,
-        BrokerChoice::Mosquitto { persistence: true },
-        &["--http-addr", &http_addr],
-    );
+    };
     let until = Instant::now() + Duration::from_secs(30);
     while metric(http, "swell_hellos_total") < 4.0 {
         assert!(Instant::now() < until, "no Hellos\n{}", sys.context());

@@ -320,24 +320,7 @@ fn e2e_operated_with_mosquitto_tools_only() {
 fn e2e_coordinator_exits_when_the_embedded_brokers_address_is_taken() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let swell = |args: &[&str]| ok(&swell_e2e::system::swell(d, args));
-    swell(&["keys", "gen", "root", "--out", "root.key"]);
-    swell(&["keys", "gen", "release", "--out", "rel.key"]);
-    swell(&["keys", "gen", "coordinator", "--out", "coord.key"]);
-    swell(&[
-        "keys",
-        "list",
-        "--root",
-        "root.key",
-        "--release",
-        "rel.key.pub",
-        "--release-threshold",
-        "1",
-        "--coordinator",
-        "coord.key.pub",
-        "--out",
-        "keys.bin",
-    ]);
+    swell_e2e::system::make_keys(d);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let mut child = Command::new(swell_e2e::procs::bin("swell-coordinator"))

@@ -20,7 +20,7 @@ use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::Topics;
-use swell_protocol::{DeviceId, Digest, FleetId, PublicKey, ReleaseId, RolloutId};
+use swell_protocol::{DeviceId, FleetId, PublicKey, ReleaseId, RolloutId};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -231,27 +231,7 @@ pub fn release_with(
     hardware: &str,
     signers: &[&str],
 ) -> ThresholdSigned {
-    let body = Release {
-        counter,
-        version: version.into(),
-        created_at: now(),
-        artifacts: vec![Artifact {
-            name: "app".into(),
-            kind: ArtifactKind::Bundle,
-            digest: Digest::sha256(artifact),
-            length: artifact.len() as u64,
-            urls: vec![url.into()],
-        }],
-        config: None,
-        hardware: vec![hardware.into()],
-        exposure: None,
-        rollback: None,
-    };
-    let mut r = ThresholdSigned::new(&body).unwrap();
-    for s in signers {
-        r.sign(&test_key(s)).unwrap();
-    }
-    r
+    swell_protocol::fixtures::release(counter, version, artifact, url, hardware, signers, now())
 }
 
 pub fn release(counter: u64, version: &str, artifact: &[u8], url: &str) -> ThresholdSigned {
@@ -370,20 +350,7 @@ impl Control {
     }
 
     pub fn key_list_body() -> KeyList {
-        KeyList {
-            version: 1,
-            expires_at: now() + 86_400,
-            roots: vec![test_key("root-0").public()],
-            root_threshold: 1,
-            release_keys: vec![
-                test_key("release-0").public(),
-                test_key("release-1").public(),
-                test_key("release-2").public(),
-            ],
-            release_threshold: 2,
-            coordinator_keys: vec![test_key("coordinator-0").public()],
-            operator_keys: vec![],
-        }
+        swell_protocol::fixtures::key_list(now())
     }
 
     /// Publishes the root-signed key list, retained.

@@ -31,20 +31,7 @@ pub fn fleet() -> FleetId {
 }
 
 pub fn key_list_body() -> KeyList {
-    KeyList {
-        version: 1,
-        expires_at: unix_now() + 86_400,
-        roots: vec![test_key("root-0").public()],
-        root_threshold: 1,
-        release_keys: vec![
-            test_key("release-0").public(),
-            test_key("release-1").public(),
-            test_key("release-2").public(),
-        ],
-        release_threshold: 2,
-        coordinator_keys: vec![test_key("coordinator-0").public()],
-        operator_keys: vec![],
-    }
+    swell_protocol::fixtures::key_list(unix_now())
 }
 
 pub fn key_list(body: &KeyList) -> ThresholdSigned {
