@@ -38,7 +38,7 @@ use swell_agent::sim::{self, SimConfig};
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::{DEFAULT_CACHE_BYTES, SledStore, cache_bytes_from_mib};
+use swell_coordinator::store::{DEFAULT_CACHE_BYTES, DiskStore, cache_bytes_from_mib};
 use swell_mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, Release};
@@ -223,7 +223,7 @@ async fn child(a: ChildArgs) -> Result<()> {
         None => DEFAULT_CACHE_BYTES,
         Some(m) => cache_bytes_from_mib(m).context("--db-cache-mib must be above zero")?,
     };
-    let store = Arc::new(SledStore::open_with_cache(&state.path().join("db"), cache)?);
+    let store = Arc::new(DiskStore::open_with_cache(&state.path().join("db"), cache)?);
     let (engine, initial) = Engine::start(settings, store, unix_now())?;
     let cancel = CancellationToken::new();
     let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);

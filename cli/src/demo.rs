@@ -18,7 +18,7 @@ use swell_agent::sim::{self, SimConfig};
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::epoch;
 use swell_coordinator::server::{self, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
@@ -238,7 +238,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),
     };
-    let store = Arc::new(SledStore::open(&state.path().join("db"))?);
+    let store = Arc::new(DiskStore::open(&state.path().join("db"))?);
     let (engine, initial) = Engine::start(settings, store, unix_now())?;
     let cancel = CancellationToken::new();
     let _stop = StopOnDrop(cancel.clone());

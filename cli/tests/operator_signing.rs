@@ -9,7 +9,7 @@ use std::time::Duration;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::keyfile::{Role, read_public};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_mqtt::MqttConfig;
 use swell_protocol::FleetId;
 use swell_protocol::messages::KeyList;
@@ -73,7 +73,7 @@ async fn cli_signs_commands_with_the_operator_key() {
     };
     let (engine, initial) = Engine::start(
         settings,
-        Arc::new(SledStore::open(&d.join("db")).unwrap()),
+        Arc::new(DiskStore::open(&d.join("db")).unwrap()),
         unix_now(),
     )
     .unwrap();

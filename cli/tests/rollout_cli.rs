@@ -12,7 +12,7 @@ use swell_agent::sim::{self, SimConfig};
 use swell_broker::Role;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_mqtt::MqttConfig;
 use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
 use swell_protocol::testkeys::test_key;
@@ -74,7 +74,7 @@ async fn cli_rollout_commands_against_a_coordinator() {
     };
     let (engine, initial) = Engine::start(
         settings,
-        Arc::new(SledStore::open(&dir.path().join("db")).unwrap()),
+        Arc::new(DiskStore::open(&dir.path().join("db")).unwrap()),
         unix_now(),
     )
     .unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use swell_coordinator::engine::{Engine, ReplyTo, Settings};
 use swell_coordinator::rollout::health_gate::{self, WaveCounts};
 use swell_coordinator::rollout::spec::GateSpec;
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_protocol::cohort::{self, Label, Selector};
 use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
 use swell_protocol::messages::*;
@@ -199,7 +199,7 @@ fn registry(c: &mut Criterion) {
     let mut signed_kl = ThresholdSigned::new(&kl).unwrap();
     signed_kl.sign(&test_key("root-0")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
     let settings = Settings {
         fleet: fleet.clone(),
         topics: Topics::default(),

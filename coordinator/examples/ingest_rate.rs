@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use swell_coordinator::engine::{Engine, ReplyTo, Settings};
 use swell_coordinator::precheck;
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
 use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
@@ -59,7 +59,7 @@ fn main() {
     let mut signed_kl = ThresholdSigned::new(&kl).unwrap();
     signed_kl.sign(&test_key("root-0")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
     let settings = Settings {
         fleet: fleet.clone(),
         topics: Topics::default(),

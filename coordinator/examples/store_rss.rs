@@ -12,7 +12,7 @@
 use std::time::Instant;
 use swell_coordinator::fleet::interner::Interner;
 use swell_coordinator::fleet::registry::{DeviceRecord, Enrollment};
-use swell_coordinator::store::{SledStore, Store, StoredReport, Tuning};
+use swell_coordinator::store::{DiskStore, Store, StoredReport, Tuning};
 use swell_protocol::crypto::PublicKey;
 use swell_protocol::messages::{Hello, Phase};
 use swell_protocol::{DeviceId, FleetId, ReleaseId, RolloutId};
@@ -30,7 +30,7 @@ fn status_bytes(field: &str) -> u64 {
 }
 
 struct Run {
-    store: SledStore,
+    store: DiskStore,
     base: u64,
     start: Instant,
     written: u64,
@@ -81,7 +81,7 @@ fn main() {
     let cancel = tokio_util::sync::CancellationToken::new();
     swell_coordinator::memory::spawn_trimmer(swell_coordinator::memory::TRIM_EVERY, cancel.clone());
     let base = status_bytes("VmRSS:");
-    let store = SledStore::open_tuned(
+    let store = DiskStore::open_tuned(
         dir.path(),
         Tuning {
             cache_bytes: cache_mib << 20,

@@ -15,7 +15,7 @@ use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::keyfile::{self, Role};
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_coordinator::{epoch, http};
 use swell_mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_protocol::messages::{KeyList, RootOfTrust};
@@ -521,7 +521,7 @@ async fn run(mut cfg: Config) -> Result<()> {
     // A new epoch on every start fences messages of any earlier instance (ROLL-4).
     cfg.settings.epoch = epoch::next(&cfg.state_dir.join("epoch")).context("epoch file")?;
     let store = Arc::new(
-        SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
+        DiskStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
             .context("database")?,
     );
     let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
@@ -628,7 +628,7 @@ async fn run_kubernetes(
     cfg.settings.epoch = lease::epoch(term, local);
     // The state directory is opened only now: the previous leader has let go.
     let store = Arc::new(
-        SledStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
+        DiskStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
             .context("database")?,
     );
     let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;

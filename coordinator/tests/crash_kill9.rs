@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use swell_coordinator::keyfile::{PublicFile, Role, SecretFile};
 use swell_coordinator::rollout::state::Decision;
-use swell_coordinator::store::{SledStore, Store};
+use swell_coordinator::store::{DiskStore, Store};
 use swell_protocol::RolloutId;
 use swell_protocol::testkeys::test_key;
 
@@ -193,7 +193,7 @@ async fn coordinator_survives_sigkill_at_random_points() {
         format!("swell-epoch {} {}", cycles + 1, cycles + 1)
     );
 
-    let store = SledStore::open(&state.join("db")).unwrap();
+    let store = DiskStore::open(&state.join("db")).unwrap();
     for id in &rollouts {
         let log = store
             .decisions(&RolloutId::new(id.as_str()).unwrap())

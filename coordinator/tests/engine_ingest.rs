@@ -10,7 +10,7 @@ use std::sync::Arc;
 use swell_coordinator::engine::{Engine, EngineError, ReplyTo};
 use swell_coordinator::precheck::{Precheck, pipeline};
 use swell_coordinator::server::unix_now;
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_protocol::envelope::{Audience, Stamp, seal};
 use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
@@ -93,7 +93,7 @@ fn report(
 impl T {
     fn new() -> T {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
         let (e, _) = Engine::start(settings(1), store, unix_now()).unwrap();
         T {
             e,
@@ -467,7 +467,7 @@ fn engine_opens_a_wave_before_walking_it() {
 fn engine_replay_floor_held_by_stored_reports_survives_restart_and_removal() {
     let dir = tempfile::tempdir().unwrap();
     let open = |now: u64| {
-        let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
         Engine::start(settings(1), store, now).unwrap().0
     };
     let now = unix_now();

@@ -24,7 +24,7 @@ use swell_coordinator::engine::Engine;
 use swell_coordinator::ingest_probe::ProbeConfig;
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +45,7 @@ impl Drop for Running {
 
 async fn start(b: &TestBroker, probe: ProbeConfig) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
     let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
     let cancel = CancellationToken::new();
     let (ready_tx, ready) = watch::channel(false);

@@ -26,7 +26,7 @@ use swell_coordinator::k8s::lease::{Attempt, Elector, LeaseConfig};
 use swell_coordinator::k8s::{bridge, crd};
 use swell_coordinator::metrics::{LeaseState, Metrics};
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_protocol::RolloutId;
 use swell_protocol::messages::RolloutState;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -121,7 +121,7 @@ async fn start_wired(
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
     let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
     let (control_tx, control_rx) = mpsc::channel(64);
     let (forward_tx, forward_rx) = mpsc::channel(64);

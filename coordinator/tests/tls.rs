@@ -13,7 +13,7 @@ use std::time::Duration;
 use swell_coordinator::engine::Engine;
 use swell_coordinator::metrics::Metrics;
 use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_e2e::mosquitto::{self, StartError};
 use swell_mqtt::{MqttConfig, TlsPem};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +35,7 @@ struct Running {
 
 async fn run_coordinator(cfg: MqttConfig) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
     let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
     let cancel = CancellationToken::new();
     let (tx, rx) = tokio::sync::watch::channel(false);

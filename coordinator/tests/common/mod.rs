@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use swell_coordinator::engine::{Engine, Settings};
 use swell_coordinator::server::{self, LoopConfig, unix_now};
-use swell_coordinator::store::SledStore;
+use swell_coordinator::store::DiskStore;
 use swell_mqtt::MqttConfig;
 use swell_protocol::cohort::{self, Label};
 use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
@@ -123,7 +123,7 @@ pub async fn start_coordinator_in(b: &TestBroker, s: Settings, dir: tempfile::Te
         )
         .with_test_writer()
         .try_init();
-    let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
     let (engine, initial) = Engine::start(s, store, unix_now()).unwrap();
     let cancel = CancellationToken::new();
     let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
