@@ -56,7 +56,7 @@ impl BrokerStats {
     }
 }
 
-static DROPS: swell_mqtt::log_gate::LogGate = swell_mqtt::log_gate::LogGate::new();
+static DROPS: swell_mqtt::log_throttle::LogThrottle = swell_mqtt::log_throttle::LogThrottle::new();
 
 /// Who a session's (already authenticated) user is.
 pub(crate) fn identity_of(user: Option<&str>) -> Option<Identity> {

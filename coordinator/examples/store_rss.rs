@@ -79,7 +79,10 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     // As the coordinator does: freed heap pages go back to the kernel.
     let cancel = tokio_util::sync::CancellationToken::new();
-    swell_coordinator::memory::spawn_trimmer(swell_coordinator::memory::TRIM_EVERY, cancel.clone());
+    swell_coordinator::heap_trim::spawn_trimmer(
+        swell_coordinator::heap_trim::TRIM_EVERY,
+        cancel.clone(),
+    );
     let base = status_bytes("VmRSS:");
     let store = DiskStore::open_tuned(
         dir.path(),

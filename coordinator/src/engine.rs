@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use swell_mqtt::log_gate::LogGate;
+use swell_mqtt::log_throttle::LogThrottle;
 use swell_protocol::envelope::{Audience, EnvelopeError, Stamp, UnverifiedEnvelope, seal};
 use swell_protocol::messages::{
     Beacon, Hello, KeyList, Manifest, Release, Report, RolloutState as ManifestState,
@@ -123,7 +123,7 @@ pub struct Engine {
     ops: OpsParser,
     pub counters: Counters,
     /// One log line per reason every 10 s.
-    log_gate: HashMap<&'static str, LogGate>,
+    log_throttle: HashMap<&'static str, LogThrottle>,
     /// Set in Kubernetes mode: rollout commands go to the controller.
     forward_rollout_ops: bool,
     forwarded: Vec<Forwarded>,
@@ -193,7 +193,7 @@ impl Engine {
             rollouts: BTreeMap::new(),
             ops,
             counters: Counters::default(),
-            log_gate: HashMap::new(),
+            log_throttle: HashMap::new(),
             forward_rollout_ops: false,
             forwarded: Vec::new(),
         };
@@ -458,7 +458,7 @@ impl Engine {
 
     fn reject(&mut self, reason: &'static str, what: &str, detail: &dyn std::fmt::Display) {
         *self.counters.rejected.entry(reason).or_default() += 1;
-        if let Some(g) = self.log_gate.entry(reason).or_default().hit() {
+        if let Some(g) = self.log_throttle.entry(reason).or_default().hit() {
             warn!(
                 reason,
                 suppressed = g.suppressed,

@@ -5,12 +5,12 @@
 pub mod engine;
 pub mod epoch;
 pub mod fleet;
+pub mod heap_trim;
 pub mod http;
 pub mod ingest_probe;
 #[cfg(feature = "kube")]
 pub mod k8s;
 pub mod keyfile;
-pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod precheck;

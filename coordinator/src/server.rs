@@ -16,7 +16,7 @@ use rumqttc::v5::mqttbytes::v5::{LastWill, PublishProperties};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
-use swell_mqtt::log_gate::LogGate;
+use swell_mqtt::log_throttle::LogThrottle;
 use swell_mqtt::{self as mqtt, Incoming, MqttConfig};
 use swell_protocol::RolloutId;
 use tokio::sync::watch;
@@ -51,7 +51,7 @@ impl Default for LoopConfig {
             beacon_interval: Duration::from_secs(30),
             verify_threads: 0,
             batch_signatures: true,
-            trim_every: Some(crate::memory::TRIM_EVERY),
+            trim_every: Some(crate::heap_trim::TRIM_EVERY),
             probe: ProbeConfig::default(),
         }
     }
@@ -134,8 +134,8 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-static ACKS_NOT_SENT: LogGate = LogGate::new();
-static PUBLISHES_DROPPED: LogGate = LogGate::new();
+static ACKS_NOT_SENT: LogThrottle = LogThrottle::new();
+static PUBLISHES_DROPPED: LogThrottle = LogThrottle::new();
 
 fn publish(client: &rumqttc::v5::AsyncClient, out: Out) {
     let props = out.correlation.map(|c| PublishProperties {
@@ -379,7 +379,7 @@ pub async fn run_with(
         engine.forward_rollout_ops(true);
     }
     if let Some(every) = cfg.trim_every {
-        crate::memory::spawn_trimmer(every, cancel.clone());
+        crate::heap_trim::spawn_trimmer(every, cancel.clone());
     }
     if let Some(m) = &metrics {
         m.set_epoch(engine.epoch());

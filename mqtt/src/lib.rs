@@ -5,7 +5,7 @@
 //! for callers that drive their own event loop (the agent tracks PUBACKs of its
 //! outbox).
 
-pub mod log_gate;
+pub mod log_throttle;
 mod subscriptions;
 
 pub use subscriptions::{FilterState, SubAckOutcome, Subscriptions};

@@ -8,10 +8,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long a gate stays shut after a line.
+/// How long a throttle stays shut after a line.
 pub const EVERY: Duration = Duration::from_secs(10);
 
-/// What a line may say when the gate opens.
+/// What a line may say when the throttle opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Open {
     /// Failures since the previous line, not logged.
@@ -20,23 +20,23 @@ pub struct Open {
     pub total: u64,
 }
 
-/// One gate; usable from a `static`.
+/// One throttle; usable from a `static`.
 #[derive(Debug)]
-pub struct LogGate {
+pub struct LogThrottle {
     /// When the last line was written, and failures held back since.
     last: Mutex<(Option<Instant>, u64)>,
     total: AtomicU64,
 }
 
-impl Default for LogGate {
+impl Default for LogThrottle {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl LogGate {
+impl LogThrottle {
     pub const fn new() -> Self {
-        LogGate {
+        LogThrottle {
             last: Mutex::new((None, 0)),
             total: AtomicU64::new(0),
         }
@@ -73,8 +73,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_gate_writes_one_line_per_interval_and_counts_all() {
-        let g = LogGate::new();
+    fn log_throttle_writes_one_line_per_interval_and_counts_all() {
+        let g = LogThrottle::new();
         assert_eq!(
             g.hit(),
             Some(Open {
