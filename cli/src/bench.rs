@@ -35,10 +35,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use swell_agent::sim::{self, SimConfig};
-use swell_coordinator::engine::{Engine, Settings};
+use swell_coordinator::assemble::Coordinator;
+use swell_coordinator::engine::Settings;
 use swell_coordinator::metrics::Metrics;
-use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::{DEFAULT_CACHE_BYTES, DiskStore, cache_bytes_from_mib};
+use swell_coordinator::server::{Hooks, LoopConfig, unix_now};
+use swell_coordinator::store::{DEFAULT_CACHE_BYTES, cache_bytes_from_mib};
 use swell_mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, Release};
@@ -214,7 +215,7 @@ async fn child(a: ChildArgs) -> Result<()> {
         key: coord,
         key_list: signed_kl,
         keys: kl,
-        epoch: 1,
+        epoch: 0,
         enrollment_tokens: vec!["bench-token".into()],
         beacon_ttl: Duration::from_secs(30),
         manifest_ttl: Duration::from_secs(3_600),
@@ -223,8 +224,6 @@ async fn child(a: ChildArgs) -> Result<()> {
         None => DEFAULT_CACHE_BYTES,
         Some(m) => cache_bytes_from_mib(m).context("--db-cache-mib must be above zero")?,
     };
-    let store = Arc::new(DiskStore::open_with_cache(&state.path().join("db"), cache)?);
-    let (engine, initial) = Engine::start(settings, store, unix_now())?;
     let cancel = CancellationToken::new();
     let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
     let metrics = Arc::new(Metrics::new());
@@ -247,7 +246,9 @@ async fn child(a: ChildArgs) -> Result<()> {
     };
     // Devices commit after their probation *and* a fresh coordinator message
     // (INST-2): the beacon interval bounds each wave from below.
-    let loop_cfg = LoopConfig {
+    let mut coordinator = Coordinator::new(settings, state.path().to_path_buf(), mqtt);
+    coordinator.db_cache_bytes = cache;
+    coordinator.loop_cfg = LoopConfig {
         tick: Duration::from_millis(200),
         beacon_interval: Duration::from_secs(1),
         verify_threads: a.verify_threads,
@@ -258,10 +259,8 @@ async fn child(a: ChildArgs) -> Result<()> {
         metrics: Some(metrics.clone()),
         ..Hooks::default()
     };
-    let c = cancel.clone();
-    let loop_task = tokio::spawn(server::run_with(
-        engine, initial, mqtt, loop_cfg, c, ready_tx, hooks,
-    ));
+    let started = coordinator.start(None)?;
+    let loop_task = tokio::spawn(started.serve(cancel.clone(), ready_tx, hooks));
     tokio::time::timeout(Duration::from_secs(30), ready_rx.wait_for(|r| *r))
         .await
         .context("coordinator could not connect")??;

@@ -15,10 +15,9 @@ use sha2::{Digest as _, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use swell_agent::sim::{self, SimConfig};
-use swell_coordinator::engine::{Engine, Settings};
-use swell_coordinator::epoch;
-use swell_coordinator::server::{self, LoopConfig, unix_now};
-use swell_coordinator::store::DiskStore;
+use swell_coordinator::assemble::Coordinator;
+use swell_coordinator::engine::Settings;
+use swell_coordinator::server::{Hooks, LoopConfig, unix_now};
 use swell_mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
@@ -233,13 +232,11 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         key: coord,
         key_list: signed_kl,
         keys: kl.clone(),
-        epoch: epoch::next(&state.path().join("epoch"))?,
+        epoch: 0,
         enrollment_tokens: vec!["demo-token".into()],
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),
     };
-    let store = Arc::new(DiskStore::open(&state.path().join("db"))?);
-    let (engine, initial) = Engine::start(settings, store, unix_now())?;
     let cancel = CancellationToken::new();
     let _stop = StopOnDrop(cancel.clone());
     let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
@@ -253,19 +250,14 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         persistent: false,
         tls: None,
     };
-    let loop_cfg = LoopConfig {
+    let mut coordinator = Coordinator::new(settings, state.path().to_path_buf(), mqtt);
+    coordinator.loop_cfg = LoopConfig {
         tick: Duration::from_millis(200),
         beacon_interval: Duration::from_secs(1),
         ..LoopConfig::default()
     };
-    let coordinator = tokio::spawn(server::run(
-        engine,
-        initial,
-        mqtt,
-        loop_cfg,
-        cancel.clone(),
-        ready_tx,
-    ));
+    let started = coordinator.start(None)?;
+    let coordinator = tokio::spawn(started.serve(cancel.clone(), ready_tx, Hooks::default()));
     tokio::time::timeout(Duration::from_secs(10), async {
         while !*ready_rx.borrow() {
             if ready_rx.changed().await.is_err() {

@@ -4,12 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
-use swell_coordinator::engine::{Engine, Settings};
+use swell_coordinator::assemble::Coordinator;
+use swell_coordinator::engine::Settings;
 use swell_coordinator::keyfile::{Role, read_public};
-use swell_coordinator::server::{self, LoopConfig, unix_now};
-use swell_coordinator::store::DiskStore;
+use swell_coordinator::server::{LoopConfig, unix_now};
 use swell_mqtt::MqttConfig;
 use swell_protocol::FleetId;
 use swell_protocol::messages::KeyList;
@@ -71,12 +70,6 @@ async fn cli_signs_commands_with_the_operator_key() {
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),
     };
-    let (engine, initial) = Engine::start(
-        settings,
-        Arc::new(DiskStore::open(&d.join("db")).unwrap()),
-        unix_now(),
-    )
-    .unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let (tx, _rx) = tokio::sync::watch::channel(false);
     let mqtt = MqttConfig {
@@ -90,13 +83,18 @@ async fn cli_signs_commands_with_the_operator_key() {
         tls: None,
     };
     let c = cancel.clone();
+    let mut coordinator = Coordinator::new(settings, d.to_path_buf(), mqtt);
+    coordinator.loop_cfg = LoopConfig {
+        tick: Duration::from_millis(200),
+        beacon_interval: Duration::from_secs(1),
+        ..LoopConfig::default()
+    };
+    let started = coordinator.start(None).unwrap();
     tokio::spawn(async move {
-        let lc = LoopConfig {
-            tick: Duration::from_millis(200),
-            beacon_interval: Duration::from_secs(1),
-            ..LoopConfig::default()
-        };
-        server::run(engine, initial, mqtt, lc, c, tx).await.unwrap();
+        started
+            .serve(c, tx, swell_coordinator::server::Hooks::default())
+            .await
+            .unwrap();
     });
 
     tokio::task::spawn_blocking(move || {

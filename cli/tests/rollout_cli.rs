@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use swell_agent::sim::{self, SimConfig};
 use swell_broker::Role;
-use swell_coordinator::engine::{Engine, Settings};
-use swell_coordinator::server::{self, LoopConfig, unix_now};
-use swell_coordinator::store::DiskStore;
+use swell_coordinator::assemble::Coordinator;
+use swell_coordinator::engine::Settings;
+use swell_coordinator::server::{LoopConfig, unix_now};
 use swell_mqtt::MqttConfig;
 use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
 use swell_protocol::testkeys::test_key;
@@ -72,12 +72,6 @@ async fn cli_rollout_commands_against_a_coordinator() {
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),
     };
-    let (engine, initial) = Engine::start(
-        settings,
-        Arc::new(DiskStore::open(&dir.path().join("db")).unwrap()),
-        unix_now(),
-    )
-    .unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let (tx, _rx) = tokio::sync::watch::channel(false);
     let mqtt = MqttConfig {
@@ -91,13 +85,18 @@ async fn cli_rollout_commands_against_a_coordinator() {
         tls: None,
     };
     let c = cancel.clone();
+    let mut coordinator = Coordinator::new(settings, dir.path().to_path_buf(), mqtt);
+    coordinator.loop_cfg = LoopConfig {
+        tick: Duration::from_millis(200),
+        beacon_interval: Duration::from_secs(1),
+        ..LoopConfig::default()
+    };
+    let started = coordinator.start(None).unwrap();
     tokio::spawn(async move {
-        let lc = LoopConfig {
-            tick: Duration::from_millis(200),
-            beacon_interval: Duration::from_secs(1),
-            ..LoopConfig::default()
-        };
-        server::run(engine, initial, mqtt, lc, c, tx).await.unwrap();
+        started
+            .serve(c, tx, swell_coordinator::server::Hooks::default())
+            .await
+            .unwrap();
     });
     let fleet_sim = sim::start(SimConfig {
         host: "127.0.0.1".into(),

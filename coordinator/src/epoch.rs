@@ -1,5 +1,6 @@
-//! The epoch file: the coordinator's epoch (ROLL-4), raised at every start and
-//! written atomically and durably (`swell_durable`).
+//! The coordinator's epoch (ROLL-4): the epoch file, raised at every start
+//! and written atomically and durably (`swell_durable`), and the epoch of a
+//! leader in a Kubernetes lease term.
 
 use std::fs;
 use std::path::Path;
@@ -26,6 +27,13 @@ pub fn next(path: &Path) -> std::io::Result<u64> {
     Ok(next)
 }
 
+/// The epoch a leader in term `transitions` signs with. Terms dominate (a new
+/// leader always signs above every earlier one); the local counter orders
+/// restarts inside a term. 2^20 restarts per term before it would wrap.
+pub fn of_term(transitions: u32, local: u64) -> u64 {
+    (u64::from(transitions) << 20) | (local & 0xF_FFFF)
+}
+
 fn parse_epoch(text: &str) -> Option<u64> {
     let mut it = text.split_whitespace();
     if it.next()? != "swell-epoch" {
@@ -39,6 +47,13 @@ fn parse_epoch(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_of_later_terms_are_always_higher() {
+        assert!(of_term(2, 0) > of_term(1, 0xF_FFFF));
+        assert!(of_term(1, 5) > of_term(1, 4));
+        assert_eq!(of_term(0, 7), 7);
+    }
 
     #[test]
     fn durable_epoch_increments_and_detects_damage() {

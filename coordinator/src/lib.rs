@@ -2,6 +2,7 @@
 //! (feature `kube`) its Kubernetes face. The component map, module by module,
 //! is docs/architecture.md.
 
+pub mod assemble;
 pub mod engine;
 pub mod epoch;
 pub mod fleet;

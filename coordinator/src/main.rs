@@ -11,12 +11,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use swell_coordinator::engine::{Engine, Settings};
+use swell_coordinator::assemble::Coordinator;
+use swell_coordinator::engine::Settings;
+use swell_coordinator::http;
 use swell_coordinator::keyfile::{self, Role};
 use swell_coordinator::metrics::Metrics;
-use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::DiskStore;
-use swell_coordinator::{epoch, http};
+use swell_coordinator::server::{Hooks, LoopConfig, unix_now};
 use swell_mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_protocol::messages::{KeyList, RootOfTrust};
 use swell_protocol::threshold::ThresholdSigned;
@@ -206,6 +206,19 @@ struct Config {
     json_logs: bool,
     http_addr: Option<SocketAddr>,
     kube: Option<KubeConfig>,
+}
+
+impl Config {
+    /// The coordinator as configured.
+    fn coordinator(self) -> Coordinator {
+        Coordinator {
+            settings: self.settings,
+            state_dir: self.state_dir,
+            db_cache_bytes: self.db_cache_bytes,
+            mqtt: self.mqtt,
+            loop_cfg: self.loop_cfg,
+        }
+    }
 }
 
 fn dur(what: &str, v: Option<String>, default: &str) -> Result<Duration> {
@@ -519,28 +532,14 @@ async fn run(mut cfg: Config) -> Result<()> {
         return run_kubernetes(cfg, k, metrics, cancel).await;
     }
     // A new epoch on every start fences messages of any earlier instance (ROLL-4).
-    cfg.settings.epoch = epoch::next(&cfg.state_dir.join("epoch")).context("epoch file")?;
-    let store = Arc::new(
-        DiskStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
-            .context("database")?,
-    );
-    let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
-    tracing::info!(epoch = engine.epoch(), "coordinator starting");
+    let started = cfg.coordinator().start(None)?;
+    tracing::info!(epoch = started.epoch(), "coordinator starting");
     let (ready_tx, _ready_rx) = tokio::sync::watch::channel(false);
     let hooks = Hooks {
         metrics: Some(metrics),
         ..Hooks::default()
     };
-    server::run_with(
-        engine,
-        initial,
-        cfg.mqtt,
-        cfg.loop_cfg,
-        cancel,
-        ready_tx,
-        hooks,
-    )
-    .await?;
+    started.serve(cancel, ready_tx, hooks).await?;
     Ok(())
 }
 
@@ -591,7 +590,7 @@ async fn run_kubernetes(
 /// Standby until the Lease is ours, then the engine with the controller.
 #[cfg(feature = "kube")]
 async fn run_kubernetes(
-    mut cfg: Config,
+    cfg: Config,
     k: KubeConfig,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -624,15 +623,9 @@ async fn run_kubernetes(
     standby_stop.cancel();
     drop(standby);
     metrics.set_connected(false);
-    let local = epoch::next(&cfg.state_dir.join("epoch")).context("epoch file")?;
-    cfg.settings.epoch = lease::epoch(term, local);
     // The state directory is opened only now: the previous leader has let go.
-    let store = Arc::new(
-        DiskStore::open_with_cache(&cfg.state_dir.join("db"), cfg.db_cache_bytes)
-            .context("database")?,
-    );
-    let (engine, initial) = Engine::start(cfg.settings, store, unix_now())?;
-    tracing::info!(epoch = engine.epoch(), term, identity = %k.identity, "leading: coordinator starting");
+    let started = cfg.coordinator().start(Some(term))?;
+    tracing::info!(epoch = started.epoch(), term, identity = %k.identity, "leading: coordinator starting");
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(256);
     let (forward_tx, forward_rx) = tokio::sync::mpsc::channel(256);
     let (events_tx, events_rx) = tokio::sync::broadcast::channel(1024);
@@ -661,16 +654,7 @@ async fn run_kubernetes(
         metrics: Some(metrics),
         leading: Some(leading_rx),
     };
-    let result = server::run_with(
-        engine,
-        initial,
-        cfg.mqtt,
-        cfg.loop_cfg,
-        cancel,
-        ready_tx,
-        hooks,
-    )
-    .await;
+    let result = started.serve(cancel, ready_tx, hooks).await;
     keeper_stop.cancel();
     match result {
         Err(swell_coordinator::engine::EngineError::Deposed) => {

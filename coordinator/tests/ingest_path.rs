@@ -20,11 +20,9 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use swell_coordinator::engine::Engine;
 use swell_coordinator::ingest_probe::ProbeConfig;
 use swell_coordinator::metrics::Metrics;
-use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::DiskStore;
+use swell_coordinator::server::{Hooks, LoopConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -45,8 +43,6 @@ impl Drop for Running {
 
 async fn start(b: &TestBroker, probe: ProbeConfig) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
-    let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
     let cancel = CancellationToken::new();
     let (ready_tx, ready) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
@@ -56,24 +52,20 @@ async fn start(b: &TestBroker, probe: ProbeConfig) -> Running {
         metrics: Some(metrics.clone()),
         ..Hooks::default()
     };
+    let started = assembled(
+        dir.path(),
+        settings(1),
+        cfg,
+        LoopConfig {
+            tick: Duration::from_millis(100),
+            beacon_interval: Duration::from_secs(10),
+            probe,
+            ..LoopConfig::default()
+        },
+    );
     let c = cancel.clone();
     tokio::spawn(async move {
-        server::run_with(
-            engine,
-            initial,
-            cfg,
-            LoopConfig {
-                tick: Duration::from_millis(100),
-                beacon_interval: Duration::from_secs(10),
-                probe,
-                ..LoopConfig::default()
-            },
-            c,
-            ready_tx,
-            hooks,
-        )
-        .await
-        .unwrap();
+        started.serve(c, ready_tx, hooks).await.unwrap();
     });
     let mut r = Running {
         cancel,

@@ -19,14 +19,13 @@ use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
-use swell_coordinator::engine::{Engine, EngineError};
+use swell_coordinator::engine::EngineError;
 use swell_coordinator::k8s::controller::{self, Ctx, EngineHandle};
 use swell_coordinator::k8s::crd::{Rollout, RolloutResourceSpec};
 use swell_coordinator::k8s::lease::{Attempt, Elector, LeaseConfig};
 use swell_coordinator::k8s::{bridge, crd};
 use swell_coordinator::metrics::{LeaseState, Metrics};
-use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::DiskStore;
+use swell_coordinator::server::{Hooks, LoopConfig, unix_now};
 use swell_protocol::RolloutId;
 use swell_protocol::messages::RolloutState;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -121,8 +120,6 @@ async fn start_wired(
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
-    let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
     let (control_tx, control_rx) = mpsc::channel(64);
     let (forward_tx, forward_rx) = mpsc::channel(64);
     let (events, _) = broadcast::channel(1024);
@@ -137,23 +134,18 @@ async fn start_wired(
     let cancel = CancellationToken::new();
     let (ready_tx, mut ready_rx) = watch::channel(false);
     let cfg = mqtt_config(b, &format!("coord-k8s-{}", std::process::id()));
+    let started = assembled(
+        dir.path(),
+        settings(1),
+        cfg,
+        LoopConfig {
+            tick: Duration::from_millis(200),
+            beacon_interval: beacon,
+            ..LoopConfig::default()
+        },
+    );
     let c = cancel.clone();
-    let handle = tokio::spawn(async move {
-        server::run_with(
-            engine,
-            initial,
-            cfg,
-            LoopConfig {
-                tick: Duration::from_millis(200),
-                beacon_interval: beacon,
-                ..LoopConfig::default()
-            },
-            c,
-            ready_tx,
-            hooks,
-        )
-        .await
-    });
+    let handle = tokio::spawn(async move { started.serve(c, ready_tx, hooks).await });
     tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|r| *r))
         .await
         .unwrap()

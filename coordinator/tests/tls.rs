@@ -10,10 +10,8 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use swell_coordinator::engine::Engine;
 use swell_coordinator::metrics::Metrics;
-use swell_coordinator::server::{self, Hooks, LoopConfig, unix_now};
-use swell_coordinator::store::DiskStore;
+use swell_coordinator::server::{Hooks, LoopConfig};
 use swell_e2e::mosquitto::{self, StartError};
 use swell_mqtt::{MqttConfig, TlsPem};
 use tokio_util::sync::CancellationToken;
@@ -35,8 +33,6 @@ struct Running {
 
 async fn run_coordinator(cfg: MqttConfig) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
-    let (engine, initial) = Engine::start(settings(1), store, unix_now()).unwrap();
     let cancel = CancellationToken::new();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let c = cancel.clone();
@@ -45,15 +41,14 @@ async fn run_coordinator(cfg: MqttConfig) -> Running {
         metrics: Some(metrics.clone()),
         ..Hooks::default()
     };
+    let lc = LoopConfig {
+        tick: Duration::from_millis(200),
+        beacon_interval: Duration::from_secs(10),
+        ..LoopConfig::default()
+    };
+    let started = assembled(dir.path(), settings(1), cfg, lc);
     tokio::spawn(async move {
-        let lc = LoopConfig {
-            tick: Duration::from_millis(200),
-            beacon_interval: Duration::from_secs(10),
-            ..LoopConfig::default()
-        };
-        server::run_with(engine, initial, cfg, lc, c, tx, hooks)
-            .await
-            .unwrap();
+        started.serve(c, tx, hooks).await.unwrap();
     });
     Running {
         cancel,

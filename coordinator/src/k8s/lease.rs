@@ -285,22 +285,3 @@ impl Elector {
         let _ = leading.send(false);
     }
 }
-
-/// The epoch a leader in term `transitions` signs with. Terms dominate (a new
-/// leader always signs above every earlier one); the local counter orders
-/// restarts inside a term. 2^20 restarts per term before it would wrap.
-pub fn epoch(transitions: u32, local: u64) -> u64 {
-    (u64::from(transitions) << 20) | (local & 0xF_FFFF)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn epochs_of_later_terms_are_always_higher() {
-        assert!(epoch(2, 0) > epoch(1, 0xF_FFFF));
-        assert!(epoch(1, 5) > epoch(1, 4));
-        assert_eq!(epoch(0, 7), 7);
-    }
-}

@@ -10,9 +10,8 @@ use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use swell_coordinator::engine::{Engine, Settings};
+use swell_coordinator::engine::Settings;
 use swell_coordinator::server::{self, LoopConfig, unix_now};
-use swell_coordinator::store::DiskStore;
 use swell_mqtt::MqttConfig;
 use swell_protocol::cohort::{self, Label};
 use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
@@ -123,27 +122,25 @@ pub async fn start_coordinator_in(b: &TestBroker, s: Settings, dir: tempfile::Te
         )
         .with_test_writer()
         .try_init();
-    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
-    let (engine, initial) = Engine::start(s, store, unix_now()).unwrap();
     let cancel = CancellationToken::new();
     let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
     let cfg = mqtt_config(b, &format!("coord-{}", std::process::id()));
+    let started = assembled(
+        dir.path(),
+        s,
+        cfg,
+        LoopConfig {
+            tick: Duration::from_millis(200),
+            beacon_interval: Duration::from_secs(10),
+            ..LoopConfig::default()
+        },
+    );
     let c = cancel.clone();
     let handle = tokio::spawn(async move {
-        server::run(
-            engine,
-            initial,
-            cfg,
-            LoopConfig {
-                tick: Duration::from_millis(200),
-                beacon_interval: Duration::from_secs(10),
-                ..LoopConfig::default()
-            },
-            c,
-            ready_tx,
-        )
-        .await
-        .unwrap();
+        started
+            .serve(c, ready_tx, server::Hooks::default())
+            .await
+            .unwrap();
     });
     tokio::time::timeout(Duration::from_secs(10), async {
         while !*ready_rx.borrow() {
@@ -767,4 +764,17 @@ pub fn metric(m: &swell_coordinator::metrics::Metrics, name: &str) -> f64 {
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The coordinator as production assembles it (`swell_coordinator::assemble`),
+/// its state in `dir`, started and ready to serve.
+pub fn assembled(
+    dir: &std::path::Path,
+    s: Settings,
+    mqtt: MqttConfig,
+    loop_cfg: LoopConfig,
+) -> swell_coordinator::assemble::Started {
+    let mut c = swell_coordinator::assemble::Coordinator::new(s, dir.to_path_buf(), mqtt);
+    c.loop_cfg = loop_cfg;
+    c.start(None).unwrap()
 }
