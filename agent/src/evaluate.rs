@@ -11,7 +11,7 @@ use crate::trust::{Freshness, TrustState};
 use swell_protocol::cohort::{self, Label};
 use swell_protocol::envelope::UnverifiedEnvelope;
 use swell_protocol::messages::{
-    DeviceDirective, KeyList, Manifest, Reason, Release, RolloutState, reason,
+    DeviceDirective, KeyList, Manifest, ManifestState, Reason, Release, reason,
 };
 use swell_protocol::{DeviceId, EnvelopeError, FleetId, ReleaseId, RolloutId};
 
@@ -207,7 +207,7 @@ pub fn evaluate_checked(
             .as_ref()
             .is_some_and(|(r, rel)| *r == m.rollout && *rel == release_id);
     match m.state {
-        RolloutState::RollingBack => {
+        ManifestState::RollingBack => {
             return if installed_here {
                 Verdict::RollBack {
                     rollout: m.rollout,
@@ -217,9 +217,9 @@ pub fn evaluate_checked(
                 Verdict::NotForMe("rolling back a release this device does not run")
             };
         }
-        RolloutState::Paused => return Verdict::NotForMe("rollout paused"),
-        RolloutState::Halted => return Verdict::NotForMe("rollout halted"),
-        RolloutState::Active => {}
+        ManifestState::Paused => return Verdict::NotForMe("rollout paused"),
+        ManifestState::Halted => return Verdict::NotForMe("rollout halted"),
+        ManifestState::Active => {}
     }
     if !m.selector.matches(dev.labels) {
         return Verdict::NotForMe("selector does not match");

@@ -9,7 +9,7 @@ use common::*;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use swell_protocol::Digest;
-use swell_protocol::messages::{Artifact, ArtifactKind, Release, RolloutState, reason};
+use swell_protocol::messages::{Artifact, ArtifactKind, ManifestState, Release, reason};
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 
@@ -91,7 +91,7 @@ esac
     control
         .publish_manifest(
             "r-good",
-            control.manifest("r-good", &r, RolloutState::Active),
+            control.manifest("r-good", &r, ManifestState::Active),
         )
         .await;
     agent
@@ -115,7 +115,10 @@ esac
     let url = files.put("bad.raucb", bad.clone(), Mode::Normal);
     let r = release(3, "3.0", &bad, &url);
     control
-        .publish_manifest("r-bad", control.manifest("r-bad", &r, RolloutState::Active))
+        .publish_manifest(
+            "r-bad",
+            control.manifest("r-bad", &r, ManifestState::Active),
+        )
         .await;
     let s = agent
         .phase(&control, "dev-rauc", "r-bad", "rolled_back", 30)
@@ -209,7 +212,7 @@ esac
 
     let r2 = container_release(2, "https://registry.local/web", "image-2");
     control
-        .publish_manifest("c-2", control.manifest("c-2", &r2, RolloutState::Active))
+        .publish_manifest("c-2", control.manifest("c-2", &r2, ManifestState::Active))
         .await;
     agent
         .phase(&control, "dev-pod", "c-2", "committed", 30)
@@ -231,7 +234,7 @@ esac
     // A broken image fails its probe: the new container goes, the old one starts.
     let r3 = container_release(3, "https://registry.local/broken", "image-3");
     control
-        .publish_manifest("c-3", control.manifest("c-3", &r3, RolloutState::Active))
+        .publish_manifest("c-3", control.manifest("c-3", &r3, ManifestState::Active))
         .await;
     let s = agent
         .phase(&control, "dev-pod", "c-3", "rolled_back", 30)
@@ -264,7 +267,7 @@ esac
     // A repository that would be read as an option is refused, nothing run.
     let evil = container_release(4, "https://--privileged", "image-4");
     control
-        .publish_manifest("c-4", control.manifest("c-4", &evil, RolloutState::Active))
+        .publish_manifest("c-4", control.manifest("c-4", &evil, ManifestState::Active))
         .await;
     let s = agent
         .phase(&control, "dev-pod", "c-4", "rolled_back", 30)

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use swell_protocol::DeviceId;
-use swell_protocol::messages::{DeviceDirective, RolloutState, reason};
+use swell_protocol::messages::{DeviceDirective, ManifestState, reason};
 
 /// A bundle that is also the supervised program: it runs until killed.
 fn program(version: &str) -> Vec<u8> {
@@ -38,7 +38,7 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
     let url = files.put("v2", v2.clone(), Mode::Normal);
     let r2 = release(2, "2.0", &v2, &url);
     control
-        .publish_manifest("r-v2", control.manifest("r-v2", &r2, RolloutState::Active))
+        .publish_manifest("r-v2", control.manifest("r-v2", &r2, ManifestState::Active))
         .await;
     agent
         .phase(&control, "dev-1", "r-v2", "committed", 30)
@@ -80,7 +80,7 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
         .as_u64()
         .unwrap();
     control
-        .publish_manifest("r-v2", control.manifest("r-v2", &r2, RolloutState::Active))
+        .publish_manifest("r-v2", control.manifest("r-v2", &r2, ManifestState::Active))
         .await;
     agent
         .wait_status("the manifest again, evaluated", 10, |s| {
@@ -95,7 +95,7 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
     let url = files.put("v3", v3.clone(), Mode::Normal);
     let r3 = release(3, "3.0", &v3, &url);
     control
-        .publish_manifest("r-v3", control.manifest("r-v3", &r3, RolloutState::Active))
+        .publish_manifest("r-v3", control.manifest("r-v3", &r3, ManifestState::Active))
         .await;
     let rb = agent
         .phase(&control, "dev-1", "r-v3", "rolled_back", 30)
@@ -124,7 +124,7 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
     control
         .publish_manifest(
             "r-old",
-            control.manifest("r-old", &r1, RolloutState::Active),
+            control.manifest("r-old", &r1, ManifestState::Active),
         )
         .await;
     let rej = agent
@@ -138,7 +138,7 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
     control
         .publish_manifest(
             "r-v2",
-            control.manifest("r-v2", &r2, RolloutState::RollingBack),
+            control.manifest("r-v2", &r2, ManifestState::RollingBack),
         )
         .await;
     let rb = agent
@@ -171,7 +171,7 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     control
         .publish_manifest(
             "r-nobeacon",
-            control.manifest("r-nobeacon", &r, RolloutState::Active),
+            control.manifest("r-nobeacon", &r, ManifestState::Active),
         )
         .await;
     let s = agent
@@ -182,7 +182,7 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     control
         .publish_manifest(
             "r-nobeacon",
-            control.manifest("r-nobeacon", &r, RolloutState::Halted),
+            control.manifest("r-nobeacon", &r, ManifestState::Halted),
         )
         .await;
     control.start_beacons();
@@ -201,7 +201,7 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
         &["release-0", "release-1"],
     );
     control
-        .publish_manifest("r-hw", control.manifest("r-hw", &r, RolloutState::Active))
+        .publish_manifest("r-hw", control.manifest("r-hw", &r, ManifestState::Active))
         .await;
     let s = agent.phase(&control, "dev-2", "r-hw", "rejected", 10).await;
     assert_eq!(s.code, Some(reason::HARDWARE_MISMATCH));
@@ -209,7 +209,10 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     // Signed by the coordinator key alone (no release-key threshold): SIG-1.
     let r = release_with(2, "2.0", &good, &url, HW, &["coordinator-0"]);
     control
-        .publish_manifest("r-sig", control.manifest("r-sig", &r, RolloutState::Active))
+        .publish_manifest(
+            "r-sig",
+            control.manifest("r-sig", &r, ManifestState::Active),
+        )
         .await;
     let s = agent
         .phase(&control, "dev-2", "r-sig", "rejected", 10)
@@ -219,7 +222,10 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     // One release key short of the threshold.
     let r = release_with(2, "2.0", &good, &url, HW, &["release-0"]);
     control
-        .publish_manifest("r-thr", control.manifest("r-thr", &r, RolloutState::Active))
+        .publish_manifest(
+            "r-thr",
+            control.manifest("r-thr", &r, ManifestState::Active),
+        )
         .await;
     let s = agent
         .phase(&control, "dev-2", "r-thr", "rejected", 10)
@@ -229,8 +235,8 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     // Replayed: an older (epoch, seq) for a rollout after a newer one.
     let url_x = files.put("x", good.clone(), Mode::Missing);
     let rx = release(2, "2.0", &good, &url_x);
-    let older = control.manifest("r-replay", &rx, RolloutState::Paused);
-    let newer = control.manifest("r-replay", &rx, RolloutState::Paused);
+    let older = control.manifest("r-replay", &rx, ManifestState::Paused);
+    let newer = control.manifest("r-replay", &rx, ManifestState::Paused);
     // One topic, one publisher: delivered in this order (MQTT 5 §4.6).
     control.publish_manifest("r-replay", newer).await;
     control.publish_manifest("r-replay", older).await;
@@ -254,7 +260,7 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     control
         .publish_manifest(
             "r-unk",
-            control.manifest_signed("r-unk", &r, RolloutState::Active, "intruder", 600),
+            control.manifest_signed("r-unk", &r, ManifestState::Active, "intruder", 600),
         )
         .await;
     control
@@ -303,7 +309,7 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     control
         .publish_manifest(
             "r-digest",
-            control.manifest("r-digest", &r, RolloutState::Active),
+            control.manifest("r-digest", &r, ManifestState::Active),
         )
         .await;
     let s = agent
@@ -317,7 +323,7 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     control
         .publish_manifest(
             "r-long",
-            control.manifest("r-long", &r, RolloutState::Active),
+            control.manifest("r-long", &r, ManifestState::Active),
         )
         .await;
     let s = agent.phase(&control, "dev-2", "r-long", "failed", 20).await;
@@ -327,7 +333,10 @@ async fn agent_refuses_bad_manifests_with_reasons_and_installs_nothing() {
     let url = files.put("gone", good4.clone(), Mode::Missing);
     let r = release(4, "4.0", &good4, &url);
     control
-        .publish_manifest("r-404", control.manifest("r-404", &r, RolloutState::Active))
+        .publish_manifest(
+            "r-404",
+            control.manifest("r-404", &r, ManifestState::Active),
+        )
         .await;
     let s = agent.phase(&control, "dev-2", "r-404", "failed", 20).await;
     assert_eq!(s.code, Some(reason::DOWNLOAD_FAILED));
@@ -363,7 +372,7 @@ async fn agent_checks_the_beacon_and_manifests_that_came_before_the_key_list() {
     // One beacon only: a later one would hide a beacon that was lost.
     control.beacon().await;
     control
-        .publish_manifest("r-v2", control.manifest("r-v2", &r2, RolloutState::Active))
+        .publish_manifest("r-v2", control.manifest("r-v2", &r2, ManifestState::Active))
         .await;
     let agent = AgentProc::start(&broker.agent_spec("dev-3").await, dir.path());
     agent

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use swell_agent::deployment::Stage;
 use swell_e2e::link::Proxy;
-use swell_protocol::messages::{RolloutState, reason};
+use swell_protocol::messages::{ManifestState, reason};
 
 fn bundle(version: &str, size: usize, bad: bool) -> Vec<u8> {
     let mut b = format!("bundle {version}\n").into_bytes();
@@ -53,7 +53,7 @@ async fn agent_resumes_an_interrupted_download_with_range() {
     control
         .publish_manifest(
             "r-resume",
-            control.manifest("r-resume", &r, RolloutState::Active),
+            control.manifest("r-resume", &r, ManifestState::Active),
         )
         .await;
     agent
@@ -94,7 +94,7 @@ async fn agent_gives_up_on_a_slow_server_in_bounded_time() {
     control
         .publish_manifest(
             "r-slow",
-            control.manifest("r-slow", &r, RolloutState::Active),
+            control.manifest("r-slow", &r, ManifestState::Active),
         )
         .await;
     let s = agent.phase(&control, "dev-s", "r-slow", "failed", 30).await;
@@ -138,7 +138,10 @@ async fn agent_outbox_drains_in_order_after_an_offline_period() {
     let url = files.put("v2", data.clone(), Mode::Slow(40_000));
     let r = release(2, "2.0", &data, &url);
     control
-        .publish_manifest("r-off", control.manifest("r-off", &r, RolloutState::Active))
+        .publish_manifest(
+            "r-off",
+            control.manifest("r-off", &r, ManifestState::Active),
+        )
         .await;
     agent
         .phase(&control, "dev-o", "r-off", "downloading", 20)
@@ -277,7 +280,7 @@ async fn agent_survives_sigkill_at_every_journal_state() {
         control
             .publish_manifest(
                 &rollout,
-                control.manifest(&rollout, &r, RolloutState::Active),
+                control.manifest(&rollout, &r, ManifestState::Active),
             )
             .await;
         let until = Instant::now() + Duration::from_secs(20);
@@ -337,7 +340,7 @@ async fn agent_survives_sigkill_at_every_journal_state() {
         control
             .publish_manifest(
                 &rollout,
-                control.manifest(&rollout, &r, RolloutState::Active),
+                control.manifest(&rollout, &r, ManifestState::Active),
             )
             .await;
         rng ^= rng << 13;

@@ -13,7 +13,7 @@ use common::*;
 use std::sync::Arc;
 use std::time::Duration;
 use swell_agent::sim::{self, SimConfig};
-use swell_protocol::messages::RolloutState;
+use swell_protocol::messages::ManifestState;
 use swell_protocol::topics::Topics;
 use swell_protocol::{DeviceId, ReleaseId};
 
@@ -83,7 +83,7 @@ async fn agent_and_simulator_report_the_same_for_the_same_messages() {
     // No beacon yet: both hold the manifest and say why, then install once
     // beacons come.
     control
-        .publish_manifest("r-v2", control.manifest("r-v2", &r2, RolloutState::Active))
+        .publish_manifest("r-v2", control.manifest("r-v2", &r2, ManifestState::Active))
         .await;
     for d in ["dev-1", sim_dev] {
         control.wait_phase(d, "r-v2", "rejected", 20).await;
@@ -110,7 +110,7 @@ async fn agent_and_simulator_report_the_same_for_the_same_messages() {
 
     // A release whose probes fail: both roll back, for the same reason.
     control
-        .publish_manifest("r-v3", control.manifest("r-v3", &r3, RolloutState::Active))
+        .publish_manifest("r-v3", control.manifest("r-v3", &r3, ManifestState::Active))
         .await;
     for d in ["dev-1", sim_dev] {
         control

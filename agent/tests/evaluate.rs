@@ -59,7 +59,7 @@ fn signed(body: &Release, signers: &[&str]) -> ThresholdSigned {
 struct M {
     release: ThresholdSigned,
     open_ppm: u32,
-    state: RolloutState,
+    state: ManifestState,
     seq: u64,
     epoch: u64,
     expires_at: u64,
@@ -74,7 +74,7 @@ impl Default for M {
         M {
             release: signed(&release_body(5), &["release-0", "release-1"]),
             open_ppm: PPM_FULL,
-            state: RolloutState::Active,
+            state: ManifestState::Active,
             seq: 1,
             epoch: 1,
             expires_at: NOW + 3_600,
@@ -384,14 +384,14 @@ fn evaluate_not_for_me() {
     );
     assert_eq!(
         nf(M {
-            state: RolloutState::Paused,
+            state: ManifestState::Paused,
             ..M::default()
         }),
         Verdict::NotForMe("rollout paused")
     );
     assert_eq!(
         nf(M {
-            state: RolloutState::Halted,
+            state: ManifestState::Halted,
             ..M::default()
         }),
         Verdict::NotForMe("rollout halted")
@@ -407,7 +407,7 @@ fn evaluate_rollback_and_retry() {
     d.running = Some((id, Some(RolloutId::new("r1").unwrap())));
     let v = evaluate(
         &manifest(M {
-            state: RolloutState::RollingBack,
+            state: ManifestState::RollingBack,
             ..M::default()
         }),
         &d,
@@ -533,7 +533,7 @@ fn evaluate_rollback_reaches_installs_under_way() {
     let id = rel.id();
     let rolling = || {
         manifest(M {
-            state: RolloutState::RollingBack,
+            state: ManifestState::RollingBack,
             ..M::default()
         })
     };

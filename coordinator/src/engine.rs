@@ -23,9 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use swell_mqtt::log_throttle::LogThrottle;
 use swell_protocol::envelope::{Audience, EnvelopeError, Stamp, UnverifiedEnvelope, seal};
-use swell_protocol::messages::{
-    Beacon, Hello, KeyList, Manifest, Release, Report, RolloutState as ManifestState,
-};
+use swell_protocol::messages::{Beacon, Hello, KeyList, Manifest, ManifestState, Release, Report};
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::{Topic, TopicError, Topics};
 use swell_protocol::{DeviceId, FleetId, MessageKind, PublicKey, RolloutId, SecretKey, version};

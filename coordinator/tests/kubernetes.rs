@@ -27,7 +27,7 @@ use swell_coordinator::k8s::{bridge, crd};
 use swell_coordinator::metrics::{LeaseState, Metrics};
 use swell_coordinator::server::{Hooks, LoopConfig, unix_now};
 use swell_protocol::RolloutId;
-use swell_protocol::messages::RolloutState;
+use swell_protocol::messages::ManifestState;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -290,7 +290,7 @@ async fn controller_creates_pauses_acts_and_cleans_up() {
     assert_eq!(condition(&st, "Paused")["status"], "True");
     assert_eq!(condition(&st, "Paused")["reason"], "Operator");
     assert_eq!(condition(&st, "Progressing")["status"], "False");
-    devs.wait_manifest("fw-2", 10, |s, _| *s == RolloutState::Paused)
+    devs.wait_manifest("fw-2", 10, |s, _| *s == ManifestState::Paused)
         .await;
 
     // A one-shot action through the annotation: abort. Applied once.
@@ -311,7 +311,7 @@ async fn controller_creates_pauses_acts_and_cleans_up() {
         "{st:#}"
     );
     assert_eq!(condition(&st, "Degraded")["status"], "True");
-    devs.wait_manifest("fw-2", 10, |s, _| *s == RolloutState::Halted)
+    devs.wait_manifest("fw-2", 10, |s, _| *s == ManifestState::Halted)
         .await;
     // The same annotation again is not carried out twice. (Counts may still
     // move as late reports land, so a status write is allowed, but it must

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 use swell_protocol::RolloutId;
-use swell_protocol::messages::RolloutState;
+use swell_protocol::messages::ManifestState;
 
 fn phase(s: &Value) -> &str {
     s["phase"].as_str().unwrap_or("")
@@ -102,7 +102,7 @@ async fn coordinator_mqtt_breach_pauses() {
     assert_eq!(s["wave"], 0);
     assert!(s["halt_reason"].as_str().unwrap().contains("failed"));
     // Devices see it paused, and no manifest ever opened wave 1.
-    devs.wait_manifest("bad", 10, |st, _| *st == RolloutState::Paused)
+    devs.wait_manifest("bad", 10, |st, _| *st == ManifestState::Paused)
         .await;
     let ms: Vec<_> = devs
         .manifests()
@@ -148,7 +148,7 @@ async fn coordinator_mqtt_breach_with_rollback_policy() {
     assert!(
         devs.manifests()
             .iter()
-            .any(|m| m.0.as_str() == "rb" && m.4 == RolloutState::RollingBack)
+            .any(|m| m.0.as_str() == "rb" && m.4 == ManifestState::RollingBack)
     );
 }
 

@@ -10,7 +10,7 @@ use crate::cohort::Selector;
 use crate::envelope::{Audience, Stamp, seal};
 use crate::ids::{Digest, FleetId, RolloutId};
 use crate::messages::{
-    Artifact, ArtifactKind, Beacon, DeviceDirective, KeyList, Manifest, Release, RolloutState,
+    Artifact, ArtifactKind, Beacon, DeviceDirective, KeyList, Manifest, ManifestState, Release,
 };
 use crate::testkeys::test_key;
 use crate::threshold::ThresholdSigned;
@@ -98,7 +98,7 @@ pub fn manifest(
     rollout: &RolloutId,
     fleet: &FleetId,
     release: &ThresholdSigned,
-    state: RolloutState,
+    state: ManifestState,
     stamp: Stamp,
 ) -> Vec<u8> {
     let m = Manifest {

@@ -4,7 +4,7 @@
 use super::*;
 use crate::deployment::Stage;
 use swell_protocol::fixtures;
-use swell_protocol::messages::{ProbeResult, RolloutState, reason};
+use swell_protocol::messages::{ManifestState, ProbeResult, reason};
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 
@@ -127,7 +127,7 @@ impl Rig {
         &mut self,
         name: &str,
         rel: &ThresholdSigned,
-        state: RolloutState,
+        state: ManifestState,
     ) -> Vec<u8> {
         let stamp = self.stamp(3_600);
         fixtures::manifest(&rollout(name), &fleet(), rel, state, stamp)
@@ -141,7 +141,7 @@ impl Rig {
         out
     }
 
-    fn manifest(&mut self, name: &str, rel: &ThresholdSigned, state: RolloutState) -> Vec<Effect> {
+    fn manifest(&mut self, name: &str, rel: &ThresholdSigned, state: ManifestState) -> Vec<Effect> {
         let bytes = self.manifest_bytes(name, rel, state);
         self.deliver(name, &bytes)
     }
@@ -169,7 +169,7 @@ impl Rig {
     /// beacon seen after activation: the next good probe round commits.
     fn through_probation(&mut self, name: &str, rel: &ThresholdSigned) {
         self.beacon();
-        self.manifest(name, rel, RolloutState::Active);
+        self.manifest(name, rel, ManifestState::Active);
         self.work(Work::Downloaded(Ok(())));
         self.work(Work::Installed(Ok(())));
         assert!(matches!(self.stage(), Some(Stage::Probation { .. })));
@@ -222,7 +222,7 @@ fn probed_ok() -> Work {
 fn device_installs_journaling_each_stage_before_its_work() {
     let mut r = Rig::new();
     r.beacon();
-    let out = r.manifest("r1", &release(2), RolloutState::Active);
+    let out = r.manifest("r1", &release(2), ManifestState::Active);
     assert_eq!(phases(&out), ["downloading"]);
     let journal = out.iter().position(|e| matches!(e, Effect::Journal(_)));
     let start = out
@@ -288,7 +288,7 @@ fn device_applies_what_arrived_during_a_commit_after_it() {
     r.tick();
     r.work(probed_ok());
     // The rollout rolls back while the installer commits.
-    let out = r.manifest("r1", &rel, RolloutState::RollingBack);
+    let out = r.manifest("r1", &rel, ManifestState::RollingBack);
     assert!(
         journaled(&out).is_empty(),
         "held until the commit ends: {out:?}"
@@ -312,7 +312,7 @@ fn device_applies_what_arrived_during_a_commit_after_it() {
 #[test]
 fn device_holds_a_manifest_until_a_fresh_beacon() {
     let mut r = Rig::new();
-    let bytes = r.manifest_bytes("r1", &release(2), RolloutState::Active);
+    let bytes = r.manifest_bytes("r1", &release(2), ManifestState::Active);
     let out = r.deliver("r1", &bytes);
     assert_eq!(phases(&out), ["rejected"], "deferred, and said so once");
     assert!(started(&out).is_empty());
@@ -329,8 +329,8 @@ fn device_holds_a_manifest_until_a_fresh_beacon() {
 fn device_holds_a_second_manifest_while_an_install_runs() {
     let mut r = Rig::new();
     r.beacon();
-    r.manifest("r1", &release(2), RolloutState::Active);
-    let out = r.manifest("r2", &release(3), RolloutState::Active);
+    r.manifest("r1", &release(2), ManifestState::Active);
+    let out = r.manifest("r2", &release(3), ManifestState::Active);
     assert!(
         phases(&out).is_empty() && started(&out).is_empty(),
         "{out:?}"
@@ -349,7 +349,7 @@ fn device_holds_a_second_manifest_while_an_install_runs() {
 fn device_rolls_back_a_release_that_cannot_reach_the_coordinator() {
     let mut r = Rig::new();
     r.beacon();
-    r.manifest("r1", &release(2), RolloutState::Active);
+    r.manifest("r1", &release(2), ManifestState::Active);
     r.work(Work::Downloaded(Ok(())));
     r.work(Work::Installed(Ok(())));
     // Probation (10 s) plus the reach timeout (30 s) without a verified
@@ -379,7 +379,7 @@ fn device_probes_at_its_interval_during_probation_only() {
     r.ms += 5_000;
     assert!(started(&r.tick()).is_empty(), "no job: no probes");
     r.beacon();
-    r.manifest("r1", &release(2), RolloutState::Active);
+    r.manifest("r1", &release(2), ManifestState::Active);
     r.work(Work::Downloaded(Ok(())));
     r.work(Work::Installed(Ok(())));
     r.ms += 999;
@@ -451,7 +451,7 @@ fn device_abandons_a_journaled_job_whose_release_is_gone() {
 fn device_checks_the_beacon_and_manifests_that_came_before_the_key_list() {
     let mut r = Rig::with(Restored::default());
     r.beacon();
-    let out = r.manifest("r1", &release(2), RolloutState::Active);
+    let out = r.manifest("r1", &release(2), ManifestState::Active);
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(r.core.waiting_for_key_list(), 2);
     let mut out = Vec::new();

@@ -420,7 +420,7 @@ impl Control {
         &self,
         rollout: &str,
         release: &ThresholdSigned,
-        state: RolloutState,
+        state: ManifestState,
     ) -> Vec<u8> {
         self.manifest_signed(rollout, release, state, "coordinator-0", 3_600)
     }
@@ -429,7 +429,7 @@ impl Control {
         &self,
         rollout: &str,
         release: &ThresholdSigned,
-        state: RolloutState,
+        state: ManifestState,
         key: &str,
         ttl: u64,
     ) -> Vec<u8> {
@@ -461,7 +461,7 @@ impl Control {
             canary: vec![],
             wave: 1,
             open_below: u64::MAX,
-            state: RolloutState::Active,
+            state: ManifestState::Active,
             release: release.clone(),
             retry: 0,
         };

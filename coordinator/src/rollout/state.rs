@@ -22,7 +22,7 @@ use super::health_gate::{self, Verdict, WaveCounts};
 use super::schedule;
 use super::spec::{BreachPolicy, RolloutSpec};
 use serde::{Deserialize, Serialize};
-use swell_protocol::messages::RolloutState as ManifestState;
+use swell_protocol::messages::ManifestState;
 
 /// Where a rollout is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ use super::planner::WavePlan;
 use super::spec::{BreachPolicy, GateSpec, MaintenanceWindows, RolloutSpec};
 use super::state::*;
 use swell_protocol::cohort::{self, PPM_FULL, Selector};
-use swell_protocol::messages::{Release, RolloutState as ManifestState};
+use swell_protocol::messages::{ManifestState, Release};
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::{DeviceId, Digest, FleetId, RolloutId};

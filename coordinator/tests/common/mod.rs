@@ -237,7 +237,7 @@ struct DevState {
     /// (rollout, retry, device index) already acted on.
     acted: HashSet<(RolloutId, u32, usize)>,
     rolled_back: HashSet<(RolloutId, usize)>,
-    pub manifests: Vec<(RolloutId, u64, u64, u64, RolloutState)>,
+    pub manifests: Vec<(RolloutId, u64, u64, u64, ManifestState)>,
     pub reports_sent: u64,
 }
 
@@ -326,7 +326,7 @@ impl Devices {
         d
     }
 
-    pub fn manifests(&self) -> Vec<(RolloutId, u64, u64, u64, RolloutState)> {
+    pub fn manifests(&self) -> Vec<(RolloutId, u64, u64, u64, ManifestState)> {
         self.inner.lock().unwrap().manifests.clone()
     }
 
@@ -335,7 +335,7 @@ impl Devices {
         &self,
         rollout: &str,
         secs: u64,
-        pred: impl Fn(&RolloutState, u64) -> bool,
+        pred: impl Fn(&ManifestState, u64) -> bool,
     ) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
@@ -474,7 +474,7 @@ fn on_manifest(
             continue;
         }
         match m.state {
-            RolloutState::Active => {
+            ManifestState::Active => {
                 let key = (m.rollout.clone(), m.retry, i);
                 let behavior = d.behavior;
                 if st.acted.contains(&key) || behavior == Behavior::Silent {
@@ -497,7 +497,7 @@ fn on_manifest(
                 outs.push((topic, report_bytes(d, &m.rollout, release_id, end)));
                 st.reports_sent += 2;
             }
-            RolloutState::RollingBack
+            ManifestState::RollingBack
                 if st.rolled_back.insert((m.rollout.clone(), i))
                     && st.acted.iter().any(|(r, _, j)| r == &m.rollout && *j == i) =>
             {

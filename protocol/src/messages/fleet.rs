@@ -27,7 +27,7 @@ pub struct Manifest {
     /// Devices with `bucket(rollout, device) < open_below` are in an open wave
     /// (`u64::MAX` = every selected device).
     pub open_below: u64,
-    pub state: RolloutState,
+    pub state: ManifestState,
     /// The threshold-signed release, verbatim (SIG-1: the coordinator key alone
     /// cannot name content).
     pub release: ThresholdSigned,
@@ -38,7 +38,7 @@ pub struct Manifest {
 
 /// Rollout state as devices need it. Wire order fixed: only append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RolloutState {
+pub enum ManifestState {
     /// Open waves install.
     Active,
     /// No device starts a new install; running installs finish.

@@ -128,7 +128,7 @@ pub fn manifest_body() -> Manifest {
         canary: vec![dev("rpi-0001"), dev("rpi-0002")],
         wave: 1,
         open_below: cohort::open_below(10_000),
-        state: RolloutState::Active,
+        state: ManifestState::Active,
         release: release(),
         retry: 0,
     }
