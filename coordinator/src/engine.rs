@@ -15,7 +15,7 @@ use crate::fleet::tracker::Tracker;
 use crate::ops::{self, Op, OpsParser, Refused, Request};
 use crate::precheck::{Planned, Precheck};
 use crate::rollout::spec::RolloutSpec;
-use crate::rollout::state::{self, Command, Observations, Phase, RolloutState};
+use crate::rollout::state::{self, Command, Observations, RolloutPhase, RolloutState};
 use crate::store::{DecisionEntry, RolloutRecord, Store, StoreError, StoredReport};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -1449,7 +1449,7 @@ fn status_json(l: &Live, now: u64) -> Value {
         })
         .collect();
     let paused_by = match &st.phase {
-        Phase::Paused { reason, .. } => serde_json::to_value(reason).unwrap_or(Value::Null),
+        RolloutPhase::Paused { reason, .. } => serde_json::to_value(reason).unwrap_or(Value::Null),
         _ => Value::Null,
     };
     json!({

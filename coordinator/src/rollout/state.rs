@@ -27,7 +27,7 @@ use swell_protocol::messages::ManifestState;
 /// Where a rollout is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
-pub enum Phase {
+pub enum RolloutPhase {
     /// Waiting for the schedule to let wave `next` open.
     Pending {
         next: u16,
@@ -65,7 +65,7 @@ pub enum PauseReason {
 /// Everything the machine remembers about one rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutState {
-    pub phase: Phase,
+    pub phase: RolloutPhase,
     /// `open_below` the manifest carries now.
     pub open_below: u64,
     /// Newest opened wave (what the manifest calls `wave`).
@@ -84,7 +84,7 @@ pub struct RolloutState {
 impl RolloutState {
     pub fn new() -> Self {
         RolloutState {
-            phase: Phase::Pending { next: 0 },
+            phase: RolloutPhase::Pending { next: 0 },
             open_below: 0,
             wave: 0,
             started: false,
@@ -98,13 +98,13 @@ impl RolloutState {
     /// The manifest state devices see.
     pub fn manifest_state(&self) -> ManifestState {
         match self.phase {
-            Phase::Pending { .. }
-            | Phase::WaveOpen { .. }
-            | Phase::Baking { .. }
-            | Phase::Completed => ManifestState::Active,
-            Phase::Paused { .. } => ManifestState::Paused,
-            Phase::Aborted => ManifestState::Halted,
-            Phase::RollingBack | Phase::RolledBack => ManifestState::RollingBack,
+            RolloutPhase::Pending { .. }
+            | RolloutPhase::WaveOpen { .. }
+            | RolloutPhase::Baking { .. }
+            | RolloutPhase::Completed => ManifestState::Active,
+            RolloutPhase::Paused { .. } => ManifestState::Paused,
+            RolloutPhase::Aborted => ManifestState::Halted,
+            RolloutPhase::RollingBack | RolloutPhase::RolledBack => ManifestState::RollingBack,
         }
     }
 
@@ -112,21 +112,21 @@ impl RolloutState {
     pub fn is_final(&self) -> bool {
         matches!(
             self.phase,
-            Phase::Completed | Phase::Aborted | Phase::RolledBack
+            RolloutPhase::Completed | RolloutPhase::Aborted | RolloutPhase::RolledBack
         )
     }
 
     /// Short phase name for status and metrics.
     pub fn phase_name(&self) -> &'static str {
         match self.phase {
-            Phase::Pending { .. } => "pending",
-            Phase::WaveOpen { .. } => "wave_open",
-            Phase::Baking { .. } => "baking",
-            Phase::Paused { .. } => "paused",
-            Phase::Completed => "completed",
-            Phase::Aborted => "aborted",
-            Phase::RollingBack => "rolling_back",
-            Phase::RolledBack => "rolled_back",
+            RolloutPhase::Pending { .. } => "pending",
+            RolloutPhase::WaveOpen { .. } => "wave_open",
+            RolloutPhase::Baking { .. } => "baking",
+            RolloutPhase::Paused { .. } => "paused",
+            RolloutPhase::Completed => "completed",
+            RolloutPhase::Aborted => "aborted",
+            RolloutPhase::RollingBack => "rolling_back",
+            RolloutPhase::RolledBack => "rolled_back",
         }
     }
 }
@@ -244,7 +244,7 @@ fn open_wave(
     out: &mut Vec<Decision>,
 ) {
     if let Some(reason) = schedule::blocked(spec, wave, obs.now) {
-        s.phase = Phase::Pending { next: wave };
+        s.phase = RolloutPhase::Pending { next: wave };
         if s.waiting.as_ref() != Some(&reason) {
             out.push(Decision::Wait {
                 reason: reason.clone(),
@@ -262,7 +262,7 @@ fn open_wave(
     } else {
         full
     };
-    s.phase = Phase::WaveOpen { wave };
+    s.phase = RolloutPhase::WaveOpen { wave };
     s.wave = wave;
     s.started = true;
     s.open_below = s.open_below.max(ob);
@@ -274,7 +274,7 @@ fn open_wave(
 }
 
 fn start_rollback(s: &mut RolloutState, now: u64) {
-    s.phase = Phase::RollingBack;
+    s.phase = RolloutPhase::RollingBack;
     // The rollback deadline base: devices that never come back cannot hold the
     // rollout in RollingBack forever.
     s.widened_at = now;
@@ -294,7 +294,7 @@ fn breach_policy(
     s.halt_reason = Some(reason.clone());
     match spec.policy {
         BreachPolicy::Pause => {
-            s.phase = Phase::Paused {
+            s.phase = RolloutPhase::Paused {
                 wave: s.wave,
                 reason: PauseReason::Breach(reason.clone()),
             };
@@ -319,12 +319,12 @@ fn after_gate(
 ) {
     out.push(Decision::GatePassed { wave });
     if wave >= last_wave(spec) {
-        s.phase = Phase::Completed;
+        s.phase = RolloutPhase::Completed;
         out.push(Decision::Complete);
         return;
     }
     if spec.manual_gates.contains(&wave) {
-        s.phase = Phase::Paused {
+        s.phase = RolloutPhase::Paused {
             wave,
             reason: PauseReason::ManualGate,
         };
@@ -377,7 +377,7 @@ fn step_once(spec: &RolloutSpec, state: &RolloutState, obs: &Observations) -> St
     // RO-002: breach is checked first, on every evaluation of an active rollout.
     if matches!(
         s.phase,
-        Phase::WaveOpen { .. } | Phase::Baking { .. } | Phase::Pending { .. }
+        RolloutPhase::WaveOpen { .. } | RolloutPhase::Baking { .. } | RolloutPhase::Pending { .. }
     ) && s.started
         && let Some(reason) = health_gate::breach(gate, &obs.cumulative())
     {
@@ -389,8 +389,8 @@ fn step_once(spec: &RolloutSpec, state: &RolloutState, obs: &Observations) -> St
     }
 
     match s.phase.clone() {
-        Phase::Pending { next } => open_wave(spec, &mut s, next, obs, &mut out),
-        Phase::WaveOpen { wave } => {
+        RolloutPhase::Pending { next } => open_wave(spec, &mut s, next, obs, &mut out),
+        RolloutPhase::WaveOpen { wave } => {
             let full = target(spec, wave);
             if s.open_below < full {
                 if let Some(next) = obs.next_step {
@@ -409,7 +409,7 @@ fn step_once(spec: &RolloutSpec, state: &RolloutState, obs: &Observations) -> St
                 let all_done = c.in_progress == 0 && c.silent() == 0;
                 let timed_out = obs.now >= s.widened_at.saturating_add(gate.install_timeout_secs);
                 if all_done || timed_out {
-                    s.phase = Phase::Baking {
+                    s.phase = RolloutPhase::Baking {
                         wave,
                         since: obs.now,
                     };
@@ -417,7 +417,7 @@ fn step_once(spec: &RolloutSpec, state: &RolloutState, obs: &Observations) -> St
                 }
             }
         }
-        Phase::Baking { wave, since } => {
+        RolloutPhase::Baking { wave, since } => {
             if obs.now >= since.saturating_add(gate.bake_secs) {
                 let timed_out = obs.now >= s.widened_at.saturating_add(gate.install_timeout_secs);
                 match health_gate::evaluate(gate, &obs.wave(wave), &obs.cumulative(), timed_out) {
@@ -437,14 +437,17 @@ fn step_once(spec: &RolloutSpec, state: &RolloutState, obs: &Observations) -> St
                 }
             }
         }
-        Phase::RollingBack => {
+        RolloutPhase::RollingBack => {
             let deadline = s.widened_at.saturating_add(gate.install_timeout_secs);
             if obs.still_installed == 0 || obs.now >= deadline {
-                s.phase = Phase::RolledBack;
+                s.phase = RolloutPhase::RolledBack;
                 out.push(Decision::RollbackDone);
             }
         }
-        Phase::Paused { .. } | Phase::Completed | Phase::Aborted | Phase::RolledBack => {}
+        RolloutPhase::Paused { .. }
+        | RolloutPhase::Completed
+        | RolloutPhase::Aborted
+        | RolloutPhase::RolledBack => {}
     }
     Step {
         next: s,
@@ -474,8 +477,8 @@ pub fn command(
     };
     match cmd {
         Command::Pause => match s.phase {
-            Phase::Pending { next } => {
-                s.phase = Phase::Paused {
+            RolloutPhase::Pending { next } => {
+                s.phase = RolloutPhase::Paused {
                     wave: next,
                     reason: PauseReason::Operator,
                 };
@@ -483,8 +486,8 @@ pub fn command(
                     reason: PauseReason::Operator,
                 });
             }
-            Phase::WaveOpen { wave } | Phase::Baking { wave, .. } => {
-                s.phase = Phase::Paused {
+            RolloutPhase::WaveOpen { wave } | RolloutPhase::Baking { wave, .. } => {
+                s.phase = RolloutPhase::Paused {
                     wave,
                     reason: PauseReason::Operator,
                 };
@@ -492,8 +495,10 @@ pub fn command(
                     reason: PauseReason::Operator,
                 });
             }
-            Phase::Paused { .. } => return Err(format!("rollout {} is already paused", spec.id)),
-            Phase::RollingBack => {
+            RolloutPhase::Paused { .. } => {
+                return Err(format!("rollout {} is already paused", spec.id));
+            }
+            RolloutPhase::RollingBack => {
                 return Err(format!(
                     "rollout {} is rolling back; abort it to stop",
                     spec.id
@@ -502,7 +507,7 @@ pub fn command(
             _ => return Err(final_refusal()),
         },
         Command::Resume => match s.phase.clone() {
-            Phase::Paused {
+            RolloutPhase::Paused {
                 reason: PauseReason::ManualGate,
                 ..
             } => {
@@ -511,14 +516,14 @@ pub fn command(
                     spec.id
                 ));
             }
-            Phase::Paused { wave, .. } => {
+            RolloutPhase::Paused { wave, .. } => {
                 s.halt_reason = None;
                 out.push(Decision::Resume { wave });
                 if !s.started {
                     open_wave(spec, &mut s, wave, &obs, &mut out);
                 } else {
                     // Re-enter the wave: devices finish, then a fresh bake and gate.
-                    s.phase = Phase::WaveOpen { wave };
+                    s.phase = RolloutPhase::WaveOpen { wave };
                     s.widened_at = now;
                 }
             }
@@ -531,23 +536,23 @@ pub fn command(
             }
         },
         Command::Promote => match s.phase.clone() {
-            Phase::Paused {
+            RolloutPhase::Paused {
                 wave,
                 reason: PauseReason::ManualGate,
             }
-            | Phase::WaveOpen { wave }
-            | Phase::Baking { wave, .. } => {
+            | RolloutPhase::WaveOpen { wave }
+            | RolloutPhase::Baking { wave, .. } => {
                 if wave >= last_wave(spec) {
-                    s.phase = Phase::Completed;
+                    s.phase = RolloutPhase::Completed;
                     out.push(Decision::Complete);
                 } else {
                     open_wave(spec, &mut s, wave + 1, &obs, &mut out);
                 }
             }
-            Phase::Paused { .. } => {
+            RolloutPhase::Paused { .. } => {
                 return Err(format!("rollout {} is paused: resume it first", spec.id));
             }
-            Phase::Pending { next } => {
+            RolloutPhase::Pending { next } => {
                 return Err(format!(
                     "rollout {} is waiting to open wave {next}: {}",
                     spec.id,
@@ -560,14 +565,14 @@ pub fn command(
             if s.is_final() {
                 return Err(final_refusal());
             }
-            s.phase = Phase::Aborted;
+            s.phase = RolloutPhase::Aborted;
             s.halt_reason = Some("aborted by operator".into());
             out.push(Decision::Abort {
                 reason: "operator".into(),
             });
         }
         Command::Rollback => {
-            if s.is_final() || s.phase == Phase::RollingBack {
+            if s.is_final() || s.phase == RolloutPhase::RollingBack {
                 return Err(final_refusal());
             }
             if !s.started {
@@ -583,12 +588,14 @@ pub fn command(
             });
         }
         Command::Retry => match s.phase.clone() {
-            Phase::WaveOpen { wave } | Phase::Baking { wave, .. } | Phase::Paused { wave, .. }
+            RolloutPhase::WaveOpen { wave }
+            | RolloutPhase::Baking { wave, .. }
+            | RolloutPhase::Paused { wave, .. }
                 if s.started =>
             {
                 s.retry += 1;
                 s.halt_reason = None;
-                s.phase = Phase::WaveOpen { wave };
+                s.phase = RolloutPhase::WaveOpen { wave };
                 s.widened_at = now;
                 out.push(Decision::Retry { retry: s.retry });
             }

@@ -146,7 +146,7 @@ impl Sim {
                 None => {}
             }
         }
-        if self.state.phase == Phase::RollingBack {
+        if self.state.phase == RolloutPhase::RollingBack {
             // Devices roll back as soon as they see the manifest.
             still_installed = 0;
         }
@@ -187,7 +187,10 @@ impl Sim {
                 .push((self.state.clone(), obs, st.decisions.clone()));
             self.state = st.next;
             if self.state.is_final()
-                || matches!(self.state.phase, Phase::Paused { .. } | Phase::RollingBack)
+                || matches!(
+                    self.state.phase,
+                    RolloutPhase::Paused { .. } | RolloutPhase::RollingBack
+                )
             {
                 return;
             }
@@ -204,7 +207,10 @@ impl Sim {
         // RO-003: nothing widens out of a stopped state.
         if matches!(
             self.state.phase,
-            Phase::Paused { .. } | Phase::Aborted | Phase::RolledBack | Phase::RollingBack
+            RolloutPhase::Paused { .. }
+                | RolloutPhase::Aborted
+                | RolloutPhase::RolledBack
+                | RolloutPhase::RollingBack
         ) {
             assert_eq!(st.next.open_below, self.state.open_below);
         }
@@ -248,7 +254,12 @@ fn state_healthy_four_wave_rollout_completes() {
     );
     let mut sim = Sim::new(s, 200, |i| Some((10 + u64::from(i % 7) * 5, true)));
     sim.run(500, 10);
-    assert_eq!(sim.state.phase, Phase::Completed, "{:?}", sim.decisions());
+    assert_eq!(
+        sim.state.phase,
+        RolloutPhase::Completed,
+        "{:?}",
+        sim.decisions()
+    );
     assert_eq!(sim.opened_waves(), vec![0, 1, 2, 3]);
     assert_eq!(sim.state.open_below, u64::MAX);
     assert_eq!(sim.state.manifest_state(), ManifestState::Active);
@@ -265,7 +276,7 @@ fn state_breach_pauses_and_nothing_widens() {
     assert!(
         matches!(
             &sim.state.phase,
-            Phase::Paused {
+            RolloutPhase::Paused {
                 wave: 0,
                 reason: PauseReason::Breach(_)
             }
@@ -290,7 +301,7 @@ fn state_breach_with_rollback_policy_rolls_back() {
     );
     let mut sim = Sim::new(s, 100, |i| Some((20, i % 3 != 0)));
     sim.run(200, 10);
-    assert_eq!(sim.state.phase, Phase::RollingBack);
+    assert_eq!(sim.state.phase, RolloutPhase::RollingBack);
     assert_eq!(sim.state.manifest_state(), ManifestState::RollingBack);
     let obs = Observations {
         now: sim.now + 10,
@@ -300,13 +311,13 @@ fn state_breach_with_rollback_policy_rolls_back() {
     let st = step(&sim.spec, &sim.state, &obs);
     assert_eq!(
         st.next.phase,
-        Phase::RollingBack,
+        RolloutPhase::RollingBack,
         "5 devices still run the release"
     );
     assert!(st.decisions.is_empty());
     sim.now += 10;
     sim.run(5, 10);
-    assert_eq!(sim.state.phase, Phase::RolledBack);
+    assert_eq!(sim.state.phase, RolloutPhase::RolledBack);
     assert!(sim.decisions().contains(&Decision::RollbackDone));
 }
 
@@ -317,7 +328,7 @@ fn state_silent_devices_fail_after_timeout() {
     let mut sim = Sim::new(s, 100, |i| if i % 5 == 0 { None } else { Some((10, true)) });
     sim.run(200, 10);
     match &sim.state.phase {
-        Phase::Paused {
+        RolloutPhase::Paused {
             reason: PauseReason::Breach(r),
             ..
         } => assert!(r.contains("silent"), "{r}"),
@@ -340,7 +351,12 @@ fn state_offline_devices_do_not_block() {
         d.online = false;
     }
     sim.run(200, 10);
-    assert_eq!(sim.state.phase, Phase::Completed, "{:?}", sim.decisions());
+    assert_eq!(
+        sim.state.phase,
+        RolloutPhase::Completed,
+        "{:?}",
+        sim.decisions()
+    );
 }
 
 #[test]
@@ -364,7 +380,7 @@ fn state_late_failure_in_earlier_wave_halts() {
     assert!(
         matches!(
             sim.state.phase,
-            Phase::Paused {
+            RolloutPhase::Paused {
                 reason: PauseReason::Breach(_),
                 ..
             }
@@ -387,7 +403,7 @@ fn state_manual_gate_and_promote() {
     sim.run(100, 10);
     assert_eq!(
         sim.state.phase,
-        Phase::Paused {
+        RolloutPhase::Paused {
             wave: 0,
             reason: PauseReason::ManualGate
         }
@@ -401,7 +417,7 @@ fn state_manual_gate_and_promote() {
     );
     sim.state = st.next;
     sim.run(100, 10);
-    assert_eq!(sim.state.phase, Phase::Completed);
+    assert_eq!(sim.state.phase, RolloutPhase::Completed);
 }
 
 #[test]
@@ -417,13 +433,13 @@ fn state_pause_resume_abort_retry() {
     let resumed = command(&sim.spec, &paused, &Command::Resume, sim.now)
         .unwrap()
         .next;
-    assert!(matches!(resumed.phase, Phase::WaveOpen { wave: 0 }));
+    assert!(matches!(resumed.phase, RolloutPhase::WaveOpen { wave: 0 }));
     let retried = command(&sim.spec, &resumed, &Command::Retry, sim.now).unwrap();
     assert_eq!(retried.next.retry, 1);
     let aborted = command(&sim.spec, &retried.next, &Command::Abort, sim.now)
         .unwrap()
         .next;
-    assert_eq!(aborted.phase, Phase::Aborted);
+    assert_eq!(aborted.phase, RolloutPhase::Aborted);
     assert_eq!(aborted.manifest_state(), ManifestState::Halted);
     for c in [
         Command::Pause,
@@ -447,7 +463,7 @@ fn state_retry_after_breach_reopens_the_wave() {
     sim.run(100, 10);
     assert!(matches!(
         sim.state.phase,
-        Phase::Paused {
+        RolloutPhase::Paused {
             reason: PauseReason::Breach(_),
             ..
         }
@@ -460,7 +476,12 @@ fn state_retry_after_breach_reopens_the_wave() {
         d.retried_at = Some(sim.now);
     }
     sim.run(200, 10);
-    assert_eq!(sim.state.phase, Phase::Completed, "{:?}", sim.decisions());
+    assert_eq!(
+        sim.state.phase,
+        RolloutPhase::Completed,
+        "{:?}",
+        sim.decisions()
+    );
     assert_eq!(sim.state.retry, 1);
 }
 
@@ -471,13 +492,13 @@ fn state_schedule_waits_and_says_why() {
     s.not_before = vec![(1, 5_000)];
     let mut sim = Sim::new(s, 40, |_| Some((10, true)));
     sim.run(1, 10);
-    assert!(matches!(sim.state.phase, Phase::Pending { next: 0 }));
+    assert!(matches!(sim.state.phase, RolloutPhase::Pending { next: 0 }));
     assert!(sim.state.waiting.as_deref().unwrap().contains("start"));
     assert!(!sim.state.started);
     sim.now = 2_000;
     sim.run(20, 10);
     assert!(
-        matches!(sim.state.phase, Phase::Pending { next: 1 }),
+        matches!(sim.state.phase, RolloutPhase::Pending { next: 1 }),
         "{:?}",
         sim.state.phase
     );
@@ -490,7 +511,7 @@ fn state_schedule_waits_and_says_why() {
     );
     sim.now = 5_000;
     sim.run(50, 10);
-    assert_eq!(sim.state.phase, Phase::Completed);
+    assert_eq!(sim.state.phase, RolloutPhase::Completed);
 }
 
 #[test]
@@ -513,7 +534,7 @@ fn state_maintenance_window_keeps_waves_shut() {
     );
     sim.now = 1_795_651_200 + 2 * 3_600 + 60;
     sim.run(50, 10);
-    assert_eq!(sim.state.phase, Phase::Completed);
+    assert_eq!(sim.state.phase, RolloutPhase::Completed);
 }
 
 #[test]
@@ -522,7 +543,12 @@ fn state_max_in_flight_widens_in_substeps() {
     s.max_in_flight = Some(10);
     let mut sim = Sim::new(s, 100, |_| Some((30, true)));
     sim.run(500, 10);
-    assert_eq!(sim.state.phase, Phase::Completed, "{:?}", sim.decisions());
+    assert_eq!(
+        sim.state.phase,
+        RolloutPhase::Completed,
+        "{:?}",
+        sim.decisions()
+    );
     let widens = sim
         .decisions()
         .iter()
