@@ -63,13 +63,50 @@ impl WaveCounts {
 }
 
 /// The gate's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Proceed,
     /// Not yet: the reason says what is missing.
-    Hold(String),
+    Hold(HoldReason),
     /// Stop: the reason says what breached.
     Halt(String),
+}
+
+/// Why the gate holds a wave: the kind, and the gate's own limits, not the
+/// counts that move while it holds (every status has those). So a hold is one
+/// state and one decision in the audit log however often the counts change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HoldReason {
+    /// ROLL-7: none of the wave's planned devices has been online since it opened.
+    NoEvidence { planned: u32 },
+    /// Fewer final reports than `min_devices` (or than the devices online, when
+    /// fewer are).
+    TooFewReports { min_devices: u32 },
+    /// The healthy share is below the threshold, before the install deadline.
+    TooFewHealthy { success_threshold_ppm: u32 },
+}
+
+impl std::fmt::Display for HoldReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HoldReason::NoEvidence { planned } => write!(
+                f,
+                "none of the wave's {planned} devices has been online since it opened: no evidence to pass on (promote to pass without it)"
+            ),
+            HoldReason::TooFewReports { min_devices } => write!(
+                f,
+                "waiting for final reports from {min_devices} devices (min_devices), or from every device online when fewer are"
+            ),
+            HoldReason::TooFewHealthy {
+                success_threshold_ppm,
+            } => write!(
+                f,
+                "healthy devices below {} (success_threshold); waiting for the rest to finish",
+                pct(u64::from(*success_threshold_ppm))
+            ),
+        }
+    }
 }
 
 fn pct(ppm: u64) -> String {
@@ -137,10 +174,9 @@ pub fn evaluate(
     // past, their silence is the evidence: they count as failed below.)
     let reports = wave.finished() + wave.in_progress;
     if wave.planned > 0 && reports == 0 && wave.population == 0 {
-        return Verdict::Hold(format!(
-            "none of the wave's {} devices has been online since it opened: no evidence to pass on (promote to pass without it)",
-            wave.planned
-        ));
+        return Verdict::Hold(HoldReason::NoEvidence {
+            planned: wave.planned,
+        });
     }
     let failed = wave.failed + late;
     let considered =
@@ -148,7 +184,9 @@ pub fn evaluate(
     let need = gate.min_devices.min(wave.population);
     // Past the deadline every device of the wave is final (silence is failure).
     if !timed_out && wave.finished() < need {
-        return Verdict::Hold(format!("{} of {} reports needed", wave.finished(), need));
+        return Verdict::Hold(HoldReason::TooFewReports {
+            min_devices: gate.min_devices,
+        });
     }
     if considered == 0 {
         return Verdict::Proceed;
@@ -168,16 +206,17 @@ pub fn evaluate(
     }
     let success = share_ppm(wave.healthy, considered);
     if success < u64::from(gate.success_threshold_ppm) {
-        let msg = format!(
-            "{} of {considered} devices healthy ({}), {} needed",
-            wave.healthy,
-            pct(success),
-            pct(u64::from(gate.success_threshold_ppm))
-        );
         return if timed_out {
-            Verdict::Halt(msg)
+            Verdict::Halt(format!(
+                "{} of {considered} devices healthy ({}), {} needed",
+                wave.healthy,
+                pct(success),
+                pct(u64::from(gate.success_threshold_ppm))
+            ))
         } else {
-            Verdict::Hold(msg)
+            Verdict::Hold(HoldReason::TooFewHealthy {
+                success_threshold_ppm: gate.success_threshold_ppm,
+            })
         };
     }
     Verdict::Proceed
@@ -244,7 +283,8 @@ mod tests {
         for timed_out in [false, true] {
             match evaluate(&g, &offline, &offline, timed_out) {
                 Verdict::Hold(why) => {
-                    assert!(why.contains("none of the wave's 40 devices"), "{why}")
+                    assert_eq!(why, HoldReason::NoEvidence { planned: 40 });
+                    assert!(why.to_string().contains("none of the wave's 40 devices"));
                 }
                 v => panic!("timed_out={timed_out}: {v:?}"),
             }

@@ -426,6 +426,7 @@ fn step_once(spec: &RolloutSpec, state: &RolloutState, obs: &Observations) -> St
                         after_gate(spec, &mut s, wave, obs, &mut out);
                     }
                     Verdict::Hold(reason) => {
+                        let reason = reason.to_string();
                         if s.waiting.as_ref() != Some(&reason) {
                             out.push(Decision::Wait {
                                 reason: reason.clone(),

@@ -585,3 +585,42 @@ fn state_decisions_replay_identically() {
         assert_eq!(&step(&sim.spec, &state, &obs).decisions, decisions);
     }
 }
+
+// A hold is one decision however its counts move: the engine writes an audit
+// log entry (and syncs it) for every change of state or decisions, and the
+// counts used to be in the hold's sentence.
+#[test]
+fn state_a_hold_is_one_decision_while_its_counts_move() {
+    let mut g = gate(0, 100_000);
+    g.success_threshold_ppm = 950_000;
+    let s = spec(0, &[PPM_FULL], g, BreachPolicy::Pause);
+    // 36 healthy, 3 failed (92 % healthy: under 95 %, failures under 10 %),
+    // and 10 more that come online one by one, healthy.
+    let mut sim = Sim::new(s, 49, |i| Some((0, !(36..39).contains(&i))));
+    for d in &mut sim.devs[39..] {
+        d.online = false;
+    }
+    sim.run(5, 10);
+    assert!(
+        matches!(sim.state.phase, RolloutPhase::Baking { .. }),
+        "{:?}",
+        sim.state.phase
+    );
+    let waiting = sim.state.waiting.clone();
+    assert!(
+        waiting.as_deref().is_some_and(|w| w.contains("95%")),
+        "{waiting:?}"
+    );
+    for i in 39..49 {
+        sim.devs[i].online = true;
+        let before = sim.state.clone();
+        sim.run(1, 10);
+        assert_eq!(sim.state, before, "the counts moved, the state did not");
+    }
+    let waits = sim
+        .decisions()
+        .iter()
+        .filter(|d| matches!(d, Decision::Wait { .. }))
+        .count();
+    assert_eq!(waits, 1, "{:?}", sim.decisions());
+}
