@@ -219,10 +219,7 @@ fn main() {
     let parallel = start.elapsed();
     assert_eq!(engine.counters.reports, 2 * u64::from(n));
     let status = engine.status(&rollout, now).unwrap();
-    assert_eq!(
-        status["waves"][0]["healthy"].as_u64().unwrap(),
-        u64::from(n)
-    );
+    assert_eq!(status.waves[0].healthy, n);
     let rate = |d: Duration| f64::from(n) / d.as_secs_f64();
     println!("devices:             {n}");
     println!(

@@ -16,6 +16,7 @@ use crate::ops::{self, Op, OpsParser, Refused, Request};
 use crate::precheck::{Planned, Precheck};
 use crate::rollout::spec::RolloutSpec;
 use crate::rollout::state::{self, Command, Observations, RolloutPhase, RolloutState};
+use crate::status::{EventKind, Lifecycle, RolloutEvent, RolloutStatus, WaveProgress};
 use crate::store::{DecisionEntry, RolloutRecord, Store, StoreError, StoredReport};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -56,6 +57,9 @@ pub struct Out {
     pub retain: bool,
     /// MQTT 5 correlation data for replies.
     pub correlation: Option<Vec<u8>>,
+    /// The event this is, typed, for the process's own listeners (the
+    /// Kubernetes controller), so nothing parses back the JSON it was written as.
+    pub event: Option<Box<RolloutEvent>>,
 }
 
 /// Where a command's reply goes.
@@ -243,6 +247,7 @@ impl Engine {
                 .map_err(|err| EngineError::Config(err.to_string()))?,
             retain: true,
             correlation: None,
+            event: None,
         }];
         out.extend(e.beacon(now)?);
         let ids: Vec<RolloutId> = e.rollouts.keys().cloned().collect();
@@ -394,9 +399,10 @@ impl Engine {
                 payload: Vec::new(),
                 retain: true,
                 correlation: None,
+                event: None,
             });
         }
-        out.extend(self.event(id, now, json!({"event": "removed"})));
+        out.extend(self.event(id, now, EventKind::Lifecycle(Lifecycle::Removed)));
         info!(rollout = %id, "rollout removed");
         out.extend(self.settle(now));
         Ok((true, out))
@@ -417,14 +423,6 @@ impl Engine {
             *g.rollouts.entry(l.rec.state.phase_name()).or_default() += 1;
         }
         g
-    }
-
-    /// Statuses of every rollout, as published.
-    pub fn statuses(&self, now: u64) -> Vec<Value> {
-        self.rollouts
-            .values()
-            .map(|l| status_json(l, now))
-            .collect()
     }
 
     pub fn fleet(&self) -> &FleetId {
@@ -841,6 +839,7 @@ impl Engine {
             payload: body.to_string().into_bytes(),
             retain: false,
             correlation: reply.correlation.clone(),
+            event: None,
         }]
     }
 
@@ -1130,7 +1129,10 @@ impl Engine {
         out.extend(self.event(
             &id,
             now,
-            json!({"event": "created", "version": release.version, "members": members}),
+            EventKind::Lifecycle(Lifecycle::Created {
+                version: release.version.clone(),
+                members,
+            }),
         ));
         Ok((
             out,
@@ -1221,22 +1223,25 @@ impl Engine {
         }
         let mut out = Vec::new();
         for d in &st.decisions {
-            out.extend(self.event(id, now, serde_json::to_value(d).unwrap_or(Value::Null)));
+            out.extend(self.event(id, now, EventKind::Decision(d.clone())));
         }
         out.extend(self.publish_if_changed(id, now, false)?);
         Ok(out)
     }
 
-    fn event(&self, id: &RolloutId, now: u64, body: Value) -> Vec<Out> {
-        let mut ev = json!({"at": now, "epoch": self.s.epoch, "rollout": id.as_str()});
-        if let (Value::Object(e), Value::Object(b)) = (&mut ev, body) {
-            e.extend(b);
-        }
+    fn event(&self, id: &RolloutId, now: u64, what: EventKind) -> Vec<Out> {
+        let ev = RolloutEvent {
+            at: now,
+            epoch: self.s.epoch,
+            rollout: id.to_string(),
+            what,
+        };
         vec![Out {
             topic: self.s.topics.ops_events(),
-            payload: ev.to_string().into_bytes(),
+            payload: serde_json::to_vec(&ev).unwrap_or_default(),
             retain: false,
             correlation: None,
+            event: Some(Box::new(ev)),
         }]
     }
 
@@ -1288,6 +1293,7 @@ impl Engine {
                 payload: bytes,
                 retain: true,
                 correlation: None,
+                event: None,
             });
         }
         // An unwalked tracker's counts are incomplete: `settle` publishes it.
@@ -1309,6 +1315,7 @@ impl Engine {
                 .into_bytes(),
             retain: true,
             correlation: None,
+            event: None,
         }
     }
 
@@ -1391,6 +1398,7 @@ impl Engine {
             payload: seal(&self.s.key, stamp, &b)?,
             retain: true,
             correlation: None,
+            event: None,
         }])
     }
 
@@ -1401,8 +1409,8 @@ impl Engine {
     }
 
     /// Status of one rollout, as published.
-    pub fn status(&self, id: &RolloutId, now: u64) -> Option<Value> {
-        self.rollouts.get(id).map(|l| status_json(l, now))
+    pub fn status(&self, id: &RolloutId, now: u64) -> Option<RolloutStatus> {
+        self.rollouts.get(id).map(|l| status_of(l, now))
     }
 
     pub fn device(&self, id: &DeviceId) -> Option<&DeviceRecord> {
@@ -1426,49 +1434,51 @@ pub(crate) fn verify_hello(
     }
 }
 
+/// The status as it goes in a command's reply (JSON, the operator protocol).
 fn status_json(l: &Live, now: u64) -> Value {
+    serde_json::to_value(status_of(l, now)).unwrap_or(Value::Null)
+}
+
+fn status_of(l: &Live, now: u64) -> RolloutStatus {
     let st = &l.rec.state;
     let spec = &l.rec.spec;
-    let waves: Vec<Value> = l
+    let waves = l
         .tracker
         .counts()
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            json!({
-                "index": i,
-                "label": spec.plan.wave_label(i),
-                "opened": st.started && i <= usize::from(st.wave),
-                "planned": c.planned,
-                "population": c.population,
-                "healthy": c.healthy,
-                "failed": c.failed,
-                "in_progress": c.in_progress,
-                "silent": c.silent(),
-            })
+        .map(|(i, c)| WaveProgress {
+            index: i,
+            label: spec.plan.wave_label(i),
+            opened: st.started && i <= usize::from(st.wave),
+            planned: c.planned,
+            population: c.population,
+            healthy: c.healthy,
+            failed: c.failed,
+            in_progress: c.in_progress,
+            silent: c.silent(),
         })
         .collect();
-    let paused_by = match &st.phase {
-        RolloutPhase::Paused { reason, .. } => serde_json::to_value(reason).unwrap_or(Value::Null),
-        _ => Value::Null,
-    };
-    json!({
-        "rollout": spec.id.as_str(),
-        "fleet": spec.fleet.as_str(),
-        "release": spec.release_id().to_string(),
-        "phase": st.phase_name(),
-        "paused_by": paused_by,
-        "wave": st.wave,
-        "waves": waves,
-        "open_below": st.open_below.to_string(),
-        "manifest_state": format!("{:?}", st.manifest_state()),
-        "manifest_seq": l.rec.manifest_seq,
-        "retry": st.retry,
-        "waiting": st.waiting,
-        "halt_reason": st.halt_reason,
-        "members": l.tracker.members(),
-        "selector": spec.selector.to_string(),
-        "policy": spec.policy,
-        "updated_at": now,
-    })
+    RolloutStatus {
+        rollout: spec.id.to_string(),
+        fleet: spec.fleet.to_string(),
+        release: spec.release_id().to_string(),
+        phase: st.phase_name().to_string(),
+        paused_by: match &st.phase {
+            RolloutPhase::Paused { reason, .. } => Some(reason.clone()),
+            _ => None,
+        },
+        wave: st.wave,
+        waves,
+        open_below: st.open_below.to_string(),
+        manifest_state: format!("{:?}", st.manifest_state()),
+        manifest_seq: l.rec.manifest_seq,
+        retry: st.retry,
+        waiting: st.waiting.clone(),
+        halt_reason: st.halt_reason.clone(),
+        members: l.tracker.members(),
+        selector: spec.selector.to_string(),
+        policy: spec.policy,
+        updated_at: now,
+    }
 }

@@ -17,4 +17,5 @@ pub mod ops;
 pub mod precheck;
 pub mod rollout;
 pub mod server;
+pub mod status;
 pub mod store;

@@ -10,6 +10,7 @@ use crate::ingest_probe::{Effect, IngestProbe, ProbeConfig};
 use crate::metrics::Metrics;
 use crate::ops::Op;
 use crate::precheck::{default_threads, pipeline};
+use crate::status::RolloutEvent;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, PublishProperties};
@@ -74,7 +75,7 @@ pub enum Control {
     /// Status of one rollout, `None` when the engine does not know it.
     Status {
         rollout: RolloutId,
-        done: oneshot::Sender<Option<Value>>,
+        done: oneshot::Sender<Option<crate::status::RolloutStatus>>,
     },
     /// Halt and forget a rollout; `true` when it existed.
     Remove {
@@ -97,7 +98,7 @@ pub struct Hooks {
     /// Where rollout commands go in Kubernetes mode (see [`Engine::forward_rollout_ops`]).
     pub forward: Option<mpsc::Sender<Forwarded>>,
     /// Every rollout event (the JSON published on the events topic).
-    pub events: Option<broadcast::Sender<Value>>,
+    pub events: Option<broadcast::Sender<RolloutEvent>>,
     pub metrics: Option<Arc<Metrics>>,
     /// Leadership: the loop stops, publishing nothing more, once this turns false.
     pub leading: Option<watch::Receiver<bool>>,
@@ -233,6 +234,7 @@ fn probe_effects(
                         payload,
                         retain: false,
                         correlation: None,
+                        event: None,
                     },
                 );
             }
@@ -283,8 +285,7 @@ pub async fn run(
 /// Carries out what the engine decided: events to the hook, the rest to MQTT.
 struct Sink<'a> {
     client: &'a rumqttc::v5::AsyncClient,
-    events_topic: String,
-    events: Option<&'a broadcast::Sender<Value>>,
+    events: Option<&'a broadcast::Sender<RolloutEvent>>,
     /// What the engine said before the broker answered the first connection's
     /// SUBSCRIBEs, in order; `None` once it went out. A beacon of a new epoch
     /// makes devices say Hello only if it arrives live (devices take a retained
@@ -307,12 +308,9 @@ impl Sink<'_> {
             held.push(o);
             return;
         }
-        if let Some(tx) = self.events
-            && o.topic == self.events_topic
-            && let Ok(v) = serde_json::from_slice::<Value>(&o.payload)
-        {
+        if let (Some(tx), Some(ev)) = (self.events, &o.event) {
             // No receiver (controller not started yet) is fine.
-            let _ = tx.send(v);
+            let _ = tx.send((**ev).clone());
         }
         publish(self.client, o);
     }
@@ -431,7 +429,6 @@ pub async fn run_with(
     let mut subscribed = session.subscriptions.clone();
     let sink = Sink {
         client: &client,
-        events_topic: engine.topics().ops_events(),
         events: events.as_ref(),
         held: std::cell::RefCell::new(Some(Vec::new())),
     };
@@ -546,7 +543,7 @@ pub async fn run_with(
                 for m in batch {
                     match m {
                         Incoming::Connected { session_present } => {
-                            publish(&client, Out { topic: online_topic.clone(), payload: b"online".to_vec(), retain: true, correlation: None });
+                            publish(&client, Out { topic: online_topic.clone(), payload: b"online".to_vec(), retain: true, correlation: None, event: None });
                             debug!(session_present, "session ready");
                         }
                         Incoming::Publish(p) => {
@@ -661,6 +658,7 @@ pub async fn run_with(
         payload: b"offline".to_vec(),
         retain: true,
         correlation: None,
+        event: None,
     });
     let _ = client.try_disconnect();
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -133,11 +133,9 @@ impl T {
             .e
             .status(&RolloutId::new(rollout).unwrap(), self.now)
             .unwrap();
-        s["waves"]
-            .as_array()
-            .unwrap()
+        s.waves
             .iter()
-            .map(|w| w["healthy"].as_u64().unwrap() + w["failed"].as_u64().unwrap())
+            .map(|w| u64::from(w.healthy + w.failed))
             .sum()
     }
 }
@@ -242,10 +240,7 @@ fn engine_ingest_rejections_are_counted_and_change_nothing() {
     assert_eq!(t.rejected("replayed"), 2);
     assert_eq!(ok(&t), 1);
     let s = t.e.status(&RolloutId::new("r").unwrap(), t.now).unwrap();
-    assert_eq!(
-        s["waves"][0]["failed"], 0,
-        "the replayed failure did not count"
-    );
+    assert_eq!(s.waves[0].failed, 0, "the replayed failure did not count");
     assert_eq!(t.e.device(&dev(0)).unwrap().last_seq, 5);
     // Another release's report does not count for this rollout.
     t.send(
@@ -348,10 +343,10 @@ fn engine_reports_from_unopened_waves_do_not_count() {
         );
     }
     let s = t.e.status(&RolloutId::new("r").unwrap(), t.now).unwrap();
-    let in_first: u64 = s["waves"][0]["healthy"].as_u64().unwrap();
-    assert!(in_first > 0 && in_first < 15, "{s:#}");
+    let in_first = s.waves[0].healthy;
+    assert!(in_first > 0 && in_first < 15, "{s:#?}");
     assert_eq!(
-        s["waves"][1]["healthy"], 0,
+        s.waves[1].healthy, 0,
         "wave 1 is not open: its reports do not count"
     );
 }
@@ -386,13 +381,14 @@ fn engine_gate_holds_when_the_whole_wave_looks_offline() {
         t.e.settle(t.now + dt);
     }
     let s = t.e.status(&id, t.now + 3_600).unwrap();
-    assert_eq!(s["waves"][0]["planned"], 20, "{s:#}");
-    assert_eq!(s["waves"][0]["population"], 0);
-    assert_ne!(s["phase"], "completed", "{s:#}");
-    let waiting = s.to_string();
+    assert_eq!(s.waves[0].planned, 20, "{s:#?}");
+    assert_eq!(s.waves[0].population, 0);
+    assert_ne!(s.phase, "completed", "{s:#?}");
     assert!(
-        waiting.contains("none of the wave's 20 devices has been online"),
-        "{s:#}"
+        s.waiting
+            .as_deref()
+            .is_some_and(|w| w.contains("none of the wave's 20 devices has been online")),
+        "{s:#?}"
     );
     // Evidence arrives: they come online and report; the gate passes.
     for i in 0..20 {
@@ -404,7 +400,7 @@ fn engine_gate_holds_when_the_whole_wave_looks_offline() {
     }
     t.e.step_active(t.now + 3_601).unwrap();
     let s = t.e.status(&id, t.now + 3_601).unwrap();
-    assert_eq!(s["phase"], "completed", "{s:#}");
+    assert_eq!(s.phase, "completed", "{s:#?}");
 }
 
 /// A wave opens in O(1): the manifest comes out of `step_active` before the
@@ -429,9 +425,7 @@ fn engine_opens_a_wave_before_walking_it() {
     ));
     assert_eq!(r["ok"], true);
     let id = RolloutId::new("r").unwrap();
-    let first = t.e.status(&id, t.now).unwrap()["waves"][0]["population"]
-        .as_u64()
-        .unwrap();
+    let first = t.e.status(&id, t.now).unwrap().waves[0].population;
     assert!(first > 0 && first < 15, "{first}");
     for i in 0..40 {
         t.send(
@@ -448,15 +442,17 @@ fn engine_opens_a_wave_before_walking_it() {
     );
     assert!(!out.iter().any(|o| o.topic == status_topic));
     let s = t.e.status(&id, t.now).unwrap();
-    assert_eq!(s["waves"][1]["opened"], true);
-    assert_eq!(s["waves"][1]["population"], 0, "not walked yet");
+    assert!(s.waves[1].opened);
+    assert_eq!(s.waves[1].population, 0, "not walked yet");
     let settled = t.e.settle(t.now);
     assert_eq!(settled.len(), 1);
     assert_eq!(settled[0].topic, status_topic);
-    let s: Value = serde_json::from_slice(&settled[0].payload).unwrap();
-    assert_eq!(s["waves"][1]["population"].as_u64().unwrap(), 40 - first);
+    // What is published is the operator protocol's JSON of the status.
+    let s: swell_coordinator::status::RolloutStatus =
+        serde_json::from_slice(&settled[0].payload).unwrap();
+    assert_eq!(s.waves[1].population, 40 - first);
     // Their reports came before the wave opened: they do not count (ROLL-6).
-    assert_eq!(s["waves"][1]["healthy"], 0);
+    assert_eq!(s.waves[1].healthy, 0);
     assert!(t.e.settle(t.now).is_empty());
 }
 

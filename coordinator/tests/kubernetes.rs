@@ -26,6 +26,7 @@ use swell_coordinator::k8s::lease::{Attempt, Elector, LeaseConfig};
 use swell_coordinator::k8s::{bridge, crd};
 use swell_coordinator::metrics::{LeaseState, Metrics};
 use swell_coordinator::server::{Hooks, LoopConfig, unix_now};
+use swell_coordinator::status::RolloutEvent;
 use swell_protocol::RolloutId;
 use swell_protocol::messages::ManifestState;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -102,7 +103,7 @@ struct Wired {
     cancel: CancellationToken,
     handle: tokio::task::JoinHandle<Result<(), EngineError>>,
     engine: EngineHandle,
-    events: broadcast::Sender<Value>,
+    events: broadcast::Sender<RolloutEvent>,
     forwarded: Option<mpsc::Receiver<swell_coordinator::engine::Forwarded>>,
     metrics: Arc<Metrics>,
     _dir: tempfile::TempDir,
@@ -159,6 +160,11 @@ async fn start_wired(
         metrics,
         _dir: dir,
     }
+}
+
+/// An event as the operator protocol writes it.
+fn event(v: serde_json::Value) -> RolloutEvent {
+    serde_json::from_value(v).unwrap()
 }
 
 fn spec(rel: &swell_protocol::threshold::ThresholdSigned) -> RolloutResourceSpec {
@@ -585,9 +591,9 @@ async fn engine_events_become_kubernetes_events_and_refreshes() {
     let (refresh_tx, mut refresh_rx) = mpsc::channel(1);
     tokio::spawn(swell_coordinator::k8s::relay_events(ctx, rx, refresh_tx));
     // Widening is routine (no Event); opening a wave and a breach are not.
-    tx.send(json!({"at": 1, "epoch": 1, "rollout": "fw-7", "decision": "widen", "wave": 1, "open_below": 5}))
+    tx.send(event(json!({"at": 1, "epoch": 1, "rollout": "fw-7", "decision": "widen", "wave": 1, "open_below": 5})))
         .unwrap();
-    tx.send(json!({"at": 1, "epoch": 1, "rollout": "fw-7", "decision": "open_wave", "wave": 1, "open_below": 9}))
+    tx.send(event(json!({"at": 1, "epoch": 1, "rollout": "fw-7", "decision": "open_wave", "wave": 1, "open_below": 9})))
         .unwrap();
     let (seen, send) = next(&mut api).await;
     assert_eq!(seen.method, Method::POST);
@@ -599,10 +605,10 @@ async fn engine_events_become_kubernetes_events_and_refreshes() {
     assert_eq!(seen.body["regarding"]["uid"], "uid-fw-7");
     assert_eq!(seen.body["reportingController"], "swell-coordinator");
     reply(send, 201, &seen.body);
-    tx.send(
+    tx.send(event(
         json!({"at": 2, "epoch": 1, "rollout": "fw-7", "decision": "breach",
                    "reason": "failure rate 30% over 10%", "policy": "rollback"}),
-    )
+    ))
     .unwrap();
     let (seen, send) = next(&mut api).await;
     assert_eq!(seen.body["reason"], "Breach");

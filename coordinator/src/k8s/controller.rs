@@ -7,7 +7,9 @@
 
 use super::crd::{Condition, Rollout, RolloutStatus, WaveStatus};
 use crate::ops::Op;
+use crate::rollout::state::{Decision, PauseReason};
 use crate::server::{Applied, Control};
+use crate::status::{EventKind, RolloutEvent, RolloutStatus as EngineStatus};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -15,7 +17,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -70,7 +72,7 @@ impl EngineHandle {
         self.ask(|done| Control::Apply { op, done }).await
     }
 
-    pub async fn status(&self, rollout: &RolloutId) -> Result<Option<Value>, Error> {
+    pub async fn status(&self, rollout: &RolloutId) -> Result<Option<EngineStatus>, Error> {
         let rollout = rollout.clone();
         self.ask(|done| Control::Status { rollout, done }).await
     }
@@ -180,7 +182,10 @@ async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, E
                 Err(m) => refused(m),
             };
             match result {
-                Ok((_, status)) => status,
+                Ok(_) => match ctx.engine.status(&id).await? {
+                    Some(s) => s,
+                    None => return Ok(Action::requeue(REFRESH)),
+                },
                 Err((reason, message)) => {
                     let st = invalid_status(obj, &camel(reason), &message);
                     write_status(api, obj, st).await?;
@@ -199,26 +204,26 @@ async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, E
             }
         }
     };
-    let mut status = engine_status;
-    let phase = status["phase"].as_str().unwrap_or_default().to_string();
-    let paused_by = status["paused_by"]["by"].as_str().unwrap_or_default();
+    let phase = engine_status.phase.clone();
     let is_final = matches!(phase.as_str(), "completed" | "aborted" | "rolled_back");
     let pause_op = if obj.spec.paused && phase != "paused" && !is_final {
         Some(Op::Pause {
             rollout: id.clone(),
         })
-    } else if !obj.spec.paused && phase == "paused" && paused_by == "operator" {
+    } else if !obj.spec.paused
+        && phase == "paused"
+        && engine_status.paused_by == Some(PauseReason::Operator)
+    {
         Some(Op::Resume {
             rollout: id.clone(),
         })
     } else {
         None
     };
-    if let Some(op) = pause_op {
-        match ctx.engine.apply(op).await? {
-            Ok((_, s)) => status = s,
-            Err((_, m)) => note = Some(m),
-        }
+    if let Some(op) = pause_op
+        && let Err((_, m)) = ctx.engine.apply(op).await?
+    {
+        note = Some(m);
     }
     let done_action = obj.status.as_ref().and_then(|s| s.last_action.clone());
     let mut last_action = done_action.clone();
@@ -255,15 +260,14 @@ async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, E
                 ));
             }
             Some(op) => match ctx.engine.apply(op).await? {
-                Ok((m, s)) => {
-                    status = s;
-                    action_result = Some(m);
-                }
+                Ok((m, _)) => action_result = Some(m),
                 Err((_, m)) => action_result = Some(format!("{verb} refused: {m}")),
             },
         }
         last_action = Some(a.clone());
     }
+    // After the commands above: the status they left.
+    let status = ctx.engine.status(&id).await?.unwrap_or(engine_status);
     let mut st = build_status(obj, &status, note, last_action);
     st.last_action_result = action_result;
     let moving = !matches!(
@@ -338,41 +342,43 @@ fn invalid_status(obj: &Rollout, reason: &str, message: &str) -> RolloutStatus {
     }
 }
 
-/// The resource status for the engine's status JSON.
+/// The resource status for the engine's status of the rollout.
 pub fn build_status(
     obj: &Rollout,
-    s: &Value,
+    s: &EngineStatus,
     note: Option<String>,
     last_action: Option<String>,
 ) -> RolloutStatus {
     let old = obj.status.as_ref();
     let g = obj.meta().generation;
-    let phase = s["phase"].as_str().unwrap_or("unknown").to_string();
-    let waves: Vec<WaveStatus> = s["waves"]
-        .as_array()
-        .map(|ws| {
-            ws.iter()
-                .map(|w| WaveStatus {
-                    index: w["index"].as_u64().unwrap_or(0) as u16,
-                    label: w["label"].as_str().unwrap_or_default().into(),
-                    opened: w["opened"].as_bool().unwrap_or(false),
-                    population: w["population"].as_u64().unwrap_or(0),
-                    healthy: w["healthy"].as_u64().unwrap_or(0),
-                    failed: w["failed"].as_u64().unwrap_or(0),
-                    in_progress: w["in_progress"].as_u64().unwrap_or(0),
-                    silent: w["silent"].as_u64().unwrap_or(0),
-                })
-                .collect()
+    let phase = s.phase.clone();
+    let waves: Vec<WaveStatus> = s
+        .waves
+        .iter()
+        .map(|w| WaveStatus {
+            index: u16::try_from(w.index).unwrap_or(u16::MAX),
+            label: w.label.clone(),
+            opened: w.opened,
+            population: u64::from(w.population),
+            healthy: u64::from(w.healthy),
+            failed: u64::from(w.failed),
+            in_progress: u64::from(w.in_progress),
+            silent: u64::from(w.silent),
         })
-        .unwrap_or_default();
-    let opened = waves.iter().filter(|w| w.opened);
-    let (healthy, failed) = opened.fold((0, 0), |(h, f), w| (h + w.healthy, f + w.failed));
-    let paused_by = s["paused_by"]["by"].as_str().unwrap_or_default();
-    let detail = s["paused_by"]["detail"].as_str();
-    let why = s["halt_reason"]
-        .as_str()
+        .collect();
+    let (healthy, failed) = s.opened_totals();
+    let (healthy, failed) = (u64::from(healthy), u64::from(failed));
+    let (paused_by, detail) = match &s.paused_by {
+        Some(PauseReason::Operator) => ("operator", None),
+        Some(PauseReason::ManualGate) => ("manual_gate", None),
+        Some(PauseReason::Breach(why)) => ("breach", Some(why.as_str())),
+        None => ("", None),
+    };
+    let why = s
+        .halt_reason
+        .as_deref()
         .or(detail)
-        .or(s["waiting"].as_str())
+        .or(s.waiting.as_deref())
         .map(str::to_string);
     let message = note.or(why).unwrap_or_default();
     let progressing = matches!(
@@ -389,11 +395,11 @@ pub fn build_status(
         "NotPaused".into()
     };
     RolloutStatus {
-        wave: s["wave"].as_u64().map(|w| w as u16),
-        members: s["members"].as_u64().unwrap_or(0),
+        wave: Some(s.wave),
+        members: s.members as u64,
         healthy,
         failed,
-        release: s["release"].as_str().map(str::to_string),
+        release: Some(s.release.clone()),
         message: (!message.is_empty()).then(|| message.clone()),
         last_action,
         last_action_result: None,
@@ -483,53 +489,61 @@ pub async fn publish_event(
 /// The Kubernetes Event for an engine event, if it is one operators want to
 /// see in `kubectl describe`: waves opening, gates passing, breaches,
 /// rollbacks, pauses and the end.
-pub fn event_for(ev: &Value) -> Option<(EventType, &'static str, String)> {
-    let wave = ev["wave"].as_u64().unwrap_or(0);
-    let reason = ev["reason"].as_str().unwrap_or_default();
-    Some(match ev["decision"].as_str()? {
-        "open_wave" => (
+pub fn event_for(ev: &RolloutEvent) -> Option<(EventType, &'static str, String)> {
+    let EventKind::Decision(d) = &ev.what else {
+        return None;
+    };
+    Some(match d {
+        Decision::OpenWave { wave, .. } => (
             EventType::Normal,
             "WaveOpened",
             format!("wave {wave} opened"),
         ),
-        "gate_passed" => (
+        Decision::GatePassed { wave } => (
             EventType::Normal,
             "GatePassed",
             format!("wave {wave} passed its health gate"),
         ),
-        "breach" => (
+        Decision::Breach { reason, policy } => (
             EventType::Warning,
             "Breach",
             format!(
                 "health gate breached: {reason}; policy {}",
-                ev["policy"].as_str().unwrap_or_default()
+                serde_json::to_value(policy)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
             ),
         ),
-        "start_rollback" => (
+        Decision::StartRollback { reason } => (
             EventType::Warning,
             "RollbackStarted",
             format!("rolling back: {reason}"),
         ),
-        "rollback_done" => (
+        Decision::RollbackDone => (
             EventType::Warning,
             "RolledBack",
             "every device is back on its previous release".into(),
         ),
-        "pause" => (
+        Decision::Pause { reason } => (
             EventType::Normal,
             "Paused",
             format!(
                 "paused ({})",
-                ev["reason"]["by"].as_str().unwrap_or_default()
+                match reason {
+                    PauseReason::Operator => "operator",
+                    PauseReason::ManualGate => "manual_gate",
+                    PauseReason::Breach(_) => "breach",
+                }
             ),
         ),
-        "resume" => (
+        Decision::Resume { wave } => (
             EventType::Normal,
             "Resumed",
             format!("resumed at wave {wave}"),
         ),
-        "complete" => (EventType::Normal, "Completed", "every wave passed".into()),
-        "abort" => (EventType::Warning, "Aborted", format!("aborted: {reason}")),
+        Decision::Complete => (EventType::Normal, "Completed", "every wave passed".into()),
+        Decision::Abort { reason } => (EventType::Warning, "Aborted", format!("aborted: {reason}")),
         _ => return None,
     })
 }

@@ -8,12 +8,12 @@ pub mod crd;
 pub mod lease;
 
 use crate::engine::Forwarded;
+use crate::status::RolloutEvent;
 use controller::{Ctx, EngineHandle, event_for, publish_event};
 use crd::Rollout;
 use futures::StreamExt as _;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 /// controller for a status refresh.
 pub async fn relay_events(
     ctx: Arc<Ctx>,
-    mut events: broadcast::Receiver<Value>,
+    mut events: broadcast::Receiver<RolloutEvent>,
     refresh: mpsc::Sender<()>,
 ) {
     loop {
@@ -39,11 +39,8 @@ pub async fn relay_events(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let Some(rollout) = ev["rollout"].as_str().map(str::to_string) else {
-            continue;
-        };
         if let Some((t, reason, note)) = event_for(&ev) {
-            publish_event(&ctx, &rollout, t, reason, "Reconcile", &note).await;
+            publish_event(&ctx, &ev.rollout, t, reason, "Reconcile", &note).await;
         }
         // Full: a refresh is already pending, which is as good.
         let _ = refresh.try_send(());
@@ -56,7 +53,7 @@ pub async fn run(
     namespace: String,
     instance: String,
     engine: EngineHandle,
-    events: broadcast::Receiver<Value>,
+    events: broadcast::Receiver<RolloutEvent>,
     forwarded: mpsc::Receiver<Forwarded>,
     cancel: CancellationToken,
 ) {
