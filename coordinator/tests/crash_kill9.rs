@@ -154,7 +154,10 @@ async fn coordinator_survives_sigkill_at_random_points() {
                     &id,
                     &release(10 + rollouts.len() as u64, &id),
                     &waves,
-                    json!({"bake": "1s", "min_devices": 1}),
+                    // A deadline far beyond a restart on a loaded machine:
+                    // the downtime after a SIGKILL counts against it, and a
+                    // device unfinished at the deadline counts as failed.
+                    json!({"bake": "1s", "min_devices": 1, "install_timeout": "60s"}),
                 ))
                 .await;
             assert_eq!(r["ok"], true, "cycle {cycle}: {r}");
