@@ -217,15 +217,22 @@ async fn embedded_survives_a_shared_session_dropped_with_messages_in_flight() {
     });
     let flood = tokio::spawn(async move {
         for i in 0u64.. {
-            // Back-pressured by the client's request queue.
-            let _ = publisher
+            // Back-pressured by the client's request queue. An error means the
+            // event loop is gone, and every later publish would fail at once:
+            // looping on would never yield, holding a worker thread for good
+            // (the runtime then never shuts down and the test hangs).
+            if publisher
                 .publish(
                     format!("swell/v1/dev/d-{}/report", i % 50),
                     QoS::AtLeastOnce,
                     false,
                     vec![0u8; 100],
                 )
-                .await;
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
     });
     for round in 0..10 {
@@ -259,6 +266,7 @@ async fn embedded_survives_a_shared_session_dropped_with_messages_in_flight() {
     }
     assert!(serves(&b).await, "the broker still lets clients in");
     flood.abort();
+    let _ = flood.await;
     driver.abort();
 }
 
