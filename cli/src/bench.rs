@@ -21,7 +21,7 @@
 
 use crate::bench_cpu::{self, Roles, Spent, proc_usage};
 use crate::demo::{DemoKeys, demo_keys};
-use crate::ops_client::OpsClient;
+use crate::ops_client::{OpsClient, answer};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
 use rumqttc::v5::mqttbytes::QoS;
@@ -38,7 +38,9 @@ use swell_agent::sim::{self, SimConfig};
 use swell_coordinator::assemble::Coordinator;
 use swell_coordinator::engine::Settings;
 use swell_coordinator::metrics::Metrics;
+use swell_coordinator::rollout::state::Decision;
 use swell_coordinator::server::{Hooks, LoopConfig, unix_now};
+use swell_coordinator::status::{EventKind, FleetSummary};
 use swell_coordinator::store::{DEFAULT_CACHE_BYTES, cache_bytes_from_mib};
 use swell_mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
@@ -675,7 +677,7 @@ async fn fleet(a: FleetArgs) -> Result<()> {
             .command(json!({"op": "fleet"}), Duration::from_secs(30))
             .await
         {
-            Ok(f) => f["status"]["approved"].as_u64().unwrap_or(0),
+            Ok(f) => answer::<FleetSummary>(&f).map_or(0, |f| f.approved),
             Err(_) => 0,
         };
         if approved == a.devices as u64 {
@@ -705,24 +707,29 @@ async fn fleet(a: FleetArgs) -> Result<()> {
     let started = Instant::now();
     let rollout_from = roles.mark();
     let r = ops.command(create, Duration::from_secs(30)).await?;
-    if r["ok"] != true {
-        bail!("create refused: {}", r["message"]);
+    if !r.ok {
+        bail!("create refused: {}", r.message);
     }
     // Wave openings as the operator sees them (event arrival).
     let mut opened: Vec<(u64, Duration)> = Vec::new();
     let mut seen = 0;
     let finished = loop {
         for e in &ops.events[seen..] {
-            if e["rollout"] == "bench" && e["decision"] == "open_wave" {
-                opened.push((e["wave"].as_u64().unwrap_or(0), started.elapsed()));
+            if let EventKind::Decision(Decision::OpenWave { wave, .. }) = e.what
+                && e.rollout == "bench"
+            {
+                opened.push((u64::from(wave), started.elapsed()));
             }
         }
         seen = ops.events.len();
         if let Some(s) = ops.statuses.get("bench") {
-            match s["phase"].as_str() {
-                Some("completed") => break started.elapsed(),
-                Some(p @ ("paused" | "aborted" | "rolled_back")) => {
-                    bail!("the benchmark rollout stopped: {p} ({})", s["halt_reason"])
+            match s.phase.as_str() {
+                "completed" => break started.elapsed(),
+                p @ ("paused" | "aborted" | "rolled_back") => {
+                    bail!(
+                        "the benchmark rollout stopped: {p} ({})",
+                        s.halt_reason.as_deref().unwrap_or("")
+                    )
                 }
                 _ => {}
             }

@@ -7,7 +7,7 @@
 //! The keys are derived from `--seed` and printed as demo keys: never use them for
 //! a real fleet.
 
-use crate::ops_client::OpsClient;
+use crate::ops_client::{OpsClient, answer};
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use swell_agent::sim::{self, SimConfig};
 use swell_coordinator::assemble::Coordinator;
 use swell_coordinator::engine::Settings;
+use swell_coordinator::rollout::state::Decision;
 use swell_coordinator::server::{Hooks, LoopConfig, unix_now};
+use swell_coordinator::status::{EventKind, FleetSummary, RolloutStatus};
 use swell_mqtt::{MqttConfig, parse_url};
 use swell_protocol::cohort::Label;
 use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
@@ -333,13 +335,13 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         let f = ops
             .command(json!({"op": "fleet"}), Duration::from_secs(10))
             .await?;
-        if f["status"]["approved"].as_u64() == Some(args.devices as u64) {
+        let approved = answer::<FleetSummary>(&f).map_or(0, |f| f.approved);
+        if approved == args.devices as u64 {
             break;
         }
         if Instant::now() > deadline {
             bail!(
-                "only {} of {} devices enrolled within 120 s",
-                f["status"]["approved"],
+                "only {approved} of {} devices enrolled within 120 s",
                 args.devices
             );
         }
@@ -369,10 +371,11 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     let bad_hex = v3.id().to_string();
     let until = Instant::now() + Duration::from_secs(5);
     let inventory = loop {
-        let inv = ops
-            .command(json!({"op": "fleet"}), Duration::from_secs(10))
-            .await?;
-        if inv["status"]["running"].get(&bad_hex).is_none() || Instant::now() > until {
+        let inv: FleetSummary = answer(
+            &ops.command(json!({"op": "fleet"}), Duration::from_secs(10))
+                .await?,
+        )?;
+        if !inv.running.contains_key(&bad_hex) || Instant::now() > until {
             break inv;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -387,14 +390,12 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         (v2.id().to_string(), "2.0.0"),
         (v3.id().to_string(), "3.0.0-bad"),
     ];
-    if let Some(map) = inventory["status"]["running"].as_object() {
-        for (id, n) in map {
-            let name = names
-                .iter()
-                .find(|(i, _)| i == id)
-                .map_or(id.as_str(), |(_, v)| *v);
-            println!("  {name:<10} {n}");
-        }
+    for (id, n) in &inventory.running {
+        let name = names
+            .iter()
+            .find(|(i, _)| i == id)
+            .map_or(id.as_str(), |(_, v)| *v);
+        println!("  {name:<10} {n}");
     }
     let sent = fleet_sim
         .stats
@@ -423,7 +424,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     fleet_sim.stop().await;
     cancel.cancel();
     let _ = coordinator.await;
-    let ok = s2["phase"] == "completed" && s3["phase"] == "rolled_back";
+    let ok = s2.phase == "completed" && s3.phase == "rolled_back";
     t.say(if ok {
         "demo finished: fw-v2 completed, fw-v3 rolled back"
     } else {
@@ -432,8 +433,8 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
     if !ok {
         bail!(
             "expected fw-v2 completed and fw-v3 rolled back, got {} and {}",
-            s2["phase"],
-            s3["phase"]
+            s2.phase,
+            s3.phase
         );
     }
     Ok(())
@@ -444,8 +445,14 @@ fn manifests(ops: &OpsClient) -> usize {
         .iter()
         .filter(|e| {
             matches!(
-                e["decision"].as_str(),
-                Some("open_wave" | "widen" | "pause" | "start_rollback" | "complete")
+                e.what,
+                EventKind::Decision(
+                    Decision::OpenWave { .. }
+                        | Decision::Widen { .. }
+                        | Decision::Pause { .. }
+                        | Decision::StartRollback { .. }
+                        | Decision::Complete
+                )
             )
         })
         .count()
@@ -453,22 +460,27 @@ fn manifests(ops: &OpsClient) -> usize {
 
 const FINAL: [&str; 4] = ["completed", "rolled_back", "aborted", "paused"];
 
-async fn rollout(ops: &mut OpsClient, t: &Timeline, create: Value, quiet: bool) -> Result<Value> {
+async fn rollout(
+    ops: &mut OpsClient,
+    t: &Timeline,
+    create: Value,
+    quiet: bool,
+) -> Result<RolloutStatus> {
     let id = create["spec"]["rollout"]
         .as_str()
         .unwrap_or_default()
         .to_string();
     let r = ops.command(create, Duration::from_secs(10)).await?;
-    if r["ok"] != true {
-        bail!("create {id} refused: {}", r["message"]);
+    if !r.ok {
+        bail!("create {id} refused: {}", r.message);
     }
-    t.say(format!("{id}: {}", r["message"].as_str().unwrap_or("")));
+    t.say(format!("{id}: {}", r.message));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     let mut shown = String::new();
     let mut events_seen = ops.events.len();
     loop {
         for e in &ops.events[events_seen..] {
-            if e["rollout"] == id.as_str() {
+            if e.rollout == id {
                 t.say(format!("{id}: {}", crate::view::describe(e)));
             }
         }
@@ -479,7 +491,7 @@ async fn rollout(ops: &mut OpsClient, t: &Timeline, create: Value, quiet: bool) 
                 print!("{view}");
                 shown = view;
             }
-            if FINAL.contains(&s["phase"].as_str().unwrap_or("")) {
+            if FINAL.contains(&s.phase.as_str()) {
                 return Ok(s.clone());
             }
         }
@@ -489,34 +501,37 @@ async fn rollout(ops: &mut OpsClient, t: &Timeline, create: Value, quiet: bool) 
     }
 }
 
-fn summary(ops: &OpsClient, id: &str, version: &str, s: &Value) {
+fn summary(ops: &OpsClient, id: &str, version: &str, s: &RolloutStatus) {
     println!(
         "{id} ({version}): {}{}",
-        s["phase"].as_str().unwrap_or(""),
-        s["halt_reason"]
-            .as_str()
+        s.phase,
+        s.halt_reason
+            .as_deref()
             .map(|r| format!(" — {r}"))
             .unwrap_or_default()
     );
     let opened: Vec<(u64, u64)> = ops
         .events
         .iter()
-        .filter(|e| e["rollout"] == id && e["decision"] == "open_wave")
-        .filter_map(|e| Some((e["wave"].as_u64()?, e["at"].as_u64()?)))
+        .filter(|e| e.rollout == id)
+        .filter_map(|e| match e.what {
+            EventKind::Decision(Decision::OpenWave { wave, .. }) => Some((u64::from(wave), e.at)),
+            _ => None,
+        })
         .collect();
     let end = ops
         .events
         .iter()
-        .filter(|e| e["rollout"] == id)
-        .filter_map(|e| e["at"].as_u64())
+        .filter(|e| e.rollout == id)
+        .map(|e| e.at)
         .max()
         .unwrap_or(0);
     println!(
         "  {:<7} {:>8} {:>8} {:>8} {:>8}",
         "wave", "devices", "healthy", "failed", "time"
     );
-    for w in s["waves"].as_array().into_iter().flatten() {
-        let i = w["index"].as_u64().unwrap_or(0);
+    for w in &s.waves {
+        let i = w.index as u64;
         let start = opened.iter().find(|(k, _)| *k == i).map(|(_, at)| *at);
         let stop = opened
             .iter()
@@ -526,14 +541,9 @@ fn summary(ops: &OpsClient, id: &str, version: &str, s: &Value) {
             || "-".to_string(),
             |a| format!("{}s", stop.saturating_sub(a)),
         );
-        let n = |k: &str| w[k].as_u64().unwrap_or(0);
         println!(
             "  {:<7} {:>8} {:>8} {:>8} {:>8}",
-            w["label"].as_str().unwrap_or(""),
-            n("population"),
-            n("healthy"),
-            n("failed"),
-            time
+            w.label, w.population, w.healthy, w.failed, time
         );
     }
 }

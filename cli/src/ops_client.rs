@@ -6,10 +6,12 @@ use anyhow::{Context as _, Result, bail};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
 use swell_coordinator::ops::OPS_DOMAIN;
+use swell_coordinator::status::{Reply, RolloutEvent, RolloutStatus};
 use swell_mqtt::MqttConfig;
 use swell_protocol::SecretKey;
 use swell_protocol::topics::Topics;
@@ -18,9 +20,16 @@ use tokio::sync::mpsc;
 /// Something the operator connection received.
 #[derive(Debug)]
 pub enum Seen {
-    Reply(Value),
-    Status(Value),
-    Event(Value),
+    Reply(Reply<Value>),
+    Status(Box<RolloutStatus>),
+    Event(RolloutEvent),
+}
+
+/// A command's answer as the type the command answers with (`RolloutStatus`
+/// for `status <id>`, `FleetSummary` for `fleet`, …).
+pub fn answer<T: DeserializeOwned>(reply: &Reply<Value>) -> Result<T> {
+    let v = reply.status.clone().unwrap_or(Value::Null);
+    serde_json::from_value(v).context("the coordinator's answer is not what this command answers")
 }
 
 /// An operator connection.
@@ -34,8 +43,8 @@ pub struct OpsClient {
     /// Operator key: commands are signed with it (required when the key list
     /// names operator keys).
     signer: Option<SecretKey>,
-    pub statuses: HashMap<String, Value>,
-    pub events: Vec<Value>,
+    pub statuses: HashMap<String, RolloutStatus>,
+    pub events: Vec<RolloutEvent>,
 }
 
 impl OpsClient {
@@ -86,15 +95,19 @@ impl OpsClient {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                        let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {
-                            continue;
-                        };
+                        // What does not parse (a removed rollout's empty
+                        // retained status, a newer coordinator's shape) is skipped.
                         let seen = if topic == rt {
-                            Seen::Reply(v)
+                            serde_json::from_slice(&p.payload).map(Seen::Reply).ok()
                         } else if topic == t.ops_events() {
-                            Seen::Event(v)
+                            serde_json::from_slice(&p.payload).map(Seen::Event).ok()
                         } else {
-                            Seen::Status(v)
+                            serde_json::from_slice(&p.payload)
+                                .map(|s| Seen::Status(Box::new(s)))
+                                .ok()
+                        };
+                        let Some(seen) = seen else {
+                            continue;
                         };
                         if tx.send(seen).is_err() {
                             return;
@@ -153,15 +166,13 @@ impl OpsClient {
         })
     }
 
-    fn absorb(&mut self, seen: Seen) -> Option<Value> {
+    fn absorb(&mut self, seen: Seen) -> Option<Reply<Value>> {
         match seen {
             Seen::Reply(v) => return Some(v),
-            Seen::Status(v) => {
-                if let Some(r) = v["rollout"].as_str() {
-                    self.statuses.insert(r.to_string(), v);
-                }
+            Seen::Status(s) => {
+                self.statuses.insert(s.rollout.clone(), *s);
             }
-            Seen::Event(v) => self.events.push(v),
+            Seen::Event(e) => self.events.push(e),
         }
         None
     }
@@ -169,7 +180,7 @@ impl OpsClient {
     /// Sends a command and waits for its reply. A coordinator that has not
     /// subscribed yet does not see commands (they are not retained), so the
     /// command is sent again until `timeout`.
-    pub async fn command(&mut self, cmd: Value, timeout: Duration) -> Result<Value> {
+    pub async fn command(&mut self, cmd: Value, timeout: Duration) -> Result<Reply<Value>> {
         let deadline = tokio::time::Instant::now() + timeout;
         // One id and one wire form for every resend: a slow coordinator that
         // gets the command twice answers the first copy first, and that answer
@@ -200,7 +211,7 @@ impl OpsClient {
                 // the coordinator could trust the command (a forged signature)
                 // carries no id, and is the answer to the command in flight.
                 if let Some(v) = self.absorb(seen)
-                    && (v["id"] == id || v["id"].is_null())
+                    && v.id.as_ref().is_none_or(|i| *i == id)
                 {
                     return Ok(v);
                 }
@@ -291,7 +302,7 @@ mod tests {
             .command(json!({"op": "list"}), Duration::from_secs(20))
             .await
             .unwrap();
-        assert_eq!(first["ok"], true);
+        assert!(first.ok);
 
         proxy.set_up(false);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -301,7 +312,7 @@ mod tests {
             .command(json!({"op": "list"}), Duration::from_secs(30))
             .await
             .unwrap();
-        assert_eq!(second["ok"], true);
-        assert_eq!(second["id"], format!("{}-2", std::process::id()));
+        assert!(second.ok);
+        assert_eq!(second.id, Some(format!("{}-2", std::process::id())));
     }
 }

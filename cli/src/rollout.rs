@@ -3,12 +3,15 @@
 //! reply. A refused command prints one line and exits 1.
 
 use crate::ops_client::OpsClient;
+use crate::ops_client::answer;
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use swell_coordinator::fleet::registry::Enrollment;
+use swell_coordinator::status::{DeviceList, FleetSummary, Reply, RolloutStatus};
 use swell_mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_protocol::topics::{DEFAULT_PREFIX, Topics};
 
@@ -70,7 +73,7 @@ impl Output {
 }
 
 /// Prints `v` as JSON or YAML.
-pub fn print_structured(o: Output, v: &Value) -> Result<()> {
+pub fn print_structured(o: Output, v: &impl serde::Serialize) -> Result<()> {
     match o {
         Output::Yaml => print!("{}", serde_yaml_ng::to_string(v)?),
         _ => println!("{}", serde_json::to_string_pretty(v)?),
@@ -215,60 +218,55 @@ fn timeout(c: &Conn) -> Result<Duration> {
 }
 
 /// Prints a reply; `Ok(false)` when the coordinator refused.
-fn show(c: &Conn, reply: &Value) -> Result<bool> {
-    let ok = reply["ok"] == true;
+fn show(c: &Conn, reply: &Reply<Value>) -> Result<bool> {
     match c.output {
         Output::Json | Output::Yaml => print_structured(c.output, reply)?,
         Output::Table => {
-            if !ok {
+            if !reply.ok {
                 eprintln!(
                     "error: {} ({})",
-                    reply["message"].as_str().unwrap_or("refused"),
-                    reply["reason"].as_str().unwrap_or("refused")
+                    reply.message,
+                    reply.reason.as_deref().unwrap_or("refused")
                 );
                 return Ok(false);
             }
-            println!("{}", reply["message"].as_str().unwrap_or("ok"));
-            match &reply["status"] {
-                Value::Array(all) => all.iter().for_each(print_status),
-                s if s.get("waves").is_some() => print_status(s),
-                _ => {}
+            println!("{}", reply.message);
+            // Rollout commands answer one status, `status` without an id all.
+            if let Ok(s) = answer::<RolloutStatus>(reply) {
+                print_status(&s);
+            } else if let Ok(all) = answer::<Vec<RolloutStatus>>(reply) {
+                all.iter().for_each(print_status);
             }
         }
     }
-    Ok(ok)
+    Ok(reply.ok)
 }
 
-fn print_status(s: &Value) {
+fn print_status(s: &RolloutStatus) {
     println!(
         "{}  phase {}  wave {}  members {}{}",
-        s["rollout"].as_str().unwrap_or(""),
-        s["phase"].as_str().unwrap_or(""),
-        s["wave"],
-        s["members"],
-        s["waiting"]
-            .as_str()
+        s.rollout,
+        s.phase,
+        s.wave,
+        s.members,
+        s.waiting
+            .as_deref()
             .map(|w| format!("  waiting: {w}"))
             .unwrap_or_default()
     );
-    for w in s["waves"].as_array().into_iter().flatten() {
-        let n = |k: &str| w[k].as_u64().unwrap_or(0);
+    for w in &s.waves {
         println!(
             "  {:<7} devices {:>6} healthy {:>6} failed {:>6} installing {:>6} silent {:>6}{}",
-            w["label"].as_str().unwrap_or(""),
-            n("population"),
-            n("healthy"),
-            n("failed"),
-            n("in_progress"),
-            n("silent"),
-            if w["opened"] == true {
-                ""
-            } else {
-                "  (not open)"
-            }
+            w.label,
+            w.population,
+            w.healthy,
+            w.failed,
+            w.in_progress,
+            w.silent,
+            if w.opened { "" } else { "  (not open)" }
         );
     }
-    if let Some(r) = s["halt_reason"].as_str() {
+    if let Some(r) = &s.halt_reason {
         println!("  stopped: {r}");
     }
 }
@@ -322,19 +320,18 @@ pub fn rollout(cmd: RolloutCmd, c: Conn) -> Result<ExitCode> {
         };
         let reply = ops.command(cmd_json, t).await?;
         match &cmd {
-            RolloutCmd::List if reply["ok"] == true && c.output == Output::Table => {
-                let all: Vec<Value> = reply["status"].as_array().cloned().unwrap_or_default();
+            RolloutCmd::List if reply.ok && c.output == Output::Table => {
+                let all: Vec<RolloutStatus> = answer(&reply)?;
                 print!("{}", crate::view::list(&all));
                 return Ok(ExitCode::SUCCESS);
             }
             RolloutCmd::Watch {
                 rollout,
                 wait_timeout,
-            } if reply["ok"] == true => {
+            } if reply.ok => {
                 let limit = humantime::parse_duration(wait_timeout)
                     .with_context(|| format!("--wait-timeout {wait_timeout:?}"))?;
-                ops.statuses
-                    .insert(rollout.clone(), reply["status"].clone());
+                ops.statuses.insert(rollout.clone(), answer(&reply)?);
                 return watch(&mut ops, rollout, limit, &c).await;
             }
             _ => {}
@@ -393,13 +390,13 @@ async fn watch(ops: &mut OpsClient, id: &str, limit: Duration, c: &Conn) -> Resu
         let events: Vec<String> = ops
             .events
             .iter()
-            .filter(|e| e["rollout"] == id)
+            .filter(|e| e.rollout == id)
             .rev()
             .take(5)
             .map(|e| format!("  - {}", crate::view::describe(e)))
             .collect();
         let view = match c.output {
-            Output::Json => format!("{s}\n"),
+            Output::Json => format!("{}\n", serde_json::to_string(&s).unwrap_or_default()),
             Output::Yaml => format!("---\n{}", serde_yaml_ng::to_string(&s).unwrap_or_default()),
             Output::Table => format!(
                 "{}{}\n",
@@ -415,7 +412,7 @@ async fn watch(ops: &mut OpsClient, id: &str, limit: Duration, c: &Conn) -> Resu
             print!("{view}");
             shown = view;
         }
-        if let Some(code) = end_code(s["phase"].as_str().unwrap_or("")) {
+        if let Some(code) = end_code(&s.phase) {
             return Ok(ExitCode::from(code));
         }
         if !ops.next(deadline).await && tokio::time::Instant::now() >= deadline {
@@ -434,8 +431,7 @@ async fn wait_for_end(
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(s) = ops.statuses.get(id) {
-            let phase = s["phase"].as_str().unwrap_or("");
-            let exit = match phase {
+            let exit = match s.phase.as_str() {
                 "completed" => Some(0),
                 "rolled_back" | "aborted" => Some(1),
                 "paused" => Some(2),
@@ -465,25 +461,23 @@ pub fn fleet(c: Conn) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         let mut ops = connect(&c).await?;
         let reply = ops.command(json!({"op": "fleet"}), timeout(&c)?).await?;
-        if c.output.structured() || reply["ok"] != true {
+        if c.output.structured() || !reply.ok {
             return show(&c, &reply).map(code);
         }
-        let s = &reply["status"];
+        let s: FleetSummary = answer(&reply)?;
         println!(
             "devices {}  approved {}  pending {}  online {}",
-            s["devices"], s["approved"], s["pending"], s["online"]
+            s.devices, s.approved, s.pending, s.online
         );
         println!("running release:");
-        for (id, n) in s["running"].as_object().into_iter().flatten() {
-            println!("  {:<16} {n}", if id.len() > 16 { &id[..16] } else { id });
+        for (id, n) in &s.running {
+            println!("  {:<16} {n}", &id[..id.len().min(16)]);
         }
-        if let Some(labels) = s["by_label"].as_object().filter(|m| !m.is_empty()) {
+        if !s.by_label.is_empty() {
             println!("by label:");
-            for (label, releases) in labels {
+            for (label, releases) in &s.by_label {
                 let parts: Vec<String> = releases
-                    .as_object()
-                    .into_iter()
-                    .flatten()
+                    .iter()
                     .map(|(r, n)| format!("{} {n}", &r[..r.len().min(12)]))
                     .collect();
                 println!("  {label:<24} {}", parts.join(", "));
@@ -531,33 +525,30 @@ pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
                 timeout(&c)?,
             )
             .await?;
-        if c.output.structured() || reply["ok"] != true {
+        if c.output.structured() || !reply.ok {
             return show(&c, &reply).map(code);
         }
+        let list: DeviceList = answer(&reply)?;
         println!(
             "{:<24} {:<9} {:<7} {:<14} LABELS",
             "DEVICE", "ENROLLED", "ONLINE", "RUNNING"
         );
-        for d in reply["status"]["devices"].as_array().into_iter().flatten() {
-            let run = d["running"].as_str().map_or("-", |r| &r[..r.len().min(12)]);
-            let labels: Vec<&str> = d["labels"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+        for d in &list.devices {
+            let run = d.running.as_deref().map_or("-", |r| &r[..r.len().min(12)]);
             println!(
                 "{:<24} {:<9} {:<7} {:<14} {}",
-                d["device"].as_str().unwrap_or(""),
-                d["enrollment"].as_str().unwrap_or(""),
-                if d["online"] == true { "yes" } else { "no" },
+                d.device,
+                match d.enrollment {
+                    Enrollment::Approved => "approved",
+                    Enrollment::Pending => "pending",
+                },
+                if d.online { "yes" } else { "no" },
                 run,
-                labels.join(",")
+                d.labels.join(",")
             );
         }
-        let shown = reply["status"]["devices"].as_array().map_or(0, Vec::len);
-        let matched = reply["status"]["matched"].as_u64().unwrap_or(0);
-        if matched as usize > shown {
+        let (shown, matched) = (list.devices.len(), list.matched);
+        if matched > shown {
             println!("({shown} of {matched} shown; raise --limit)");
         }
         Ok(ExitCode::SUCCESS)
@@ -584,25 +575,10 @@ pub fn events(count: Option<usize>, c: Conn) -> Result<ExitCode> {
             while seen < ops.events.len() {
                 let e = &ops.events[seen];
                 match c.output {
-                    Output::Json => println!("{e}"),
-                    Output::Yaml => {
-                        print!("---\n{}", serde_yaml_ng::to_string(e).unwrap_or_default())
-                    }
+                    Output::Json => println!("{}", serde_json::to_string(e)?),
+                    Output::Yaml => print!("---\n{}", serde_yaml_ng::to_string(e)?),
                     Output::Table => {
-                        let what = e["decision"].as_str().or(e["event"].as_str()).unwrap_or("");
-                        let mut rest = e.clone();
-                        for k in ["at", "epoch", "rollout", "decision", "event"] {
-                            if let Some(o) = rest.as_object_mut() {
-                                o.remove(k);
-                            }
-                        }
-                        println!(
-                            "{} {} {} {}",
-                            e["at"],
-                            e["rollout"].as_str().unwrap_or(""),
-                            what,
-                            rest
-                        );
+                        println!("{} {} {}", e.at, e.rollout, crate::view::describe(e))
                     }
                 }
                 seen += 1;

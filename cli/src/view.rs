@@ -2,30 +2,31 @@
 //! progress bar, like `kubectl argo rollouts get rollout --watch`), events in
 //! words, the rollout list. Shared by `swell rollout watch|list` and `swell demo`.
 
-use serde_json::Value;
+use swell_coordinator::rollout::state::Decision;
+use swell_coordinator::status::{EventKind, Lifecycle, RolloutEvent, RolloutStatus};
 
 /// One event in words.
-pub fn describe(e: &Value) -> String {
-    match e["decision"]
-        .as_str()
-        .unwrap_or(e["event"].as_str().unwrap_or(""))
-    {
-        "open_wave" => format!("wave {} opened", e["wave"]),
-        "widen" => format!("wave {} widened", e["wave"]),
-        "start_bake" => format!("wave {} installed, baking", e["wave"]),
-        "gate_passed" => format!("wave {} passed its health gate", e["wave"]),
-        "breach" => format!(
-            "BREACH: {} (policy {})",
-            e["reason"].as_str().unwrap_or(""),
-            e["policy"].as_str().unwrap_or("")
-        ),
-        "start_rollback" => "rolling back".into(),
-        "rollback_done" => "rolled back".into(),
-        "complete" => "completed".into(),
-        "wait" => format!("waiting: {}", e["reason"].as_str().unwrap_or("")),
-        "pause" => "paused".into(),
-        "created" => "created".into(),
-        other => other.to_string(),
+pub fn describe(e: &RolloutEvent) -> String {
+    match &e.what {
+        EventKind::Decision(d) => match d {
+            Decision::OpenWave { wave, .. } => format!("wave {wave} opened"),
+            Decision::Widen { wave, .. } => format!("wave {wave} widened"),
+            Decision::StartBake { wave } => format!("wave {wave} installed, baking"),
+            Decision::GatePassed { wave } => format!("wave {wave} passed its health gate"),
+            Decision::Breach { reason, policy } => {
+                format!("BREACH: {reason} (policy {})", policy.name())
+            }
+            Decision::StartRollback { .. } => "rolling back".into(),
+            Decision::RollbackDone => "rolled back".into(),
+            Decision::Complete => "completed".into(),
+            Decision::Wait { reason } => format!("waiting: {reason}"),
+            Decision::Pause { .. } => "paused".into(),
+            Decision::Resume { wave } => format!("resumed at wave {wave}"),
+            Decision::Abort { reason } => format!("aborted: {reason}"),
+            Decision::Retry { retry } => format!("retry {retry}"),
+        },
+        EventKind::Lifecycle(Lifecycle::Created { .. }) => "created".into(),
+        EventKind::Lifecycle(Lifecycle::Removed) => "removed".into(),
     }
 }
 
@@ -41,59 +42,40 @@ pub fn bar(done: u64, total: u64) -> String {
 }
 
 /// The live view of one rollout status.
-pub fn watch_view(s: &Value) -> String {
+pub fn watch_view(s: &RolloutStatus) -> String {
     let mut out = format!(
         "  {} {:<12} wave {}  members {}\n",
-        s["rollout"].as_str().unwrap_or(""),
-        s["phase"].as_str().unwrap_or(""),
-        s["wave"],
-        s["members"]
+        s.rollout, s.phase, s.wave, s.members
     );
-    for w in s["waves"].as_array().into_iter().flatten() {
-        let n = |k: &str| w[k].as_u64().unwrap_or(0);
-        let done = n("healthy") + n("failed");
+    for w in &s.waves {
+        let done = u64::from(w.healthy) + u64::from(w.failed);
         out.push_str(&format!(
             "    {:<7} {} {:>5}/{:<5} healthy {:>5} failed {:>5} installing {:>5}{}\n",
-            w["label"].as_str().unwrap_or(""),
-            bar(done, n("population")),
+            w.label,
+            bar(done, u64::from(w.population)),
             done,
-            n("population"),
-            n("healthy"),
-            n("failed"),
-            n("in_progress"),
-            if w["opened"] == true {
-                ""
-            } else {
-                "  (not open)"
-            }
+            w.population,
+            w.healthy,
+            w.failed,
+            w.in_progress,
+            if w.opened { "" } else { "  (not open)" }
         ));
     }
     out
 }
 
 /// One line per rollout: id, phase, wave, members, healthy and failed totals.
-pub fn list(statuses: &[Value]) -> String {
+pub fn list(statuses: &[RolloutStatus]) -> String {
     let mut out = format!(
         "{:<24} {:<12} {:>5} {:>8} {:>8} {:>8}\n",
         "ROLLOUT", "PHASE", "WAVE", "MEMBERS", "HEALTHY", "FAILED"
     );
     for s in statuses {
-        let total = |k: &str| {
-            s["waves"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|w| w[k].as_u64().unwrap_or(0))
-                .sum::<u64>()
-        };
+        let healthy: u64 = s.waves.iter().map(|w| u64::from(w.healthy)).sum();
+        let failed: u64 = s.waves.iter().map(|w| u64::from(w.failed)).sum();
         out.push_str(&format!(
             "{:<24} {:<12} {:>5} {:>8} {:>8} {:>8}\n",
-            s["rollout"].as_str().unwrap_or(""),
-            s["phase"].as_str().unwrap_or(""),
-            s["wave"],
-            s["members"],
-            total("healthy"),
-            total("failed"),
+            s.rollout, s.phase, s.wave, s.members, healthy, failed,
         ));
     }
     out
@@ -104,12 +86,25 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn status() -> Value {
-        json!({"rollout": "fw-2", "phase": "baking", "wave": 1, "members": 10,
+    fn status() -> RolloutStatus {
+        serde_json::from_value(json!({"rollout": "fw-2", "fleet": "lab", "release": "ab",
+               "phase": "baking", "paused_by": null, "wave": 1, "members": 10,
+               "open_below": "5", "manifest_state": "Active", "manifest_seq": 3, "retry": 0,
+               "waiting": null, "halt_reason": null, "selector": "", "policy": "pause",
+               "updated_at": 1,
                "waves": [
-                 {"label": "canary", "population": 2, "healthy": 2, "failed": 0, "in_progress": 0, "opened": true},
-                 {"label": "50%", "population": 4, "healthy": 1, "failed": 1, "in_progress": 2, "opened": true},
-                 {"label": "100%", "population": 4, "healthy": 0, "failed": 0, "in_progress": 0, "opened": false}]})
+                 {"index": 0, "label": "canary", "planned": 2, "population": 2, "healthy": 2, "failed": 0, "in_progress": 0, "silent": 0, "opened": true},
+                 {"index": 1, "label": "50%", "planned": 4, "population": 4, "healthy": 1, "failed": 1, "in_progress": 2, "silent": 0, "opened": true},
+                 {"index": 2, "label": "100%", "planned": 4, "population": 4, "healthy": 0, "failed": 0, "in_progress": 0, "silent": 0, "opened": false}]}))
+        .unwrap()
+    }
+
+    fn event(what: serde_json::Value) -> RolloutEvent {
+        let mut v = json!({"at": 1, "epoch": 1, "rollout": "fw-2"});
+        for (k, x) in what.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
     }
 
     #[test]
@@ -133,14 +128,14 @@ mod tests {
     #[test]
     fn view_events_in_words() {
         assert_eq!(
-            describe(&json!({"decision": "open_wave", "wave": 2})),
+            describe(&event(
+                json!({"decision": "open_wave", "wave": 2, "open_below": 9})
+            )),
             "wave 2 opened"
         );
-        assert!(
-            describe(
-                &json!({"decision": "breach", "reason": "failures 40%", "policy": "rollback"})
-            )
-            .contains("BREACH")
-        );
+        let breach = describe(&event(
+            json!({"decision": "breach", "reason": "failures 40%", "policy": "rollback"}),
+        ));
+        assert_eq!(breach, "BREACH: failures 40% (policy rollback)");
     }
 }

@@ -16,7 +16,6 @@
 
 #[cfg(doc)]
 use crate::engine::Engine;
-use crate::engine::verify_hello;
 use std::sync::mpsc;
 use swell_protocol::PublicKey;
 use swell_protocol::envelope::{EnvelopeError, UnverifiedEnvelope, Verified};
@@ -104,7 +103,7 @@ pub fn verify_planned(plans: Vec<Planned<'_>>, now: u64, batch: bool) -> Vec<Pre
                 Precheck::None
             }
             Planned::Hello { env, key } => Precheck::Hello {
-                result: verify_hello(&env, key.as_ref(), now),
+                result: Hello::verify(&env, key.as_ref(), now),
                 key,
             },
         });

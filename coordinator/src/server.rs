@@ -5,16 +5,15 @@
 //! (MQTT-4, STATE-1). A QoS 1 redelivery of an acknowledged-late message is a
 //! replay the engine already ignores (device `seq` floors).
 
-use crate::engine::{Engine, EngineError, Forwarded, Out, ReplyTo};
+use crate::engine::{Engine, EngineError, Forwarded, Out, Refusal, ReplyTo};
 use crate::ingest_probe::{Effect, IngestProbe, ProbeConfig};
 use crate::metrics::Metrics;
 use crate::ops::Op;
 use crate::precheck::{default_threads, pipeline};
-use crate::status::RolloutEvent;
+use crate::status::{Answer, Reply, RolloutEvent};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, PublishProperties};
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use swell_mqtt::log_throttle::LogThrottle;
@@ -61,8 +60,9 @@ impl Default for LoopConfig {
 /// How often fleet gauges (a walk of the registry) are refreshed.
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
 
-/// Outcome of a command applied for the controller.
-pub type Applied = Result<(String, Value), (&'static str, String)>;
+/// Outcome of a command applied for the controller: what it did and its
+/// answer, or why it was refused.
+pub type Applied = Result<(String, Answer), Refusal>;
 
 /// Requests from inside the process (the Kubernetes controller) to the loop
 /// that owns the engine.
@@ -87,7 +87,7 @@ pub enum Control {
         id: Option<String>,
         reply_to: Option<String>,
         reply: ReplyTo,
-        body: Value,
+        body: Box<Reply>,
     },
 }
 
@@ -515,7 +515,7 @@ pub async fn run_with(
                         let _ = done.send(existed);
                     }
                     Control::Reply { id, reply_to, reply, body } => {
-                        sink.send_all(engine.reply_out(id.as_deref(), reply_to.as_deref(), &reply, body));
+                        sink.send_all(engine.reply_out(id.as_deref(), reply_to.as_deref(), &reply, *body));
                     }
                 }
             }
@@ -622,7 +622,7 @@ pub async fn run_with(
                             mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f) => f,
                         };
                         warn!(op = f.op.name(), "controller busy: command refused");
-                        let body = serde_json::json!({"ok": false, "op": f.op.name(), "reason": "busy", "message": "the Kubernetes controller is not keeping up; retry"});
+                        let body = Reply::refused(Some(f.op.name()), "busy", "the Kubernetes controller is not keeping up; retry".into());
                         sink.send_all(engine.reply_out(f.id.as_deref(), f.reply_to.as_deref(), &f.reply, body));
                     }
                 }

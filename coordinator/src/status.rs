@@ -5,9 +5,11 @@
 //! controller and the tests read the types. The JSON shapes are the operator
 //! protocol (docs/protocol.md §6 and the README), unchanged by the types.
 
+use crate::fleet::registry::Enrollment;
 use crate::rollout::spec::BreachPolicy;
 use crate::rollout::state::{Decision, PauseReason};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// One rollout, as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +100,111 @@ pub enum Lifecycle {
     Removed,
 }
 
+/// An operator command's reply (`{p}/ops/cmd` answered on its response
+/// topic, docs/protocol.md §6): `ok` with the command's answer as `status`, or
+/// refused with a `reason`. `T` is what the command answers ([`Answer`] when
+/// written; a reader that knows the command it sent reads its own type).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply<T = Answer> {
+    pub ok: bool,
+    /// The command's `op`; absent when the command could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+    /// Why it was refused (`unknown_rollout`, `refused`, `unsigned`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    pub status: Option<T>,
+    /// The command's `id`, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+impl Reply {
+    pub fn accepted(op: &str, message: String, answer: Answer) -> Self {
+        Reply {
+            ok: true,
+            op: Some(op.to_string()),
+            reason: None,
+            message,
+            status: Some(answer),
+            id: None,
+        }
+    }
+
+    /// `op` is `None` for a command that could not be read.
+    pub fn refused(op: Option<&str>, reason: &str, message: String) -> Self {
+        Reply {
+            ok: false,
+            op: op.map(str::to_string),
+            reason: Some(reason.to_string()),
+            message,
+            status: None,
+            id: None,
+        }
+    }
+}
+
+/// What an accepted command answers, by command.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// `create`, `status` of one rollout, and every rollout command.
+    Rollout(Box<RolloutStatus>),
+    /// `status` without a rollout: all of them.
+    Rollouts(Vec<RolloutStatus>),
+    /// `approve`.
+    Device { device: String },
+    /// `fleet`.
+    Fleet(FleetSummary),
+    /// `devices`.
+    Devices(DeviceList),
+    /// A command taken on to be applied elsewhere (the Kubernetes controller).
+    Nothing,
+}
+
+/// The `fleet` command's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetSummary {
+    pub devices: usize,
+    pub approved: u64,
+    pub pending: usize,
+    pub online: u64,
+    /// Devices by the release they run (id in hex, or `none`).
+    pub running: BTreeMap<String, u64>,
+    /// `key=value` → release → devices: which release runs where.
+    pub by_label: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// The `devices` command's answer: how many matched, and the first `limit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceList {
+    pub matched: usize,
+    pub devices: Vec<DeviceRow>,
+}
+
+/// One device as the `devices` command lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRow {
+    pub device: String,
+    pub enrollment: Enrollment,
+    pub online: bool,
+    /// The release it runs (id in hex).
+    pub running: Option<String>,
+    pub hardware: String,
+    pub agent: String,
+    /// `key=value`.
+    pub labels: Vec<String>,
+    /// Unix seconds.
+    pub last_seen: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +243,32 @@ mod tests {
             r#"{"at":1,"epoch":1,"rollout":"fw","event":"created","version":"2.0","members":3}"#
         );
         assert_eq!(serde_json::from_str::<RolloutEvent>(&text).unwrap(), c);
+    }
+
+    // Replies keep the shape clients already read: `status` on success,
+    // `reason` on refusal, `op` only when the command could be read.
+    #[test]
+    fn status_replies_keep_their_json_shape() {
+        let ok = Reply::accepted(
+            "approve",
+            "device d approved".into(),
+            Answer::Device { device: "d".into() },
+        );
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"ok":true,"op":"approve","message":"device d approved","status":{"device":"d"}}"#
+        );
+        let mut no = Reply::refused(None, "malformed", "not JSON".into());
+        no.id = Some("7".into());
+        let text = serde_json::to_string(&no).unwrap();
+        assert_eq!(
+            text,
+            r#"{"ok":false,"reason":"malformed","message":"not JSON","id":"7"}"#
+        );
+        let back: Reply<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (back.ok, back.status, back.id.as_deref()),
+            (false, None, Some("7"))
+        );
     }
 }

@@ -142,11 +142,9 @@ async fn coordinator_survives_sigkill_at_random_points() {
             op.wait_enrolled(30).await;
             enrolled = true;
         }
-        let current_done = rollouts.last().is_none_or(|id| {
-            op.statuses
-                .get(id)
-                .is_some_and(|s| s["phase"] == "completed")
-        });
+        let current_done = rollouts
+            .last()
+            .is_none_or(|id| op.statuses.get(id).is_some_and(|s| s.phase == "completed"));
         if current_done {
             let id = format!("r{}", rollouts.len());
             let r = op
@@ -172,7 +170,7 @@ async fn coordinator_survives_sigkill_at_random_points() {
     let mut child = spawn(&b, &files, &state);
     op.command_when_up(json!({"op": "status"}), 20).await;
     for id in &rollouts {
-        op.wait_status(id, 120, |s| s["phase"] == "completed").await;
+        op.wait_status(id, 120, |s| s.phase == "completed").await;
     }
     #[cfg(unix)]
     {

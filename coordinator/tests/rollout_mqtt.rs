@@ -6,21 +6,18 @@
 mod common;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
+use swell_coordinator::rollout::state::PauseReason;
+use swell_coordinator::status::RolloutStatus;
 use swell_protocol::RolloutId;
 use swell_protocol::messages::ManifestState;
 
-fn phase(s: &Value) -> &str {
-    s["phase"].as_str().unwrap_or("")
+fn phase(s: &RolloutStatus) -> &str {
+    &s.phase
 }
 
-fn total(s: &Value, field: &str) -> u64 {
-    s["waves"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w[field].as_u64().unwrap())
-        .sum()
+fn paused_by(s: &RolloutStatus) -> Option<&PauseReason> {
+    s.paused_by.as_ref()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,8 +41,8 @@ async fn coordinator_mqtt_healthy_rollout_completes() {
     let s = op
         .wait_status("fw-2", 60, |s| phase(s) == "completed")
         .await;
-    assert_eq!(total(&s, "healthy"), 60, "{s:#}");
-    assert_eq!(total(&s, "failed"), 0);
+    assert_eq!(s.opened_totals().0, 60, "{s:#?}");
+    assert_eq!(s.opened_totals().1, 0);
     // What devices saw: seq strictly up, open_below never down, ends open to all.
     devs.wait_manifest("fw-2", 10, |_, ob| ob == u64::MAX).await;
     let ms: Vec<_> = devs
@@ -98,9 +95,12 @@ async fn coordinator_mqtt_breach_pauses() {
         .await;
     assert_eq!(r["ok"], true, "{r}");
     let s = op.wait_status("bad", 30, |s| phase(s) == "paused").await;
-    assert_eq!(s["paused_by"]["by"], "breach", "{s:#}");
-    assert_eq!(s["wave"], 0);
-    assert!(s["halt_reason"].as_str().unwrap().contains("failed"));
+    assert!(
+        matches!(paused_by(&s), Some(PauseReason::Breach(_))),
+        "{s:#?}"
+    );
+    assert_eq!(s.wave, 0);
+    assert!(s.halt_reason.as_deref().unwrap().contains("failed"));
     // Devices see it paused, and no manifest ever opened wave 1.
     devs.wait_manifest("bad", 10, |st, _| *st == ManifestState::Paused)
         .await;
@@ -144,7 +144,7 @@ async fn coordinator_mqtt_breach_with_rollback_policy() {
     let s = op
         .wait_status("rb", 30, |s| phase(s) == "rolled_back")
         .await;
-    assert!(s["halt_reason"].as_str().is_some());
+    assert!(s.halt_reason.is_some());
     assert!(
         devs.manifests()
             .iter()
@@ -180,8 +180,8 @@ async fn coordinator_mqtt_silent_devices_fail_after_timeout() {
     assert_eq!(r["ok"], true, "{r}");
     let s = op.wait_status("quiet", 30, |s| phase(s) == "paused").await;
     assert!(
-        s["halt_reason"].as_str().unwrap().contains("silent"),
-        "{s:#}"
+        s.halt_reason.as_deref().unwrap().contains("silent"),
+        "{s:#?}"
     );
 }
 
@@ -203,8 +203,10 @@ async fn coordinator_mqtt_late_failure_in_earlier_wave_halts() {
         .await;
     assert_eq!(r["ok"], true, "{r}");
     // Wave 1 passes and waits at its manual gate; then wave-0 devices fail late.
-    op.wait_status("late", 30, |s| s["paused_by"]["by"] == "manual_gate")
-        .await;
+    op.wait_status("late", 30, |s| {
+        paused_by(s) == Some(&PauseReason::ManualGate)
+    })
+    .await;
     let rollout = RolloutId::new("late").unwrap();
     for i in devs.in_wave(&rollout, &[300_000, 600_000, 1_000_000], 0) {
         devs.fail_now(i, &rollout, rel.id()).await;
@@ -214,9 +216,11 @@ async fn coordinator_mqtt_late_failure_in_earlier_wave_halts() {
         .await;
     assert_eq!(r["ok"], true, "{r}");
     let s = op
-        .wait_status("late", 30, |s| s["paused_by"]["by"] == "breach")
+        .wait_status("late", 30, |s| {
+            matches!(paused_by(s), Some(PauseReason::Breach(_)))
+        })
         .await;
-    assert!(total(&s, "failed") > 0, "{s:#}");
+    assert!(s.opened_totals().1 > 0, "{s:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,8 +239,10 @@ async fn coordinator_mqtt_manual_gate_pause_resume_retry_abort() {
         ))
         .await;
     assert_eq!(r["ok"], true, "{r}");
-    op.wait_status("gated", 30, |s| s["paused_by"]["by"] == "manual_gate")
-        .await;
+    op.wait_status("gated", 30, |s| {
+        paused_by(s) == Some(&PauseReason::ManualGate)
+    })
+    .await;
     let r = op
         .command(json!({"op": "resume", "rollout": "gated"}))
         .await;
@@ -268,8 +274,10 @@ async fn coordinator_mqtt_manual_gate_pause_resume_retry_abort() {
         ))
         .await;
     assert_eq!(r["ok"], true, "{r}");
-    op.wait_status("second", 30, |s| s["paused_by"]["by"] == "breach")
-        .await;
+    op.wait_status("second", 30, |s| {
+        matches!(paused_by(s), Some(PauseReason::Breach(_)))
+    })
+    .await;
     devs.set_behavior(|_| Behavior::Healthy);
     let r = op
         .command(json!({"op": "retry", "rollout": "second"}))
@@ -292,15 +300,10 @@ async fn coordinator_mqtt_manual_gate_pause_resume_retry_abort() {
         ))
         .await;
     assert_eq!(r["ok"], true, "{r}");
-    let s = op
-        .wait_status("third", 10, |s| s["waiting"].is_string())
-        .await;
+    let s = op.wait_status("third", 10, |s| s.waiting.is_some()).await;
     assert!(
-        s["waiting"]
-            .as_str()
-            .unwrap()
-            .contains("scheduled to start"),
-        "{s:#}"
+        s.waiting.as_deref().unwrap().contains("scheduled to start"),
+        "{s:#?}"
     );
     let r = op.command(json!({"op": "pause", "rollout": "third"})).await;
     assert_eq!(r["ok"], true, "{r}");
@@ -353,8 +356,8 @@ async fn coordinator_mqtt_concurrent_disjoint_rollouts_and_overlap_refused() {
     assert_eq!(r["ok"], true, "{r}");
     let eu = op.wait_status("eu", 30, |s| phase(s) == "completed").await;
     let us = op.wait_status("us", 30, |s| phase(s) == "completed").await;
-    assert_eq!(total(&eu, "healthy"), 20);
-    assert_eq!(total(&us, "healthy"), 20);
+    assert_eq!(eu.opened_totals().0, 20);
+    assert_eq!(us.opened_totals().0, 20);
     // Once they are done, an overlapping rollout is fine.
     let r = op
         .command(create_cmd(

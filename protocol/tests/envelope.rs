@@ -367,6 +367,32 @@ fn envelope_hello_is_self_signed() {
     assert!(Hello::verify_self_signed(&env, T0).is_err());
 }
 
+/// An enrolled device's Hello is checked with its enrolled key: a new key in
+/// the payload, even self-signed, does not replace it.
+#[test]
+fn envelope_hello_of_an_enrolled_device_needs_its_enrolled_key() {
+    let good = hello();
+    let env = UnverifiedEnvelope::parse(&good).unwrap();
+    let enrolled = hello_body().key;
+    assert_eq!(
+        Hello::verify(&env, Some(&enrolled), T0).unwrap().body,
+        hello_body()
+    );
+    assert_eq!(Hello::verify(&env, None, T0).unwrap().body, hello_body());
+
+    let other = device_key(7);
+    let mut body = hello_body();
+    body.key = other.public();
+    let rekeyed = seal(&other, device_stamp(1), &body).unwrap();
+    let env = UnverifiedEnvelope::parse(&rekeyed).unwrap();
+    assert!(
+        Hello::verify(&env, None, T0).is_ok(),
+        "self-signed by the new key"
+    );
+    let e = Hello::verify(&env, Some(&enrolled), T0).unwrap_err();
+    assert_eq!(e.reason(), "forged", "{e}");
+}
+
 /// Honest reports by `n` devices, each with its own key.
 fn reports_of_many(n: u8) -> Vec<(Vec<u8>, swell_protocol::PublicKey)> {
     (0..n)

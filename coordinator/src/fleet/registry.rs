@@ -11,8 +11,10 @@ use swell_protocol::cohort::Label;
 use swell_protocol::messages::Hello;
 use swell_protocol::{DeviceId, FleetId, PublicKey, ReleaseId};
 
-/// Whether a device may take part.
+/// Whether a device may take part. (Stored by variant index; the names are
+/// for operators: `pending`, `approved`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Enrollment {
     /// Announced itself; waits for an operator's `approve`.
     Pending,

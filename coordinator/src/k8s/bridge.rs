@@ -8,9 +8,10 @@ use super::crd::{Rollout, RolloutResourceSpec};
 use crate::engine::Forwarded;
 use crate::ops::Op;
 use crate::server::Control;
+use crate::status::{Answer, Reply};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -29,10 +30,10 @@ fn who(f: &Forwarded) -> String {
         .map_or_else(|| "mqtt".to_string(), |k| format!("mqtt operator {k}"))
 }
 
-/// Writes one command to the resource; the reply body.
-pub async fn apply(api: &Api<Rollout>, f: &Forwarded) -> Value {
+/// Writes one command to the resource; the reply.
+pub async fn apply(api: &Api<Rollout>, f: &Forwarded) -> Reply {
     let op_name = f.op.name();
-    let fail = |reason: &str, message: String| json!({"ok": false, "op": op_name, "reason": reason, "message": message});
+    let fail = |reason: &str, message: String| Reply::refused(Some(op_name), reason, message);
     match &f.op {
         Op::Create {
             spec,
@@ -51,11 +52,15 @@ pub async fn apply(api: &Api<Rollout>, f: &Forwarded) -> Value {
                 ..Default::default()
             };
             match api.create(&pp, &obj).await {
-                Ok(o) => json!({
-                    "ok": true, "op": op_name,
-                    "message": format!("Rollout {}/{} created; the controller starts it", o.namespace().unwrap_or_default(), name),
-                    "status": null,
-                }),
+                Ok(o) => Reply::accepted(
+                    op_name,
+                    format!(
+                        "Rollout {}/{} created; the controller starts it",
+                        o.namespace().unwrap_or_default(),
+                        name
+                    ),
+                    Answer::Nothing,
+                ),
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     fail("exists", format!("rollout {name} already exists"))
                 }
@@ -100,11 +105,11 @@ pub async fn apply(api: &Api<Rollout>, f: &Forwarded) -> Value {
             })
             .await;
             match result {
-                Ok(_) => json!({
-                    "ok": true, "op": op_name,
-                    "message": format!("{op_name} written to Rollout {name}; the controller applies it"),
-                    "status": null,
-                }),
+                Ok(_) => Reply::accepted(
+                    op_name,
+                    format!("{op_name} written to Rollout {name}; the controller applies it"),
+                    Answer::Nothing,
+                ),
                 Err(kube::Error::Api(s)) if s.code == 404 => {
                     fail("unknown_rollout", format!("no rollout {name}"))
                 }
@@ -118,19 +123,23 @@ pub async fn apply(api: &Api<Rollout>, f: &Forwarded) -> Value {
 pub async fn run(api: Api<Rollout>, mut rx: mpsc::Receiver<Forwarded>, engine: EngineHandle) {
     while let Some(f) = rx.recv().await {
         let body = apply(&api, &f).await;
-        if body["ok"] == json!(true) {
+        if body.ok {
             info!(
                 op = f.op.name(),
                 "operator command written to the Rollout resource"
             );
         } else {
-            warn!(op = f.op.name(), reason = %body["reason"], "operator command not written");
+            warn!(
+                op = f.op.name(),
+                reason = body.reason.as_deref().unwrap_or_default(),
+                "operator command not written"
+            );
         }
         let reply = Control::Reply {
             id: f.id.clone(),
             reply_to: f.reply_to.clone(),
             reply: f.reply.clone(),
-            body,
+            body: Box::new(body),
         };
         if engine.send(reply).await.is_err() {
             return;

@@ -6,6 +6,7 @@
 //! resume), and deleting it halts the rollout and forgets it (finalizer).
 
 use super::crd::{Condition, Rollout, RolloutStatus, WaveStatus};
+use crate::engine::Refusal;
 use crate::ops::Op;
 use crate::rollout::state::{Decision, PauseReason};
 use crate::server::{Applied, Control};
@@ -150,7 +151,10 @@ async fn cleanup(obj: &Rollout, ctx: &Ctx) -> Result<Action, Error> {
 }
 
 fn refused(message: String) -> Applied {
-    Err(("invalid", message))
+    Err(Refusal {
+        reason: "invalid",
+        message,
+    })
 }
 
 async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, Error> {
@@ -186,7 +190,7 @@ async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, E
                     Some(s) => s,
                     None => return Ok(Action::requeue(REFRESH)),
                 },
-                Err((reason, message)) => {
+                Err(Refusal { reason, message }) => {
                     let st = invalid_status(obj, &camel(reason), &message);
                     write_status(api, obj, st).await?;
                     publish_event(
@@ -221,9 +225,9 @@ async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, E
         None
     };
     if let Some(op) = pause_op
-        && let Err((_, m)) = ctx.engine.apply(op).await?
+        && let Err(r) = ctx.engine.apply(op).await?
     {
-        note = Some(m);
+        note = Some(r.message);
     }
     let done_action = obj.status.as_ref().and_then(|s| s.last_action.clone());
     let mut last_action = done_action.clone();
@@ -261,7 +265,7 @@ async fn apply(obj: &Rollout, ctx: &Ctx, api: &Api<Rollout>) -> Result<Action, E
             }
             Some(op) => match ctx.engine.apply(op).await? {
                 Ok((m, _)) => action_result = Some(m),
-                Err((_, m)) => action_result = Some(format!("{verb} refused: {m}")),
+                Err(r) => action_result = Some(format!("{verb} refused: {}", r.message)),
             },
         }
         last_action = Some(a.clone());

@@ -45,6 +45,16 @@ pub enum BreachPolicy {
     Rollback,
 }
 
+impl BreachPolicy {
+    /// As written in specs and shown to operators.
+    pub fn name(self) -> &'static str {
+        match self {
+            BreachPolicy::Pause => "pause",
+            BreachPolicy::Rollback => "rollback",
+        }
+    }
+}
+
 /// A daily maintenance window in a named time zone: waves open only inside one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MaintenanceWindows {

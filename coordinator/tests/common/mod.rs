@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use swell_coordinator::engine::Settings;
 use swell_coordinator::server::{self, LoopConfig, unix_now};
+use swell_coordinator::status::RolloutStatus;
 use swell_mqtt::MqttConfig;
 use swell_protocol::cohort::{self, Label};
 use swell_protocol::envelope::{Audience, Stamp, UnverifiedEnvelope, seal};
@@ -519,7 +520,7 @@ fn on_manifest(
 pub struct Operator {
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
-    pub statuses: HashMap<String, Value>,
+    pub statuses: HashMap<String, RolloutStatus>,
     pub events: Vec<Value>,
     n: u64,
 }
@@ -555,8 +556,9 @@ impl Operator {
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let v: Value = serde_json::from_slice(&p.payload).ok()?;
         if topic.ends_with("/status") {
-            if let Some(r) = v["rollout"].as_str() {
-                self.statuses.insert(r.to_string(), v.clone());
+            // The retained status as clients read it: the typed status.
+            if let Ok(s) = serde_json::from_value::<RolloutStatus>(v.clone()) {
+                self.statuses.insert(s.rollout.clone(), s);
             }
         } else if topic.ends_with("/events") {
             self.events.push(v.clone());
@@ -684,8 +686,8 @@ impl Operator {
         &mut self,
         rollout: &str,
         secs: u64,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
+        pred: impl Fn(&RolloutStatus) -> bool,
+    ) -> RolloutStatus {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(s) = self.statuses.get(rollout)

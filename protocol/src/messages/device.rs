@@ -78,6 +78,21 @@ impl Hello {
             })?;
         env.verify::<Hello>(&key, now)
     }
+
+    /// Verifies a Hello as a coordinator must: with the device's enrolled key
+    /// if it has one, else self-signed ([`Hello::verify_self_signed`]). A
+    /// Hello signed by another key than the enrolled one fails, whatever key
+    /// it carries.
+    pub fn verify(
+        env: &UnverifiedEnvelope<'_>,
+        enrolled: Option<&PublicKey>,
+        now: u64,
+    ) -> Result<Verified<Hello>, EnvelopeError> {
+        match enrolled {
+            Some(k) => env.verify::<Hello>(k, now),
+            None => Self::verify_self_signed(env, now),
+        }
+    }
 }
 
 /// Where a device is with a release. Lifecycle: `Init → Downloading → Downloaded →

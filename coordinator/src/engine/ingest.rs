@@ -1,0 +1,371 @@
+//! Device messages: Hellos (enrollment and facts), reports (counted by the
+//! rollouts' trackers, their replay floor kept) and online flags. Each is
+//! checked in a fixed order (topic, envelope, signature, device named in the
+//! payload, fleet, enrollment, replay floor) and a refusal is counted by reason.
+
+use super::{Engine, EngineError, MAX_PENDING_DEVICES, Out, ParsedTopic, ReplyTo};
+use crate::fleet::registry::{DeviceRecord, Enrollment, RegistryError};
+use crate::precheck::{Planned, Precheck};
+use crate::store::StoredReport;
+use swell_protocol::envelope::UnverifiedEnvelope;
+use swell_protocol::messages::{Hello, Report};
+use swell_protocol::topics::Topic;
+use swell_protocol::{DeviceId, MessageKind, version};
+use tracing::{info, warn};
+
+impl Engine {
+    /// Handles one incoming publish. Device facts are written to the store but not
+    /// flushed: call [`Engine::flush`] before acknowledging.
+    pub fn handle(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        reply: ReplyTo,
+        now: u64,
+    ) -> Result<Vec<Out>, EngineError> {
+        self.handle_checked(topic, payload, reply, now, Precheck::None)
+    }
+
+    /// Which signature check each device message needs, with the key the
+    /// registry holds for its device now (cheap: no signature is checked),
+    /// and each message's topic as parsed (for [`Engine::handle_parsed`], so
+    /// it is parsed once). The checks themselves need nothing from the engine,
+    /// so they can run on other threads while it applies earlier messages
+    /// ([`crate::precheck::verify_planned`], [`crate::precheck::pipeline`]).
+    pub fn plan_checks<'a>(
+        &self,
+        msgs: &[(&str, &'a [u8])],
+    ) -> (Vec<ParsedTopic>, Vec<Planned<'a>>) {
+        msgs.iter()
+            .map(|(topic, payload)| {
+                let parsed = self.s.topics.parse(topic);
+                let plan = self.plan_check(&parsed, payload);
+                (parsed, plan)
+            })
+            .unzip()
+    }
+
+    pub(super) fn plan_check<'a>(&self, parsed: &ParsedTopic, payload: &'a [u8]) -> Planned<'a> {
+        let (report, device) = match parsed {
+            Ok(Topic::Report { device }) => (true, device),
+            Ok(Topic::Hello { device }) => (false, device),
+            _ => return Planned::None,
+        };
+        let Ok(env) = UnverifiedEnvelope::parse(payload) else {
+            return Planned::None;
+        };
+        let key = self.devices.get(device).map(|d| d.key);
+        match key {
+            Some(key) if report && env.kind() != Some(MessageKind::Unsupported) => {
+                Planned::Report { env, key }
+            }
+            _ if report => Planned::None,
+            key => Planned::Hello { env, key },
+        }
+    }
+
+    /// [`Engine::handle`] with a signature check made earlier (used only if it
+    /// was made with the key the device has now).
+    pub fn handle_checked(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        reply: ReplyTo,
+        now: u64,
+        pre: Precheck,
+    ) -> Result<Vec<Out>, EngineError> {
+        let parsed = self.s.topics.parse(topic);
+        self.handle_parsed(parsed, payload, reply, now, pre)
+    }
+
+    /// [`Engine::handle_checked`] with the topic parsed by [`Engine::plan_checks`].
+    pub fn handle_parsed(
+        &mut self,
+        parsed: ParsedTopic,
+        payload: &[u8],
+        reply: ReplyTo,
+        now: u64,
+        pre: Precheck,
+    ) -> Result<Vec<Out>, EngineError> {
+        let parsed = match parsed {
+            Ok(t) => t,
+            Err(e) => {
+                self.reject("bad_topic", "message", &e);
+                return Ok(vec![]);
+            }
+        };
+        let mut out = match parsed {
+            Topic::Hello { device } => self.on_hello(&device, payload, now, pre)?,
+            Topic::Report { device } => self.on_report(&device, payload, now, pre)?,
+            Topic::Online { device } => {
+                self.on_online(&device, payload, now);
+                vec![]
+            }
+            Topic::OpsCmd => self.on_command(payload, reply, now)?,
+            _ => vec![],
+        };
+        out.extend(self.settle(now));
+        Ok(out)
+    }
+
+    pub(super) fn on_online(&mut self, device: &DeviceId, payload: &[u8], now: u64) {
+        let online = match payload {
+            b"1" => true,
+            b"0" => false,
+            _ => {
+                self.reject(
+                    "malformed",
+                    "online flag",
+                    &format_args!("device {device}: payload is not 0 or 1"),
+                );
+                return;
+            }
+        };
+        let Some(slot) = self.devices.slot(device) else {
+            return;
+        };
+        let Some(d) = self.devices.at_mut(slot) else {
+            return;
+        };
+        d.online = online;
+        d.seen(now);
+        if online && d.enrollment == Enrollment::Approved {
+            for l in self.rollouts.values_mut() {
+                l.tracker.on_online(slot);
+            }
+        }
+    }
+
+    pub(super) fn on_hello(
+        &mut self,
+        topic_device: &DeviceId,
+        payload: &[u8],
+        now: u64,
+        pre: Precheck,
+    ) -> Result<Vec<Out>, EngineError> {
+        let key = self.devices.get(topic_device).map(|d| d.key);
+        // A check made ahead parsed the envelope already: it is parsed once.
+        let verified = match pre.hello_with(key.as_ref()) {
+            Some(checked) => checked,
+            None => match UnverifiedEnvelope::parse(payload) {
+                Ok(env) => Hello::verify(&env, key.as_ref(), now),
+                Err(e) => {
+                    self.reject(e.reason(), "hello", &e);
+                    return Ok(vec![]);
+                }
+            },
+        };
+        let v = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject(
+                    e.reason(),
+                    "hello",
+                    &format_args!("device {topic_device}: {e}"),
+                );
+                return Ok(vec![]);
+            }
+        };
+        let h = v.body;
+        if &h.device != topic_device {
+            self.reject(
+                "forged",
+                "hello",
+                &format_args!("topic names {topic_device}, payload {}", h.device),
+            );
+            return Ok(vec![]);
+        }
+        if h.fleet != self.s.fleet {
+            let e = RegistryError::WrongFleet {
+                device: h.device.clone(),
+                fleet: h.fleet.clone(),
+            };
+            self.reject(e.reason(), "hello", &e);
+            return Ok(vec![]);
+        }
+        if version::negotiate(h.proto_min, h.proto_max).is_err() {
+            self.reject(
+                "unsupported",
+                "hello",
+                &format_args!(
+                    "device {}: protocol {}..={}",
+                    h.device, h.proto_min, h.proto_max
+                ),
+            );
+            return Ok(vec![]);
+        }
+        let token_ok = h
+            .enrollment_token
+            .as_ref()
+            .is_some_and(|t| self.s.enrollment_tokens.iter().any(|k| k == t));
+        let newly_approved;
+        let slot = match self.devices.slot(&h.device) {
+            Some(slot) => {
+                let Some(d) = self.devices.at_mut(slot) else {
+                    return Ok(vec![]);
+                };
+                if let Err(e) = d.accept_hello_seq(v.header.seq) {
+                    self.reject(e.reason(), "hello", &e);
+                    return Ok(vec![]);
+                }
+                d.update_from_hello(&h, now, &mut self.shared);
+                newly_approved = d.enrollment == Enrollment::Pending && token_ok;
+                if newly_approved {
+                    d.enrollment = Enrollment::Approved;
+                    self.pending -= 1;
+                }
+                slot
+            }
+            None => {
+                let enrollment = if token_ok {
+                    Enrollment::Approved
+                } else {
+                    Enrollment::Pending
+                };
+                let pending = enrollment == Enrollment::Pending;
+                if pending && self.pending >= MAX_PENDING_DEVICES {
+                    self.reject(
+                        "too_many_pending",
+                        "hello",
+                        &format_args!("device {}", h.device),
+                    );
+                    return Ok(vec![]);
+                }
+                let rec =
+                    DeviceRecord::from_hello(&h, v.header.seq, now, enrollment, &mut self.shared);
+                let Some(slot) = self.devices.insert(rec) else {
+                    self.reject(
+                        "registry_full",
+                        "hello",
+                        &format_args!("device {}", h.device),
+                    );
+                    return Ok(vec![]);
+                };
+                if pending {
+                    self.pending += 1;
+                    info!(device = %h.device, "device awaits approval");
+                }
+                newly_approved = !pending;
+                slot
+            }
+        };
+        self.counters.hellos += 1;
+        // Disjoint fields: the record is read in place, not copied.
+        if let Some(rec) = self.devices.at(slot) {
+            self.store.put_device(rec)?;
+            if rec.enrollment == Enrollment::Approved {
+                if newly_approved {
+                    info!(device = %rec.id, "device enrolled");
+                }
+                for l in self
+                    .rollouts
+                    .values_mut()
+                    .filter(|l| &l.rec.spec.fleet == rec.fleet())
+                {
+                    l.tracker.consider(slot, &rec.id, rec.labels(), true);
+                }
+            }
+        }
+        Ok(vec![])
+    }
+
+    pub(super) fn on_report(
+        &mut self,
+        topic_device: &DeviceId,
+        payload: &[u8],
+        now: u64,
+        pre: Precheck,
+    ) -> Result<Vec<Out>, EngineError> {
+        let known = self
+            .devices
+            .slot(topic_device)
+            .and_then(|slot| Some((slot, self.devices.at(slot)?.key)));
+        // A check made ahead with the key the device has now parsed the
+        // envelope already: it is parsed once.
+        let prechecked = known.and_then(|(slot, key)| Some((slot, pre.report_with(&key)?)));
+        let (slot, checked) = match prechecked {
+            Some(found) => found,
+            None => {
+                let env = match UnverifiedEnvelope::parse(payload) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        self.reject(e.reason(), "report", &e);
+                        return Ok(vec![]);
+                    }
+                };
+                let Some((slot, key)) = known else {
+                    let e = RegistryError::Unknown(topic_device.clone());
+                    self.reject(e.reason(), "report", &e);
+                    return Ok(vec![]);
+                };
+                if env.kind() == Some(MessageKind::Unsupported) {
+                    if let Ok(v) = env.verify::<swell_protocol::messages::Unsupported>(&key, now) {
+                        warn!(device = %topic_device, kind = v.body.kind, proto = v.body.proto, "device cannot read a message we sent");
+                    }
+                    return Ok(vec![]);
+                }
+                (slot, env.verify::<Report>(&key, now))
+            }
+        };
+        let v = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject(
+                    e.reason(),
+                    "report",
+                    &format_args!("device {topic_device}: {e}"),
+                );
+                return Ok(vec![]);
+            }
+        };
+        if &v.body.device != topic_device {
+            self.reject(
+                "forged",
+                "report",
+                &format_args!("topic names {topic_device}, payload {}", v.body.device),
+            );
+            return Ok(vec![]);
+        }
+        let Some(d) = self.devices.at_mut(slot) else {
+            return Ok(vec![]);
+        };
+        if d.enrollment != Enrollment::Approved {
+            let e = RegistryError::NotApproved(topic_device.clone());
+            self.reject(e.reason(), "report", &e);
+            return Ok(vec![]);
+        }
+        if let Err(e) = d.accept_seq(v.header.seq) {
+            self.reject(e.reason(), "report", &e);
+            return Ok(vec![]);
+        }
+        d.seen(now);
+        let running_changed = v.body.phase == swell_protocol::messages::Phase::Committed
+            && d.set_running(Some(v.body.release), &mut self.shared);
+        self.counters.reports += 1;
+        let seq = v.header.seq;
+        let r = v.body;
+        let counted = r.rollout.as_ref().is_some_and(|rollout| {
+            self.rollouts
+                .get_mut(rollout)
+                .is_some_and(|l| l.tracker.on_report(slot, &r.release, &r.phase))
+        });
+        if counted && let Some(rollout) = &r.rollout {
+            // One write: the stored report carries the replay floor.
+            self.store.put_report(
+                rollout,
+                &r.device,
+                &StoredReport {
+                    release: r.release,
+                    phase: r.phase,
+                    seq,
+                },
+            )?;
+        }
+        if (running_changed || !counted)
+            && let Some(rec) = self.devices.at(slot)
+        {
+            self.store.put_device(rec)?;
+        }
+        Ok(vec![])
+    }
+}

@@ -1,0 +1,93 @@
+//! What the fleet runs: the `fleet` and `devices` commands' answers, read from
+//! the registry.
+
+use super::Engine;
+use crate::fleet::registry::{DeviceRecord, Enrollment};
+use crate::status::{DeviceList, DeviceRow, FleetSummary};
+use std::collections::BTreeMap;
+use swell_protocol::cohort::Selector;
+
+/// Most devices one `devices` answer lists (and its default).
+const MAX_ROWS: usize = 10_000;
+const DEFAULT_ROWS: usize = 1_000;
+
+impl Engine {
+    /// Devices by enrollment, online, and the release they run, overall and
+    /// per label.
+    pub(super) fn fleet_summary(&self) -> FleetSummary {
+        let mut running: BTreeMap<String, u64> = BTreeMap::new();
+        let mut by_label: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        let (mut approved, mut online) = (0u64, 0u64);
+        for d in self.devices.values() {
+            approved += u64::from(d.enrollment == Enrollment::Approved);
+            online += u64::from(d.online);
+            let key = d
+                .running
+                .as_deref()
+                .map_or_else(|| "none".to_string(), |r| r.to_string());
+            for l in d.labels() {
+                *by_label
+                    .entry(format!("{}={}", l.key, l.value))
+                    .or_default()
+                    .entry(key.clone())
+                    .or_default() += 1;
+            }
+            *running.entry(key).or_default() += 1;
+        }
+        FleetSummary {
+            devices: self.devices.len(),
+            approved,
+            pending: self.pending,
+            online,
+            running,
+            by_label,
+        }
+    }
+
+    /// The devices that match every filter given, by id; at most `limit`
+    /// listed, all counted. `release` is a prefix of the release id, or `none`.
+    pub(super) fn device_list(
+        &self,
+        selector: Option<&Selector>,
+        release: Option<&str>,
+        online: Option<bool>,
+        limit: Option<usize>,
+    ) -> DeviceList {
+        let release = release.map(str::to_ascii_lowercase);
+        let limit = limit.unwrap_or(DEFAULT_ROWS).min(MAX_ROWS);
+        let mut sorted: Vec<&DeviceRecord> = self.devices.values().collect();
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut matched = 0usize;
+        let mut devices = Vec::new();
+        for d in sorted {
+            let run = d.running.as_deref().map(|r| r.to_string());
+            let keep = selector.is_none_or(|s| s.matches(d.labels()))
+                && online.is_none_or(|o| o == d.online)
+                && release.as_deref().is_none_or(|want| match &run {
+                    None => want == "none",
+                    Some(r) => r.starts_with(want),
+                });
+            if !keep {
+                continue;
+            }
+            matched += 1;
+            if devices.len() < limit {
+                devices.push(DeviceRow {
+                    device: d.id.to_string(),
+                    enrollment: d.enrollment,
+                    online: d.online,
+                    running: run,
+                    hardware: d.hardware().to_string(),
+                    agent: d.agent_version().to_string(),
+                    labels: d
+                        .labels()
+                        .iter()
+                        .map(|l| format!("{}={}", l.key, l.value))
+                        .collect(),
+                    last_seen: d.last_seen(),
+                });
+            }
+        }
+        DeviceList { matched, devices }
+    }
+}
