@@ -1,5 +1,7 @@
-//! Every ingest rejection path, on the engine directly (real sled store, no
-//! broker needed): each is counted under its reason and changes nothing.
+//! Every ingest rejection path, on the engine directly (no broker needed): each
+//! is counted under its reason and changes nothing. The engine runs on the
+//! in-memory store (`MemoryStore`, test-util) except where the disk store's
+//! record layout is the subject.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use swell_coordinator::engine::{Engine, EngineError, ReplyTo};
 use swell_coordinator::precheck::{Precheck, pipeline};
 use swell_coordinator::server::unix_now;
-use swell_coordinator::store::DiskStore;
+use swell_coordinator::store::{DiskStore, MemoryStore};
 use swell_protocol::envelope::{Audience, Stamp, seal};
 use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
@@ -18,7 +20,6 @@ use swell_protocol::{DeviceId, FleetId, ReleaseId, RolloutId, SecretKey};
 
 struct T {
     e: Engine,
-    _dir: tempfile::TempDir,
     now: u64,
 }
 
@@ -92,14 +93,8 @@ fn report(
 
 impl T {
     fn new() -> T {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
-        let (e, _) = Engine::start(settings(1), store, unix_now()).unwrap();
-        T {
-            e,
-            _dir: dir,
-            now: unix_now(),
-        }
+        let (e, _) = Engine::start(settings(1), Arc::new(MemoryStore::new()), unix_now()).unwrap();
+        T { e, now: unix_now() }
     }
 
     fn send(&mut self, topic: String, payload: &[u8]) {
@@ -536,6 +531,61 @@ fn engine_replay_floor_held_by_stored_reports_survives_restart_and_removal() {
         &report(1, &k, 7, "r", rel.id(), Phase::Committed, 0),
     );
     assert_eq!(e.counters.reports, 1);
+}
+
+/// STATE-1 at the engine: device facts are durable once flushed (the server
+/// flushes before it acknowledges), and a crash before the flush loses them,
+/// so the device's resend after the crash counts instead of being a replay.
+#[test]
+fn engine_device_facts_are_durable_once_flushed() {
+    let store = Arc::new(MemoryStore::new());
+    let now = unix_now();
+    let start = || Engine::start(settings(1), store.clone(), now).unwrap().0;
+    let k = key(1);
+    let rel = release(2, "2.0.0");
+    let send = |e: &mut Engine, topic: String, payload: &[u8]| {
+        e.handle(&topic, payload, ReplyTo::default(), now).unwrap();
+    };
+    let mut e = start();
+    send(
+        &mut e,
+        topic_hello(1),
+        &hello(1, &k, 1, Some(TOKEN), "plant-7"),
+    );
+    let mut cmd = create_cmd("r", &rel, &["100%"], json!({"bake": "1h"}));
+    cmd["reply_to"] = json!("replies");
+    send(
+        &mut e,
+        "swell/v1/ops/cmd".into(),
+        cmd.to_string().as_bytes(),
+    );
+    e.flush().unwrap();
+    let committed = report(1, &k, 2, "r", rel.id(), Phase::Committed, 0);
+    send(&mut e, topic_report(1), &committed);
+    assert_eq!(e.counters.reports, 1);
+    // Killed before the flush: the report was never acknowledged.
+    store.crash();
+    let mut e = start();
+    assert!(
+        e.rollout_state(&RolloutId::new("r").unwrap()).is_some(),
+        "rollouts are durable at commit"
+    );
+    send(&mut e, topic_report(1), &committed);
+    assert_eq!(
+        e.counters.reports, 1,
+        "the resend counts: nothing of it survived"
+    );
+    e.flush().unwrap();
+    store.crash();
+    let mut e = start();
+    send(&mut e, topic_report(1), &committed);
+    assert_eq!(e.counters.reports, 0);
+    assert_eq!(
+        e.counters.rejected.get("replayed"),
+        Some(&1),
+        "flushed: a replay now"
+    );
+    assert_eq!(store.durable_device(&dev(1)).map(|d| d.last_seq), Some(2));
 }
 
 /// Hello and Report travel on different topics; MQTT orders only within a topic.

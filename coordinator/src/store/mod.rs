@@ -131,8 +131,12 @@ pub trait Store: Send + Sync {
 }
 
 mod disk;
+#[cfg(any(test, feature = "test-util"))]
+mod memory;
 
 pub use disk::{
     DEFAULT_CACHE_BYTES, DiskStore, FOLD_AFTER_RECORDS, FOLD_PART_RECORDS, Tuning,
     cache_bytes_from_mib,
 };
+#[cfg(any(test, feature = "test-util"))]
+pub use memory::MemoryStore;
