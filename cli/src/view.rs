@@ -133,9 +133,8 @@ mod tests {
             )),
             "wave 2 opened"
         );
-        let breach = describe(&event(
-            json!({"decision": "breach", "reason": "failures 40%", "policy": "rollback"}),
-        ));
-        assert_eq!(breach, "BREACH: failures 40% (policy rollback)");
+        let breach = describe(&event(json!({"decision": "breach", "policy": "rollback",
+                   "reason": {"kind": "critical_failures", "devices": 2}})));
+        assert_eq!(breach, "BREACH: 2 critical failure(s) (policy rollback)");
     }
 }

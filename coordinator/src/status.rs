@@ -6,6 +6,7 @@
 //! protocol (docs/protocol.md §6 and the README), unchanged by the types.
 
 use crate::fleet::registry::Enrollment;
+use crate::rollout::health_gate::HaltReason;
 use crate::rollout::spec::BreachPolicy;
 use crate::rollout::state::{Decision, PauseReason};
 use serde::{Deserialize, Serialize};
@@ -34,8 +35,11 @@ pub struct RolloutStatus {
     pub retry: u32,
     /// Why it waits (a schedule, or a gate that holds).
     pub waiting: Option<String>,
-    /// Why it stopped (a breach, an abort).
+    /// Why it stopped (a breach, an abort), in words.
     pub halt_reason: Option<String>,
+    /// The same, typed, with the counts that made it breach.
+    #[serde(default)]
+    pub halted_by: Option<HaltReason>,
     pub members: usize,
     pub selector: String,
     pub policy: BreachPolicy,

@@ -375,15 +375,14 @@ pub fn build_status(
     let (paused_by, detail) = match &s.paused_by {
         Some(PauseReason::Operator) => ("operator", None),
         Some(PauseReason::ManualGate) => ("manual_gate", None),
-        Some(PauseReason::Breach(why)) => ("breach", Some(why.as_str())),
+        Some(PauseReason::Breach(why)) => ("breach", Some(why.to_string())),
         None => ("", None),
     };
     let why = s
         .halt_reason
-        .as_deref()
+        .clone()
         .or(detail)
-        .or(s.waiting.as_deref())
-        .map(str::to_string);
+        .or_else(|| s.waiting.clone());
     let message = note.or(why).unwrap_or_default();
     let progressing = matches!(
         phase.as_str(),

@@ -69,7 +69,91 @@ pub enum Verdict {
     /// Not yet: the reason says what is missing.
     Hold(HoldReason),
     /// Stop: the reason says what breached.
-    Halt(String),
+    Halt(HaltReason),
+}
+
+/// Why a rollout stopped: what breached, with the counts that made it breach
+/// (they are the evidence, kept as they were at that moment), or the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HaltReason {
+    /// Devices failed with a reason the spec names critical.
+    CriticalFailures { devices: u32 },
+    /// Over the opened waves, the failure rate is above the limit at 95 %
+    /// confidence (Wilson lower bound).
+    FailureRate {
+        failed: u32,
+        reported: u32,
+        lower_bound_ppm: u64,
+        limit_ppm: u32,
+    },
+    /// The wave's failures, with its devices silent or unfinished past the
+    /// install deadline (`late`), are above the limit.
+    WaveFailures {
+        failed: u32,
+        considered: u32,
+        late: u32,
+        limit_ppm: u32,
+    },
+    /// Past the install deadline, too few of the wave are healthy.
+    TooFewHealthy {
+        healthy: u32,
+        considered: u32,
+        needed_ppm: u32,
+    },
+    /// An operator's `abort`.
+    AbortedByOperator,
+    /// An operator's `rollback`.
+    RollbackByOperator,
+}
+
+impl std::fmt::Display for HaltReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HaltReason::CriticalFailures { devices } => {
+                write!(f, "{devices} critical failure(s)")
+            }
+            HaltReason::FailureRate {
+                failed,
+                reported,
+                lower_bound_ppm,
+                limit_ppm,
+            } => write!(
+                f,
+                "{failed} of {reported} devices failed: failure rate at least {} (95% confidence), limit {}",
+                pct(*lower_bound_ppm),
+                pct(u64::from(*limit_ppm))
+            ),
+            HaltReason::WaveFailures {
+                failed,
+                considered,
+                late,
+                limit_ppm,
+            } => {
+                write!(
+                    f,
+                    "{failed} of {considered} devices failed ({}",
+                    pct(share_ppm(*failed, *considered))
+                )?;
+                if *late > 0 {
+                    write!(f, ", {late} silent or unfinished past the install timeout")?;
+                }
+                write!(f, "), limit {}", pct(u64::from(*limit_ppm)))
+            }
+            HaltReason::TooFewHealthy {
+                healthy,
+                considered,
+                needed_ppm,
+            } => write!(
+                f,
+                "{healthy} of {considered} devices healthy ({}), {} needed",
+                pct(share_ppm(*healthy, *considered)),
+                pct(u64::from(*needed_ppm))
+            ),
+            HaltReason::AbortedByOperator => f.write_str("aborted by operator"),
+            HaltReason::RollbackByOperator => f.write_str("rollback by operator"),
+        }
+    }
 }
 
 /// Why the gate holds a wave: the kind, and the gate's own limits, not the
@@ -136,20 +220,21 @@ pub fn wilson_lower_ppm(k: u32, n: u32) -> u64 {
 }
 
 /// A breach on cumulative counts, if there is one.
-pub fn breach(gate: &GateSpec, cumulative: &WaveCounts) -> Option<String> {
+pub fn breach(gate: &GateSpec, cumulative: &WaveCounts) -> Option<HaltReason> {
     if cumulative.critical > 0 {
-        return Some(format!("{} critical failure(s)", cumulative.critical));
+        return Some(HaltReason::CriticalFailures {
+            devices: cumulative.critical,
+        });
     }
     let reported = cumulative.finished() + cumulative.in_progress;
     let lower = wilson_lower_ppm(cumulative.failed, reported);
     if lower > u64::from(gate.max_failure_rate_ppm) {
-        return Some(format!(
-            "{} of {} devices failed: failure rate at least {} (95% confidence), limit {}",
-            cumulative.failed,
+        return Some(HaltReason::FailureRate {
+            failed: cumulative.failed,
             reported,
-            pct(lower),
-            pct(u64::from(gate.max_failure_rate_ppm))
-        ));
+            lower_bound_ppm: lower,
+            limit_ppm: gate.max_failure_rate_ppm,
+        });
     }
     None
 }
@@ -193,26 +278,21 @@ pub fn evaluate(
     }
     let failure = share_ppm(failed, considered);
     if failure > u64::from(gate.max_failure_rate_ppm) {
-        return Verdict::Halt(format!(
-            "{failed} of {considered} devices failed ({}{}), limit {}",
-            pct(failure),
-            if late > 0 {
-                format!(", {late} silent or unfinished past the install timeout")
-            } else {
-                String::new()
-            },
-            pct(u64::from(gate.max_failure_rate_ppm))
-        ));
+        return Verdict::Halt(HaltReason::WaveFailures {
+            failed,
+            considered,
+            late,
+            limit_ppm: gate.max_failure_rate_ppm,
+        });
     }
     let success = share_ppm(wave.healthy, considered);
     if success < u64::from(gate.success_threshold_ppm) {
         return if timed_out {
-            Verdict::Halt(format!(
-                "{} of {considered} devices healthy ({}), {} needed",
-                wave.healthy,
-                pct(success),
-                pct(u64::from(gate.success_threshold_ppm))
-            ))
+            Verdict::Halt(HaltReason::TooFewHealthy {
+                healthy: wave.healthy,
+                considered,
+                needed_ppm: gate.success_threshold_ppm,
+            })
         } else {
             Verdict::Hold(HoldReason::TooFewHealthy {
                 success_threshold_ppm: gate.success_threshold_ppm,
@@ -321,7 +401,10 @@ mod tests {
         assert!(breach(&g, &c(100, 70, 30, 0)).is_some());
         let mut crit = c(100, 99, 1, 0);
         crit.critical = 1;
-        assert!(breach(&g, &crit).unwrap().contains("critical"));
+        assert_eq!(
+            breach(&g, &crit).unwrap().to_string(),
+            "1 critical failure(s)"
+        );
         // A late failure in an earlier wave breaches through the cumulative counts.
         let wave = c(10, 10, 0, 0);
         let cumulative = c(20, 12, 8, 0);
@@ -339,5 +422,36 @@ mod tests {
         assert!((94_000..96_000).contains(&b), "{b}");
         let b = wilson_lower_ppm(50, 100);
         assert!((403_000..405_000).contains(&b), "{b}");
+    }
+
+    // The typed reasons read as the sentences operators saw before them.
+    #[test]
+    fn gate_halt_reasons_in_words() {
+        let wave = HaltReason::WaveFailures {
+            failed: 3,
+            considered: 10,
+            late: 1,
+            limit_ppm: 50_000,
+        };
+        assert_eq!(
+            wave.to_string(),
+            "3 of 10 devices failed (30%, 1 silent or unfinished past the install timeout), limit 5%"
+        );
+        let rate = HaltReason::FailureRate {
+            failed: 8,
+            reported: 100,
+            lower_bound_ppm: 41_000,
+            limit_ppm: 10_000,
+        };
+        assert_eq!(
+            rate.to_string(),
+            "8 of 100 devices failed: failure rate at least 4.1% (95% confidence), limit 1%"
+        );
+        let json = serde_json::to_string(&rate).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"failure_rate","failed":8,"reported":100,"lower_bound_ppm":41000,"limit_ppm":10000}"#
+        );
+        assert_eq!(serde_json::from_str::<HaltReason>(&json).unwrap(), rate);
     }
 }

@@ -18,7 +18,7 @@
 //! - RO-003 a paused, aborted or rolled-back rollout never widens.
 //! - RO-004 `open_below` never shrinks while the rollout is active.
 
-use super::health_gate::{self, Verdict, WaveCounts};
+use super::health_gate::{self, HaltReason, Verdict, WaveCounts};
 use super::schedule;
 use super::spec::{BreachPolicy, RolloutSpec};
 use serde::{Deserialize, Serialize};
@@ -59,7 +59,7 @@ pub enum PauseReason {
     Operator,
     /// Wave passed its gate; the next one waits for `promote`.
     ManualGate,
-    Breach(String),
+    Breach(HaltReason),
 }
 
 /// Everything the machine remembers about one rollout.
@@ -78,7 +78,7 @@ pub struct RolloutState {
     /// Why the rollout is not moving, for the status.
     pub waiting: Option<String>,
     /// Why it stopped, once it has.
-    pub halt_reason: Option<String>,
+    pub halt_reason: Option<HaltReason>,
 }
 
 impl RolloutState {
@@ -192,16 +192,16 @@ pub enum Decision {
         wave: u16,
     },
     Breach {
-        reason: String,
+        reason: HaltReason,
         policy: BreachPolicy,
     },
     StartRollback {
-        reason: String,
+        reason: HaltReason,
     },
     RollbackDone,
     Complete,
     Abort {
-        reason: String,
+        reason: HaltReason,
     },
     Retry {
         retry: u32,
@@ -283,7 +283,7 @@ fn start_rollback(s: &mut RolloutState, now: u64) {
 fn breach_policy(
     spec: &RolloutSpec,
     s: &mut RolloutState,
-    reason: String,
+    reason: HaltReason,
     now: u64,
     out: &mut Vec<Decision>,
 ) {
@@ -567,9 +567,9 @@ pub fn command(
                 return Err(final_refusal());
             }
             s.phase = RolloutPhase::Aborted;
-            s.halt_reason = Some("aborted by operator".into());
+            s.halt_reason = Some(HaltReason::AbortedByOperator);
             out.push(Decision::Abort {
-                reason: "operator".into(),
+                reason: HaltReason::AbortedByOperator,
             });
         }
         Command::Rollback => {
@@ -583,9 +583,9 @@ pub fn command(
                 ));
             }
             start_rollback(&mut s, now);
-            s.halt_reason = Some("rollback by operator".into());
+            s.halt_reason = Some(HaltReason::RollbackByOperator);
             out.push(Decision::StartRollback {
-                reason: "operator".into(),
+                reason: HaltReason::RollbackByOperator,
             });
         }
         Command::Retry => match s.phase.clone() {

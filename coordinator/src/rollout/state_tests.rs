@@ -1,6 +1,6 @@
 //! State machine scenarios over a small simulated fleet (pure: no I/O, no clock).
 
-use super::health_gate::WaveCounts;
+use super::health_gate::{HaltReason, WaveCounts};
 use super::planner::WavePlan;
 use super::spec::{BreachPolicy, GateSpec, MaintenanceWindows, RolloutSpec};
 use super::state::*;
@@ -331,7 +331,13 @@ fn state_silent_devices_fail_after_timeout() {
         RolloutPhase::Paused {
             reason: PauseReason::Breach(r),
             ..
-        } => assert!(r.contains("silent"), "{r}"),
+        } => {
+            assert!(
+                matches!(r, HaltReason::WaveFailures { late, .. } if *late > 0),
+                "{r:?}"
+            );
+            assert!(r.to_string().contains("silent"), "{r}");
+        }
         other => panic!("{other:?}: {:?}", sim.decisions()),
     }
     // Not before the timeout: the first bake can only start at the deadline.
