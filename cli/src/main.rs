@@ -1,7 +1,6 @@
 //! `swell`: the operator CLI.
 
 mod bench;
-mod bench_cpu;
 mod broker_config;
 mod decode;
 mod demo;
