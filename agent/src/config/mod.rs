@@ -1,9 +1,17 @@
 //! Agent configuration: `/etc/swell/agent.toml` (path overridable), then
 //! `SWELL_AGENT_*` environment variables, then flags — merged once into an
-//! [`AgentConfig`] and validated with errors that name the field.
+//! [`AgentConfig`] and validated with errors that name the field. The file's
+//! schema is in [`file`].
 
-use serde::Deserialize;
-use std::collections::BTreeMap;
+mod file;
+#[cfg(test)]
+mod tests;
+
+pub use file::{
+    CommandSection, ContainerSection, DownloadSection, FileConfig, InstallSection, MqttSection,
+    ProbeSection, SlotsSection, TrustSection,
+};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use swell_protocol::cohort::{Label, validate_label_key, validate_label_value};
@@ -39,130 +47,6 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
         field,
         message: message.into(),
     }
-}
-
-/// The file, as written (every field optional so flags and env can fill in).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub device_id: Option<String>,
-    pub fleet: Option<String>,
-    pub hardware: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    pub state_dir: Option<PathBuf>,
-    pub broker: Option<String>,
-    pub topic_prefix: Option<String>,
-    pub enrollment_token: Option<String>,
-    /// Send a heartbeat report this often (`5m`).
-    pub heartbeat: Option<String>,
-    /// Most reports kept while offline.
-    pub outbox_cap: Option<usize>,
-    #[serde(default)]
-    pub trust: TrustSection,
-    #[serde(default)]
-    pub mqtt: MqttSection,
-    #[serde(default)]
-    pub download: DownloadSection,
-    #[serde(default)]
-    pub install: InstallSection,
-    #[serde(default)]
-    pub probes: Vec<ProbeSection>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrustSection {
-    /// Pinned root public keys, hex.
-    #[serde(default)]
-    pub roots: Vec<String>,
-    pub threshold: Option<u8>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttSection {
-    pub username: Option<String>,
-    /// File holding the broker password (never the password inline).
-    pub password_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    pub keep_alive: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DownloadSection {
-    /// Below this many bytes per second over `watchdog`, the connection is
-    /// abandoned and resumed (DL-2).
-    pub min_bytes_per_sec: Option<u64>,
-    pub watchdog: Option<String>,
-    /// The whole download must finish within this (`2h`).
-    pub deadline: Option<String>,
-    /// Extra CA for HTTPS artifact servers (the OS trust store is always used).
-    pub ca_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstallSection {
-    /// `slots`, `command` or `container`.
-    pub backend: Option<String>,
-    pub probation: Option<String>,
-    pub probe_interval: Option<String>,
-    /// After probation, how long to wait for a fresh coordinator message before
-    /// rolling back as unreachable (INST-2).
-    pub reach_timeout: Option<String>,
-    pub max_attempts: Option<u16>,
-    pub slots: Option<SlotsSection>,
-    pub command: Option<CommandSection>,
-    pub container: Option<ContainerSection>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SlotsSection {
-    pub dir: Option<PathBuf>,
-    /// Supervised process started from the active slot (argv; the first element
-    /// is resolved inside the slot when relative, e.g. `artifact-0`).
-    #[serde(default)]
-    pub run: Vec<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommandSection {
-    /// `rauc`, `swupdate` or `mender`; explicit commands below override it.
-    pub preset: Option<String>,
-    pub install: Option<Vec<String>>,
-    pub activate: Option<Vec<String>>,
-    pub commit: Option<Vec<String>>,
-    pub rollback: Option<Vec<String>>,
-    pub timeout: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ContainerSection {
-    /// `docker`, `podman` or `nerdctl` (or a path to one).
-    pub cli: Option<String>,
-    /// Container name prefix; containers are `{name}-{release id prefix}`.
-    pub name: Option<String>,
-    #[serde(default)]
-    pub run_args: Vec<String>,
-    pub timeout: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProbeSection {
-    /// `command`, `http` or `process`.
-    pub kind: String,
-    #[serde(default)]
-    pub command: Vec<String>,
-    pub url: Option<String>,
-    pub timeout: Option<String>,
 }
 
 /// Values given on the command line or in `SWELL_AGENT_*` variables; they win
@@ -630,144 +514,5 @@ impl AgentConfig {
             probes,
             abort_after: over.abort_after.clone(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ROOT: &str = "0101010101010101010101010101010101010101010101010101010101010101";
-
-    fn parse(s: &str) -> Result<AgentConfig, ConfigError> {
-        AgentConfig::from_parts(toml::from_str(s).unwrap(), &Overrides::default())
-    }
-
-    #[test]
-    fn config_minimal_file_and_defaults() {
-        let c = parse(&format!(
-            "device_id = \"dev-1\"\nhardware = \"rpi4\"\n[trust]\nroots = [\"{ROOT}\"]\n[labels]\nregion = \"eu\"\n"
-        ))
-        .unwrap();
-        assert_eq!(c.device.as_str(), "dev-1");
-        assert_eq!(c.fleet.as_str(), "default");
-        assert_eq!(c.broker.port, 1883);
-        assert_eq!(c.labels.len(), 1);
-        assert!(matches!(c.backend, BackendConfig::Slots { .. }));
-        assert_eq!(c.probation, Duration::from_secs(60));
-    }
-
-    // MQTT-8: a device's broker user is its id; a password file is enough.
-    #[test]
-    fn config_broker_login_defaults_to_the_device_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("pw");
-        std::fs::write(&pw, "device-password-000\n").unwrap();
-        let f = || -> FileConfig {
-            toml::from_str(&format!(
-                "device_id = \"dev-1\"\nhardware = \"rpi4\"\n[trust]\nroots = [\"{ROOT}\"]\n"
-            ))
-            .unwrap()
-        };
-        let over = Overrides {
-            password_file: Some(pw.clone()),
-            ..Overrides::default()
-        };
-        let c = AgentConfig::from_parts(f(), &over).unwrap();
-        assert_eq!(
-            c.credentials.as_ref(),
-            Some(&("dev-1".to_string(), "device-password-000".to_string()))
-        );
-        let over = Overrides {
-            password_file: Some(pw),
-            username: Some("other".into()),
-            ..Overrides::default()
-        };
-        let c = AgentConfig::from_parts(f(), &over).unwrap();
-        assert_eq!(c.credentials.as_ref().map(|c| c.0.as_str()), Some("other"));
-        assert_eq!(
-            AgentConfig::from_parts(f(), &Overrides::default())
-                .unwrap()
-                .credentials,
-            None
-        );
-    }
-
-    #[test]
-    fn config_overrides_win_and_presets_fill_commands() {
-        let over = Overrides {
-            device_id: Some("dev-2".into()),
-            broker: Some("mqtt://[::1]:1999".into()),
-            ..Overrides::default()
-        };
-        let f: FileConfig = toml::from_str(&format!(
-            "device_id = \"dev-1\"\nhardware = \"rpi4\"\n[trust]\nroots = [\"{ROOT}\"]\n\
-             [install]\nbackend = \"command\"\n[install.command]\npreset = \"rauc\"\ncommit = [\"true\"]\n"
-        ))
-        .unwrap();
-        let c = AgentConfig::from_parts(f, &over).unwrap();
-        assert_eq!(c.device.as_str(), "dev-2");
-        assert_eq!(c.broker.port, 1999);
-        let BackendConfig::Command {
-            install,
-            commit,
-            rollback,
-            ..
-        } = c.backend
-        else {
-            panic!("command backend");
-        };
-        assert_eq!(install, ["rauc", "install", "{artifact}"]);
-        assert_eq!(commit, ["true"]);
-        assert_eq!(rollback, ["rauc", "status", "mark-bad"]);
-    }
-
-    #[test]
-    fn config_errors_name_the_field() {
-        let base = format!("hardware = \"rpi4\"\n[trust]\nroots = [\"{ROOT}\"]\n");
-        let cases = [
-            (base.clone(), "device_id"),
-            (format!("device_id = \"Bad/Id\"\n{base}"), "device_id"),
-            (
-                "device_id = \"d\"\nhardware = \"rpi4\"\n".to_string(),
-                "trust.roots",
-            ),
-            (
-                format!("device_id = \"d\"\n{base}threshold = 2\n"),
-                "trust.threshold",
-            ),
-            (
-                format!("device_id = \"d\"\nbroker = \"http://x\"\n{base}"),
-                "broker",
-            ),
-            (
-                format!("device_id = \"d\"\nheartbeat = \"soon\"\n{base}"),
-                "heartbeat",
-            ),
-            (
-                format!("device_id = \"d\"\n{base}[install]\nbackend = \"floppy\"\n"),
-                "install.backend",
-            ),
-            (
-                format!("device_id = \"d\"\n{base}[[probes]]\nkind = \"process\"\n"),
-                "probes",
-            ),
-            (
-                format!(
-                    "device_id = \"d\"\n{base}[install]\nbackend = \"command\"\n[install.command]\npreset = \"x\"\n"
-                ),
-                "install.command.preset",
-            ),
-        ];
-        for (text, field) in cases {
-            match parse(&text) {
-                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
-                other => panic!("{text}: {other:?}"),
-            }
-        }
-        assert!(
-            toml::from_str::<FileConfig>("nonsense = 1").is_err(),
-            "unknown keys are refused"
-        );
     }
 }
