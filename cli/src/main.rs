@@ -2,8 +2,10 @@
 
 mod bench;
 mod broker_config;
+mod conn;
 mod decode;
 mod demo;
+mod fleet;
 mod keys;
 mod ops_client;
 mod release;
@@ -50,7 +52,7 @@ enum Command {
         #[command(subcommand)]
         cmd: rollout::RolloutCmd,
         #[command(flatten)]
-        conn: rollout::Conn,
+        conn: conn::Conn,
     },
     /// Fleet inventory: devices by enrollment, liveness and running release,
     /// per label; `swell fleet devices` lists devices with filters.
@@ -58,21 +60,21 @@ enum Command {
         #[command(subcommand)]
         cmd: Option<FleetCmd>,
         #[command(flatten)]
-        conn: rollout::Conn,
+        conn: conn::Conn,
     },
     /// Approve a device waiting for enrollment.
     Device {
         #[command(subcommand)]
         cmd: DeviceCmd,
         #[command(flatten)]
-        conn: rollout::Conn,
+        conn: conn::Conn,
     },
     /// Raw MQTT: follow topics, decoding and verifying Swell messages.
     Mqtt {
         #[command(subcommand)]
         cmd: MqttCmd,
         #[command(flatten)]
-        conn: rollout::Conn,
+        conn: conn::Conn,
     },
     /// Shell completions: `swell completions bash > /etc/bash_completion.d/swell`.
     Completions { shell: clap_complete::Shell },
@@ -82,7 +84,7 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
         #[command(flatten)]
-        conn: rollout::Conn,
+        conn: conn::Conn,
     },
 }
 
@@ -95,7 +97,7 @@ enum MqttCmd {
 #[derive(Debug, Subcommand)]
 enum FleetCmd {
     /// Devices, filtered.
-    Devices(rollout::DeviceFilter),
+    Devices(fleet::DeviceFilter),
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,15 +124,15 @@ fn main() -> ExitCode {
         Command::Release(cmd) => release::release(cmd).map(|()| ExitCode::SUCCESS),
         Command::Broker(cmd) => broker_config::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Rollout { cmd, conn } => rollout::rollout(cmd, conn),
-        Command::Fleet { cmd: None, conn } => rollout::fleet(conn),
+        Command::Fleet { cmd: None, conn } => fleet::fleet(conn),
         Command::Fleet {
             cmd: Some(FleetCmd::Devices(f)),
             conn,
-        } => rollout::devices(f, conn),
+        } => fleet::devices(f, conn),
         Command::Device {
             cmd: DeviceCmd::Approve { device },
             conn,
-        } => rollout::approve(device, conn),
+        } => fleet::approve(device, conn),
         Command::Events { count, conn } => rollout::events(count, conn),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

@@ -4,8 +4,8 @@
 //! keys, manifests and beacons against the coordinator keys it names, Hellos by
 //! their own key, reports by the key their device's Hello announced.
 
+use crate::conn::{Conn, Output};
 use crate::decode;
-use crate::rollout::{Conn, Output};
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use rumqttc::v5::mqttbytes::QoS;

@@ -1,0 +1,121 @@
+//! `swell fleet`, `swell fleet devices`, `swell device approve`: the
+//! inventory, one device per row, and approving a device that waits.
+
+use crate::conn::{Conn, code, connect, runtime, show, timeout};
+use crate::ops_client::answer;
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+use std::process::ExitCode;
+use swell_coordinator::fleet::registry::Enrollment;
+use swell_coordinator::status::{DeviceList, FleetSummary};
+
+/// `swell fleet`: the inventory.
+pub fn fleet(c: Conn) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let reply = ops.command(json!({"op": "fleet"}), timeout(&c)?).await?;
+        if c.output().structured() || !reply.ok {
+            return show(&c, &reply).map(code);
+        }
+        let s: FleetSummary = answer(&reply)?;
+        println!(
+            "devices {}  approved {}  pending {}  online {}",
+            s.devices, s.approved, s.pending, s.online
+        );
+        println!("running release:");
+        for (id, n) in &s.running {
+            println!("  {:<16} {n}", &id[..id.len().min(16)]);
+        }
+        if !s.by_label.is_empty() {
+            println!("by label:");
+            for (label, releases) in &s.by_label {
+                let parts: Vec<String> = releases
+                    .iter()
+                    .map(|(r, n)| format!("{} {n}", &r[..r.len().min(12)]))
+                    .collect();
+                println!("  {label:<24} {}", parts.join(", "));
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Filters of `swell fleet devices`.
+#[derive(Debug, Args)]
+pub struct DeviceFilter {
+    /// Label selector, e.g. `region=eu,ring in (beta,canary)`.
+    #[arg(long, short = 'l')]
+    selector: Option<String>,
+    /// Running release: a hex prefix of its id, or `none`.
+    #[arg(long)]
+    release: Option<String>,
+    /// Only devices online now.
+    #[arg(long, conflicts_with = "offline")]
+    online: bool,
+    /// Only devices offline now.
+    #[arg(long)]
+    offline: bool,
+    /// At most this many rows.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+}
+
+/// `swell fleet devices`.
+pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let online = if f.online {
+            Some(true)
+        } else if f.offline {
+            Some(false)
+        } else {
+            None
+        };
+        let reply = ops
+            .command(
+                json!({"op": "devices", "selector": f.selector, "release": f.release,
+                       "online": online, "limit": f.limit}),
+                timeout(&c)?,
+            )
+            .await?;
+        if c.output().structured() || !reply.ok {
+            return show(&c, &reply).map(code);
+        }
+        let list: DeviceList = answer(&reply)?;
+        println!(
+            "{:<24} {:<9} {:<7} {:<14} LABELS",
+            "DEVICE", "ENROLLED", "ONLINE", "RUNNING"
+        );
+        for d in &list.devices {
+            let run = d.running.as_deref().map_or("-", |r| &r[..r.len().min(12)]);
+            println!(
+                "{:<24} {:<9} {:<7} {:<14} {}",
+                d.device,
+                match d.enrollment {
+                    Enrollment::Approved => "approved",
+                    Enrollment::Pending => "pending",
+                },
+                if d.online { "yes" } else { "no" },
+                run,
+                d.labels.join(",")
+            );
+        }
+        let (shown, matched) = (list.devices.len(), list.matched);
+        if matched > shown {
+            println!("({shown} of {matched} shown; raise --limit)");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `swell device approve`.
+pub fn approve(device: String, c: Conn) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let reply = ops
+            .command(json!({"op": "approve", "device": device}), timeout(&c)?)
+            .await?;
+        show(&c, &reply).map(code)
+    })
+}
