@@ -4,19 +4,25 @@
 //! the store is flushed once, and only then are the messages acknowledged
 //! (MQTT-4, STATE-1). A QoS 1 redelivery of an acknowledged-late message is a
 //! replay the engine already ignores (device `seq` floors).
+//!
+//! What leaves the loop goes through [`sink`]; readiness and the ingest probes
+//! are in [`ingest`].
+
+mod ingest;
+mod sink;
 
 use crate::engine::{Engine, EngineError, Forwarded, Out, Refusal, ReplyTo};
-use crate::ingest_probe::{Effect, IngestProbe, ProbeConfig};
+use crate::ingest_probe::{IngestProbe, ProbeConfig};
 use crate::metrics::Metrics;
 use crate::ops::Op;
 use crate::precheck::{default_threads, pipeline};
 use crate::status::{Answer, Reply, RolloutEvent};
-use bytes::Bytes;
+use ingest::{Ingest, probe_effects, set_ready};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{LastWill, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::LastWill;
+use sink::{ACKS_NOT_SENT, PUBLISHES_DROPPED, Sink, publish};
 use std::sync::Arc;
 use std::time::Duration;
-use swell_mqtt::log_throttle::LogThrottle;
 use swell_mqtt::{self as mqtt, Incoming, MqttConfig};
 use swell_protocol::RolloutId;
 use tokio::sync::watch;
@@ -135,131 +141,6 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-static ACKS_NOT_SENT: LogThrottle = LogThrottle::new();
-static PUBLISHES_DROPPED: LogThrottle = LogThrottle::new();
-
-fn publish(client: &rumqttc::v5::AsyncClient, out: Out) {
-    let props = out.correlation.map(|c| PublishProperties {
-        correlation_data: Some(Bytes::from(c)),
-        ..Default::default()
-    });
-    let topic = out.topic.clone();
-    let r = match props {
-        Some(p) => client.try_publish_with_properties(
-            out.topic,
-            QoS::AtLeastOnce,
-            out.retain,
-            out.payload,
-            p,
-        ),
-        None => client.try_publish(out.topic, QoS::AtLeastOnce, out.retain, out.payload),
-    };
-    if let Err(e) = r
-        && let Some(g) = PUBLISHES_DROPPED.hit()
-    {
-        // Visible load shedding: the request queue to the broker is full.
-        error!(%topic, error = %e, suppressed = g.suppressed, total = g.total, "publish dropped");
-    }
-}
-
-/// The ingest path's facts readiness is made of.
-struct Ingest {
-    probe: IngestProbe,
-    connected: bool,
-    subscriptions: swell_mqtt::Subscribed,
-    /// Milliseconds are counted from here for the probes.
-    started: std::time::Instant,
-}
-
-impl Ingest {
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    /// Why the loop is not ready (None: it is).
-    fn problem(&self) -> Option<String> {
-        if !self.connected {
-            return Some("not connected to the MQTT broker".into());
-        }
-        let waiting: Vec<&str> = self
-            .subscriptions
-            .filters
-            .iter()
-            .filter_map(|(f, st)| match st {
-                swell_mqtt::FilterState::Granted => None,
-                _ => Some(f.as_str()),
-            })
-            .collect();
-        if let Some((f, swell_mqtt::FilterState::Refused(why))) = self
-            .subscriptions
-            .filters
-            .iter()
-            .find(|(_, st)| matches!(st, swell_mqtt::FilterState::Refused(_)))
-        {
-            return Some(format!("the broker refused the subscription {f} ({why})"));
-        }
-        if !waiting.is_empty() {
-            return Some(format!("no SUBACK yet for {}", waiting.join(", ")));
-        }
-        let unproven: Vec<String> = self
-            .probe
-            .states()
-            .filter(|(_, st)| *st != crate::ingest_probe::PathState::Up)
-            .map(|(f, st)| format!("{f} ({st:?})"))
-            .collect();
-        if !unproven.is_empty() {
-            return Some(format!(
-                "own probe not back through {}",
-                unproven.join(", ")
-            ));
-        }
-        None
-    }
-}
-
-/// Carries out the probe's effects: publishes, alarms, repairs.
-fn probe_effects(
-    effects: Vec<Effect>,
-    ingest: &mut Ingest,
-    session: &mqtt::Session,
-    metrics: Option<&Metrics>,
-) {
-    for e in effects {
-        match e {
-            Effect::Send { topic, payload } => {
-                publish(
-                    &session.client,
-                    Out {
-                        topic,
-                        payload,
-                        retain: false,
-                        correlation: None,
-                        event: None,
-                    },
-                );
-            }
-            Effect::Dead { filter, reason } => {
-                error!(%filter, %reason, "ingest path dead: device messages on this filter do not reach the gate; subscribing again");
-                if let Some(m) = metrics {
-                    m.ingest_probe_failed(&filter);
-                    m.set_ingest_path(&filter, false);
-                }
-                session.repair(&filter);
-                let now = ingest.now_ms();
-                ingest.probe.on_repaired(&filter, now);
-            }
-            Effect::Recovered { filter } => {
-                info!(%filter, "ingest path back: the probe came through again");
-            }
-        }
-    }
-    if let Some(m) = metrics {
-        for (filter, st) in ingest.probe.states() {
-            m.set_ingest_path(filter, st == crate::ingest_probe::PathState::Up);
-        }
-    }
-}
-
 /// Runs until `cancel` fires. `ready` turns true once connected, subscribed and
 /// the probes come back.
 pub async fn run(
@@ -280,57 +161,6 @@ pub async fn run(
         Hooks::default(),
     )
     .await
-}
-
-/// Carries out what the engine decided: events to the hook, the rest to MQTT.
-struct Sink<'a> {
-    client: &'a rumqttc::v5::AsyncClient,
-    events: Option<&'a broadcast::Sender<RolloutEvent>>,
-    /// What the engine said before the broker answered the first connection's
-    /// SUBSCRIBEs, in order; `None` once it went out. A beacon of a new epoch
-    /// makes devices say Hello only if it arrives live (devices take a retained
-    /// one as proof that its coordinator already had their Hello), so the
-    /// coordinator must be subscribed before its first beacon goes out.
-    held: std::cell::RefCell<Option<Vec<Out>>>,
-}
-
-impl Sink<'_> {
-    /// The subscriptions are in place: what waited goes out, in order.
-    fn open(&self) {
-        let held = self.held.borrow_mut().take();
-        if let Some(outs) = held {
-            self.send_all(outs);
-        }
-    }
-
-    fn send(&self, o: Out) {
-        if let Some(held) = self.held.borrow_mut().as_mut() {
-            held.push(o);
-            return;
-        }
-        if let (Some(tx), Some(ev)) = (self.events, &o.event) {
-            // No receiver (controller not started yet) is fine.
-            let _ = tx.send((**ev).clone());
-        }
-        publish(self.client, o);
-    }
-
-    fn send_all(&self, outs: Vec<Out>) {
-        for o in outs {
-            self.send(o);
-        }
-    }
-}
-
-/// Publishes readiness (to the caller's watch and to `/readyz`).
-fn set_ready(ingest: &Ingest, ready: &watch::Sender<bool>, metrics: Option<&Metrics>) {
-    let problem = ingest.problem();
-    let now = problem.is_none();
-    if let Some(m) = metrics {
-        // "Not connected" has its own metric and its own readiness line.
-        m.set_ingest_problem(problem.filter(|_| ingest.connected));
-    }
-    ready.send_if_modified(|r| std::mem::replace(r, now) != now);
 }
 
 async fn until_deposed(leading: &mut Option<watch::Receiver<bool>>) {
