@@ -510,13 +510,7 @@ pub fn event_for(ev: &RolloutEvent) -> Option<(EventType, &'static str, String)>
         Decision::Breach { reason, policy } => (
             EventType::Warning,
             "Breach",
-            format!(
-                "health gate breached: {reason}; policy {}",
-                serde_json::to_value(policy)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            ),
+            format!("health gate breached: {reason}; policy {}", policy.name()),
         ),
         Decision::StartRollback { reason } => (
             EventType::Warning,

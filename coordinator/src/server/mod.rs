@@ -63,6 +63,9 @@ impl Default for LoopConfig {
     }
 }
 
+/// Longest a deposed coordinator waits for its DISCONNECT to be written.
+const DEPOSED_GOODBYE: Duration = Duration::from_secs(5);
+
 /// How often fleet gauges (a walk of the registry) are refreshed.
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
 
@@ -254,6 +257,7 @@ pub async fn run_with(
         subscriptions: swell_mqtt::Subscribed::default(),
         started: std::time::Instant::now(),
     };
+    let stop_session = session_stop.clone();
     let mut session = mqtt::spawn(mqtt_cfg, subs, Some(will), session_stop);
     let client = session.client.clone();
     let mut subscribed = session.subscriptions.clone();
@@ -293,6 +297,20 @@ pub async fn run_with(
                 let _ = ready.send(false);
                 engine.flush()?;
                 let _ = client.try_disconnect();
+                // Back only once the session is over (its task gone: no
+                // reconnect either), so once the caller learns it was deposed
+                // nothing of this process reaches the broker. A DISCONNECT that
+                // cannot be written in time gives way to dropping the link.
+                let over = |mut c: watch::Receiver<bool>| async move {
+                    while c.changed().await.is_ok() {}
+                };
+                if tokio::time::timeout(DEPOSED_GOODBYE, over(connected.clone())).await.is_err() {
+                    stop_session.cancel();
+                    let _ = tokio::time::timeout(DEPOSED_GOODBYE, over(connected)).await;
+                }
+                if let Some(m) = &metrics {
+                    m.set_connected(false);
+                }
                 return Err(EngineError::Deposed);
             }
             changed = connected.changed() => {
