@@ -469,7 +469,7 @@ impl Conn {
                 Effect::Journal(_)
                 | Effect::SaveRelease(_)
                 | Effect::SaveInstalled(_)
-                | Effect::PersistTrust(_)
+                | Effect::PersistTrust
                 | Effect::StoreKeyList(_)
                 | Effect::PruneBlobs(_) => {}
             }

@@ -150,8 +150,11 @@ pub enum Effect {
     SaveRelease(Option<Release>),
     /// What runs, what ran before, what failed.
     SaveInstalled(Installed),
-    /// The trust file (STATE-2).
-    PersistTrust(TrustState),
+    /// Write the trust file (STATE-2) from [`DeviceCore::trust`] before the
+    /// effects after this one. Its state when executed may be newer than when
+    /// this was emitted; floors only rise, so that is as good (and the effect
+    /// carries no copy of it: one per report and per beacon).
+    PersistTrust,
     /// The accepted key list's bytes, for the next start.
     StoreKeyList(Vec<u8>),
     Send(Outgoing),
@@ -264,7 +267,7 @@ impl DeviceCore {
     /// resumed or rolled back (DESIGN §6, INST-3), and a `store_rebuilt` report
     /// if the store or trust file was rebuilt (STATE-3).
     pub fn start(&mut self, clock: Clock, out: &mut Vec<Effect>) {
-        out.push(Effect::PersistTrust(self.trust.clone()));
+        out.push(Effect::PersistTrust);
         self.recover(clock, out);
         if let Some(detail) = self.rebuilt.take() {
             let release = self.running_release();
@@ -355,7 +358,7 @@ impl DeviceCore {
     /// persisted before anything carries it (STATE-1).
     fn next_stamp(&mut self, clock: Clock, out: &mut Vec<Effect>) -> Stamp {
         let seq = self.trust.next_report_seq();
-        out.push(Effect::PersistTrust(self.trust.clone()));
+        out.push(Effect::PersistTrust);
         Stamp {
             epoch: 1,
             seq,
@@ -436,6 +439,6 @@ impl DeviceCore {
     }
 
     fn persist_trust(&self, out: &mut Vec<Effect>) {
-        out.push(Effect::PersistTrust(self.trust.clone()));
+        out.push(Effect::PersistTrust);
     }
 }

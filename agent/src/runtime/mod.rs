@@ -352,7 +352,7 @@ impl Agent {
                 }
                 Effect::SaveRelease(r) => self.store.put("job-release", &r)?,
                 Effect::SaveInstalled(i) => self.store.put("installed", &i)?,
-                Effect::PersistTrust(t) => self.trust_file.store(&t)?,
+                Effect::PersistTrust => self.trust_file.store(self.core.trust())?,
                 Effect::StoreKeyList(bytes) => {
                     if let Err(e) = swell_durable::write_atomic(&self.keys_path, &bytes, 0o644) {
                         error!(error = %e, "key list not stored; the next start reads the retained one");
