@@ -527,7 +527,7 @@ fn summary(ops: &OpsClient, id: &str, version: &str, s: &RolloutStatus) {
         .max()
         .unwrap_or(0);
     println!(
-        "  {:<7} {:>8} {:>8} {:>8} {:>8}",
+        "  {:<7} {:>8} {:>8} {:>8} {:>8}  other outcomes",
         "wave", "devices", "healthy", "failed", "time"
     );
     for w in &s.waves {
@@ -542,8 +542,13 @@ fn summary(ops: &OpsClient, id: &str, version: &str, s: &RolloutStatus) {
             |a| format!("{}s", stop.saturating_sub(a)),
         );
         println!(
-            "  {:<7} {:>8} {:>8} {:>8} {:>8}",
-            w.label, w.population, w.healthy, w.failed, time
+            "  {:<7} {:>8} {:>8} {:>8} {:>8} {}",
+            w.label,
+            w.population,
+            w.healthy,
+            w.failed,
+            time,
+            crate::view::others(w)
         );
     }
 }

@@ -66,9 +66,10 @@ pub enum RolloutCmd {
 
 pub(crate) fn print_status(s: &RolloutStatus) {
     println!(
-        "{}  phase {}  wave {}  members {}{}",
+        "{}  phase {}{}  wave {}  members {}{}",
         s.rollout,
         s.phase,
+        if s.finished { " (final)" } else { "" },
         s.wave,
         s.members,
         s.waiting
@@ -78,14 +79,22 @@ pub(crate) fn print_status(s: &RolloutStatus) {
     );
     for w in &s.waves {
         println!(
-            "  {:<7} devices {:>6} healthy {:>6} failed {:>6} installing {:>6} silent {:>6}{}",
+            "  {:<7} devices {:>6} healthy {:>6} failed {:>6} installing {:>6} silent {:>6}{}{}",
             w.label,
             w.population,
             w.healthy,
             w.failed,
             w.in_progress,
             w.silent,
+            crate::view::others(w),
             if w.opened { "" } else { "  (not open)" }
+        );
+    }
+    let e = s.breach_evidence;
+    if !s.finished && e.reported < e.min_sample {
+        println!(
+            "  breach check: {} of the {} reports it needs (min_breach_sample)",
+            e.reported, e.min_sample
         );
     }
     if let Some(r) = &s.halt_reason {

@@ -3,7 +3,7 @@
 //! words, the rollout list. Shared by `swell rollout watch|list` and `swell demo`.
 
 use swell_coordinator::rollout::state::Decision;
-use swell_coordinator::status::{EventKind, Lifecycle, RolloutEvent, RolloutStatus};
+use swell_coordinator::status::{EventKind, Lifecycle, RolloutEvent, RolloutStatus, WaveProgress};
 
 /// One event in words.
 pub fn describe(e: &RolloutEvent) -> String {
@@ -44,13 +44,17 @@ pub fn bar(done: u64, total: u64) -> String {
 /// The live view of one rollout status.
 pub fn watch_view(s: &RolloutStatus) -> String {
     let mut out = format!(
-        "  {} {:<12} wave {}  members {}\n",
-        s.rollout, s.phase, s.wave, s.members
+        "  {} {:<12} wave {}  members {}{}\n",
+        s.rollout,
+        s.phase,
+        s.wave,
+        s.members,
+        if s.finished { "  (final)" } else { "" }
     );
     for w in &s.waves {
         let done = u64::from(w.healthy) + u64::from(w.failed);
         out.push_str(&format!(
-            "    {:<7} {} {:>5}/{:<5} healthy {:>5} failed {:>5} installing {:>5}{}\n",
+            "    {:<7} {} {:>5}/{:<5} healthy {:>5} failed {:>5} installing {:>5}{}{}\n",
             w.label,
             bar(done, u64::from(w.population)),
             done,
@@ -58,10 +62,24 @@ pub fn watch_view(s: &RolloutStatus) -> String {
             w.healthy,
             w.failed,
             w.in_progress,
+            others(w),
             if w.opened { "" } else { "  (not open)" }
         ));
     }
     out
+}
+
+/// The outcomes that are neither healthy nor failed, where there are any.
+pub fn others(w: &WaveProgress) -> String {
+    [
+        ("waiting", w.waiting),
+        ("not eligible", w.not_eligible),
+        ("rolled back", w.rolled_back),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(what, n)| format!(" {what} {n}"))
+    .collect()
 }
 
 /// One line per rollout: id, phase, wave, members, healthy and failed totals.
@@ -136,5 +154,20 @@ mod tests {
         let breach = describe(&event(json!({"decision": "breach", "policy": "rollback",
                    "reason": {"kind": "critical_failures", "devices": 2}})));
         assert_eq!(breach, "BREACH: 2 critical failure(s) (policy rollback)");
+    }
+
+    #[test]
+    fn view_shows_outcomes_that_are_not_failures_and_final() {
+        let mut s = status();
+        s.waves[1].not_eligible = 3;
+        s.waves[1].rolled_back = 1;
+        s.finished = true;
+        let v = watch_view(&s);
+        assert!(v.lines().next().unwrap().ends_with("(final)"), "{v}");
+        assert!(
+            v.contains("installing     2 not eligible 3 rolled back 1"),
+            "{v}"
+        );
+        assert!(!v.contains("waiting"), "only the outcomes there are: {v}");
     }
 }

@@ -160,6 +160,7 @@ fn gate(c: &mut Criterion) {
         bake_secs: 0,
         install_timeout_secs: 600,
         critical_reasons: vec![],
+        ..GateSpec::default()
     };
     let wave = WaveCounts {
         planned: 10_000,
@@ -168,6 +169,7 @@ fn gate(c: &mut Criterion) {
         failed: 100,
         in_progress: 150,
         critical: 0,
+        ..WaveCounts::default()
     };
     let cumulative = WaveCounts {
         planned: 11_000,
@@ -176,6 +178,7 @@ fn gate(c: &mut Criterion) {
         failed: 110,
         in_progress: 150,
         critical: 0,
+        ..WaveCounts::default()
     };
     c.bench_function("gate_evaluate", |b| {
         b.iter(|| health_gate::evaluate(black_box(&spec), &wave, &cumulative, false))

@@ -7,7 +7,7 @@
 
 use crate::fleet::registry::Enrollment;
 use crate::rollout::health_gate::HaltReason;
-use crate::rollout::spec::BreachPolicy;
+use crate::rollout::spec::{BreachPolicy, SilentPolicy};
 use crate::rollout::state::{Decision, PauseReason};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -43,6 +43,16 @@ pub struct RolloutStatus {
     pub members: usize,
     pub selector: String,
     pub policy: BreachPolicy,
+    /// Eligible reports over the opened waves, and how many the breach check
+    /// needs before a failure rate can stop the rollout.
+    #[serde(default)]
+    pub breach_evidence: BreachEvidence,
+    /// Whether silent devices count against the gate after the deadline.
+    #[serde(default)]
+    pub silent: SilentPolicy,
+    /// Completed, rolled back or aborted: these counts no longer change.
+    #[serde(default)]
+    pub finished: bool,
     /// When this status was made (Unix seconds).
     pub updated_at: u64,
 }
@@ -72,6 +82,22 @@ pub struct WaveProgress {
     pub failed: u32,
     pub in_progress: u32,
     pub silent: u32,
+    /// Refused for now (no fresh beacon yet): will try again.
+    #[serde(default)]
+    pub waiting: u32,
+    /// Refused for good: exposure cap, hardware, counter below its floor.
+    #[serde(default)]
+    pub not_eligible: u32,
+    /// Rolled back because the rollout told them to.
+    #[serde(default)]
+    pub rolled_back: u32,
+}
+
+/// How much evidence the breach check has, against what it needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreachEvidence {
+    pub reported: u32,
+    pub min_sample: u32,
 }
 
 /// Something that happened to a rollout.

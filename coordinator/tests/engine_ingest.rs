@@ -588,7 +588,177 @@ fn engine_device_facts_are_durable_once_flushed() {
     assert_eq!(store.durable_device(&dev(1)).map(|d| d.last_seq), Some(2));
 }
 
-/// Hello and Report travel on different topics; MQTT orders only within a topic.
+/// A finished rollout's record never changes: later reports for it (a device
+/// now on a higher counter refusing its manifest), devices enrolling after it,
+/// ticks, and a restart all leave its status byte-identical; the later report
+/// still updates the device's own record.
+#[test]
+fn engine_a_finished_rollout_is_final() {
+    let store = Arc::new(MemoryStore::new());
+    let now = unix_now();
+    let start = |at: u64| Engine::start(settings(1), store.clone(), at).unwrap().0;
+    let send = |e: &mut Engine, at: u64, topic: String, payload: &[u8]| {
+        e.handle(&topic, payload, ReplyTo::default(), at).unwrap();
+    };
+    let mut e = start(now);
+    for i in 0..3 {
+        send(
+            &mut e,
+            now,
+            topic_hello(i),
+            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+        );
+        send(&mut e, now, format!("swell/v1/dev/{}/online", dev(i)), b"1");
+    }
+    let rel = release(2, "2.0.0");
+    let mut cmd = create_cmd("r", &rel, &["100%"], json!({"bake": "0s"}));
+    cmd["reply_to"] = json!("replies");
+    send(
+        &mut e,
+        now,
+        "swell/v1/ops/cmd".into(),
+        cmd.to_string().as_bytes(),
+    );
+    for i in 0..3 {
+        send(
+            &mut e,
+            now,
+            topic_report(i),
+            &report(i, &key(i), 2, "r", rel.id(), Phase::Committed, 0),
+        );
+    }
+    e.tick(now + 1).unwrap();
+    e.flush().unwrap();
+    let id = RolloutId::new("r").unwrap();
+    let fin = e.status(&id, now + 1).unwrap();
+    assert_eq!(fin.phase, "completed", "{fin:?}");
+    assert!(fin.finished);
+    assert_eq!(fin.opened_totals(), (3, 0));
+    let frozen = serde_json::to_string(&fin).unwrap();
+
+    // An hour later device 0 runs a higher counter and refuses the manifest.
+    let later = now + 3_600;
+    let refusal = Phase::Rejected(Reason {
+        code: reason::COUNTER_TOO_LOW,
+        detail: "counter 2 below floor 3".into(),
+    });
+    send(
+        &mut e,
+        later,
+        topic_report(0),
+        &report(0, &key(0), 3, "r", rel.id(), refusal.clone(), 0),
+    );
+    assert_eq!(
+        e.device(&dev(0)).unwrap().last_seq,
+        3,
+        "the device's own record moved on"
+    );
+    // A device enrolls after the rollout finished; ticks go by.
+    send(
+        &mut e,
+        later,
+        topic_hello(9),
+        &hello(9, &key(9), 1, Some(TOKEN), "plant-7"),
+    );
+    e.tick(later).unwrap();
+    assert_eq!(
+        serde_json::to_string(&e.status(&id, later).unwrap()).unwrap(),
+        frozen
+    );
+    e.flush().unwrap();
+
+    // After a restart, and more refusals.
+    let mut e = start(later + 10);
+    send(
+        &mut e,
+        later + 10,
+        topic_report(1),
+        &report(1, &key(1), 3, "r", rel.id(), refusal, 0),
+    );
+    assert_eq!(
+        serde_json::to_string(&e.status(&id, later + 10).unwrap()).unwrap(),
+        frozen
+    );
+}
+
+/// Devices that refuse because the release is not for them (its exposure cap,
+/// their hardware) or not yet (no fresh beacon), and devices that obeyed a
+/// rollback, are counted apart and never as failures: 16 refusals and 2
+/// rollbacks next to 2 healthy devices do not breach, and the wave passes on
+/// the 2 that count. (Waiting devices are unfinished: past the deadline they
+/// are late, like an install that never ends.)
+#[test]
+fn engine_refusals_are_not_failures() {
+    let mut t = T::new();
+    for i in 0..22 {
+        t.send(
+            topic_hello(i),
+            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+        );
+        t.send(format!("swell/v1/dev/{}/online", dev(i)), b"1");
+    }
+    let rel = release(2, "2.0.0");
+    let r = t.command(create_cmd("capped", &rel, &["100%"], json!({"bake": "0s"})));
+    assert_eq!(r["ok"], true, "{r}");
+    let refuse = |code| {
+        Phase::Rejected(Reason {
+            code,
+            detail: String::new(),
+        })
+    };
+    let id = RolloutId::new("capped").unwrap();
+    let counts = |t: &T| {
+        let s = t.e.status(&id, t.now).unwrap();
+        let w = s.waves[0].clone();
+        (
+            s,
+            (
+                w.healthy,
+                w.failed,
+                w.not_eligible,
+                w.waiting,
+                w.rolled_back,
+            ),
+        )
+    };
+    for i in 0..22 {
+        let phase = match i {
+            0..12 => refuse(reason::EXPOSURE_CAP),
+            12..16 => refuse(reason::HARDWARE_MISMATCH),
+            16..18 => Phase::RolledBack(Reason {
+                code: reason::OPERATOR,
+                detail: "directive".into(),
+            }),
+            18..20 => refuse(reason::NO_FRESH_BEACON),
+            _ => Phase::Committed,
+        };
+        t.send(
+            topic_report(i),
+            &report(i, &key(i), 2, "capped", rel.id(), phase, 0),
+        );
+    }
+    t.e.tick(t.now).unwrap();
+    let (s, c) = counts(&t);
+    assert_eq!(c, (2, 0, 16, 2, 2), "{s:?}");
+    assert!(
+        matches!(s.phase.as_str(), "wave_open" | "baking"),
+        "2 of 4 healthy: it waits for the waiting ones: {s:?}"
+    );
+    // The two that waited install.
+    for i in 18..20 {
+        t.send(
+            topic_report(i),
+            &report(i, &key(i), 3, "capped", rel.id(), Phase::Committed, 0),
+        );
+    }
+    t.e.tick(t.now).unwrap();
+    let (s, c) = counts(&t);
+    assert_eq!(c, (4, 0, 16, 0, 2), "{s:?}");
+    assert_eq!(s.phase, "completed", "{s:?}");
+    assert!(s.finished);
+}
+
+/// Hello and Report travel on different topics; MQTT orders only within a topic./// Hello and Report travel on different topics; MQTT orders only within a topic./// Hello and Report travel on different topics; MQTT orders only within a topic.
 /// A Hello processed before an older Report must not make that Report a replay.
 #[test]
 fn engine_hello_and_report_sequences_are_independent() {

@@ -252,7 +252,7 @@ impl Engine {
         for l in self
             .rollouts
             .values_mut()
-            .filter(|l| &l.rec.spec.fleet == rec.fleet())
+            .filter(|l| l.rec.outcome.is_none() && &l.rec.spec.fleet == rec.fleet())
         {
             l.tracker.consider(slot, &rec.id, rec.labels(), rec.online);
         }
@@ -322,6 +322,7 @@ impl Engine {
             manifest_seq: 0,
             decisions: 0,
             created_at: now,
+            outcome: None,
         };
         self.store
             .commit_rollout(&rec, None)

@@ -5,8 +5,8 @@
 
 use super::{Engine, EngineError, Live, Out, manifest_view, wave_target};
 use crate::rollout::state::{self, Command, Observations, RolloutPhase};
-use crate::status::{EventKind, RolloutEvent, RolloutStatus, WaveProgress};
-use crate::store::DecisionEntry;
+use crate::status::{BreachEvidence, EventKind, RolloutEvent, RolloutStatus, WaveProgress};
+use crate::store::{DecisionEntry, FinalOutcome};
 use swell_protocol::RolloutId;
 use swell_protocol::envelope::{Audience, Stamp, seal};
 use swell_protocol::messages::{Beacon, Manifest};
@@ -72,6 +72,19 @@ impl Engine {
         rec.decisions += 1;
         if l.published != Some(manifest_view(&rec.state)) && rec.state.started {
             rec.manifest_seq += 1;
+        }
+        if rec.state.is_final() && rec.outcome.is_none() {
+            // What the rollout's record says from now on; later reports only
+            // update the devices' own records.
+            let devices = &self.devices;
+            l.tracker
+                .settle(|slot| devices.at(slot).is_some_and(|d| d.online));
+            rec.outcome = Some(FinalOutcome {
+                waves: l.tracker.counts().to_vec(),
+                members: l.tracker.members(),
+                finished_at: now,
+                manifest_seq: rec.manifest_seq,
+            });
         }
         // STATE-1: durable before anything is published.
         self.store.commit_rollout(&rec, Some(&entry))?;
@@ -271,9 +284,22 @@ impl Engine {
 pub(super) fn status_of(l: &Live, now: u64) -> RolloutStatus {
     let st = &l.rec.state;
     let spec = &l.rec.spec;
-    let waves = l
-        .tracker
-        .counts()
+    let (counts, members, updated_at, manifest_seq) = match &l.rec.outcome {
+        Some(o) => (o.waves.as_slice(), o.members, o.finished_at, o.manifest_seq),
+        None => (
+            l.tracker.counts(),
+            l.tracker.members(),
+            now,
+            l.rec.manifest_seq,
+        ),
+    };
+    let opened = if st.started {
+        usize::from(st.wave) + 1
+    } else {
+        0
+    }
+    .min(counts.len());
+    let waves = counts
         .iter()
         .enumerate()
         .map(|(i, c)| WaveProgress {
@@ -286,6 +312,9 @@ pub(super) fn status_of(l: &Live, now: u64) -> RolloutStatus {
             failed: c.failed,
             in_progress: c.in_progress,
             silent: c.silent(),
+            waiting: c.waiting,
+            not_eligible: c.not_eligible,
+            rolled_back: c.rolled_back,
         })
         .collect();
     RolloutStatus {
@@ -301,14 +330,23 @@ pub(super) fn status_of(l: &Live, now: u64) -> RolloutStatus {
         waves,
         open_below: st.open_below.to_string(),
         manifest_state: format!("{:?}", st.manifest_state()),
-        manifest_seq: l.rec.manifest_seq,
+        manifest_seq,
         retry: st.retry,
         waiting: st.waiting.clone(),
         halt_reason: st.halt_reason.as_ref().map(ToString::to_string),
         halted_by: st.halt_reason.clone(),
-        members: l.tracker.members(),
+        members,
         selector: spec.selector.to_string(),
         policy: spec.policy,
-        updated_at: now,
+        breach_evidence: BreachEvidence {
+            reported: counts[..opened]
+                .iter()
+                .map(|c| c.finished() + c.unfinished())
+                .sum(),
+            min_sample: spec.gate.min_breach_sample,
+        },
+        silent: spec.gate.silent,
+        finished: st.is_final(),
+        updated_at,
     }
 }

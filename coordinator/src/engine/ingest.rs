@@ -130,7 +130,11 @@ impl Engine {
         d.online = online;
         d.seen(now);
         if online && d.enrollment == Enrollment::Approved {
-            for l in self.rollouts.values_mut() {
+            for l in self
+                .rollouts
+                .values_mut()
+                .filter(|l| l.rec.outcome.is_none())
+            {
                 l.tracker.on_online(slot);
             }
         }
@@ -260,7 +264,7 @@ impl Engine {
                 for l in self
                     .rollouts
                     .values_mut()
-                    .filter(|l| &l.rec.spec.fleet == rec.fleet())
+                    .filter(|l| l.rec.outcome.is_none() && &l.rec.spec.fleet == rec.fleet())
                 {
                     l.tracker.consider(slot, &rec.id, rec.labels(), true);
                 }
@@ -344,10 +348,12 @@ impl Engine {
         self.counters.reports += 1;
         let seq = v.header.seq;
         let r = v.body;
+        // A finished rollout's counts are final: a later report only updates
+        // the device's own record.
         let counted = r.rollout.as_ref().is_some_and(|rollout| {
-            self.rollouts
-                .get_mut(rollout)
-                .is_some_and(|l| l.tracker.on_report(slot, &r.release, &r.phase))
+            self.rollouts.get_mut(rollout).is_some_and(|l| {
+                l.rec.outcome.is_none() && l.tracker.on_report(slot, &r.release, &r.phase)
+            })
         });
         if counted && let Some(rollout) = &r.rollout {
             // One write: the stored report carries the replay floor.

@@ -20,7 +20,7 @@ use crate::rollout::planner::WavePlan;
 use crate::rollout::state::Observations;
 use std::collections::BTreeSet;
 use swell_protocol::cohort::{self, Selector};
-use swell_protocol::messages::Phase;
+use swell_protocol::messages::{Phase, reason};
 use swell_protocol::{DeviceId, ReleaseId, RolloutId};
 
 /// How a member is doing in this rollout.
@@ -29,14 +29,35 @@ pub enum Class {
     NoReport,
     InProgress,
     Healthy,
-    Failed { critical: bool },
+    Failed {
+        critical: bool,
+    },
+    /// Refused for now (no fresh beacon yet): it will try again.
+    Waiting,
+    /// Refused for good: the release is not for it.
+    NotEligible,
+    /// Rolled back because the rollout (or a directive) said so.
+    RolledBack,
 }
 
 impl Class {
-    /// The class of a report's phase.
+    /// The class of a report's phase. A refusal is a failure only when it
+    /// says something is wrong (a bad signature, an expired message); one
+    /// that says "not yet" or "not for me" is not, and neither is a rollback
+    /// the device was told to make.
     pub fn of(phase: &Phase, critical: &[u16]) -> Class {
         match phase {
             Phase::Committed => Class::Healthy,
+            Phase::Rejected(r) if r.code == reason::NO_FRESH_BEACON => Class::Waiting,
+            Phase::Rejected(r)
+                if matches!(
+                    r.code,
+                    reason::EXPOSURE_CAP | reason::HARDWARE_MISMATCH | reason::COUNTER_TOO_LOW
+                ) =>
+            {
+                Class::NotEligible
+            }
+            Phase::RolledBack(r) if r.code == reason::OPERATOR => Class::RolledBack,
             Phase::Failed(r) | Phase::RolledBack(r) | Phase::Rejected(r) => Class::Failed {
                 critical: critical.contains(&r.code),
             },
@@ -322,7 +343,11 @@ impl Tracker {
     /// With `max_in_flight`: the next `open_below` so that at most `cap` opened
     /// devices are unfinished, or `None` when none may start now.
     pub fn next_step(&self, cap: u32, wave_target: u64) -> Option<u64> {
-        let busy: u32 = self.counts.iter().map(|c| c.in_progress + c.silent()).sum();
+        let busy: u32 = self
+            .counts
+            .iter()
+            .map(|c| c.unfinished() + c.silent())
+            .sum();
         let budget = cap.saturating_sub(busy) as usize;
         if budget == 0 {
             return None;
@@ -349,27 +374,34 @@ impl Tracker {
     }
 }
 
+/// The count a class is kept in (`None`: no report).
+fn count(c: &mut WaveCounts, class: Class) -> Option<&mut u32> {
+    Some(match class {
+        Class::NoReport => return None,
+        Class::InProgress => &mut c.in_progress,
+        Class::Healthy => &mut c.healthy,
+        Class::Failed { .. } => &mut c.failed,
+        Class::Waiting => &mut c.waiting,
+        Class::NotEligible => &mut c.not_eligible,
+        Class::RolledBack => &mut c.rolled_back,
+    })
+}
+
 fn add(c: &mut WaveCounts, class: Class) {
-    match class {
-        Class::NoReport => {}
-        Class::InProgress => c.in_progress += 1,
-        Class::Healthy => c.healthy += 1,
-        Class::Failed { critical } => {
-            c.failed += 1;
-            c.critical += u32::from(critical);
-        }
+    if let Class::Failed { critical: true } = class {
+        c.critical += 1;
+    }
+    if let Some(n) = count(c, class) {
+        *n += 1;
     }
 }
 
 fn remove(c: &mut WaveCounts, class: Class) {
-    match class {
-        Class::NoReport => {}
-        Class::InProgress => c.in_progress -= 1,
-        Class::Healthy => c.healthy -= 1,
-        Class::Failed { critical } => {
-            c.failed -= 1;
-            c.critical -= u32::from(critical);
-        }
+    if let Class::Failed { critical: true } = class {
+        c.critical -= 1;
+    }
+    if let Some(n) = count(c, class) {
+        *n -= 1;
     }
 }
 
@@ -520,5 +552,48 @@ mod tests {
         let busy: u32 = t.counts().iter().map(|c| c.silent() + c.in_progress).sum();
         assert_eq!(busy, 5);
         assert_eq!(t.next_step(5, u64::MAX), None);
+    }
+
+    // What each report says about the device: refusals that mean "not yet"
+    // or "not for me", and a rollback the rollout asked for, are not failures.
+    #[test]
+    fn tracker_classes_of_reports() {
+        let r = |code| Reason {
+            code,
+            detail: String::new(),
+        };
+        let crit = [reason::CRASH_LOOP];
+        assert_eq!(Class::of(&Phase::Committed, &crit), Class::Healthy);
+        assert_eq!(Class::of(&Phase::Installing, &crit), Class::InProgress);
+        assert_eq!(
+            Class::of(&Phase::Rejected(r(reason::NO_FRESH_BEACON)), &crit),
+            Class::Waiting
+        );
+        for code in [
+            reason::EXPOSURE_CAP,
+            reason::HARDWARE_MISMATCH,
+            reason::COUNTER_TOO_LOW,
+        ] {
+            assert_eq!(
+                Class::of(&Phase::Rejected(r(code)), &crit),
+                Class::NotEligible
+            );
+        }
+        assert_eq!(
+            Class::of(&Phase::RolledBack(r(reason::OPERATOR)), &crit),
+            Class::RolledBack
+        );
+        assert_eq!(
+            Class::of(&Phase::RolledBack(r(reason::PROBE_FAILED)), &crit),
+            Class::Failed { critical: false }
+        );
+        assert_eq!(
+            Class::of(&Phase::Failed(r(reason::CRASH_LOOP)), &crit),
+            Class::Failed { critical: true }
+        );
+        assert_eq!(
+            Class::of(&Phase::Rejected(r(reason::BAD_SIGNATURE)), &crit),
+            Class::Failed { critical: false }
+        );
     }
 }

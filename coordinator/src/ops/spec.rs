@@ -2,7 +2,10 @@
 //! text, defaults filled in), checked and turned into a [`RolloutSpec`].
 
 use crate::rollout::planner::WavePlan;
-use crate::rollout::spec::{BreachPolicy, GateSpec, MaintenanceWindows, RolloutSpec};
+use crate::rollout::spec::{
+    BreachPolicy, DEFAULT_MIN_BREACH_SAMPLE, GateSpec, MaintenanceWindows, RolloutSpec,
+    SilentPolicy,
+};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use swell_protocol::cohort::{self, Selector};
@@ -53,6 +56,13 @@ pub struct CreateSpec {
     /// Reason names (`crash_loop`) or codes that breach at once.
     #[serde(default)]
     pub critical_reasons: Vec<String>,
+    /// Reports the breach check needs before a failure rate stops the rollout.
+    #[serde(default = "d_min_breach_sample")]
+    pub min_breach_sample: u32,
+    /// `fail` (devices that never report count as failed after the install
+    /// deadline) or `ignore`.
+    #[serde(default = "d_silent")]
+    pub silent: String,
 }
 
 /// Maintenance windows as operators write them.
@@ -66,6 +76,12 @@ pub struct MaintenanceSpec {
 
 fn d_min_devices() -> u32 {
     1
+}
+fn d_min_breach_sample() -> u32 {
+    DEFAULT_MIN_BREACH_SAMPLE
+}
+fn d_silent() -> String {
+    "fail".into()
 }
 fn d_success() -> String {
     "95%".into()
@@ -145,6 +161,12 @@ impl CreateSpec {
                 .iter()
                 .map(|r| reason_code(r))
                 .collect::<Result<_, _>>()?,
+            min_breach_sample: self.min_breach_sample,
+            silent: match self.silent.as_str() {
+                "fail" => SilentPolicy::Fail,
+                "ignore" => SilentPolicy::Ignore,
+                other => return Err(format!("silent must be fail or ignore, not {other:?}")),
+            },
         };
         let policy = match self.policy.as_str() {
             "pause" => BreachPolicy::Pause,

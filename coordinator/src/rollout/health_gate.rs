@@ -20,11 +20,13 @@
 //!   the retained online flags were read again, say) the gate holds and says
 //!   so; only an operator's `promote` moves it on without evidence.
 
-use super::spec::GateSpec;
+use super::spec::{GateSpec, SilentPolicy};
 use serde::{Deserialize, Serialize};
 use swell_protocol::cohort::PPM_FULL;
 
-/// Device counts of one wave (or of several, added up).
+/// Device counts of one wave (or of several, added up). Each member is in at
+/// most one of `healthy`, `failed`, `in_progress`, `waiting`, `not_eligible`,
+/// `rolled_back` (its latest report); the rest of the population is silent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaveCounts {
     /// Members assigned to the wave, online or not (0 in decisions stored
@@ -38,18 +40,41 @@ pub struct WaveCounts {
     pub in_progress: u32,
     /// Failures whose reason is in the critical list.
     pub critical: u32,
+    /// Refused for now, not for good: the device holds the manifest (no fresh
+    /// beacon yet). Unfinished, like `in_progress`.
+    #[serde(default)]
+    pub waiting: u32,
+    /// Refused because the release is not for it: exposure cap, hardware, a
+    /// counter below its floor. Out of the gate's shares.
+    #[serde(default)]
+    pub not_eligible: u32,
+    /// Rolled back because the rollout told it to (a fleet rollback obeyed).
+    /// Out of the gate's shares.
+    #[serde(default)]
+    pub rolled_back: u32,
 }
 
 impl WaveCounts {
-    /// Devices that have not reported for this rollout yet.
+    /// Devices seen online that have not reported for this rollout yet.
     pub fn silent(&self) -> u32 {
-        self.population
-            .saturating_sub(self.healthy + self.failed + self.in_progress)
+        self.population.saturating_sub(
+            self.healthy
+                + self.failed
+                + self.in_progress
+                + self.waiting
+                + self.not_eligible
+                + self.rolled_back,
+        )
     }
 
-    /// Devices with a final report.
+    /// Devices with a final report that counts for the gate.
     pub fn finished(&self) -> u32 {
         self.healthy + self.failed
+    }
+
+    /// Devices that reported and have not finished: installing, or waiting.
+    pub fn unfinished(&self) -> u32 {
+        self.in_progress + self.waiting
     }
 
     pub fn add(&mut self, o: &WaveCounts) {
@@ -59,6 +84,9 @@ impl WaveCounts {
         self.failed += o.failed;
         self.in_progress += o.in_progress;
         self.critical += o.critical;
+        self.waiting += o.waiting;
+        self.not_eligible += o.not_eligible;
+        self.rolled_back += o.rolled_back;
     }
 }
 
@@ -164,6 +192,10 @@ impl std::fmt::Display for HaltReason {
 pub enum HoldReason {
     /// ROLL-7: none of the wave's planned devices has been online since it opened.
     NoEvidence { planned: u32 },
+    /// ROLL-7: past the deadline, no device of the wave has a report that
+    /// counts (those online are not eligible, rolled back by the rollout, or
+    /// silent with silence ignored).
+    NoCountedReport,
     /// Fewer final reports than `min_devices` (or than the devices online, when
     /// fewer are).
     TooFewReports { min_devices: u32 },
@@ -177,6 +209,9 @@ impl std::fmt::Display for HoldReason {
             HoldReason::NoEvidence { planned } => write!(
                 f,
                 "none of the wave's {planned} devices has been online since it opened: no evidence to pass on (promote to pass without it)"
+            ),
+            HoldReason::NoCountedReport => f.write_str(
+                "no device of the wave has a report that counts (not eligible, rolled back, or silent with silence ignored): no evidence to pass on (promote to pass without it)"
             ),
             HoldReason::TooFewReports { min_devices } => write!(
                 f,
@@ -219,14 +254,19 @@ pub fn wilson_lower_ppm(k: u32, n: u32) -> u64 {
     (lower * f64::from(PPM_FULL)).floor() as u64
 }
 
-/// A breach on cumulative counts, if there is one.
+/// A breach on cumulative counts, if there is one: a critical failure at
+/// once, a failure rate only once `min_breach_sample` eligible devices have
+/// reported.
 pub fn breach(gate: &GateSpec, cumulative: &WaveCounts) -> Option<HaltReason> {
     if cumulative.critical > 0 {
         return Some(HaltReason::CriticalFailures {
             devices: cumulative.critical,
         });
     }
-    let reported = cumulative.finished() + cumulative.in_progress;
+    let reported = cumulative.finished() + cumulative.unfinished();
+    if reported < gate.min_breach_sample {
+        return None;
+    }
     let lower = wilson_lower_ppm(cumulative.failed, reported);
     if lower > u64::from(gate.max_failure_rate_ppm) {
         return Some(HaltReason::FailureRate {
@@ -250,22 +290,33 @@ pub fn evaluate(
     if let Some(reason) = breach(gate, cumulative) {
         return Verdict::Halt(reason);
     }
+    let silent_counts = gate.silent == SilentPolicy::Fail;
+    let silent = if timed_out && silent_counts {
+        wave.silent()
+    } else {
+        0
+    };
     let late = if timed_out {
-        wave.silent() + wave.in_progress
+        silent + wave.unfinished()
     } else {
         0
     };
     // ROLL-7: no pass without evidence. (With devices online and the deadline
-    // past, their silence is the evidence: they count as failed below.)
-    let reports = wave.finished() + wave.in_progress;
-    if wave.planned > 0 && reports == 0 && wave.population == 0 {
-        return Verdict::Hold(HoldReason::NoEvidence {
-            planned: wave.planned,
-        });
+    // past, their silence is the evidence: they count as failed below, unless
+    // the spec says silence is ignored.)
+    let reports = wave.finished() + wave.unfinished();
+    if wave.planned > 0 && reports == 0 {
+        if wave.population == 0 {
+            return Verdict::Hold(HoldReason::NoEvidence {
+                planned: wave.planned,
+            });
+        }
+        if timed_out && silent == 0 {
+            return Verdict::Hold(HoldReason::NoCountedReport);
+        }
     }
     let failed = wave.failed + late;
-    let considered =
-        wave.healthy + wave.failed + wave.in_progress + if timed_out { wave.silent() } else { 0 };
+    let considered = wave.healthy + wave.failed + wave.unfinished() + silent;
     let need = gate.min_devices.min(wave.population);
     // Past the deadline every device of the wave is final (silence is failure).
     if !timed_out && wave.finished() < need {
@@ -311,6 +362,7 @@ mod tests {
             min_devices: 5,
             success_threshold_ppm: 900_000,
             max_failure_rate_ppm: 100_000,
+            min_breach_sample: 1,
             ..GateSpec::default()
         }
     }
@@ -322,7 +374,7 @@ mod tests {
             healthy,
             failed,
             in_progress,
-            critical: 0,
+            ..WaveCounts::default()
         }
     }
 
@@ -453,5 +505,94 @@ mod tests {
             r#"{"kind":"failure_rate","failed":8,"reported":100,"lower_bound_ppm":41000,"limit_ppm":10000}"#
         );
         assert_eq!(serde_json::from_str::<HaltReason>(&json).unwrap(), rate);
+    }
+
+    // A failure rate stops the rollout only with enough evidence; a critical
+    // failure needs none.
+    #[test]
+    fn gate_breach_needs_its_minimum_sample() {
+        let g = GateSpec {
+            min_breach_sample: 10,
+            ..gate()
+        };
+        assert_eq!(breach(&g, &c(1, 0, 1, 0)), None, "1 of 1 is not enough");
+        assert_eq!(breach(&g, &c(9, 0, 9, 0)), None, "9 of 9 is not enough");
+        assert!(matches!(
+            breach(&g, &c(10, 7, 3, 0)),
+            Some(HaltReason::FailureRate { reported: 10, .. })
+        ));
+        let mut crit = c(1, 0, 1, 0);
+        crit.critical = 1;
+        assert!(matches!(
+            breach(&g, &crit),
+            Some(HaltReason::CriticalFailures { devices: 1 })
+        ));
+        // Refusals that mean "not for me" are not evidence either way.
+        let mut refused = c(20, 0, 0, 0);
+        refused.not_eligible = 20;
+        assert_eq!(breach(&g, &refused), None);
+    }
+
+    // Not eligible, rolled back by the rollout, waiting: each its own count,
+    // none a failure; waiting is unfinished (a failure only past the deadline).
+    #[test]
+    fn gate_outcomes_that_are_not_failures() {
+        let g = gate();
+        let mut w = c(18, 10, 0, 0);
+        w.not_eligible = 5;
+        w.rolled_back = 3;
+        assert_eq!(w.silent(), 0);
+        assert_eq!(evaluate(&g, &w, &w, false), Verdict::Proceed);
+        assert_eq!(evaluate(&g, &w, &w, true), Verdict::Proceed);
+        let mut waiting = c(10, 9, 0, 0);
+        waiting.waiting = 1;
+        assert_eq!(
+            evaluate(&g, &waiting, &waiting, false),
+            Verdict::Proceed,
+            "9 of 10 healthy meets 90 %"
+        );
+        waiting.healthy = 8;
+        waiting.waiting = 2;
+        assert!(matches!(
+            evaluate(&g, &waiting, &waiting, false),
+            Verdict::Hold(HoldReason::TooFewHealthy { .. })
+        ));
+        assert!(matches!(
+            evaluate(&g, &waiting, &waiting, true),
+            Verdict::Halt(HaltReason::WaveFailures { late: 2, .. })
+        ));
+        // Every device online refused as not eligible: nothing to pass on.
+        let mut none = c(4, 0, 0, 0);
+        none.not_eligible = 4;
+        assert!(matches!(
+            evaluate(&g, &none, &none, false),
+            Verdict::Hold(HoldReason::TooFewReports { .. })
+        ));
+        assert_eq!(
+            evaluate(&g, &none, &none, true),
+            Verdict::Hold(HoldReason::NoCountedReport)
+        );
+    }
+
+    // Silence after the deadline: a failure by default, left out with `ignore`.
+    #[test]
+    fn gate_silence_counts_as_the_spec_says() {
+        let w = c(10, 8, 0, 0);
+        assert_eq!(w.silent(), 2);
+        let fail = gate();
+        assert!(matches!(
+            evaluate(&fail, &w, &w, true),
+            Verdict::Halt(HaltReason::WaveFailures { late: 2, .. })
+        ));
+        let ignore = GateSpec {
+            silent: SilentPolicy::Ignore,
+            ..gate()
+        };
+        assert_eq!(evaluate(&ignore, &w, &w, true), Verdict::Proceed);
+        let quiet = c(10, 0, 0, 0);
+        assert_eq!(
+            evaluate(&ignore, &quiet, &quiet, true),
+            Verdict::Hold(HoldReason::NoCountedReport)
+        );
     }
 }

@@ -22,6 +22,42 @@ pub struct GateSpec {
     pub install_timeout_secs: u64,
     /// Reason codes that breach at once, whatever the rates.
     pub critical_reasons: Vec<u16>,
+    /// Reports (over the opened waves, eligible devices only) the breach
+    /// check needs before a failure rate can stop the rollout; a critical
+    /// failure needs none.
+    #[serde(default = "default_min_breach_sample")]
+    pub min_breach_sample: u32,
+    /// Whether devices that never report count against the gate after the
+    /// install deadline.
+    #[serde(default)]
+    pub silent: SilentPolicy,
+}
+
+/// The breach check's minimum sample when the spec does not say.
+pub const DEFAULT_MIN_BREACH_SAMPLE: u32 = 10;
+
+fn default_min_breach_sample() -> u32 {
+    DEFAULT_MIN_BREACH_SAMPLE
+}
+
+/// What silence means for the gate once the install deadline has passed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SilentPolicy {
+    /// A device of the wave that was online and never reported counts as failed.
+    #[default]
+    Fail,
+    /// It is counted and shown, and left out of the gate's shares.
+    Ignore,
+}
+
+impl SilentPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            SilentPolicy::Fail => "fail",
+            SilentPolicy::Ignore => "ignore",
+        }
+    }
 }
 
 impl Default for GateSpec {
@@ -33,6 +69,8 @@ impl Default for GateSpec {
             bake_secs: 300,
             install_timeout_secs: 1_800,
             critical_reasons: Vec::new(),
+            min_breach_sample: DEFAULT_MIN_BREACH_SAMPLE,
+            silent: SilentPolicy::Fail,
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use super::health_gate::{HaltReason, WaveCounts};
 use super::planner::WavePlan;
-use super::spec::{BreachPolicy, GateSpec, MaintenanceWindows, RolloutSpec};
+use super::spec::{BreachPolicy, GateSpec, MaintenanceWindows, RolloutSpec, SilentPolicy};
 use super::state::*;
 use swell_protocol::cohort::{self, PPM_FULL, Selector};
 use swell_protocol::messages::{ManifestState, Release};
@@ -66,6 +66,8 @@ fn gate(bake: u64, timeout: u64) -> GateSpec {
         bake_secs: bake,
         install_timeout_secs: timeout,
         critical_reasons: vec![],
+        min_breach_sample: 1,
+        silent: SilentPolicy::Fail,
     }
 }
 

@@ -51,6 +51,20 @@ pub struct RolloutRecord {
     /// Decisions logged so far (the next entry's index).
     pub decisions: u64,
     pub created_at: u64,
+    /// Set once the rollout is completed, rolled back or aborted: its counts
+    /// from then on, whatever devices report later.
+    #[serde(default)]
+    pub outcome: Option<FinalOutcome>,
+}
+
+/// A finished rollout's record of what happened: frozen when it finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalOutcome {
+    pub waves: Vec<crate::rollout::health_gate::WaveCounts>,
+    pub members: usize,
+    pub finished_at: u64,
+    /// The manifest that finished it (re-signed copies for freshness follow).
+    pub manifest_seq: u64,
 }
 
 /// One audit-log entry: a transition with the inputs it was computed from (ROLL-5).

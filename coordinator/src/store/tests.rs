@@ -17,6 +17,7 @@ fn record() -> RolloutRecord {
         manifest_seq: 0,
         decisions: 0,
         created_at: 1,
+        outcome: None,
     }
 }
 
