@@ -254,7 +254,8 @@ impl Engine {
             .values_mut()
             .filter(|l| l.rec.outcome.is_none() && &l.rec.spec.fleet == rec.fleet())
         {
-            l.tracker.consider(slot, &rec.id, rec.labels(), rec.online);
+            l.tracker
+                .consider(slot, &rec.id, rec.labels(), rec.hardware(), rec.online);
         }
         Ok((
             format!("device {device} approved"),

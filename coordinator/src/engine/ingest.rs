@@ -266,7 +266,8 @@ impl Engine {
                     .values_mut()
                     .filter(|l| l.rec.outcome.is_none() && &l.rec.spec.fleet == rec.fleet())
                 {
-                    l.tracker.consider(slot, &rec.id, rec.labels(), true);
+                    l.tracker
+                        .consider(slot, &rec.id, rec.labels(), rec.hardware(), true);
                 }
             }
         }

@@ -101,6 +101,8 @@ pub struct Tracker {
     plan: WavePlan,
     selector: Selector,
     critical: Vec<u16>,
+    /// The release's hardware ids: a device announcing another is not a member.
+    hardware: Vec<String>,
     open_below: u64,
     started: bool,
     /// Opened members not walked yet: the canaries (first opening) and the
@@ -123,6 +125,7 @@ impl Tracker {
         plan: WavePlan,
         selector: Selector,
         critical: Vec<u16>,
+        hardware: Vec<String>,
     ) -> Self {
         let waves = plan.wave_count();
         Tracker {
@@ -131,6 +134,7 @@ impl Tracker {
             plan,
             selector,
             critical,
+            hardware,
             open_below: 0,
             started: false,
             unwalked: false,
@@ -151,13 +155,18 @@ impl Tracker {
     }
 
     /// Adds (or refreshes) the approved device in registry `slot` with
-    /// `labels`; returns whether it is a member. A member never leaves (its
-    /// vote stays), even if its labels change.
+    /// `labels` and `hardware`; returns whether it is a member. Eligibility
+    /// before membership: a device whose hardware the release is not for is
+    /// not a member. Membership is fixed when a wave opens: a device that
+    /// would land in a wave already open (new, or re-announcing its labels)
+    /// does not join it, and a member never leaves (its vote stays), even if
+    /// its labels change.
     pub fn consider(
         &mut self,
         slot: usize,
         device: &DeviceId,
         labels: &[swell_protocol::cohort::Label],
+        hardware: &str,
         online: bool,
     ) -> bool {
         if self.member(slot).is_some() {
@@ -170,6 +179,9 @@ impl Tracker {
             return false;
         };
         if !self.selector.matches(labels) {
+            return false;
+        }
+        if !self.hardware.is_empty() && !self.hardware.iter().any(|h| h == hardware) {
             return false;
         }
         let Some(wave) = self.plan.wave_of(&self.rollout, device) else {
@@ -189,18 +201,17 @@ impl Tracker {
             seen: false,
         };
         let open = self.is_open(&m);
-        if !open {
-            self.closed.insert((m.bucket, slot32));
+        if open {
+            // Its wave opened without it: the wave's members were fixed then.
+            return false;
         }
+        self.closed.insert((m.bucket, slot32));
         if self.members.len() <= slot {
             self.members.resize(slot + 1, Member::NONE);
         }
         self.counts[usize::from(m.wave)].planned += 1;
         self.members[slot] = m;
         self.member_count += 1;
-        if open && online {
-            self.mark_seen(slot);
-        }
         true
     }
 
@@ -422,6 +433,7 @@ mod tests {
             WavePlan::new((0..canary).map(|i| dev(i as u32)).collect(), steps.to_vec()).unwrap(),
             Selector::parse(selector).unwrap(),
             vec![reason::CRASH_LOOP],
+            vec!["hw".into()],
         )
     }
 
@@ -440,6 +452,7 @@ mod tests {
                 i as usize,
                 &dev(i),
                 &labels(if i % 10 == 0 { "b" } else { "a" }),
+                "hw",
                 true,
             );
         }
@@ -474,7 +487,7 @@ mod tests {
     fn tracker_open_is_o1_and_settle_counts_each_member_once() {
         let mut t = tracker(0, &[500_000, PPM_FULL], "");
         for i in 0..200 {
-            t.consider(i as usize, &dev(i), &[], true);
+            t.consider(i as usize, &dev(i), &[], "hw", true);
         }
         let release = ReleaseId([1; 32]);
         t.open(cohort::open_below(500_000));
@@ -487,17 +500,15 @@ mod tests {
         assert!(opened.len() > 60 && opened.len() < 140, "{}", opened.len());
         assert!(t.on_report(opened[0] as usize, &release, &Phase::Committed));
         assert_eq!(t.counts()[0].population, 1);
-        // A member joining between open and settle is judged by the new bound.
-        t.consider(1000, &dev(1000), &[], true);
+        // A device announcing itself after its wave opened does not join it
+        // (the wave's members were fixed when it opened); one whose bucket
+        // is still shut joins the later opening.
+        let late_open = cohort::is_open(cohort::bucket(&t.rollout, &dev(1000)), t.open_below);
+        assert_eq!(t.consider(1000, &dev(1000), &[], "hw", true), !late_open);
         let walked = t.settle(|_| true);
         assert!(t.settled());
-        // The late joiner was never closed below the bound, so it is not walked.
-        let late_open = cohort::is_open(cohort::bucket(&t.rollout, &dev(1000)), t.open_below);
         assert_eq!(walked, opened.len());
-        assert_eq!(
-            t.counts()[0].population as usize,
-            opened.len() + usize::from(late_open)
-        );
+        assert_eq!(t.counts()[0].population as usize, opened.len());
         assert_eq!(t.counts()[0].healthy, 1);
         assert_eq!(t.settle(|_| true), 0);
         // The closed ones are still closed: they neither count nor vote.
@@ -508,8 +519,8 @@ mod tests {
     #[test]
     fn tracker_late_failure_and_critical() {
         let mut t = tracker(2, &[PPM_FULL], "");
-        t.consider(0, &dev(0), &[], true);
-        t.consider(1, &dev(1), &[], false);
+        t.consider(0, &dev(0), &[], "hw", true);
+        t.consider(1, &dev(1), &[], "hw", false);
         t.open(0);
         t.settle(|slot| slot == 0);
         assert_eq!(
@@ -542,7 +553,7 @@ mod tests {
     fn tracker_next_step_respects_budget() {
         let mut t = tracker(0, &[PPM_FULL], "");
         for i in 0..50 {
-            t.consider(i as usize, &dev(i), &[], true);
+            t.consider(i as usize, &dev(i), &[], "hw", true);
         }
         t.open(0);
         t.settle(|_| true);
@@ -595,5 +606,25 @@ mod tests {
             Class::of(&Phase::Rejected(r(reason::BAD_SIGNATURE)), &crit),
             Class::Failed { critical: false }
         );
+    }
+
+    // Eligibility before membership: hardware the release is not for keeps a
+    // device out; labels re-announced into the selector after the wave
+    // opened do not move it in.
+    #[test]
+    fn tracker_members_are_eligible_and_fixed_when_their_wave_opens() {
+        let mut t = tracker(0, &[PPM_FULL], "hw=a");
+        assert!(!t.consider(0, &dev(0), &labels("a"), "other-board", true));
+        assert!(t.consider(1, &dev(1), &labels("a"), "hw", true));
+        assert!(!t.consider(2, &dev(2), &labels("b"), "hw", true));
+        t.open(u64::MAX);
+        t.settle(|_| true);
+        assert_eq!(t.members(), 1);
+        // Device 2 now says it is hw=a: its wave is open, it stays out, and
+        // its reports do not count.
+        assert!(!t.consider(2, &dev(2), &labels("a"), "hw", true));
+        assert!(!t.on_report(2, &ReleaseId([1; 32]), &Phase::Committed));
+        assert_eq!(t.counts()[0].healthy, 0);
+        assert_eq!(t.members(), 1);
     }
 }
