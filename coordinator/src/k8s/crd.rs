@@ -88,6 +88,14 @@ pub struct RolloutResourceSpec {
     /// Failure reasons (`crash_loop`) or codes that breach at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub critical_reasons: Vec<String>,
+    /// Eligible reports before a failure rate can breach (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_breach_sample: Option<u32>,
+    /// Whether devices that never report count against the gate after the
+    /// install deadline: `fail` (default) or `ignore`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["fail", "ignore"]))]
+    pub silent: Option<String>,
     /// Allow a selector that may overlap an active rollout's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_overlap: bool,
@@ -212,6 +220,11 @@ impl RolloutResourceSpec {
             ),
             ("max_in_flight", self.max_in_flight.map(|v| json!(v))),
             ("policy", self.policy.map(|v| json!(v))),
+            (
+                "min_breach_sample",
+                self.min_breach_sample.map(|v| json!(v)),
+            ),
+            ("silent", self.silent.as_ref().map(|v| json!(v))),
             ("start_at", self.start_at.as_ref().map(|v| json!(v))),
             (
                 "maintenance",
@@ -267,6 +280,8 @@ impl RolloutResourceSpec {
                 windows: m.windows.clone(),
             }),
             critical_reasons: c.critical_reasons.clone(),
+            min_breach_sample: Some(c.min_breach_sample),
+            silent: Some(c.silent.clone()),
             allow_overlap,
             paused: false,
         })
@@ -298,6 +313,7 @@ mod tests {
         assert_eq!(c.max_in_flight, Some(500));
         assert_eq!(c.min_devices, 5);
         assert_eq!(c.critical_reasons, ["crash_loop"]);
+        assert_eq!((c.min_breach_sample, c.silent.as_str()), (20, "fail"));
         assert_eq!(c.canary.len(), 2);
     }
 
@@ -315,6 +331,7 @@ mod tests {
             ("5m", "30m", "pause")
         );
         assert_eq!(c.success_threshold, "95%");
+        assert_eq!((c.min_breach_sample, c.silent.as_str()), (10, "fail"));
         let back = RolloutResourceSpec::from_create_spec(&c, false)
             .unwrap()
             .to_create_spec("fw-1")
