@@ -451,3 +451,46 @@ async fn coordinator_mqtt_command_rejections_change_nothing() {
     assert_eq!(r["ok"], true);
     assert_eq!(r["status"], json!([]));
 }
+
+/// Over a real broker (embedded, or the shipped Mosquitto with
+/// `SWELL_TEST_MOSQUITTO=required`): devices refusing a release whose exposure
+/// cap or hardware is not for them are counted as not eligible and never as
+/// failures; with them a third of the fleet, the rollout still completes on the
+/// devices that took it (RO-009).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_mqtt_refusals_do_not_stop_a_rollout() {
+    use swell_protocol::messages::reason;
+    let b = TestBroker::start();
+    let _c = start_coordinator(&b, settings(1)).await;
+    let devs = Devices::start(&b, 30, |i| {
+        let behavior = match i % 6 {
+            0 => Behavior::Refuses(reason::EXPOSURE_CAP),
+            1 => Behavior::Refuses(reason::HARDWARE_MISMATCH),
+            _ => Behavior::Healthy,
+        };
+        (vec![], behavior)
+    })
+    .await;
+    let mut op = Operator::start(&b).await;
+    op.wait_enrolled(30).await;
+    let rel = release(2, "2.0.0");
+    let r = op
+        .command(create_cmd(
+            "refused",
+            &rel,
+            &["50%", "100%"],
+            json!({"max_failure_rate": "5%", "min_breach_sample": 2}),
+        ))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let s = op.wait_status("refused", 60, |s| s.finished).await;
+    assert_eq!(s.phase, "completed", "{s:#?}");
+    let not_eligible: u32 = s.waves.iter().map(|w| w.not_eligible).sum();
+    let failed: u32 = s.waves.iter().map(|w| w.failed).sum();
+    assert_eq!(
+        (s.opened_totals().0, failed, not_eligible),
+        (20, 0, 10),
+        "{s:#?}"
+    );
+    drop(devs);
+}

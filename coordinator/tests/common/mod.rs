@@ -216,6 +216,8 @@ pub enum Behavior {
     Healthy,
     Fails,
     Silent,
+    /// Refuses the manifest with this reason code (exposure cap, hardware…).
+    Refuses(u16),
 }
 
 struct SimDevice {
@@ -484,6 +486,15 @@ fn on_manifest(
                 st.acted.insert(key);
                 let d = &mut st.devs[i];
                 let topic = topics.report(&d.id);
+                if let Behavior::Refuses(code) = behavior {
+                    let ph = Phase::Rejected(Reason {
+                        code,
+                        detail: reason::name(code).into(),
+                    });
+                    outs.push((topic, report_bytes(d, &m.rollout, release_id, ph)));
+                    st.reports_sent += 1;
+                    continue;
+                }
                 outs.push((
                     topic.clone(),
                     report_bytes(d, &m.rollout, release_id, Phase::Installing),
