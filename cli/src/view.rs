@@ -27,6 +27,9 @@ pub fn describe(e: &RolloutEvent) -> String {
         },
         EventKind::Lifecycle(Lifecycle::Created { .. }) => "created".into(),
         EventKind::Lifecycle(Lifecycle::Removed) => "removed".into(),
+        EventKind::Lifecycle(Lifecycle::Superseded { by }) => {
+            format!("superseded by {by}: its manifest is cleared")
+        }
     }
 }
 

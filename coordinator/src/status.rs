@@ -126,8 +126,15 @@ pub enum EventKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Lifecycle {
-    Created { version: String, members: usize },
+    Created {
+        version: String,
+        members: usize,
+    },
     Removed,
+    /// A later rollout completed over its scope; its manifest was cleared.
+    Superseded {
+        by: String,
+    },
 }
 
 /// An operator command's reply (`{p}/ops/cmd` answered on its response

@@ -767,6 +767,103 @@ fn engine_refusals_are_not_failures() {
     assert!(s.finished);
 }
 
+/// The fleet's desired state: when a rollout completes, the finished rollouts
+/// before it whose scope its selector covers are superseded: their retained
+/// manifests are cleared at once and never published again (not on a tick,
+/// not after a restart), while their records stay as they finished. A
+/// narrower rollout supersedes nothing broader.
+#[test]
+fn engine_a_completed_rollout_supersedes_the_ones_it_covers() {
+    let store = Arc::new(MemoryStore::new());
+    let now = unix_now();
+    let start = |at: u64| Engine::start(settings(1), store.clone(), at).unwrap();
+    let (mut e, _) = start(now);
+    let send = |e: &mut Engine, at: u64, topic: String, payload: &[u8]| {
+        e.handle(&topic, payload, ReplyTo::default(), at).unwrap()
+    };
+    for i in 0..2 {
+        send(
+            &mut e,
+            now,
+            topic_hello(i),
+            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+        );
+        send(&mut e, now, format!("swell/v1/dev/{}/online", dev(i)), b"1");
+    }
+    let fleet = FleetId::new("plant-7").unwrap();
+    let manifest = |e: &Engine, r: &str| e.topics().manifest(&fleet, &RolloutId::new(r).unwrap());
+    let mut seq = 1;
+    // Creates `name` over `selector` and has both devices commit it; what the
+    // completing tick published.
+    let mut complete = |e: &mut Engine, name: &str, counter: u64, selector: &str| {
+        let rel = release(counter, &format!("{counter}.0.0"));
+        let mut cmd = create_cmd(
+            name,
+            &rel,
+            &["100%"],
+            json!({"bake": "0s", "selector": selector}),
+        );
+        cmd["reply_to"] = json!("replies");
+        cmd["allow_overlap"] = json!(true);
+        send(
+            e,
+            now,
+            "swell/v1/ops/cmd".into(),
+            cmd.to_string().as_bytes(),
+        );
+        seq += 1;
+        for i in 0..2 {
+            send(
+                e,
+                now,
+                topic_report(i),
+                &report(i, &key(i), seq, name, rel.id(), Phase::Committed, 0),
+            );
+        }
+        let out = e.tick(now + 1).unwrap();
+        assert_eq!(
+            e.status(&RolloutId::new(name).unwrap(), now + 1)
+                .unwrap()
+                .phase,
+            "completed"
+        );
+        out
+    };
+    complete(&mut e, "a", 2, "");
+    let a = e.status(&RolloutId::new("a").unwrap(), now + 1).unwrap();
+    let out = complete(&mut e, "b", 3, "");
+    let cleared = |out: &[swell_coordinator::engine::Out], topic: &str| {
+        out.iter()
+            .any(|o| o.topic == topic && o.retain && o.payload.is_empty())
+    };
+    assert!(cleared(&out, &manifest(&e, "a")), "a's manifest cleared");
+    assert!(
+        !out.iter()
+            .any(|o| o.topic == manifest(&e, "b") && o.payload.is_empty())
+    );
+    assert_eq!(
+        e.status(&RolloutId::new("a").unwrap(), now + 1).unwrap(),
+        a,
+        "a's record stays"
+    );
+    // A narrower rollout does not supersede the whole-fleet one.
+    let out = complete(&mut e, "c", 4, "hw=sim");
+    assert!(!cleared(&out, &manifest(&e, "b")));
+    // Half a manifest lifetime later only b and c are re-signed.
+    let later = now + settings(1).manifest_ttl.as_secs();
+    let out = e.tick(later).unwrap();
+    let signed = |out: &[swell_coordinator::engine::Out], r: &str| {
+        out.iter()
+            .any(|o| o.topic == manifest(&e, r) && !o.payload.is_empty())
+    };
+    assert!(signed(&out, "b") && signed(&out, "c") && !signed(&out, "a"));
+    e.flush().unwrap();
+    // A restart republishes b and c, not a.
+    let (e, out) = start(later);
+    assert!(signed(&out, "b") && signed(&out, "c") && !signed(&out, "a"));
+    drop(e);
+}
+
 /// Hello and Report travel on different topics; MQTT orders only within a topic./// Hello and Report travel on different topics; MQTT orders only within a topic./// Hello and Report travel on different topics; MQTT orders only within a topic.
 /// A Hello processed before an older Report must not make that Report a replay.
 #[test]

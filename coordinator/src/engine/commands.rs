@@ -324,6 +324,7 @@ impl Engine {
             decisions: 0,
             created_at: now,
             outcome: None,
+            superseded_by: None,
         };
         self.store
             .commit_rollout(&rec, None)

@@ -5,7 +5,9 @@
 
 use super::{Engine, EngineError, Live, Out, manifest_view, wave_target};
 use crate::rollout::state::{self, Command, Observations, RolloutPhase};
-use crate::status::{BreachEvidence, EventKind, RolloutEvent, RolloutStatus, WaveProgress};
+use crate::status::{
+    BreachEvidence, EventKind, Lifecycle, RolloutEvent, RolloutStatus, WaveProgress,
+};
 use crate::store::{DecisionEntry, FinalOutcome};
 use swell_protocol::RolloutId;
 use swell_protocol::envelope::{Audience, Stamp, seal};
@@ -96,11 +98,73 @@ impl Engine {
         for d in &st.decisions {
             info!(rollout = %id, wave = l.rec.state.wave, phase = l.rec.state.phase_name(), decision = ?d, "rollout decision");
         }
+        let completed = l.rec.state.phase == RolloutPhase::Completed;
         let mut out = Vec::new();
         for d in &st.decisions {
             out.extend(self.event(id, now, EventKind::Decision(d.clone())));
         }
         out.extend(self.publish_if_changed(id, now, false)?);
+        if completed {
+            out.extend(self.supersede_covered(id, now)?);
+        }
+        Ok(out)
+    }
+
+    /// The fleet's desired state: once rollout `id` completed, each finished
+    /// rollout before it whose scope its selector provably covers is
+    /// superseded: its retained manifest is cleared (a device, new or back
+    /// from offline, can no longer pick an older release from it) and never
+    /// published again. Its record and status stay as they finished.
+    pub(super) fn supersede_covered(
+        &mut self,
+        id: &RolloutId,
+        now: u64,
+    ) -> Result<Vec<Out>, EngineError> {
+        let Some(newer) = self.rollouts.get(id) else {
+            return Ok(vec![]);
+        };
+        let (fleet, selector, created) = (
+            newer.rec.spec.fleet.clone(),
+            newer.rec.spec.selector.clone(),
+            newer.rec.created_at,
+        );
+        let covered: Vec<RolloutId> = self
+            .rollouts
+            .iter()
+            .filter(|(other, l)| {
+                *other != id
+                    && l.rec.superseded_by.is_none()
+                    && l.rec.state.is_final()
+                    && l.rec.created_at <= created
+                    && l.rec.spec.fleet == fleet
+                    && selector.covers(&l.rec.spec.selector)
+            })
+            .map(|(other, _)| other.clone())
+            .collect();
+        let mut out = Vec::new();
+        for old in covered {
+            let Some(l) = self.rollouts.get_mut(&old) else {
+                continue;
+            };
+            let mut rec = l.rec.clone();
+            rec.superseded_by = Some(id.clone());
+            // Durable first: a restart must not publish it again.
+            self.store.commit_rollout(&rec, None)?;
+            l.rec = rec;
+            info!(rollout = %old, by = %id, "rollout superseded: its manifest is cleared");
+            out.push(Out {
+                topic: self.s.topics.manifest(&fleet, &old),
+                payload: Vec::new(),
+                retain: true,
+                correlation: None,
+                event: None,
+            });
+            out.extend(self.event(
+                &old,
+                now,
+                EventKind::Lifecycle(Lifecycle::Superseded { by: id.to_string() }),
+            ));
+        }
         Ok(out)
     }
 
@@ -135,7 +199,10 @@ impl Engine {
         let mut out = Vec::new();
         let view = manifest_view(&l.rec.state);
         let stale = now >= l.published_at.saturating_add(ttl / 2);
-        if l.rec.state.started && (force || l.published != Some(view) || stale) {
+        if l.rec.state.started
+            && l.rec.superseded_by.is_none()
+            && (force || l.published != Some(view) || stale)
+        {
             if l.published.is_some() && l.published == Some(view) {
                 // Same content re-signed for freshness: a new seq, durably first.
                 l.rec.manifest_seq += 1;

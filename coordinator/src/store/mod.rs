@@ -55,6 +55,11 @@ pub struct RolloutRecord {
     /// from then on, whatever devices report later.
     #[serde(default)]
     pub outcome: Option<FinalOutcome>,
+    /// A later rollout that completed over (at least) this one's scope: this
+    /// one's manifest is no longer the fleet's desired state for any device,
+    /// so it is cleared and not published again.
+    #[serde(default)]
+    pub superseded_by: Option<RolloutId>,
 }
 
 /// A finished rollout's record of what happened: frozen when it finished.

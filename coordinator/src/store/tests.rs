@@ -18,6 +18,7 @@ fn record() -> RolloutRecord {
         decisions: 0,
         created_at: 1,
         outcome: None,
+        superseded_by: None,
     }
 }
 

@@ -122,6 +122,15 @@ impl Selector {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 
+    /// Whether every device `other` selects is provably selected by this one
+    /// too: each of this selector's requirements is one of `other`'s. (Sound,
+    /// not complete: `hw in (a,b)` covers `hw=a` but is not found to.)
+    pub fn covers(&self, other: &Selector) -> bool {
+        self.requirements
+            .iter()
+            .all(|r| other.requirements.contains(r))
+    }
+
     /// Checks sizes and charsets (for selectors that arrive decoded, not parsed).
     pub fn validate(&self) -> Result<(), String> {
         if self.requirements.len() > MAX_REQUIREMENTS {
@@ -463,5 +472,16 @@ mod tests {
         assert!(Selector::parse(&many).is_err());
         let long = format!("{}=x", "k".repeat(64));
         assert!(Selector::parse(&long).is_err());
+    }
+
+    #[test]
+    fn selector_covers_only_what_it_provably_selects() {
+        let p = |s: &str| Selector::parse(s).unwrap();
+        assert!(Selector::all().covers(&p("hw=a,region in (eu)")));
+        assert!(p("hw=a").covers(&p("hw=a,region=eu")));
+        assert!(p("hw=a").covers(&p("hw=a")));
+        assert!(!p("hw=a,region=eu").covers(&p("hw=a")));
+        assert!(!p("hw=a").covers(&Selector::all()));
+        assert!(!p("hw=b").covers(&p("hw=a")));
     }
 }
