@@ -418,3 +418,45 @@ async fn agent_survives_sigkill_at_every_journal_state() {
         "kills spread over several stages: {killed_in:?}"
     );
 }
+
+/// Two agents with one device id (a cloned SD card, say): each connection
+/// takes the other's session over. Each agent recognises it, says why in its
+/// log and its status, and backs off more with every takeover in a row
+/// instead of reconnecting at once forever (the backoff itself is
+/// `swell_mqtt::reconnect`'s unit tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_backs_off_when_another_client_has_its_device_id() {
+    let broker = Broker::start();
+    let control = Control::start(&broker).await;
+    control.publish_keys().await;
+    let spec = broker.agent_spec("dev-twin").await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = AgentProc::start(&spec, d1.path());
+    a.wait_status("first twin connected", 20, |s| s["connected"] == true)
+        .await;
+    let b = AgentProc::start(&spec, d2.path());
+    // Connections closed soon, in a row, climb past the slow-backoff mark on
+    // at least one twin: neither holds its connection long enough to end
+    // the streak.
+    let twice = |s: &serde_json::Value| s["closed_soon_in_a_row"].as_u64().is_some_and(|n| n >= 3);
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if twice(&a.status()) || twice(&b.status()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no twin saw three connections closed soon in a row:\n{}\n{}\n{}\n{}",
+            a.status(),
+            b.status(),
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = a.log_text() + &b.log_text();
+    assert!(
+        logs.contains("keeps closing this connection soon after it opens"),
+        "the log names the cause:\n{logs}"
+    );
+}

@@ -6,6 +6,7 @@
 //! outbox).
 
 pub mod log_throttle;
+pub mod reconnect;
 mod subscriptions;
 
 pub use subscriptions::{FilterState, SubAckOutcome, Subscriptions};
@@ -280,14 +281,22 @@ pub fn backoff(attempt: u32) -> Duration {
     let ceiling = BACKOFF_MIN
         .saturating_mul(1u32 << attempt.min(16))
         .min(BACKOFF_MAX);
+    jitter(ceiling).max(Duration::from_millis(10))
+}
+
+/// Uniform in `[0, max]`; `max` itself without randomness (a degraded mode,
+/// not an error).
+fn jitter(max: Duration) -> Duration {
     let mut b = [0u8; 8];
-    // No randomness is a degraded mode, not an error: fall back to the ceiling.
     if getrandom::fill(&mut b).is_err() {
-        return ceiling;
+        return max;
     }
-    let r = u64::from_le_bytes(b);
-    let ms = ceiling.as_millis() as u64;
-    Duration::from_millis(if ms == 0 { 0 } else { r % (ms + 1) }).max(Duration::from_millis(10))
+    let ms = max.as_millis() as u64;
+    Duration::from_millis(if ms == 0 {
+        0
+    } else {
+        u64::from_le_bytes(b) % (ms + 1)
+    })
 }
 
 /// rumqttc options for `cfg`: manual acks, packet cap, session persistence,
@@ -369,7 +378,7 @@ pub fn spawn(
     let task_flow = flow.clone();
     let task_stats = stats.clone();
     tokio::spawn(async move {
-        let mut attempt = 0u32;
+        let mut reconnect = reconnect::Reconnect::default();
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -401,7 +410,7 @@ pub fn spawn(
             }
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    attempt = 0;
+                    reconnect.connected(std::time::Instant::now());
                     let _ = up_tx.send(true);
                     info!(host = %cfg.host, port = cfg.port, session_present = ack.session_present, "connected to broker");
                     if tx
@@ -426,13 +435,17 @@ pub fn spawn(
                 Err(e) => {
                     let _ = up_tx.send(false);
                     task_stats.errors.fetch_add(1, Ordering::Relaxed);
-                    if taken_over(&e) {
+                    let took = taken_over(&e);
+                    let wait = reconnect.lost(took, std::time::Instant::now());
+                    if took {
                         task_stats.taken_over.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(client_id = %cfg.client_id, "another client connected with this client id and took the session over");
                     }
-                    let wait = backoff(attempt);
-                    attempt = attempt.saturating_add(1);
-                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
+                    if wait.taken_over || wait.kicked >= 3 {
+                        tracing::error!(client_id = %cfg.client_id, in_a_row = wait.kicked, taken_over = wait.taken_over, retry_in_ms = wait.after.as_millis() as u64, error = %e, "the broker keeps closing this connection soon after it opens (another client with this client id?); backing off");
+                    } else {
+                        warn!(error = %e, retry_in_ms = wait.after.as_millis() as u64, "broker connection lost");
+                    }
+                    let wait = wait.after;
                     tokio::select! {
                         _ = cancel.cancelled() => break,
                         _ = tokio::time::sleep(wait) => {}

@@ -73,6 +73,8 @@ pub struct Agent {
     started: Instant,
     /// `status.json` is behind (written at most every tick).
     status_dirty: bool,
+    /// When to connect again (takeovers by another client back off apart).
+    reconnect: swell_mqtt::reconnect::Reconnect,
 }
 
 impl std::fmt::Debug for Agent {
@@ -241,6 +243,7 @@ impl Agent {
             work_tx,
             started,
             status_dirty: true,
+            reconnect: swell_mqtt::reconnect::Reconnect::default(),
             core,
             cfg,
         };
@@ -267,7 +270,6 @@ impl Agent {
         }
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut reconnect_at: Option<tokio::time::Instant> = None;
-        let mut attempt = 0u32;
         loop {
             let backing_off = reconnect_at.is_some_and(|t| tokio::time::Instant::now() < t);
             tokio::select! {
@@ -277,14 +279,19 @@ impl Agent {
                     match ev {
                         Ok(ev) => {
                             if matches!(ev, MqttEvent::Incoming(Packet::ConnAck(_))) {
-                                attempt = 0;
+                                self.reconnect.connected(std::time::Instant::now());
                             }
                             self.on_mqtt(ev, eventloop)?;
                         }
                         Err(e) => {
-                            let wait = swell_mqtt::backoff(attempt);
-                            attempt = attempt.saturating_add(1);
-                            warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
+                            let took = swell_mqtt::taken_over(&e);
+                            let w = self.reconnect.lost(took, std::time::Instant::now());
+                            let wait = w.after;
+                            if w.taken_over || w.kicked >= 3 {
+                                error!(device = %self.cfg.device, in_a_row = w.kicked, taken_over = w.taken_over, retry_in_ms = wait.as_millis() as u64, error = %e, "the broker keeps closing this connection soon after it opens: another client with this device's client id (two agents with one device id, or a copy of this one's state)? backing off");
+                            } else {
+                                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
+                            }
                             // The outbox is the record of what is unsent: drop
                             // rumqttc's own replay queue and resend from the outbox.
                             eventloop.pending.clear();
@@ -413,12 +420,13 @@ impl Agent {
 
     fn write_status(&mut self) {
         self.status_dirty = false;
-        let s = Status::of(
+        let mut s = Status::of(
             &self.core,
             self.link.connected,
             self.store.queued(),
             self.store.dropped().unwrap_or(0),
         );
+        s.closed_soon_in_a_row = self.reconnect.kicked();
         if let Ok(json) = serde_json::to_vec_pretty(&s)
             && let Err(e) = swell_durable::write_atomic(&self.status_path, &json, 0o644)
         {

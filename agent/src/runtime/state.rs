@@ -62,6 +62,10 @@ pub struct Status {
     pub outbox: usize,
     pub outbox_dropped: u64,
     pub counters: Counters,
+    /// Connections in a row the broker closed within a minute of opening (0
+    /// once one held a minute): another client with this device's client id
+    /// (two agents with one device id, a copy of this one's state) looks so.
+    pub closed_soon_in_a_row: u32,
 }
 
 impl Status {
@@ -80,6 +84,7 @@ impl Status {
             outbox,
             outbox_dropped,
             counters: core.counters().clone(),
+            closed_soon_in_a_row: 0,
         }
     }
 }
