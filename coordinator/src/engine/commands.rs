@@ -271,7 +271,7 @@ impl Engine {
         allow_overlap: bool,
         now: u64,
     ) -> Result<Accepted, Refusal> {
-        let spec = spec
+        let mut spec = spec
             .into_spec(&self.s.fleet)
             .map_err(|m| refuse("invalid", m))?;
         if spec.fleet != self.s.fleet {
@@ -298,6 +298,8 @@ impl Engine {
                     format!("release {}: {e}", spec.release_id().short()),
                 )
             })?;
+        // ROLL-3: waves open within the release's own exposure schedule.
+        spec.exposure = release.exposure.clone();
         if !allow_overlap {
             for l in self
                 .rollouts

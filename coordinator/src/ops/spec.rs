@@ -207,6 +207,8 @@ impl CreateSpec {
                 .map(|(w, t)| Ok((*w, time("not_before", t)?)))
                 .collect::<Result<_, String>>()?,
             windows,
+            // Filled from the release once create verified it.
+            exposure: None,
         };
         spec.validate()?;
         Ok(spec)

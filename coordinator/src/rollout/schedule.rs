@@ -5,6 +5,7 @@
 use super::spec::{MaintenanceWindows, RolloutSpec};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
+use swell_protocol::cohort::{self, format_percent};
 
 /// The time zone called `name`.
 pub fn zone(name: &str) -> Result<TimeZone, String> {
@@ -32,6 +33,34 @@ pub fn in_window(w: &MaintenanceWindows, now: u64) -> Result<bool, String> {
     }))
 }
 
+/// ROLL-3 at the coordinator: the release's exposure schedule caps what
+/// devices accept, so a wave wider than the cap allows now would only collect
+/// refusals. Why it waits, with when the cap allows it.
+fn capped(spec: &RolloutSpec, wave: u16, now: u64) -> Option<String> {
+    let exposure = spec.exposure.as_ref()?;
+    let target = spec.plan.open_below(usize::from(wave)).unwrap_or(u64::MAX);
+    let allows = |t: u64| cohort::open_below(exposure.max_ppm_at(t)) >= target;
+    if allows(now) {
+        return None;
+    }
+    let cap = format_percent(exposure.max_ppm_at(now));
+    let wants = spec.plan.wave_label(usize::from(wave));
+    let when = exposure
+        .steps
+        .iter()
+        .map(|s| exposure.start.saturating_add(s.after_secs))
+        .find(|&t| t > now && allows(t));
+    Some(match when {
+        Some(t) => format!(
+            "exposure cap: {cap} until {} (wave {wave} opens {wants})",
+            Timestamp::from_second(t as i64).map_or(t.to_string(), |ts| ts.to_string())
+        ),
+        None => format!(
+            "exposure cap: the release never allows {wants} (wave {wave}); at most {cap} now"
+        ),
+    })
+}
+
 /// Why wave `wave` may not open at `now`, or `None` when it may.
 pub fn blocked(spec: &RolloutSpec, wave: u16, now: u64) -> Option<String> {
     if let Some(t) = spec.start_at
@@ -49,6 +78,9 @@ pub fn blocked(spec: &RolloutSpec, wave: u16, now: u64) -> Option<String> {
             "wave {wave} not before {}",
             Timestamp::from_second(t as i64).map_or(t.to_string(), |ts| ts.to_string())
         ));
+    }
+    if let Some(why) = capped(spec, wave, now) {
+        return Some(why);
     }
     if let Some(w) = &spec.windows {
         match in_window(w, now) {

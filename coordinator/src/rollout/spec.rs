@@ -3,6 +3,7 @@
 use super::planner::WavePlan;
 use serde::{Deserialize, Serialize};
 use swell_protocol::cohort::{PPM_FULL, Selector};
+use swell_protocol::messages::ExposureSchedule;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::{FleetId, ReleaseId, RolloutId};
 
@@ -123,6 +124,10 @@ pub struct RolloutSpec {
     /// Per-wave earliest opening times, `(wave, unix seconds)`.
     pub not_before: Vec<(u16, u64)>,
     pub windows: Option<MaintenanceWindows>,
+    /// The release's signed exposure schedule (ROLL-3), copied from the
+    /// verified release at create: a wave opens only once it allows the wave.
+    #[serde(default)]
+    pub exposure: Option<ExposureSchedule>,
 }
 
 impl RolloutSpec {

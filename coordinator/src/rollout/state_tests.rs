@@ -51,6 +51,7 @@ pub(crate) fn spec(
         start_at: None,
         not_before: vec![],
         windows: None,
+        exposure: None,
     }
 }
 
@@ -518,6 +519,44 @@ fn state_schedule_waits_and_says_why() {
             .contains("wave 1 not before")
     );
     sim.now = 5_000;
+    sim.run(50, 10);
+    assert_eq!(sim.state.phase, RolloutPhase::Completed);
+}
+
+/// ROLL-3 at the coordinator: a wave wider than the release's exposure
+/// schedule allows now waits, saying until when, and opens once it allows it.
+#[test]
+fn state_waves_open_within_the_exposure_cap() {
+    use swell_protocol::messages::{ExposureSchedule, ExposureStep};
+    let mut s = spec(0, &[50_000, PPM_FULL], gate(0, 300), BreachPolicy::Pause);
+    s.exposure = Some(ExposureSchedule {
+        start: 1_000,
+        steps: vec![
+            ExposureStep {
+                after_secs: 0,
+                max_ppm: 50_000,
+            },
+            ExposureStep {
+                after_secs: 3_600,
+                max_ppm: PPM_FULL,
+            },
+        ],
+    });
+    let mut sim = Sim::new(s, 40, |_| Some((10, true)));
+    sim.now = 1_000;
+    sim.run(30, 10);
+    // Wave 0 (5 %) fits the cap and passed; wave 1 (100 %) waits.
+    assert!(
+        matches!(sim.state.phase, RolloutPhase::Pending { next: 1 }),
+        "{:?}",
+        sim.state.phase
+    );
+    let why = sim.state.waiting.clone().unwrap();
+    assert!(
+        why.starts_with("exposure cap: 5% until 1970-01-01T01:16:40Z"),
+        "{why}"
+    );
+    sim.now = 4_600;
     sim.run(50, 10);
     assert_eq!(sim.state.phase, RolloutPhase::Completed);
 }
