@@ -14,11 +14,11 @@ use swell_coordinator::assemble::Coordinator;
 use swell_coordinator::engine::Settings;
 use swell_coordinator::server::{LoopConfig, unix_now};
 use swell_mqtt::MqttConfig;
-use swell_protocol::messages::{Artifact, ArtifactKind, KeyList, Release};
+use swell_protocol::FleetId;
+use swell_protocol::messages::KeyList;
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::Topics;
-use swell_protocol::{Digest, FleetId};
 
 /// The operator's login (user, password file), as the CLI takes it from the
 /// environment.
@@ -142,24 +142,8 @@ async fn cli_rollout_commands_against_a_coordinator() {
     .await
     .unwrap();
 
-    let body = Release {
-        counter: 1,
-        version: "1.0".into(),
-        created_at: unix_now(),
-        artifacts: vec![Artifact {
-            name: "a".into(),
-            kind: ArtifactKind::Bundle,
-            digest: Digest::sha256(b"a"),
-            length: 1,
-            urls: vec![],
-        }],
-        config: None,
-        hardware: vec!["sim".into()],
-        exposure: None,
-        rollback: None,
-    };
-    let mut rel = ThresholdSigned::new(&body).unwrap();
-    rel.sign(&test_key("release-0")).unwrap();
+    let rel =
+        swell_protocol::fixtures::release(1, "1.0", b"a", "", "sim", &["release-0"], unix_now());
     let rel_path = dir.path().join("release.bin");
     std::fs::write(&rel_path, rel.encode().unwrap()).unwrap();
     let spec_path = dir.path().join("spec.json");

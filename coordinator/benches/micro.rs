@@ -20,7 +20,7 @@ use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::Topics;
-use swell_protocol::{DeviceId, Digest, FleetId, RolloutId, SecretKey};
+use swell_protocol::{DeviceId, FleetId, RolloutId, SecretKey};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -46,25 +46,7 @@ fn report(device: &DeviceId, rollout: &RolloutId, release: swell_protocol::Relea
 }
 
 fn signed_release() -> ThresholdSigned {
-    let body = Release {
-        counter: 1,
-        version: "1.0.0".into(),
-        created_at: NOW,
-        artifacts: vec![Artifact {
-            name: "a".into(),
-            kind: ArtifactKind::Bundle,
-            digest: Digest::sha256(b"a"),
-            length: 1,
-            urls: vec![],
-        }],
-        config: None,
-        hardware: vec!["sim".into()],
-        exposure: None,
-        rollback: None,
-    };
-    let mut rel = ThresholdSigned::new(&body).unwrap();
-    rel.sign(&test_key("release-0")).unwrap();
-    rel
+    swell_protocol::fixtures::release(1, "1.0.0", b"a", "", "sim", &["release-0"], NOW)
 }
 
 fn verify(c: &mut Criterion) {

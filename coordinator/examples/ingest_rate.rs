@@ -34,7 +34,7 @@ use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::Topics;
-use swell_protocol::{DeviceId, Digest, FleetId, RolloutId};
+use swell_protocol::{DeviceId, FleetId, RolloutId};
 
 fn main() {
     let n: u32 = std::env::args()
@@ -111,24 +111,7 @@ fn main() {
     }
     engine.flush().unwrap();
     let registry_bytes = in_use().saturating_sub(before_enroll);
-    let body = Release {
-        counter: 1,
-        version: "1".into(),
-        created_at: now,
-        artifacts: vec![Artifact {
-            name: "a".into(),
-            kind: ArtifactKind::Bundle,
-            digest: Digest::sha256(b"a"),
-            length: 1,
-            urls: vec![],
-        }],
-        config: None,
-        hardware: vec!["sim".into()],
-        exposure: None,
-        rollback: None,
-    };
-    let mut rel = ThresholdSigned::new(&body).unwrap();
-    rel.sign(&test_key("release-0")).unwrap();
+    let rel = swell_protocol::fixtures::release(1, "1", b"a", "", "sim", &["release-0"], now);
     let cmd = json!({"op": "create", "spec": {"rollout": "r", "release": hex::encode(rel.encode().unwrap()), "waves": ["100%"], "bake": "1h"}});
     engine
         .handle(

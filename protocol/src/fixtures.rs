@@ -44,8 +44,8 @@ pub fn signed_key_list(now: u64) -> Vec<u8> {
     k.encode().expect("invariant: a signed key list encodes")
 }
 
-/// A release of one bundle artifact with these bytes at `url`, for
-/// `hardware`, signed by the named release keys.
+/// A release of one bundle artifact with these bytes at `url` (none when
+/// empty), for `hardware`, signed by the named release keys.
 ///
 /// # Panics
 /// When `signers` names a key twice.
@@ -67,7 +67,11 @@ pub fn release(
             kind: ArtifactKind::Bundle,
             digest: Digest::sha256(artifact),
             length: artifact.len() as u64,
-            urls: vec![url.into()],
+            urls: if url.is_empty() {
+                vec![]
+            } else {
+                vec![url.into()]
+            },
         }],
         config: None,
         hardware: vec![hardware.into()],

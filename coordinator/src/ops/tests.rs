@@ -1,8 +1,8 @@
 use super::*;
 use swell_protocol::FleetId;
+use swell_protocol::fixtures;
 use swell_protocol::messages::reason;
 use swell_protocol::testkeys::test_key;
-use swell_protocol::threshold::ThresholdSigned;
 
 fn fleet() -> FleetId {
     FleetId::new("f").unwrap()
@@ -126,24 +126,7 @@ fn ops_signed_commands() {
 }
 
 fn release_hex() -> String {
-    let body = swell_protocol::messages::Release {
-        counter: 1,
-        version: "1".into(),
-        created_at: 0,
-        artifacts: vec![swell_protocol::messages::Artifact {
-            name: "a".into(),
-            kind: swell_protocol::messages::ArtifactKind::Bundle,
-            digest: swell_protocol::Digest::sha256(b"a"),
-            length: 1,
-            urls: vec![],
-        }],
-        config: None,
-        hardware: vec!["sim".into()],
-        exposure: None,
-        rollback: None,
-    };
-    let mut r = ThresholdSigned::new(&body).unwrap();
-    r.sign(&test_key("release-0")).unwrap();
+    let r = fixtures::release(1, "1", b"a", "", "sim", &["release-0"], 0);
     hex::encode(r.encode().unwrap())
 }
 

@@ -5,31 +5,12 @@ use super::planner::WavePlan;
 use super::spec::{BreachPolicy, GateSpec, MaintenanceWindows, RolloutSpec, SilentPolicy};
 use super::state::*;
 use swell_protocol::cohort::{self, PPM_FULL, Selector};
-use swell_protocol::messages::{ManifestState, Release};
-use swell_protocol::testkeys::test_key;
+use swell_protocol::messages::ManifestState;
 use swell_protocol::threshold::ThresholdSigned;
-use swell_protocol::{DeviceId, Digest, FleetId, RolloutId};
+use swell_protocol::{DeviceId, FleetId, RolloutId};
 
 fn release() -> ThresholdSigned {
-    let body = Release {
-        counter: 2,
-        version: "2.0".into(),
-        created_at: 0,
-        artifacts: vec![swell_protocol::messages::Artifact {
-            name: "app".into(),
-            kind: swell_protocol::messages::ArtifactKind::Bundle,
-            digest: Digest::sha256(b"app"),
-            length: 3,
-            urls: vec![],
-        }],
-        config: None,
-        hardware: vec!["sim".into()],
-        exposure: None,
-        rollback: None,
-    };
-    let mut r = ThresholdSigned::new(&body).unwrap();
-    r.sign(&test_key("release-0")).unwrap();
-    r
+    swell_protocol::fixtures::release(2, "2.0", b"app", "", "sim", &["release-0"], 0)
 }
 
 pub(crate) fn spec(

@@ -20,7 +20,7 @@ use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::Topics;
-use swell_protocol::{DeviceId, Digest, FleetId, ReleaseId, RolloutId, SecretKey};
+use swell_protocol::{DeviceId, FleetId, ReleaseId, RolloutId, SecretKey};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -42,26 +42,15 @@ pub fn key_list(body: &KeyList) -> ThresholdSigned {
 
 /// A release signed by release keys 0 and 1 (threshold 2).
 pub fn release(counter: u64, version: &str) -> ThresholdSigned {
-    let body = Release {
+    swell_protocol::fixtures::release(
         counter,
-        version: version.into(),
-        created_at: unix_now(),
-        artifacts: vec![Artifact {
-            name: "app.tar".into(),
-            kind: ArtifactKind::Bundle,
-            digest: Digest::sha256(version.as_bytes()),
-            length: version.len() as u64,
-            urls: vec![],
-        }],
-        config: None,
-        hardware: vec!["sim".into()],
-        exposure: None,
-        rollback: None,
-    };
-    let mut r = ThresholdSigned::new(&body).unwrap();
-    r.sign(&test_key("release-0")).unwrap();
-    r.sign(&test_key("release-1")).unwrap();
-    r
+        version,
+        version.as_bytes(),
+        "",
+        "sim",
+        &["release-0", "release-1"],
+        unix_now(),
+    )
 }
 
 pub fn release_hex(r: &ThresholdSigned) -> String {
