@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use swell_coordinator::engine::{Engine, EngineError, ReplyTo};
+use swell_coordinator::engine::{Engine, EngineError, Out, ReplyTo};
 use swell_coordinator::precheck::{Precheck, pipeline};
 use swell_coordinator::server::unix_now;
 use swell_coordinator::store::{DiskStore, MemoryStore};
@@ -133,6 +133,35 @@ impl T {
             .map(|w| u64::from(w.healthy + w.failed))
             .sum()
     }
+}
+
+/// Hands one message to the engine at `at`; what it publishes.
+fn deliver(e: &mut Engine, at: u64, topic: String, payload: &[u8]) -> Vec<Out> {
+    e.handle(&topic, payload, ReplyTo::default(), at).unwrap()
+}
+
+/// Device `i` says Hello with the fleet's enrollment token.
+fn enroll(e: &mut Engine, at: u64, i: u32) {
+    deliver(
+        e,
+        at,
+        topic_hello(i),
+        &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
+    );
+}
+
+/// `create` as an operator sends it (the reply goes to `replies`).
+fn create(
+    e: &mut Engine,
+    at: u64,
+    rollout: &str,
+    rel: &swell_protocol::threshold::ThresholdSigned,
+    waves: &[&str],
+    extra: Value,
+) -> Vec<Out> {
+    let mut cmd = create_cmd(rollout, rel, waves, extra);
+    cmd["reply_to"] = json!("replies");
+    deliver(e, at, "swell/v1/ops/cmd".into(), cmd.to_string().as_bytes())
 }
 
 fn topic_report(i: u32) -> String {
@@ -474,29 +503,17 @@ fn engine_replay_floor_held_by_stored_reports_survives_restart_and_removal() {
     let k = key(1);
     let rel = release(2, "2.0.0");
     let id = RolloutId::new("r").unwrap();
-    let send = |e: &mut Engine, topic: String, payload: &[u8]| {
-        e.handle(&topic, payload, ReplyTo::default(), now).unwrap();
-    };
     let replayed = |e: &Engine| e.counters.rejected.get("replayed").copied().unwrap_or(0);
     {
         let mut e = open(now);
-        send(
-            &mut e,
-            topic_hello(1),
-            &hello(1, &k, 1, Some(TOKEN), "plant-7"),
-        );
-        let mut cmd = create_cmd("r", &rel, &["100%"], json!({"bake": "1h"}));
-        cmd["reply_to"] = json!("replies");
-        send(
-            &mut e,
-            "swell/v1/ops/cmd".into(),
-            cmd.to_string().as_bytes(),
-        );
+        enroll(&mut e, now, 1);
+        create(&mut e, now, "r", &rel, &["100%"], json!({"bake": "1h"}));
         // The first changes the running release (device record written), the
         // second only the stored report.
         for seq in [2, 5] {
-            send(
+            deliver(
                 &mut e,
+                now,
                 topic_report(1),
                 &report(1, &k, seq, "r", rel.id(), Phase::Committed, 0),
             );
@@ -508,15 +525,17 @@ fn engine_replay_floor_held_by_stored_reports_survives_restart_and_removal() {
         let mut e = open(now);
         // Both stored reports replay; only the newer one's seq is a floor.
         for seq in [2, 5] {
-            send(
+            deliver(
                 &mut e,
+                now,
                 topic_report(1),
                 &report(1, &k, seq, "r", rel.id(), Phase::Committed, 0),
             );
         }
         assert_eq!(replayed(&e), 2);
-        send(
+        deliver(
             &mut e,
+            now,
             topic_report(1),
             &report(1, &k, 6, "r", rel.id(), Phase::Committed, 0),
         );
@@ -528,14 +547,16 @@ fn engine_replay_floor_held_by_stored_reports_survives_restart_and_removal() {
     }
     let mut e = open(now);
     assert!(e.rollout_state(&id).is_none());
-    send(
+    deliver(
         &mut e,
+        now,
         topic_report(1),
         &report(1, &k, 6, "r", rel.id(), Phase::Committed, 0),
     );
     assert_eq!(replayed(&e), 1, "the floor outlived the rollout's reports");
-    send(
+    deliver(
         &mut e,
+        now,
         topic_report(1),
         &report(1, &k, 7, "r", rel.id(), Phase::Committed, 0),
     );
@@ -552,25 +573,12 @@ fn engine_device_facts_are_durable_once_flushed() {
     let start = || Engine::start(settings(1), store.clone(), now).unwrap().0;
     let k = key(1);
     let rel = release(2, "2.0.0");
-    let send = |e: &mut Engine, topic: String, payload: &[u8]| {
-        e.handle(&topic, payload, ReplyTo::default(), now).unwrap();
-    };
     let mut e = start();
-    send(
-        &mut e,
-        topic_hello(1),
-        &hello(1, &k, 1, Some(TOKEN), "plant-7"),
-    );
-    let mut cmd = create_cmd("r", &rel, &["100%"], json!({"bake": "1h"}));
-    cmd["reply_to"] = json!("replies");
-    send(
-        &mut e,
-        "swell/v1/ops/cmd".into(),
-        cmd.to_string().as_bytes(),
-    );
+    enroll(&mut e, now, 1);
+    create(&mut e, now, "r", &rel, &["100%"], json!({"bake": "1h"}));
     e.flush().unwrap();
     let committed = report(1, &k, 2, "r", rel.id(), Phase::Committed, 0);
-    send(&mut e, topic_report(1), &committed);
+    deliver(&mut e, now, topic_report(1), &committed);
     assert_eq!(e.counters.reports, 1);
     // Killed before the flush: the report was never acknowledged.
     store.crash();
@@ -579,7 +587,7 @@ fn engine_device_facts_are_durable_once_flushed() {
         e.rollout_state(&RolloutId::new("r").unwrap()).is_some(),
         "rollouts are durable at commit"
     );
-    send(&mut e, topic_report(1), &committed);
+    deliver(&mut e, now, topic_report(1), &committed);
     assert_eq!(
         e.counters.reports, 1,
         "the resend counts: nothing of it survived"
@@ -587,7 +595,7 @@ fn engine_device_facts_are_durable_once_flushed() {
     e.flush().unwrap();
     store.crash();
     let mut e = start();
-    send(&mut e, topic_report(1), &committed);
+    deliver(&mut e, now, topic_report(1), &committed);
     assert_eq!(e.counters.reports, 0);
     assert_eq!(
         e.counters.rejected.get("replayed"),
@@ -606,30 +614,15 @@ fn engine_a_finished_rollout_is_final() {
     let store = Arc::new(MemoryStore::new());
     let now = unix_now();
     let start = |at: u64| Engine::start(settings(1), store.clone(), at).unwrap().0;
-    let send = |e: &mut Engine, at: u64, topic: String, payload: &[u8]| {
-        e.handle(&topic, payload, ReplyTo::default(), at).unwrap();
-    };
     let mut e = start(now);
     for i in 0..3 {
-        send(
-            &mut e,
-            now,
-            topic_hello(i),
-            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
-        );
-        send(&mut e, now, format!("swell/v1/dev/{}/online", dev(i)), b"1");
+        enroll(&mut e, now, i);
+        deliver(&mut e, now, format!("swell/v1/dev/{}/online", dev(i)), b"1");
     }
     let rel = release(2, "2.0.0");
-    let mut cmd = create_cmd("r", &rel, &["100%"], json!({"bake": "0s"}));
-    cmd["reply_to"] = json!("replies");
-    send(
-        &mut e,
-        now,
-        "swell/v1/ops/cmd".into(),
-        cmd.to_string().as_bytes(),
-    );
+    create(&mut e, now, "r", &rel, &["100%"], json!({"bake": "0s"}));
     for i in 0..3 {
-        send(
+        deliver(
             &mut e,
             now,
             topic_report(i),
@@ -651,7 +644,7 @@ fn engine_a_finished_rollout_is_final() {
         code: reason::COUNTER_TOO_LOW,
         detail: "counter 2 below floor 3".into(),
     });
-    send(
+    deliver(
         &mut e,
         later,
         topic_report(0),
@@ -663,12 +656,7 @@ fn engine_a_finished_rollout_is_final() {
         "the device's own record moved on"
     );
     // A device enrolls after the rollout finished; ticks go by.
-    send(
-        &mut e,
-        later,
-        topic_hello(9),
-        &hello(9, &key(9), 1, Some(TOKEN), "plant-7"),
-    );
+    enroll(&mut e, later, 9);
     e.tick(later).unwrap();
     assert_eq!(
         serde_json::to_string(&e.status(&id, later).unwrap()).unwrap(),
@@ -678,7 +666,7 @@ fn engine_a_finished_rollout_is_final() {
 
     // After a restart, and more refusals.
     let mut e = start(later + 10);
-    send(
+    deliver(
         &mut e,
         later + 10,
         topic_report(1),
@@ -778,17 +766,9 @@ fn engine_a_completed_rollout_supersedes_the_ones_it_covers() {
     let now = unix_now();
     let start = |at: u64| Engine::start(settings(1), store.clone(), at).unwrap();
     let (mut e, _) = start(now);
-    let send = |e: &mut Engine, at: u64, topic: String, payload: &[u8]| {
-        e.handle(&topic, payload, ReplyTo::default(), at).unwrap()
-    };
     for i in 0..2 {
-        send(
-            &mut e,
-            now,
-            topic_hello(i),
-            &hello(i, &key(i), 1, Some(TOKEN), "plant-7"),
-        );
-        send(&mut e, now, format!("swell/v1/dev/{}/online", dev(i)), b"1");
+        enroll(&mut e, now, i);
+        deliver(&mut e, now, format!("swell/v1/dev/{}/online", dev(i)), b"1");
     }
     let fleet = FleetId::new("plant-7").unwrap();
     let manifest = |e: &Engine, r: &str| e.topics().manifest(&fleet, &RolloutId::new(r).unwrap());
@@ -805,7 +785,7 @@ fn engine_a_completed_rollout_supersedes_the_ones_it_covers() {
         );
         cmd["reply_to"] = json!("replies");
         cmd["allow_overlap"] = json!(true);
-        send(
+        deliver(
             e,
             now,
             "swell/v1/ops/cmd".into(),
@@ -813,7 +793,7 @@ fn engine_a_completed_rollout_supersedes_the_ones_it_covers() {
         );
         seq += 1;
         for i in 0..2 {
-            send(
+            deliver(
                 e,
                 now,
                 topic_report(i),
@@ -832,7 +812,7 @@ fn engine_a_completed_rollout_supersedes_the_ones_it_covers() {
     complete(&mut e, "a", 2, "");
     let a = e.status(&RolloutId::new("a").unwrap(), now + 1).unwrap();
     let out = complete(&mut e, "b", 3, "");
-    let cleared = |out: &[swell_coordinator::engine::Out], topic: &str| {
+    let cleared = |out: &[Out], topic: &str| {
         out.iter()
             .any(|o| o.topic == topic && o.retain && o.payload.is_empty())
     };
@@ -852,7 +832,7 @@ fn engine_a_completed_rollout_supersedes_the_ones_it_covers() {
     // Half a manifest lifetime later only b and c are re-signed.
     let later = now + settings(1).manifest_ttl.as_secs();
     let out = e.tick(later).unwrap();
-    let signed = |out: &[swell_coordinator::engine::Out], r: &str| {
+    let signed = |out: &[Out], r: &str| {
         out.iter()
             .any(|o| o.topic == manifest(&e, r) && !o.payload.is_empty())
     };
