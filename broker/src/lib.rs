@@ -228,6 +228,10 @@ async fn serve(
     let listener = match Builder::new()
         .name("swell")
         .laddr(cfg.listen)
+        // A coordinator restarted on the same address must not wait out the
+        // TIME_WAIT of its clients' old connections (a minute on Linux). A
+        // port another process listens on is still refused.
+        .reuseaddr(Some(true))
         .allow_anonymous(false)
         .max_packet_size(1024 * 1024)
         .max_mqueue_len(cfg.max_queued)

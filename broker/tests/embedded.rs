@@ -352,3 +352,22 @@ fn embedded_fails_to_start_on_a_taken_address() {
     .to_string();
     assert!(e.contains("cannot listen on"), "{e}");
 }
+
+// Restarted on its address while its clients' connections are fresh: the
+// old connections' TIME_WAIT does not keep the new broker from listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_starts_again_on_its_address_at_once() {
+    let b = start();
+    let addr = b.broker.addr();
+    let (_c, mut el) = AsyncClient::new(opts(&b, Role::Operator, "swell-ops-before"), 10);
+    assert!(connack(&mut el).await);
+    let creds = b.broker.credentials().clone();
+    // The broker closes first: its side of the connection is in TIME_WAIT.
+    drop(b.broker);
+    let again = EmbeddedBroker::start(BrokerConfig::new(
+        addr,
+        creds,
+        Rules::new("swell/v1", Some("lab")),
+    ));
+    assert!(again.is_ok(), "{:?}", again.err());
+}

@@ -133,6 +133,9 @@ pub struct System {
     /// The operator's user name and password (the CLI reads them from a file).
     pub operator: (String, String),
     pub mosquitto: Option<TestBroker>,
+    /// The coordinator's arguments, to start it again.
+    coordinator_args: Vec<std::ffi::OsString>,
+    restarts: u32,
 }
 
 impl System {
@@ -241,6 +244,8 @@ impl System {
         } else {
             cmd.args(["--embedded-broker", &format!("127.0.0.1:{port}")]);
         }
+        let coordinator_args: Vec<std::ffi::OsString> =
+            cmd.get_args().map(ToOwned::to_owned).collect();
         let coordinator = Proc::spawn(cmd, d.join("coordinator.log")).unwrap();
 
         // Three agents, each with its own state and a probe that fails on BAD bundles.
@@ -312,7 +317,29 @@ impl System {
             operator,
             mosquitto: mosq,
             tmp,
+            coordinator_args,
+            restarts: 0,
         }
+    }
+
+    /// Stops the coordinator (SIGTERM) and starts it again with the same
+    /// arguments (and the same state): a new epoch, every retained manifest
+    /// signed and published again, and with the embedded broker a new broker
+    /// that every agent reconnects to. Its log goes to a file of its own.
+    pub fn restart_coordinator(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.coordinator.child.id().to_string())
+            .status();
+        let _ = self.coordinator.child.wait();
+        self.restarts += 1;
+        let mut cmd = Command::new(bin("swell-coordinator"));
+        cmd.args(&self.coordinator_args)
+            .env("RUST_LOG", "warn,swell_coordinator=info")
+            .current_dir(self.dir());
+        let log = self
+            .dir()
+            .join(format!("coordinator.{}.log", self.restarts));
+        self.coordinator = Proc::spawn(cmd, log).unwrap();
     }
 
     /// A release of one bundle, created and signed with the CLI; returns its file.
