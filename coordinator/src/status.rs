@@ -152,15 +152,11 @@ pub struct Reply<T = Answer> {
     pub reason: Option<String>,
     #[serde(default)]
     pub message: String,
-    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<T>,
     /// The command's `id`, echoed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-}
-
-fn none<T>() -> Option<T> {
-    None
 }
 
 impl Reply {

@@ -372,6 +372,46 @@ impl System {
         out
     }
 
+    /// A rollout's status as the operator protocol answers it (the `status` of
+    /// the reply to `rollout status -o json`); null when no answer came.
+    pub fn status(&self, rollout: &str) -> serde_json::Value {
+        let o = self.cli(&[
+            "rollout",
+            "status",
+            rollout,
+            "-o",
+            "json",
+            "--broker",
+            &self.broker,
+            "--timeout",
+            "20s",
+        ]);
+        let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        reply["status"].clone()
+    }
+
+    /// Polls [`System::status`] until it satisfies `pred`; that status.
+    pub fn wait_status(
+        &self,
+        rollout: &str,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status(rollout);
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < until,
+                "{rollout}: not there within {secs} s: {s:#}\n{}",
+                self.context()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     /// The coordinator's and agents' logs, for a failure message.
     pub fn context(&self) -> String {
         format!("{}\n{}", self.coordinator.log_text(), self.fleet.logs())

@@ -43,44 +43,10 @@ fn restart(sys: &mut System, how: Restart) {
         .unwrap_or_else(|e| panic!("mosquitto did not start again: {e:?}"));
 }
 
-/// The rollout's status, asked through the CLI.
-fn status(sys: &System, rollout: &str) -> serde_json::Value {
-    let o = sys.cli(&[
-        "rollout",
-        "status",
-        rollout,
-        "-o",
-        "json",
-        "--broker",
-        &sys.broker,
-        "--timeout",
-        "20s",
-    ]);
-    let reply: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    reply["status"].clone()
-}
-
 /// A wave at or past `k` is open and the rollout is not over: a restart now
 /// happens during it.
 fn at_wave(s: &serde_json::Value, k: u64) -> bool {
     s["wave"].as_u64() >= Some(k) && s["phase"] == "wave_open"
-}
-
-/// Waits until the rollout's status satisfies `pred` (asked through the CLI).
-fn wait_for(sys: &System, rollout: &str, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) {
-    let until = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = status(sys, rollout);
-        if pred(&s) {
-            return;
-        }
-        assert!(
-            Instant::now() < until,
-            "{rollout}: not there within {secs} s: {s:#}\n{}",
-            sys.context()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
 }
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
@@ -162,18 +128,18 @@ fn broker_restart_with_persistence_changes_no_outcome() {
     // The good release, with the four restarts spread over its waves.
     create(&sys, "good", &good);
     restart(&mut sys, Restart::KillAfterSave);
-    wait_for(&sys, "good", 120, |s| at_wave(s, 1));
+    sys.wait_status("good", 120, |s| at_wave(s, 1));
     restart(&mut sys, Restart::Term);
-    wait_for(&sys, "good", 120, |s| at_wave(s, 2));
+    sys.wait_status("good", 120, |s| at_wave(s, 2));
     restart(&mut sys, Restart::KillAfterSave);
     restart(&mut sys, Restart::Term);
     assert_ne!(
-        status(&sys, "good")["phase"],
+        sys.status("good")["phase"],
         "completed",
         "the restarts fell inside the rollout"
     );
-    wait_for(&sys, "good", 180, |s| s["phase"] == "completed");
-    let s = status(&sys, "good");
+    sys.wait_status("good", 180, |s| s["phase"] == "completed");
+    let s = sys.status("good");
     let healthy: u64 = s["waves"]
         .as_array()
         .unwrap()
@@ -200,8 +166,8 @@ fn broker_restart_with_persistence_changes_no_outcome() {
     restart(&mut sys, Restart::Term);
     restart(&mut sys, Restart::KillAfterSave);
     restart(&mut sys, Restart::Term);
-    wait_for(&sys, "bad", 180, |s| s["phase"] == "rolled_back");
-    let s = status(&sys, "bad");
+    sys.wait_status("bad", 180, |s| s["phase"] == "rolled_back");
+    let s = sys.status("bad");
     assert!(
         s["halt_reason"]
             .as_str()

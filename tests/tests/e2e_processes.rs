@@ -162,22 +162,6 @@ fn e2e_rollout_and_rollback_across_processes() {
     assert_eq!(inventory["status"]["online"], 3, "{inventory}");
 }
 
-/// The rollout's status as the operator protocol answers it (`status` of the
-/// reply to `rollout status -o json`).
-fn status_of(sys: &System, rollout: &str) -> serde_json::Value {
-    let o = sys.cli(&[
-        "rollout",
-        "status",
-        rollout,
-        "-o",
-        "json",
-        "--broker",
-        &sys.broker,
-    ]);
-    let reply: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
-    reply["status"].clone()
-}
-
 /// History is not rewritten (RO-008), with real agents: `app-v2` completes,
 /// `app-v4` (a higher counter, over a selector that does not provably cover
 /// app-v2's, so app-v2's manifest stays retained) completes after it, and the
@@ -221,12 +205,12 @@ fn e2e_a_finished_rollout_stays_as_it_finished() {
     };
     let v2 = sys.release("app-2", "2.0.0", "2", false);
     create(&sys, "app-v2", &v2, "site=lab");
-    let finished = status_of(&sys, "app-v2");
+    let finished = sys.status("app-v2");
     assert_eq!(finished["finished"], true, "{finished}");
     assert_eq!(finished["waves"][0]["healthy"], 3, "{finished}");
     let v4 = sys.release("app-4", "4.0.0", "4", false);
     create(&sys, "app-v4", &v4, "site in (lab)");
-    assert_eq!(status_of(&sys, "app-v2"), finished);
+    assert_eq!(sys.status("app-v2"), finished);
 
     let refusals = |sys: &System| sys.fleet.logs().matches("counter_too_low").count();
     let before = refusals(&sys);
@@ -240,27 +224,9 @@ fn e2e_a_finished_rollout_stays_as_it_finished() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let o = sys.cli(&[
-            "rollout", "status", "app-v2", "-o", "json", "--broker", &broker,
-        ]);
-        if o.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
-            "no status after the restart\n{}",
-            sys.context()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(
-        status_of(&sys, "app-v2"),
-        finished,
-        "app-v2's record changed"
-    );
-    assert_eq!(status_of(&sys, "app-v4")["waves"][0]["healthy"], 3);
+    sys.wait_status("app-v2", 30, |s| !s.is_null());
+    assert_eq!(sys.status("app-v2"), finished, "app-v2's record changed");
+    assert_eq!(sys.status("app-v4")["waves"][0]["healthy"], 3);
 }
 
 /// Runs `mosquitto_sub` for one message on `topic` (retained or the next one).

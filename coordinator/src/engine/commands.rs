@@ -298,8 +298,10 @@ impl Engine {
                     format!("release {}: {e}", spec.release_id().short()),
                 )
             })?;
-        // ROLL-3: waves open within the release's own exposure schedule.
+        // ROLL-3: waves open within the release's own exposure schedule, and
+        // only the hardware it is for can be members.
         spec.exposure = release.exposure.clone();
+        spec.hardware = release.hardware.clone();
         if !allow_overlap {
             for l in self
                 .rollouts

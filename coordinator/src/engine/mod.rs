@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use swell_mqtt::log_throttle::LogThrottle;
 use swell_protocol::envelope::EnvelopeError;
-use swell_protocol::messages::{KeyList, ManifestState, Release};
+use swell_protocol::messages::{KeyList, ManifestState};
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::{Topic, TopicError, Topics};
 use swell_protocol::{DeviceId, FleetId, RolloutId, SecretKey};
@@ -274,26 +274,13 @@ impl Engine {
     }
 
     fn new_tracker(&self, rec: &RolloutRecord) -> Tracker {
-        // Checked at create; a key list rotated since may no longer verify it,
-        // and then membership does not filter by hardware (the devices still do).
-        let hardware = match rec
-            .spec
-            .release
-            .verify::<Release>(&self.s.keys.release_keys, self.s.keys.release_threshold)
-        {
-            Ok(r) => r.hardware,
-            Err(e) => {
-                warn!(rollout = %rec.spec.id, error = %e, "release does not verify with the current key list: members not filtered by hardware");
-                Vec::new()
-            }
-        };
         let mut t = Tracker::new(
             rec.spec.id.clone(),
             rec.spec.release_id(),
             rec.spec.plan.clone(),
             rec.spec.selector.clone(),
             rec.spec.gate.critical_reasons.clone(),
-            hardware,
+            rec.spec.hardware.clone(),
         );
         for (slot, d) in self.devices.values().enumerate() {
             if d.enrollment == Enrollment::Approved && d.fleet() == &rec.spec.fleet {

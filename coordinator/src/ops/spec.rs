@@ -209,6 +209,7 @@ impl CreateSpec {
             windows,
             // Filled from the release once create verified it.
             exposure: None,
+            hardware: Vec::new(),
         };
         spec.validate()?;
         Ok(spec)

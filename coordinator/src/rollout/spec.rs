@@ -128,6 +128,10 @@ pub struct RolloutSpec {
     /// verified release at create: a wave opens only once it allows the wave.
     #[serde(default)]
     pub exposure: Option<ExposureSchedule>,
+    /// The release's hardware ids, copied likewise: a device announcing
+    /// another is not a member (empty: no filter).
+    #[serde(default)]
+    pub hardware: Vec<String>,
 }
 
 impl RolloutSpec {

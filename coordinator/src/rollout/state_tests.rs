@@ -33,6 +33,7 @@ pub(crate) fn spec(
         not_before: vec![],
         windows: None,
         exposure: None,
+        hardware: vec![],
     }
 }
 
