@@ -70,6 +70,6 @@ for f in sorted(GOLDEN.glob("*.bin")):
 for name, text in [("eq", "hw=rev3"), ("in", "region in (eu,us),!beta"), ("mix", "a,b!=c,d notin (x)")]:
     write("selector", name, text.encode())
 for name, text in [("report", "swell/v1/dev/rpi-0042/report"), ("manifest", "swell/v1/fleet/f/manifest/r"),
-                   ("status", "swell/v1/ops/rollout/r/status")]:
+                   ("status", "swell/v1/ops/f/rollout/r/status")]:
     write("topics", name, text.encode())
 print("seeded", sum(1 for _ in CORPUS.rglob("*") if _.is_file()), "files")

@@ -129,10 +129,16 @@ impl Rules {
                     g.push(subscribe(format!("{p}/dev/+/{channel}")));
                     g.push(subscribe(format!("$share/+/{p}/dev/+/{channel}")));
                 }
+                g.push(subscribe(format!("{p}/ops/{f}/cmd")));
+                g.push(subscribe(format!("$share/+/{p}/ops/{f}/cmd")));
+                // Its fleet's presence (one coordinator per fleet and prefix),
+                // and the command topic of clients from before the fleet level
+                // (answered with a refusal that names the new one).
+                g.push(subscribe(format!("{p}/ops/{f}/coordinator")));
                 g.push(subscribe(format!("{p}/ops/cmd")));
-                g.push(subscribe(format!("$share/+/{p}/ops/cmd")));
             }
             Role::Operator => {
+                g.push(publish(format!("{p}/ops/{f}/cmd")));
                 g.push(publish(format!("{p}/ops/cmd")));
                 g.push(subscribe(format!("{p}/ops/#")));
                 g.push(subscribe(format!("{p}/fleet/#")));
@@ -316,7 +322,8 @@ mod tests {
             "swell/v1/fleet/lab/beacon",
             "swell/v1/fleet/lab/keys",
             "swell/v1/ops/cmd",
-            "swell/v1/ops/coordinator",
+            "swell/v1/ops/lab/cmd",
+            "swell/v1/ops/lab/coordinator",
             "swell-ops/operator/x/replies",
             "swell/v1/dev/_probe/report",
         ] {
@@ -352,11 +359,13 @@ mod tests {
     fn rules_operator_reads_its_own_replies_only() {
         let r = rules();
         let op = id("ann", Role::Operator);
-        assert!(r.may_publish(&op, "swell/v1/ops/cmd"));
+        assert!(r.may_publish(&op, "swell/v1/ops/lab/cmd"));
+        assert!(!r.may_publish(&op, "swell/v1/ops/lab/coordinator"));
         assert!(!r.may_publish(&op, "swell/v1/fleet/lab/manifest/r"));
         assert!(!r.may_publish(&op, "swell/v1/dev/d/report"));
         assert!(r.may_subscribe(&op, "swell-ops/ann/swell-ops-ann-1/replies"));
-        assert!(r.may_subscribe(&op, "swell/v1/ops/rollout/+/status"));
+        assert!(r.may_subscribe(&op, "swell/v1/ops/lab/rollout/+/status"));
+        assert!(r.may_subscribe(&op, "swell/v1/ops/+/coordinator"));
         assert!(r.may_subscribe(&op, "swell/v1/fleet/#"));
         assert!(!r.may_subscribe(&op, "swell-ops/bob/#"));
         assert!(!r.may_subscribe(&op, "swell-ops/#"));
@@ -370,6 +379,9 @@ mod tests {
         let c = id("coordinator", Role::Coordinator);
         assert!(r.may_subscribe(&c, "$share/swell-report/swell/v1/dev/+/report"));
         assert!(r.may_subscribe(&c, "swell/v1/dev/+/online"));
+        assert!(r.may_subscribe(&c, "swell/v1/ops/lab/cmd"));
+        assert!(r.may_subscribe(&c, "swell/v1/ops/lab/coordinator"));
+        assert!(!r.may_subscribe(&c, "swell/v1/ops/+/events"));
         assert!(r.may_publish(&c, "swell/v1/dev/_probe/report"));
         assert!(r.may_publish(&c, "swell-ops/ann/x/replies"));
         assert!(!r.may_subscribe(&c, "swell/v1/dev/+/desired"));

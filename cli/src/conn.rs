@@ -46,6 +46,10 @@ pub struct Conn {
     /// Topic prefix.
     #[arg(long, env = "SWELL_TOPIC_PREFIX", default_value = DEFAULT_PREFIX, global = true)]
     topic_prefix: String,
+    /// The fleet whose coordinator to talk to; by default the one whose
+    /// coordinator is online on the prefix (an error when there are several).
+    #[arg(long, env = "SWELL_FLEET", global = true)]
+    fleet: Option<String>,
     /// How long to wait for the coordinator's reply.
     #[arg(long, default_value = "10s", global = true)]
     timeout: String,
@@ -150,11 +154,19 @@ pub(crate) async fn connect(c: &Conn) -> Result<OpsClient> {
             )
         })
         .transpose()?;
+    let fleet = c
+        .fleet
+        .as_deref()
+        .map(swell_protocol::FleetId::new)
+        .transpose()
+        .context("--fleet")?;
     let mut ops = OpsClient::connect(
         &c.mqtt(format!("swell-cli-{}", std::process::id()))?,
         topics,
+        fleet,
     )
     .await?;
+    ops.resolve_fleet(timeout(c)?).await?;
     if let Some(k) = signer {
         ops.sign_with(k);
     }

@@ -328,6 +328,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
             tls: None,
         },
         topics,
+        Some(fleet.clone()),
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -396,6 +397,16 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
             .find(|(i, _)| i == id)
             .map_or(id.as_str(), |(_, v)| *v);
         println!("  {name:<10} {n}");
+    }
+    for d in &inventory.desired {
+        let name = names
+            .iter()
+            .find(|(i, _)| *i == d.release)
+            .map_or(d.release.as_str(), |(_, v)| *v);
+        println!(
+            "desired state: {} ({name}), {} running it, {} of them joined after it completed",
+            d.rollout, d.running, d.joined_after_completion
+        );
     }
     let sent = fleet_sim
         .stats

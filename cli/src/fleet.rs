@@ -27,6 +27,23 @@ pub fn fleet(c: Conn) -> Result<ExitCode> {
         for (id, n) in &s.running {
             println!("  {:<16} {n}", &id[..id.len().min(16)]);
         }
+        if !s.desired.is_empty() {
+            println!("desired state (completed rollouts whose manifest stands):");
+            for d in &s.desired {
+                let scope = if d.selector.is_empty() {
+                    "whole fleet"
+                } else {
+                    d.selector.as_str()
+                };
+                println!(
+                    "  {:<16} {:<12} {scope}: running {}, joined after completion {}",
+                    d.rollout,
+                    &d.release[..d.release.len().min(12)],
+                    d.running,
+                    d.joined_after_completion
+                );
+            }
+        }
         if !s.by_label.is_empty() {
             println!("by label:");
             for (label, releases) in &s.by_label {

@@ -1,6 +1,7 @@
-//! An operator's MQTT connection: sends JSON commands on `{p}/ops/cmd` with an
-//! MQTT 5 response topic and waits for the reply; follows retained statuses and
-//! the event stream.
+//! An operator's MQTT connection: sends JSON commands on `{p}/ops/{fleet}/cmd`
+//! with an MQTT 5 response topic and waits for the reply; follows the fleet's
+//! retained statuses and its event stream. Without a fleet it takes the one
+//! whose coordinator announces itself on the prefix (`{p}/ops/+/coordinator`).
 
 use anyhow::{Context as _, Result, bail};
 use rumqttc::v5::mqttbytes::QoS;
@@ -11,18 +12,20 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
 use swell_coordinator::ops::OPS_DOMAIN;
+use swell_coordinator::presence::{self, Presence};
 use swell_coordinator::status::{Reply, RolloutEvent, RolloutStatus};
 use swell_mqtt::MqttConfig;
-use swell_protocol::SecretKey;
-use swell_protocol::topics::Topics;
+use swell_protocol::topics::{Topic, Topics};
+use swell_protocol::{FleetId, SecretKey};
 use tokio::sync::mpsc;
 
 /// Something the operator connection received.
 #[derive(Debug)]
 pub enum Seen {
     Reply(Reply<Value>),
-    Status(Box<RolloutStatus>),
-    Event(RolloutEvent),
+    Status(FleetId, Box<RolloutStatus>),
+    Event(FleetId, RolloutEvent),
+    Presence(FleetId, Presence),
 }
 
 /// A command's answer as the type the command answers with (`RolloutStatus`
@@ -38,6 +41,10 @@ pub struct OpsClient {
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Seen>,
     topics: Topics,
+    /// The fleet whose coordinator it talks to (see [`OpsClient::resolve_fleet`]).
+    fleet: Option<FleetId>,
+    /// The coordinators that announced themselves, by fleet.
+    presences: HashMap<FleetId, Presence>,
     reply_topic: String,
     n: u64,
     /// Operator key: commands are signed with it (required when the key list
@@ -51,7 +58,11 @@ impl OpsClient {
     /// Connects and subscribes to replies, statuses and events. Replies come on
     /// `swell-ops/{user}/{client id}/replies`: a broker that enforces Swell's
     /// rules lets only this operator's user read them.
-    pub async fn connect(cfg: &MqttConfig, topics: Topics) -> Result<OpsClient> {
+    pub async fn connect(
+        cfg: &MqttConfig,
+        topics: Topics,
+        fleet: Option<FleetId>,
+    ) -> Result<OpsClient> {
         let (host, port) = (cfg.host.as_str(), cfg.port);
         let mut opts = swell_mqtt::options(cfg, None);
         // Replies and statuses change nothing on disk here: acked on arrival.
@@ -74,10 +85,12 @@ impl OpsClient {
         // dropped during a large Hello burst (keep-alive starved) came back
         // with a clean session and no subscriptions, and every later reply
         // was lost (a 1,000,000-device benchmark waited for its deadline).
+        let every = |tail: &str| format!("{}/ops/+/{tail}", topics.prefix());
         let mut subs = swell_mqtt::Subscriptions::new(vec![
             (reply_topic.clone(), QoS::AtLeastOnce),
-            (topics.ops_statuses(), QoS::AtLeastOnce),
-            (topics.ops_events(), QoS::AtLeastOnce),
+            (every("rollout/+/status"), QoS::AtLeastOnce),
+            (every("events"), QoS::AtLeastOnce),
+            (every("coordinator"), QoS::AtLeastOnce),
         ]);
         let sub_client = client.clone();
         tokio::spawn(async move {
@@ -99,12 +112,23 @@ impl OpsClient {
                         // retained status, a newer coordinator's shape) is skipped.
                         let seen = if topic == rt {
                             serde_json::from_slice(&p.payload).map(Seen::Reply).ok()
-                        } else if topic == t.ops_events() {
-                            serde_json::from_slice(&p.payload).map(Seen::Event).ok()
                         } else {
-                            serde_json::from_slice(&p.payload)
-                                .map(|s| Seen::Status(Box::new(s)))
-                                .ok()
+                            match t.parse(&topic) {
+                                Ok(Topic::OpsEvents { fleet }) => {
+                                    serde_json::from_slice(&p.payload)
+                                        .map(|e| Seen::Event(fleet, e))
+                                        .ok()
+                                }
+                                Ok(Topic::OpsStatus { fleet, .. }) => {
+                                    serde_json::from_slice(&p.payload)
+                                        .map(|s| Seen::Status(fleet, Box::new(s)))
+                                        .ok()
+                                }
+                                Ok(Topic::Coordinator { fleet }) => {
+                                    presence::parse(&p.payload).map(|p| Seen::Presence(fleet, p))
+                                }
+                                _ => None,
+                            }
                         };
                         let Some(seen) = seen else {
                             continue;
@@ -133,6 +157,8 @@ impl OpsClient {
             client,
             rx,
             topics,
+            fleet,
+            presences: HashMap::new(),
             reply_topic,
             n: 0,
             signer: None,
@@ -167,14 +193,66 @@ impl OpsClient {
     }
 
     fn absorb(&mut self, seen: Seen) -> Option<Reply<Value>> {
+        let ours = |f: &FleetId| self.fleet.as_ref() == Some(f);
         match seen {
             Seen::Reply(v) => return Some(v),
-            Seen::Status(s) => {
+            Seen::Status(f, s) if ours(&f) => {
                 self.statuses.insert(s.rollout.clone(), *s);
             }
-            Seen::Event(e) => self.events.push(e),
+            Seen::Event(f, e) if ours(&f) => self.events.push(e),
+            Seen::Presence(f, p) => {
+                self.presences.insert(f, p);
+            }
+            Seen::Status(..) | Seen::Event(..) => {}
         }
         None
+    }
+
+    /// The fleet it talks to: the one given, or the one whose coordinator is
+    /// online on the prefix (waiting for one until `timeout`); an error when
+    /// none shows up or several fleets have one.
+    pub async fn resolve_fleet(&mut self, timeout: Duration) -> Result<FleetId> {
+        if let Some(f) = &self.fleet {
+            return Ok(f.clone());
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let online = |me: &Self| -> Vec<FleetId> {
+            let mut v: Vec<FleetId> = me
+                .presences
+                .iter()
+                .filter(|(_, p)| p.state == presence::State::Online)
+                .map(|(f, _)| f.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        while online(self).is_empty() {
+            if !self.next(deadline).await {
+                bail!(
+                    "no coordinator announced itself on {}/ops/+/coordinator within {} s; is it running? (--fleet names the fleet without asking)",
+                    self.topics.prefix(),
+                    timeout.as_secs()
+                );
+            }
+        }
+        // Retained presences arrive together: a moment for the others.
+        let settle = tokio::time::Instant::now() + Duration::from_millis(300);
+        while self.next(settle.min(deadline)).await {}
+        let fleets = online(self);
+        match fleets.as_slice() {
+            [one] => {
+                self.fleet = Some(one.clone());
+                Ok(one.clone())
+            }
+            many => bail!(
+                "coordinators of several fleets are online on {}: {}; choose one with --fleet",
+                self.topics.prefix(),
+                many.iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
     }
 
     /// Sends a command and waits for its reply. A coordinator that has not
@@ -190,6 +268,9 @@ impl OpsClient {
         let mut c = cmd.clone();
         c["id"] = json!(id);
         let c = self.wire(c, &id);
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let fleet = self.resolve_fleet(remaining).await?;
+        let cmd_topic = self.topics.ops_cmd(&fleet);
         loop {
             let props = PublishProperties {
                 response_topic: Some(self.reply_topic.clone()),
@@ -197,7 +278,7 @@ impl OpsClient {
             };
             self.client
                 .publish_with_properties(
-                    self.topics.ops_cmd(),
+                    cmd_topic.clone(),
                     QoS::AtLeastOnce,
                     false,
                     c.to_string(),
@@ -243,6 +324,10 @@ mod tests {
     use super::*;
     use swell_e2e::link::Proxy;
 
+    fn test_fleet() -> FleetId {
+        FleetId::new("plant").unwrap()
+    }
+
     /// Stands in for the coordinator: answers every command with its id and
     /// how many commands it has seen.
     async fn answer_commands(port: u16, topics: Topics, login: (String, String)) {
@@ -251,7 +336,7 @@ mod tests {
         opts.set_credentials(login.0, login.1);
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         client
-            .subscribe(topics.ops_cmd(), QoS::AtLeastOnce)
+            .subscribe(topics.ops_cmd(&test_fleet()), QoS::AtLeastOnce)
             .await
             .unwrap();
         let mut seen = 0u64;
@@ -297,7 +382,9 @@ mod tests {
             persistent: false,
             tls: None,
         };
-        let mut ops = OpsClient::connect(&cfg, topics).await.unwrap();
+        let mut ops = OpsClient::connect(&cfg, topics, Some(test_fleet()))
+            .await
+            .unwrap();
         let first = ops
             .command(json!({"op": "list"}), Duration::from_secs(20))
             .await

@@ -202,7 +202,7 @@ fn registry(c: &mut Criterion) {
     let device = DeviceId::new("dev-00000").unwrap();
     let hello = Hello {
         device: device.clone(),
-        fleet,
+        fleet: fleet.clone(),
         key: key.public(),
         labels: vec![],
         hardware: "sim".into(),
@@ -222,7 +222,7 @@ fn registry(c: &mut Criterion) {
     let cmd = json!({"op": "create", "spec": {"rollout": "r", "release": hex::encode(rel.encode().unwrap()), "waves": ["100%"], "bake": "1h"}});
     engine
         .handle(
-            &t.ops_cmd(),
+            &t.ops_cmd(&fleet),
             cmd.to_string().as_bytes(),
             ReplyTo::default(),
             NOW,

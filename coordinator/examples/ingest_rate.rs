@@ -115,7 +115,7 @@ fn main() {
     let cmd = json!({"op": "create", "spec": {"rollout": "r", "release": hex::encode(rel.encode().unwrap()), "waves": ["100%"], "bake": "1h"}});
     engine
         .handle(
-            &t.ops_cmd(),
+            &t.ops_cmd(&fleet),
             cmd.to_string().as_bytes(),
             ReplyTo::default(),
             now,

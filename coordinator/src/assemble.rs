@@ -2,7 +2,8 @@
 //! modes), `swell demo`, the fleet benchmark's coordinator process and the
 //! test harnesses, so what is benchmarked and tested is the production wiring:
 //! the epoch raised in `{state_dir}/epoch` (ROLL-4; combined with the lease
-//! term in Kubernetes mode), the store opened in `{state_dir}/db`, the engine
+//! term in Kubernetes mode), the instance id of `{state_dir}/instance`
+//! (`crate::presence`), the store opened in `{state_dir}/db`, the engine
 //! started from it, and the server loop run ([`crate::server::run_with`]).
 
 use crate::engine::{Engine, EngineError, Out, Settings};
@@ -18,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AssembleError {
-    #[error("epoch file {path}: {source}")]
-    Epoch {
+    #[error("{path}: {source}")]
+    StateDir {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -63,12 +64,12 @@ impl Coordinator {
     /// Raises the epoch, opens the store, starts the engine. `lease_term`:
     /// the Kubernetes lease's term this replica leads in, if it runs elected.
     pub fn start(mut self, lease_term: Option<u32>) -> Result<Started, AssembleError> {
-        std::fs::create_dir_all(&self.state_dir).map_err(|source| AssembleError::Epoch {
+        std::fs::create_dir_all(&self.state_dir).map_err(|source| AssembleError::StateDir {
             path: self.state_dir.clone(),
             source,
         })?;
         let path = self.state_dir.join("epoch");
-        let local = crate::epoch::next(&path).map_err(|source| AssembleError::Epoch {
+        let local = crate::epoch::next(&path).map_err(|source| AssembleError::StateDir {
             path: path.clone(),
             source,
         })?;
@@ -76,6 +77,13 @@ impl Coordinator {
             Some(term) => crate::epoch::of_term(term, local),
             None => local,
         };
+        let instance = crate::presence::instance_id(&self.state_dir).map_err(|source| {
+            AssembleError::StateDir {
+                path: self.state_dir.join("instance"),
+                source,
+            }
+        })?;
+        self.loop_cfg.instance = Some(instance);
         let store = Arc::new(DiskStore::open_with_cache(
             &self.state_dir.join("db"),
             self.db_cache_bytes,

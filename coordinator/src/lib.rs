@@ -15,6 +15,7 @@ pub mod keyfile;
 pub mod metrics;
 pub mod ops;
 pub mod precheck;
+pub mod presence;
 pub mod rollout;
 pub mod server;
 pub mod status;

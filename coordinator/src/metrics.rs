@@ -410,12 +410,22 @@ impl Metrics {
     }
 
     /// The session's subscription and takeover totals.
-    pub fn observe_session(&self, stats: &swell_mqtt::SessionStats) {
+    /// The MQTT counters: the totals of this process's sessions (the claim's
+    /// connection, `crate::presence`, and the coordinator's own).
+    pub fn observe_session(&self, sessions: &[&swell_mqtt::SessionStats]) {
+        let sum =
+            |f: fn(&swell_mqtt::SessionStats) -> u64| sessions.iter().map(|s| f(s)).sum::<u64>();
         for (c, total) in [
-            (&self.mqtt_subscribes, stats.subscribes()),
-            (&self.mqtt_refused, stats.refused()),
-            (&self.mqtt_takeovers, stats.taken_over()),
-            (&self.mqtt_errors, stats.errors()),
+            (
+                &self.mqtt_subscribes,
+                sum(swell_mqtt::SessionStats::subscribes),
+            ),
+            (&self.mqtt_refused, sum(swell_mqtt::SessionStats::refused)),
+            (
+                &self.mqtt_takeovers,
+                sum(swell_mqtt::SessionStats::taken_over),
+            ),
+            (&self.mqtt_errors, sum(swell_mqtt::SessionStats::errors)),
         ] {
             c.inc_by(total.saturating_sub(c.get()));
         }

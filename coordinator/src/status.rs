@@ -1,6 +1,6 @@
 //! What the engine says about rollouts, as types: a rollout's status (the
-//! retained `{p}/ops/rollout/{id}/status` message and every command's
-//! `status`) and its events (`{p}/ops/events`). The engine returns these; JSON
+//! retained `{p}/ops/{fleet}/rollout/{id}/status` message and every command's
+//! `status`) and its events (`{p}/ops/{fleet}/events`). The engine returns these; JSON
 //! is written only where they go on the wire, and the server, the Kubernetes
 //! controller and the tests read the types. The JSON shapes are the operator
 //! protocol (docs/protocol.md §6 and the README), unchanged by the types.
@@ -137,7 +137,7 @@ pub enum Lifecycle {
     },
 }
 
-/// An operator command's reply (`{p}/ops/cmd` answered on its response
+/// An operator command's reply (`{p}/ops/{fleet}/cmd` answered on its response
 /// topic, docs/protocol.md §6): `ok` with the command's answer as `status`, or
 /// refused with a `reason`. `T` is what the command answers ([`Answer`] when
 /// written; a reader that knows the command it sent reads its own type).
@@ -213,6 +213,28 @@ pub struct FleetSummary {
     pub running: BTreeMap<String, u64>,
     /// `key=value` → release → devices: which release runs where.
     pub by_label: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The fleet's desired state: every completed rollout whose manifest still
+    /// stands (not superseded), by rollout id.
+    #[serde(default)]
+    pub desired: Vec<DesiredRelease>,
+}
+
+/// A completed rollout that is still the desired state of its scope, and the
+/// devices that run its release now: its members' counts are final (RO-008);
+/// devices that installed it from the standing manifest afterwards (they
+/// enrolled or came back later) are counted here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredRelease {
+    pub rollout: String,
+    /// The release id (hex).
+    pub release: String,
+    /// The rollout's selector (empty: the whole fleet).
+    pub selector: String,
+    /// Devices that run the release now.
+    pub running: u64,
+    /// Of those, devices that were not members of the rollout: they joined
+    /// after it completed.
+    pub joined_after_completion: u64,
 }
 
 /// The `devices` command's answer: how many matched, and the first `limit`.

@@ -106,10 +106,11 @@ impl T {
     fn command(&mut self, cmd: Value) -> Value {
         let mut cmd = cmd;
         cmd["reply_to"] = json!("replies");
+        let topic = self.e.topics().ops_cmd(self.e.fleet());
         let out = self
             .e
             .handle(
-                "swell/v1/ops/cmd",
+                &topic,
                 cmd.to_string().as_bytes(),
                 ReplyTo::default(),
                 self.now,
@@ -161,7 +162,8 @@ fn create(
 ) -> Vec<Out> {
     let mut cmd = create_cmd(rollout, rel, waves, extra);
     cmd["reply_to"] = json!("replies");
-    deliver(e, at, "swell/v1/ops/cmd".into(), cmd.to_string().as_bytes())
+    let topic = e.topics().ops_cmd(e.fleet());
+    deliver(e, at, topic, cmd.to_string().as_bytes())
 }
 
 fn topic_report(i: u32) -> String {
@@ -467,7 +469,7 @@ fn engine_opens_a_wave_before_walking_it() {
         );
     }
     let out = t.e.step_active(t.now).unwrap();
-    let status_topic = t.e.topics().ops_status(&id);
+    let status_topic = t.e.topics().ops_status(t.e.fleet(), &id);
     assert!(
         out.iter().any(|o| o.topic.contains("/manifest/")),
         "the next wave's manifest: {:?}",
@@ -655,12 +657,36 @@ fn engine_a_finished_rollout_is_final() {
         3,
         "the device's own record moved on"
     );
-    // A device enrolls after the rollout finished; ticks go by.
+    // A device enrolls after the rollout finished and installs the release
+    // from the manifest that still stands; ticks go by.
     enroll(&mut e, later, 9);
+    deliver(
+        &mut e,
+        later,
+        topic_report(9),
+        &report(9, &key(9), 2, "r", rel.id(), Phase::Committed, 0),
+    );
     e.tick(later).unwrap();
     assert_eq!(
         serde_json::to_string(&e.status(&id, later).unwrap()).unwrap(),
         frozen
+    );
+    // It is in the fleet's inventory, not in the rollout's counts.
+    let topic = e.topics().ops_cmd(e.fleet());
+    let out = deliver(
+        &mut e,
+        later,
+        topic,
+        br#"{"op":"fleet","reply_to":"replies"}"#,
+    );
+    let reply = out.iter().find(|o| o.topic == "replies").unwrap();
+    let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+    let desired = &reply["status"]["desired"];
+    assert_eq!(
+        desired,
+        &json!([{"rollout": "r", "release": rel.id().to_string(), "selector": "",
+                 "running": 4, "joined_after_completion": 1}]),
+        "{reply}"
     );
     e.flush().unwrap();
 
@@ -785,12 +811,8 @@ fn engine_a_completed_rollout_supersedes_the_ones_it_covers() {
         );
         cmd["reply_to"] = json!("replies");
         cmd["allow_overlap"] = json!(true);
-        deliver(
-            e,
-            now,
-            "swell/v1/ops/cmd".into(),
-            cmd.to_string().as_bytes(),
-        );
+        let topic = e.topics().ops_cmd(e.fleet());
+        deliver(e, now, topic, cmd.to_string().as_bytes());
         seq += 1;
         for i in 0..2 {
             deliver(

@@ -369,7 +369,7 @@ async fn controller_creates_pauses_acts_and_cleans_up() {
     // Late subscribers no longer get a retained manifest or status for it.
     let t = swell_protocol::topics::Topics::default();
     // (The clearing publishes are on their way once the engine has removed it.)
-    for topic in [t.manifest(&fleet(), &id), t.ops_status(&id)] {
+    for topic in [t.manifest(&fleet(), &id), t.ops_status(&fleet(), &id)] {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !retained(&b, &topic).await.is_empty() {
             assert!(

@@ -9,10 +9,11 @@
 //! | `{p}/dev/{device}/hello` | device → coordinator | no |
 //! | `{p}/dev/{device}/report` | device → coordinator | no |
 //! | `{p}/dev/{device}/online` | device (Last Will) | yes |
-//! | `{p}/ops/cmd` | operator → coordinator | no |
-//! | `{p}/ops/rollout/{rollout}/status` | coordinator → operators | yes |
-//! | `{p}/ops/events` | coordinator → operators | no |
-//! | `{p}/ops/coordinator` | coordinator (Last Will) | yes |
+//! | `{p}/ops/{fleet}/cmd` | operator → coordinator | no |
+//! | `{p}/ops/{fleet}/rollout/{rollout}/status` | coordinator → operators | yes |
+//! | `{p}/ops/{fleet}/events` | coordinator → operators | no |
+//! | `{p}/ops/{fleet}/coordinator` | coordinator (presence, Last Will) | yes |
+//! | `{p}/ops/cmd` | an operator client of before the fleet level | no |
 //! | `{p}/dev/_probe/{channel}` | coordinator → itself | no |
 //!
 //! `_probe` can never be a device id (ids start with `[a-z0-9]`), so the
@@ -46,17 +47,44 @@ pub enum TopicError {
 /// A parsed Swell topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic {
-    Manifest { fleet: FleetId, rollout: RolloutId },
-    Beacon { fleet: FleetId },
-    Keys { fleet: FleetId },
-    Desired { device: DeviceId },
-    Hello { device: DeviceId },
-    Report { device: DeviceId },
-    Online { device: DeviceId },
-    OpsCmd,
-    OpsStatus { rollout: RolloutId },
-    OpsEvents,
-    CoordinatorOnline,
+    Manifest {
+        fleet: FleetId,
+        rollout: RolloutId,
+    },
+    Beacon {
+        fleet: FleetId,
+    },
+    Keys {
+        fleet: FleetId,
+    },
+    Desired {
+        device: DeviceId,
+    },
+    Hello {
+        device: DeviceId,
+    },
+    Report {
+        device: DeviceId,
+    },
+    Online {
+        device: DeviceId,
+    },
+    OpsCmd {
+        fleet: FleetId,
+    },
+    OpsStatus {
+        fleet: FleetId,
+        rollout: RolloutId,
+    },
+    OpsEvents {
+        fleet: FleetId,
+    },
+    Coordinator {
+        fleet: FleetId,
+    },
+    /// `{p}/ops/cmd`: where operator clients sent commands before the ops
+    /// topics had a fleet level; answered with a refusal that names the new topic.
+    LegacyOpsCmd,
 }
 
 /// Builds and parses topics under one prefix.
@@ -132,22 +160,28 @@ impl Topics {
     pub fn probe(&self, channel: &str) -> String {
         format!("{}/dev/{PROBE_LEVEL}/{channel}", self.prefix)
     }
-    pub fn ops_cmd(&self) -> String {
+    /// Commands for the coordinator of `fleet`.
+    pub fn ops_cmd(&self, fleet: &FleetId) -> String {
+        format!("{}/ops/{fleet}/cmd", self.prefix)
+    }
+    /// Where commands went before the ops topics had a fleet level.
+    pub fn legacy_ops_cmd(&self) -> String {
         format!("{}/ops/cmd", self.prefix)
     }
-    pub fn ops_status(&self, rollout: &RolloutId) -> String {
-        format!("{}/ops/rollout/{rollout}/status", self.prefix)
+    pub fn ops_status(&self, fleet: &FleetId, rollout: &RolloutId) -> String {
+        format!("{}/ops/{fleet}/rollout/{rollout}/status", self.prefix)
     }
-    /// Every rollout status (subscription filter).
-    pub fn ops_statuses(&self) -> String {
-        format!("{}/ops/rollout/+/status", self.prefix)
+    /// Every rollout status of a fleet (subscription filter).
+    pub fn ops_statuses(&self, fleet: &FleetId) -> String {
+        format!("{}/ops/{fleet}/rollout/+/status", self.prefix)
     }
-    pub fn ops_events(&self) -> String {
-        format!("{}/ops/events", self.prefix)
+    pub fn ops_events(&self, fleet: &FleetId) -> String {
+        format!("{}/ops/{fleet}/events", self.prefix)
     }
-    /// Retained `online`, replaced by the Last Will `offline`.
-    pub fn coordinator_online(&self) -> String {
-        format!("{}/ops/coordinator", self.prefix)
+    /// The fleet coordinator's retained presence (JSON), replaced by its Last
+    /// Will when it goes away.
+    pub fn coordinator(&self, fleet: &FleetId) -> String {
+        format!("{}/ops/{fleet}/coordinator", self.prefix)
     }
 
     /// Parses a concrete topic (no wildcards) of this tree.
@@ -182,10 +216,18 @@ impl Topics {
                     _ => return Err(TopicError::Unknown(topic.to_string())),
                 }
             }
-            ["ops", "cmd"] => Topic::OpsCmd,
-            ["ops", "events"] => Topic::OpsEvents,
-            ["ops", "coordinator"] => Topic::CoordinatorOnline,
-            ["ops", "rollout", r, "status"] => Topic::OpsStatus {
+            ["ops", "cmd"] => Topic::LegacyOpsCmd,
+            ["ops", f, "cmd"] => Topic::OpsCmd {
+                fleet: FleetId::new(*f).map_err(bad_id)?,
+            },
+            ["ops", f, "events"] => Topic::OpsEvents {
+                fleet: FleetId::new(*f).map_err(bad_id)?,
+            },
+            ["ops", f, "coordinator"] => Topic::Coordinator {
+                fleet: FleetId::new(*f).map_err(bad_id)?,
+            },
+            ["ops", f, "rollout", r, "status"] => Topic::OpsStatus {
+                fleet: FleetId::new(*f).map_err(bad_id)?,
                 rollout: RolloutId::new(*r).map_err(bad_id)?,
             },
             _ => return Err(TopicError::Unknown(topic.to_string())),
@@ -218,15 +260,33 @@ mod tests {
             (t.hello(&d), Topic::Hello { device: d.clone() }),
             (t.report(&d), Topic::Report { device: d.clone() }),
             (t.online(&d), Topic::Online { device: d.clone() }),
-            (t.ops_cmd(), Topic::OpsCmd),
-            (t.ops_status(&r), Topic::OpsStatus { rollout: r.clone() }),
-            (t.ops_events(), Topic::OpsEvents),
-            (t.coordinator_online(), Topic::CoordinatorOnline),
+            (t.ops_cmd(&f), Topic::OpsCmd { fleet: f.clone() }),
+            (
+                t.ops_status(&f, &r),
+                Topic::OpsStatus {
+                    fleet: f.clone(),
+                    rollout: r.clone(),
+                },
+            ),
+            (t.ops_events(&f), Topic::OpsEvents { fleet: f.clone() }),
+            (t.coordinator(&f), Topic::Coordinator { fleet: f.clone() }),
+            (t.legacy_ops_cmd(), Topic::LegacyOpsCmd),
         ];
         for (s, want) in cases {
             assert_eq!(t.parse(&s).unwrap(), want, "{s}");
         }
         assert_eq!(t.manifest(&f, &r), "swell/v1/fleet/plant-7/manifest/fw-2.3");
+        assert_eq!(t.ops_cmd(&f), "swell/v1/ops/plant-7/cmd");
+        assert_eq!(
+            t.ops_status(&f, &r),
+            "swell/v1/ops/plant-7/rollout/fw-2.3/status"
+        );
+        // A fleet may be called like a level of the tree.
+        let odd = FleetId::new("rollout").unwrap();
+        assert_eq!(
+            t.parse(&t.ops_cmd(&odd)).unwrap(),
+            Topic::OpsCmd { fleet: odd.clone() }
+        );
         // A probe is never a device's topic.
         assert_eq!(t.probe("report"), "swell/v1/dev/_probe/report");
         assert!(t.parse(&t.probe("report")).is_err());
@@ -248,6 +308,9 @@ mod tests {
             "other/dev/x/report",
             "swell/v1",
             "swell/v1x/ops/cmd",
+            "swell/v1/ops/rollout/r/status",
+            "swell/v1/ops/coordinator",
+            "swell/v1/ops/F/cmd",
             "",
         ] {
             assert!(t.parse(bad).is_err(), "{bad:?}");

@@ -135,6 +135,8 @@ pub struct System {
     pub mosquitto: Option<TestBroker>,
     /// The coordinator's arguments, to start it again.
     coordinator_args: Vec<std::ffi::OsString>,
+    /// The coordinator's broker login (for more coordinators on this broker).
+    coordinator_login: (String, String),
     restarts: u32,
 }
 
@@ -247,6 +249,13 @@ impl System {
         let coordinator_args: Vec<std::ffi::OsString> =
             cmd.get_args().map(ToOwned::to_owned).collect();
         let coordinator = Proc::spawn(cmd, d.join("coordinator.log")).unwrap();
+        let coordinator_login = match &mosq {
+            Some(m) => m.login(Role::Coordinator),
+            None => (
+                swell_broker::credentials::COORDINATOR_USER.to_string(),
+                broker_password(&["coordinator"]),
+            ),
+        };
 
         // Three agents, each with its own state and a probe that fails on BAD bundles.
         let mut fleet = Fleet {
@@ -318,6 +327,7 @@ impl System {
             mosquitto: mosq,
             tmp,
             coordinator_args,
+            coordinator_login,
             restarts: 0,
         }
     }
@@ -340,6 +350,32 @@ impl System {
             .dir()
             .join(format!("coordinator.{}.log", self.restarts));
         self.coordinator = Proc::spawn(cmd, log).unwrap();
+    }
+
+    /// One more coordinator process on this system's broker, for `fleet`,
+    /// with the same keys and a state directory `name` of its own (its log is
+    /// `{name}.log`).
+    pub fn another_coordinator(&self, fleet: &str, name: &str) -> Proc {
+        let d = self.dir();
+        let (user, password) = &self.coordinator_login;
+        let mut cmd = Command::new(bin("swell-coordinator"));
+        cmd.args([
+            "--fleet",
+            fleet,
+            "--key",
+            "coord.key",
+            "--key-list",
+            "keys.bin",
+        ])
+        .args(["--root-key", "root.key.pub", "--enrollment-token", TOKEN])
+        .args(["--beacon-interval", "1s", "--tick", "200ms"])
+        .arg("--state-dir")
+        .arg(d.join(name))
+        .args(["--broker", &self.broker])
+        .args(["--username", user, "--password", password])
+        .env("RUST_LOG", "warn,swell_coordinator=info")
+        .current_dir(d);
+        Proc::spawn(cmd, d.join(format!("{name}.log"))).unwrap()
     }
 
     /// A release of one bundle, created and signed with the CLI; returns its file.

@@ -326,11 +326,11 @@ fn e2e_operated_with_mosquitto_tools_only() {
     let release_hex = to_hex(&std::fs::read(d.join(rel)).unwrap());
     let port = sys.port.to_string();
     let op = sys.operator.clone();
-    let publish = |json: &str| {
+    let publish = |topic: &str, json: &str| {
         let o = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &port])
             .args(["-u", &op.0, "-P", &op.1])
-            .args(["-t", "swell/v1/ops/cmd", "-m", json])
+            .args(["-t", topic, "-m", json])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -338,11 +338,24 @@ fn e2e_operated_with_mosquitto_tools_only() {
     // Replies go to `reply_to`, under the operator's user (the only place an
     // operator may read them); a subscriber waits there first.
     let replies = format!("swell-ops/{}/e2e/replies", op.0);
-    let ask = |json: &str| {
+    let ask_on = |topic: &str, json: &str| {
         let reply = sub_next(sys.port, &op, &replies, 20);
-        publish(json);
+        publish(topic, json);
         reply.recv().unwrap().expect("a reply")
     };
+    let ask = |json: &str| ask_on("swell/v1/ops/e2e/cmd", json);
+    // A client that still sends to the topic of before the fleet level is
+    // told where commands go, and nothing is carried out.
+    let legacy = serde_json::json!({"op": "list", "reply_to": replies});
+    let reply = ask_on("swell/v1/ops/cmd", &legacy.to_string());
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert_eq!(reply["reason"], "legacy_topic", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("swell/v1/ops/e2e/cmd")),
+        "{reply}"
+    );
     let create = serde_json::json!({
         "op": "create",
         "reply_to": replies,
@@ -360,7 +373,7 @@ fn e2e_operated_with_mosquitto_tools_only() {
     // The retained status topic says when it is done.
     let until = Instant::now() + Duration::from_secs(90);
     loop {
-        let s = sub_one(sys.port, &op, "swell/v1/ops/rollout/tools-1/status", 5);
+        let s = sub_one(sys.port, &op, "swell/v1/ops/e2e/rollout/tools-1/status", 5);
         if s.as_ref().is_some_and(|s| s["phase"] == "completed") {
             break;
         }

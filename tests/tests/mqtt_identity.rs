@@ -179,7 +179,7 @@ impl Client {
         if self
             .client
             .publish(
-                format!("{P}/ops/events"),
+                format!("{P}/ops/{FLEET}/events"),
                 QoS::AtLeastOnce,
                 false,
                 b"ping".to_vec(),
@@ -206,10 +206,11 @@ fn topics() -> Vec<(String, &'static [Who])> {
         (format!("{P}/fleet/{FLEET}/manifest/r1"), &[Coordinator]),
         (format!("{P}/fleet/{FLEET}/beacon"), &[Coordinator]),
         (format!("{P}/fleet/{FLEET}/keys"), &[Coordinator]),
+        (format!("{P}/ops/{FLEET}/cmd"), &[Coordinator, Operator]),
         (format!("{P}/ops/cmd"), &[Coordinator, Operator]),
-        (format!("{P}/ops/rollout/r1/status"), &[Coordinator]),
-        (format!("{P}/ops/events"), &[Coordinator]),
-        (format!("{P}/ops/coordinator"), &[Coordinator]),
+        (format!("{P}/ops/{FLEET}/rollout/r1/status"), &[Coordinator]),
+        (format!("{P}/ops/{FLEET}/events"), &[Coordinator]),
+        (format!("{P}/ops/{FLEET}/coordinator"), &[Coordinator]),
         (
             "swell-ops/operator/matrix/replies".to_string(),
             &[Coordinator],
@@ -235,7 +236,7 @@ fn observer_of(topic: &str) -> Who {
         Who::DevA
     } else if topic.ends_with("/dev-b/desired") {
         Who::DevB
-    } else if topic.contains("/dev/") || topic.ends_with("/ops/cmd") {
+    } else if topic.contains("/dev/") || topic.ends_with("/cmd") {
         Who::Coordinator
     } else {
         Who::Operator
@@ -249,6 +250,7 @@ fn observer_filters(who: Who) -> Vec<String> {
             format!("{P}/dev/+/hello"),
             format!("{P}/dev/+/report"),
             format!("{P}/dev/+/online"),
+            format!("{P}/ops/{FLEET}/cmd"),
             format!("{P}/ops/cmd"),
         ],
         Who::Operator => vec![
@@ -337,16 +339,30 @@ fn filters() -> Vec<(String, String, &'static [Who])> {
             &[Coordinator],
         ),
         f(
+            format!("{P}/ops/{FLEET}/cmd"),
+            format!("{P}/ops/{FLEET}/cmd"),
+            &[Coordinator, Operator],
+        ),
+        f(
             format!("{P}/ops/cmd"),
             format!("{P}/ops/cmd"),
             &[Coordinator, Operator],
         ),
         f(
-            format!("{P}/ops/rollout/+/status"),
-            format!("{P}/ops/rollout/r1/status"),
+            format!("{P}/ops/{FLEET}/coordinator"),
+            format!("{P}/ops/{FLEET}/coordinator"),
+            &[Coordinator, Operator],
+        ),
+        f(
+            format!("{P}/ops/{FLEET}/rollout/+/status"),
+            format!("{P}/ops/{FLEET}/rollout/r1/status"),
             &[Operator],
         ),
-        f(format!("{P}/ops/#"), format!("{P}/ops/events"), &[Operator]),
+        f(
+            format!("{P}/ops/#"),
+            format!("{P}/ops/{FLEET}/events"),
+            &[Operator],
+        ),
         f(
             "swell-ops/operator/#".into(),
             "swell-ops/operator/matrix/replies".into(),
@@ -357,8 +373,8 @@ fn filters() -> Vec<(String, String, &'static [Who])> {
             "swell-ops/someone-else/x/replies".into(),
             &[],
         ),
-        f(format!("{P}/#"), format!("{P}/ops/events"), &[]),
-        f("#".into(), format!("{P}/ops/events"), &[]),
+        f(format!("{P}/#"), format!("{P}/ops/{FLEET}/events"), &[]),
+        f("#".into(), format!("{P}/ops/{FLEET}/events"), &[]),
         f(format!("{P}/dev/#"), format!("{P}/dev/dev-b/report"), &[]),
     ]
 }

@@ -139,6 +139,7 @@ pub(super) async fn fleet(a: FleetArgs) -> Result<()> {
             tls: None,
         },
         Topics::default(),
+        Some(FleetId::new(FLEET)?),
     )
     .await?;
     let t0 = Instant::now();

@@ -1,4 +1,4 @@
-//! Operator commands (`{p}/ops/cmd`, or the Kubernetes controller's): read,
+//! Operator commands (`{p}/ops/{fleet}/cmd`, or the Kubernetes controller's): read,
 //! applied to the rollouts or the registry, answered with a typed [`Reply`].
 
 use super::{Engine, EngineError, Forwarded, Live, Out, ReplyTo, status_of};
@@ -102,6 +102,40 @@ impl Engine {
             correlation: reply.correlation.clone(),
             event: None,
         }]
+    }
+
+    /// A command on `{p}/ops/cmd`, where operator clients sent them before the
+    /// ops topics had a fleet level: never carried out (it names no fleet, and
+    /// every coordinator on the prefix hears it), answered with where it goes.
+    pub(super) fn on_legacy_command(&mut self, payload: &[u8], reply: ReplyTo) -> Vec<Out> {
+        #[derive(serde::Deserialize)]
+        struct Addressing {
+            id: Option<String>,
+            reply_to: Option<String>,
+        }
+        self.counters.commands_refused += 1;
+        let to = self.s.topics.ops_cmd(&self.s.fleet);
+        self.reject(
+            "legacy_topic",
+            "command",
+            &format_args!(
+                "sent to {}; commands go to {to}",
+                self.s.topics.legacy_ops_cmd()
+            ),
+        );
+        let Ok(Addressing { id, reply_to }) = serde_json::from_slice(payload) else {
+            return vec![];
+        };
+        let body = Reply::refused(
+            None,
+            "legacy_topic",
+            format!(
+                "commands go to {prefix}/ops/{{fleet}}/cmd; the coordinator of fleet {fleet} reads {to}",
+                prefix = self.s.topics.prefix(),
+                fleet = self.s.fleet,
+            ),
+        );
+        self.reply(id.as_deref(), reply_to.as_deref(), &reply, body)
     }
 
     pub(super) fn on_command(
@@ -431,7 +465,7 @@ impl Engine {
         self.store.delete_rollout(id)?;
         for topic in [
             self.s.topics.manifest(&l.rec.spec.fleet, id),
-            self.s.topics.ops_status(id),
+            self.s.topics.ops_status(&self.s.fleet, id),
         ] {
             // An empty retained publish deletes the retained message.
             out.push(Out {

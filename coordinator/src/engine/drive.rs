@@ -176,7 +176,7 @@ impl Engine {
             what,
         };
         vec![Out {
-            topic: self.s.topics.ops_events(),
+            topic: self.s.topics.ops_events(&self.s.fleet),
             payload: serde_json::to_vec(&ev).unwrap_or_default(),
             retain: false,
             correlation: None,
@@ -248,7 +248,7 @@ impl Engine {
     /// The retained status of a rollout.
     pub(super) fn status_out(&self, id: &RolloutId, now: u64) -> Out {
         Out {
-            topic: self.s.topics.ops_status(id),
+            topic: self.s.topics.ops_status(&self.s.fleet, id),
             payload: self.rollouts.get(id).map_or_else(
                 || b"null".to_vec(),
                 |l| serde_json::to_vec(&status_of(l, now)).unwrap_or_default(),

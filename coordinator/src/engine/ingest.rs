@@ -101,7 +101,18 @@ impl Engine {
                 self.on_online(&device, payload, now);
                 vec![]
             }
-            Topic::OpsCmd => self.on_command(payload, reply, now)?,
+            Topic::OpsCmd { fleet } if fleet == self.s.fleet => {
+                self.on_command(payload, reply, now)?
+            }
+            Topic::OpsCmd { fleet } => {
+                let why = format!(
+                    "for fleet {fleet}, this coordinator serves {}",
+                    self.s.fleet
+                );
+                self.reject("other_fleet", "command", &why);
+                vec![]
+            }
+            Topic::LegacyOpsCmd => self.on_legacy_command(payload, reply),
             _ => vec![],
         };
         out.extend(self.settle(now));

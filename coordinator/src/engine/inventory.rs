@@ -3,8 +3,9 @@
 
 use super::Engine;
 use crate::fleet::registry::{DeviceRecord, Enrollment};
-use crate::status::{DeviceList, DeviceRow, FleetSummary};
-use std::collections::BTreeMap;
+use crate::rollout::state::RolloutPhase;
+use crate::status::{DesiredRelease, DeviceList, DeviceRow, FleetSummary};
+use std::collections::{BTreeMap, HashSet};
 use swell_protocol::cohort::Selector;
 
 /// Most devices one `devices` answer lists (and its default).
@@ -41,7 +42,41 @@ impl Engine {
             online,
             running,
             by_label,
+            desired: self.desired_releases(),
         }
+    }
+
+    /// Completed rollouts whose manifest stands, with the devices that run
+    /// their release, members or not.
+    fn desired_releases(&self) -> Vec<DesiredRelease> {
+        let mut desired: Vec<DesiredRelease> = self
+            .rollouts
+            .values()
+            .filter(|l| {
+                l.rec.state.phase == RolloutPhase::Completed && l.rec.superseded_by.is_none()
+            })
+            .map(|l| {
+                let release = l.rec.spec.release.id();
+                let members: HashSet<usize> = l.tracker.member_slots().collect();
+                let (mut running, mut joined) = (0u64, 0u64);
+                // Registry slots are the positions of its records.
+                for (slot, d) in self.devices.values().enumerate() {
+                    if d.running.as_deref() == Some(&release) {
+                        running += 1;
+                        joined += u64::from(!members.contains(&slot));
+                    }
+                }
+                DesiredRelease {
+                    rollout: l.rec.spec.id.to_string(),
+                    release: release.to_string(),
+                    selector: l.rec.spec.selector.to_string(),
+                    running,
+                    joined_after_completion: joined,
+                }
+            })
+            .collect();
+        desired.sort_by(|a, b| a.rollout.cmp(&b.rollout));
+        desired
     }
 
     /// The devices that match every filter given, by id; at most `limit`

@@ -165,6 +165,18 @@ pub enum EngineError {
     /// (its epoch is fenced off, ROLL-4).
     #[error("leadership lost: another replica holds the lease")]
     Deposed,
+    /// Another coordinator acts for this fleet on this topic prefix (RO-014).
+    #[error(
+        "another coordinator is active for fleet {fleet} on topic prefix {prefix}: {other}; stop it, or give this one another fleet or prefix"
+    )]
+    AnotherCoordinator {
+        fleet: String,
+        prefix: String,
+        other: Box<crate::presence::Presence>,
+    },
+    /// The fleet's presence topic could not be read (RO-014).
+    #[error("claiming fleet {fleet}: {reason}")]
+    Claim { fleet: String, reason: String },
 }
 
 fn manifest_view(st: &RolloutState) -> (u16, u64, ManifestState, u32) {
@@ -346,7 +358,8 @@ impl Engine {
             t.all_devices("hello"),
             t.all_devices("report"),
             t.all_devices("online"),
-            t.ops_cmd(),
+            t.ops_cmd(&self.s.fleet),
+            t.legacy_ops_cmd(),
         ]
     }
 

@@ -8,6 +8,7 @@
 //! What leaves the loop goes through [`sink`]; readiness and the ingest probes
 //! are in [`ingest`].
 
+mod claim;
 mod ingest;
 mod sink;
 
@@ -16,6 +17,7 @@ use crate::ingest_probe::{IngestProbe, ProbeConfig};
 use crate::metrics::Metrics;
 use crate::ops::Op;
 use crate::precheck::{default_threads, pipeline};
+use crate::presence::{self, Guard, Guarded, Heard, Presence};
 use crate::status::{Answer, Reply, RolloutEvent};
 use ingest::{Ingest, probe_effects, set_ready};
 use rumqttc::v5::mqttbytes::QoS;
@@ -48,6 +50,12 @@ pub struct LoopConfig {
     pub trim_every: Option<Duration>,
     /// The probes that prove each device filter delivers (MQTT-7).
     pub probe: ProbeConfig,
+    /// This coordinator's instance id on its fleet's presence topic
+    /// ([`crate::presence`]); `None`: one of its own for this process.
+    pub instance: Option<String>,
+    /// How often the presence is refreshed; a starter watches another
+    /// instance's for [`presence::watch_window`] of it.
+    pub presence_every: Duration,
 }
 
 impl Default for LoopConfig {
@@ -59,6 +67,8 @@ impl Default for LoopConfig {
             batch_signatures: true,
             trim_every: Some(crate::heap_trim::TRIM_EVERY),
             probe: ProbeConfig::default(),
+            instance: None,
+            presence_every: presence::REFRESH_EVERY,
         }
     }
 }
@@ -135,6 +145,15 @@ fn step(
     // The opened wave is walked once its manifest is out.
     sink.send_all(engine.settle(now));
     Ok(())
+}
+
+/// An instance id for a coordinator run without one of its state directory.
+fn process_instance() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = u64::from(std::process::id()).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Unix seconds now.
@@ -216,15 +235,52 @@ pub async fn run_with(
         m.set_epoch(engine.epoch());
         m.observe_gauges(&engine.gauges());
     }
-    let subs = engine
+    let presence_topic = engine.topics().coordinator(engine.fleet());
+    let mut me = Presence {
+        state: presence::State::Starting,
+        fleet: engine.fleet().to_string(),
+        instance: cfg.instance.clone().unwrap_or_else(process_instance),
+        epoch: engine.epoch(),
+        since: unix_now(),
+        at: unix_now(),
+    };
+    let window = presence::watch_window(cfg.presence_every);
+    let prefix = engine.topics().prefix().to_string();
+    let Some(claimed) = claim::claim(
+        &mqtt_cfg,
+        &prefix,
+        &presence_topic,
+        me.clone(),
+        window,
+        &cancel,
+        metrics.as_deref(),
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    me.since = unix_now();
+    let guard = Guard::new(me.with(presence::State::Online, me.since));
+    info!(fleet = %me.fleet, instance = %me.instance, epoch = me.epoch, "acting for the fleet");
+    let mut subs: Vec<(String, QoS)> = engine
         .subscriptions()
         .into_iter()
         .map(|t| (t, QoS::AtLeastOnce))
         .collect();
-    let online_topic = engine.topics().coordinator_online();
+    subs.push((presence_topic.clone(), QoS::AtLeastOnce));
+    let presence_out = |state: presence::State| Out {
+        topic: presence_topic.clone(),
+        payload: guard.me().with(state, unix_now()).to_json(),
+        retain: true,
+        correlation: None,
+        event: None,
+    };
     let will = LastWill::new(
-        online_topic.clone(),
-        "offline",
+        presence_topic.clone(),
+        guard
+            .me()
+            .with(presence::State::Offline, me.since)
+            .to_json(),
         QoS::AtLeastOnce,
         true,
         None,
@@ -285,6 +341,9 @@ pub async fn run_with(
     beacon.tick().await;
     let mut gauges = tokio::time::interval(GAUGE_EVERY);
     gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresh = tokio::time::interval(cfg.presence_every);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await;
     loop {
         if let Some(m) = &metrics {
             m.heartbeat();
@@ -335,7 +394,7 @@ pub async fn run_with(
                     sink.open();
                 }
                 if let Some(m) = &metrics {
-                    m.observe_session(&session.stats);
+                    m.observe_session(&[&claimed, &session.stats]);
                 }
                 // Granted just now: the first probes go out without waiting a tick.
                 let effects = ingest.probe.tick(now, ingest.subscriptions.all_granted());
@@ -388,14 +447,28 @@ pub async fn run_with(
                 let mut outs = Vec::new();
                 let mut acks = Vec::with_capacity(batch.len());
                 let mut probes = Vec::new();
+                let mut yielded = None;
                 for m in batch {
                     match m {
                         Incoming::Connected { session_present } => {
-                            publish(&client, Out { topic: online_topic.clone(), payload: b"online".to_vec(), retain: true, correlation: None, event: None });
+                            publish(&client, presence_out(presence::State::Online));
                             debug!(session_present, "session ready");
                         }
                         Incoming::Publish(p) => {
                             let topic = String::from_utf8_lossy(&p.topic);
+                            if topic == presence_topic {
+                                let _ = client.try_ack(&p);
+                                let Some(heard) = presence::parse(&p.payload) else {
+                                    warn!(topic = %presence_topic, "not a coordinator presence: ignored");
+                                    continue;
+                                };
+                                match guard.on_heard(&Heard { presence: heard, retained: p.retain }) {
+                                    Guarded::Nothing => {}
+                                    Guarded::Republish => publish(&client, presence_out(presence::State::Online)),
+                                    Guarded::Yield(other) => yielded = Some(other),
+                                }
+                                continue;
+                            }
                             if ingest.probe.is_probe_topic(&topic) {
                                 probes.push(p);
                                 continue;
@@ -417,6 +490,21 @@ pub async fn run_with(
                 }
                 if !probes.is_empty() {
                     set_ready(&ingest, &ready, metrics.as_deref());
+                }
+                if let Some(other) = yielded.take() {
+                    // Nothing of this batch is acted on, nothing more goes out
+                    // (not even the goodbye: the presence is the other's now),
+                    // and unacknowledged messages stay with the broker.
+                    error!(fleet = %me.fleet, "{other} became active for this fleet before this instance: stopping");
+                    let _ = ready.send(false);
+                    engine.flush()?;
+                    let _ = client.try_disconnect();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Err(EngineError::AnotherCoordinator {
+                        fleet: me.fleet.clone(),
+                        prefix: prefix.clone(),
+                        other: Box::new(other),
+                    });
                 }
                 // Gates are evaluated every STEP_EVERY reports, not only once per
                 // batch: the report that completes a gate moves the rollout after
@@ -487,11 +575,14 @@ pub async fn run_with(
                 sink.send_all(engine.tick(unix_now())?);
                 if let Some(m) = &metrics {
                     m.observe_counters(&engine.counters);
-                    m.observe_session(&session.stats);
+                    m.observe_session(&[&claimed, &session.stats]);
                 }
             }
             _ = beacon.tick() => {
                 sink.send_all(engine.beacon(unix_now())?);
+            }
+            _ = refresh.tick() => {
+                publish(&client, presence_out(presence::State::Online));
             }
         }
     }
@@ -500,14 +591,9 @@ pub async fn run_with(
     }
     info!("shutting down: flushing state");
     engine.flush()?;
-    // Say goodbye cleanly so the retained status is not left at "online".
-    sink.send(Out {
-        topic: online_topic,
-        payload: b"offline".to_vec(),
-        retain: true,
-        correlation: None,
-        event: None,
-    });
+    // Say goodbye so the retained presence is not left at "online" (a normal
+    // DISCONNECT discards the Last Will).
+    sink.send(presence_out(presence::State::Offline));
     let _ = client.try_disconnect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())

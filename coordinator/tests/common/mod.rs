@@ -159,7 +159,7 @@ pub fn options(b: &TestBroker, role: Role, id: &str) -> MqttOptions {
 }
 
 /// A connection as `role` (the gateway for scripted devices, an operator).
-async fn client(
+pub async fn client(
     b: &TestBroker,
     role: Role,
     id: &str,
@@ -536,11 +536,11 @@ impl Operator {
         let t = Topics::default();
         client.subscribe(REPLIES, QoS::AtLeastOnce).await.unwrap();
         client
-            .subscribe(t.ops_statuses(), QoS::AtLeastOnce)
+            .subscribe(t.ops_statuses(&fleet()), QoS::AtLeastOnce)
             .await
             .unwrap();
         client
-            .subscribe(t.ops_events(), QoS::AtLeastOnce)
+            .subscribe(t.ops_events(&fleet()), QoS::AtLeastOnce)
             .await
             .unwrap();
         Operator {
@@ -583,7 +583,7 @@ impl Operator {
         };
         self.client
             .publish_with_properties(
-                Topics::default().ops_cmd(),
+                Topics::default().ops_cmd(&fleet()),
                 QoS::AtLeastOnce,
                 false,
                 cmd.to_string(),
@@ -623,7 +623,7 @@ impl Operator {
         };
         self.client
             .publish_with_properties(
-                Topics::default().ops_cmd(),
+                Topics::default().ops_cmd(&fleet()),
                 QoS::AtLeastOnce,
                 false,
                 payload.to_vec(),
