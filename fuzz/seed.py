@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seeds fuzz/corpus/* from the golden vectors (protocol/tests/golden/v1).
+"""Seeds fuzz/corpus/* from the golden vectors (protocol/tests/golden/v1 and v2).
 
 Envelope fixtures seed `envelope` and `pipeline`; their payloads (cut out of the
 envelope per docs/protocol.md) seed `payloads` with the type byte in front;
@@ -8,11 +8,11 @@ Run after blessing new golden vectors; the output is committed."""
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent
-GOLDEN = ROOT.parent / "protocol/tests/golden/v1"
+GOLDEN = ROOT.parent / "protocol/tests/golden"
 CORPUS = ROOT / "corpus"
 
 # payload type byte used by fuzz_targets/payloads.rs
-ENVELOPE_KINDS = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5}
+ENVELOPE_KINDS = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5, 7: 8}
 
 
 def varint(b, i):
@@ -52,7 +52,7 @@ def write(target, name, data):
     (d / name).write_bytes(data)
 
 
-for f in sorted(GOLDEN.glob("*.bin")):
+for f in sorted(GOLDEN.glob("v*/*.bin")):
     b = f.read_bytes()
     name = "golden-" + f.stem
     if f.stem in ("release", "keylist"):

@@ -465,6 +465,12 @@ impl Conn {
                     let topic = self.cfg.topics.report(self.devs[i].id());
                     self.publish(topic, bytes, false).await;
                 }
+                // A simulated device's connection is never taken over; the
+                // core would say so like the agent's.
+                Effect::Send(Outgoing::Note { bytes, .. }) => {
+                    let topic = self.cfg.topics.report(self.devs[i].id());
+                    self.publish(topic, bytes, false).await;
+                }
                 Effect::Start(task) => self.start(i, task),
                 Effect::Journal(_)
                 | Effect::SaveRelease(_)

@@ -101,13 +101,13 @@ pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
         }
         let list: DeviceList = answer(&reply)?;
         println!(
-            "{:<24} {:<9} {:<7} {:<14} LABELS",
-            "DEVICE", "ENROLLED", "ONLINE", "RUNNING"
+            "{:<24} {:<9} {:<7} {:<14} {:<10} LABELS",
+            "DEVICE", "ENROLLED", "ONLINE", "RUNNING", "TAKEOVERS"
         );
         for d in &list.devices {
             let run = d.running.as_deref().map_or("-", |r| &r[..r.len().min(12)]);
             println!(
-                "{:<24} {:<9} {:<7} {:<14} {}",
+                "{:<24} {:<9} {:<7} {:<14} {:<10} {}",
                 d.device,
                 match d.enrollment {
                     Enrollment::Approved => "approved",
@@ -115,7 +115,20 @@ pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
                 },
                 if d.online { "yes" } else { "no" },
                 run,
+                d.takeovers,
                 d.labels.join(",")
+            );
+        }
+        let taken: Vec<&str> = list
+            .devices
+            .iter()
+            .filter(|d| d.takeovers > 0)
+            .map(|d| d.device.as_str())
+            .collect();
+        if !taken.is_empty() {
+            println!(
+                "another client keeps taking the connection of {} over: two agents with one device id, or a copy of one's state",
+                taken.join(", ")
             );
         }
         let (shown, matched) = (list.devices.len(), list.matched);

@@ -61,6 +61,7 @@ pub struct Metrics {
     registry: Registry,
     reports: Counter,
     hellos: Counter,
+    takeovers: Counter,
     manifests: Counter,
     commands: Family<ResultLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
@@ -112,6 +113,7 @@ impl Metrics {
         let m = Metrics {
             reports: Counter::default(),
             hellos: Counter::default(),
+            takeovers: Counter::default(),
             manifests: Counter::default(),
             commands: Family::default(),
             rejected: Family::default(),
@@ -148,6 +150,11 @@ impl Metrics {
         r.register("reports", "Device reports accepted", m.reports.clone());
         r.register("hellos", "Device hellos accepted", m.hellos.clone());
         r.register(
+            "device_takeovers",
+            "Device connections taken over by another client with the device's id, as the devices' session notes report them (swell fleet devices shows which)",
+            m.takeovers.clone(),
+        );
+        r.register(
             "manifests_published",
             "Signed manifests published",
             m.manifests.clone(),
@@ -164,7 +171,7 @@ impl Metrics {
         );
         r.register(
             "devices",
-            "Devices by state (approved, pending, online)",
+            "Devices by state (approved, pending, online, taken_over: their agents said another client took their connection over)",
             m.devices.clone(),
         );
         r.register("rollouts", "Rollouts by phase", m.rollouts.clone());
@@ -314,6 +321,8 @@ impl Metrics {
         };
         self.reports.inc_by(c.reports.saturating_sub(last.reports));
         self.hellos.inc_by(c.hellos.saturating_sub(last.hellos));
+        self.takeovers
+            .inc_by(c.takeovers.saturating_sub(last.takeovers));
         self.manifests
             .inc_by(c.manifests.saturating_sub(last.manifests));
         self.commands
@@ -371,6 +380,7 @@ impl Metrics {
             ("approved", g.approved),
             ("pending", g.pending),
             ("online", g.online),
+            ("taken_over", g.taken_over),
         ] {
             self.devices
                 .get_or_create(&StateLabel {

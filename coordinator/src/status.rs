@@ -258,6 +258,10 @@ pub struct DeviceRow {
     pub labels: Vec<String>,
     /// Unix seconds.
     pub last_seen: u64,
+    /// Connections taken over by another client with its id, as its agent
+    /// reported them (protocol 2 session notes; since the agent started).
+    #[serde(default)]
+    pub takeovers: u32,
 }
 
 #[cfg(test)]

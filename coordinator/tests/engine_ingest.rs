@@ -1063,3 +1063,79 @@ fn engine_ignores_a_precheck_made_with_another_key() {
     assert_eq!(t.healthy("r"), 0);
     assert_eq!(t.e.counters.reports, 0);
 }
+
+fn note(i: u32, k: &SecretKey, seq: u64, takeovers: u32) -> Vec<u8> {
+    let n = SessionNote {
+        device: dev(i),
+        takeovers,
+        last_takeover: unix_now(),
+    };
+    let stamp = Stamp {
+        epoch: 1,
+        seq,
+        issued_at: unix_now(),
+        expires_at: 0,
+        audience: Audience::Any,
+    };
+    seal(k, stamp, &n).unwrap()
+}
+
+/// The `devices` command's takeover count for device `i`.
+fn takeovers(e: &mut Engine, at: u64, i: u32) -> Value {
+    let topic = e.topics().ops_cmd(e.fleet());
+    let out = deliver(e, at, topic, br#"{"op":"devices","reply_to":"replies"}"#);
+    let reply = out.iter().find(|o| o.topic == "replies").unwrap();
+    let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+    let id = dev(i).to_string();
+    reply["status"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == id.as_str())
+        .map_or(Value::Null, |d| d["takeovers"].clone())
+}
+
+/// A device's agent says how often its connection was taken over (a protocol
+/// 2 session note on its report topic): kept per device for `devices` and
+/// counted for `/metrics`, with the checks of a report (signature, topic,
+/// replay, enrollment); a count below the last one is a new agent start.
+#[test]
+fn engine_counts_takeovers_its_devices_report() {
+    let store = Arc::new(MemoryStore::new());
+    let now = unix_now();
+    let mut e = Engine::start(settings(1), store, now).unwrap().0;
+    enroll(&mut e, now, 0);
+    enroll(&mut e, now, 1);
+    assert_eq!(takeovers(&mut e, now, 0), json!(0));
+
+    deliver(&mut e, now, topic_report(0), &note(0, &key(0), 5, 2));
+    assert_eq!(takeovers(&mut e, now, 0), json!(2));
+    assert_eq!(e.counters.takeovers, 2);
+    assert_eq!(e.gauges().taken_over, 1);
+    deliver(&mut e, now, topic_report(0), &note(0, &key(0), 6, 3));
+    assert_eq!(e.counters.takeovers, 3);
+
+    // Refused like a report would be, and nothing changes.
+    let before = e.counters.rejected.clone();
+    let refused = [
+        ("replayed", note(0, &key(0), 6, 9)),
+        ("forged", note(0, &key(1), 7, 9)),
+        ("forged", note(1, &key(1), 7, 9)),
+    ];
+    for (why, bytes) in refused {
+        deliver(&mut e, now, topic_report(0), &bytes);
+        assert!(
+            e.counters.rejected.get(why) > before.get(why),
+            "{why}: {:?}",
+            e.counters.rejected
+        );
+    }
+    assert_eq!(takeovers(&mut e, now, 0), json!(3));
+    assert_eq!(e.counters.takeovers, 3);
+
+    // The agent started again and counts from 1.
+    deliver(&mut e, now, topic_report(0), &note(0, &key(0), 8, 1));
+    assert_eq!(takeovers(&mut e, now, 0), json!(1));
+    assert_eq!(e.counters.takeovers, 4);
+    assert_eq!(takeovers(&mut e, now, 1), json!(0));
+}

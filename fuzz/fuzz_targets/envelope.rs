@@ -22,4 +22,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = env.verify::<Hello>(&device, now);
     let _ = env.verify::<Report>(&device, now);
     let _ = env.verify::<Unsupported>(&device, now);
+    let _ = env.verify::<SessionNote>(&device, now);
 });

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((which, rest)) = data.split_first() else {
         return;
     };
-    match which % 8 {
+    match which % 9 {
         0 => envelope_payload::<Manifest>(rest),
         1 => envelope_payload::<Beacon>(rest),
         2 => envelope_payload::<DeviceDirective>(rest),
@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         4 => envelope_payload::<Report>(rest),
         5 => envelope_payload::<Unsupported>(rest),
         6 => threshold_body::<Release>(rest),
-        _ => threshold_body::<KeyList>(rest),
+        7 => threshold_body::<KeyList>(rest),
+        _ => envelope_payload::<SessionNote>(rest),
     }
 });

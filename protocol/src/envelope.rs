@@ -11,8 +11,11 @@ use crate::crypto::{self, KeyId, PublicKey, SecretKey, Signature};
 use crate::ids::{DeviceId, FleetId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-/// Protocol major version this crate speaks.
-pub const PROTO_VERSION: u16 = 1;
+/// Newest protocol major version this crate speaks. Version 2 is version 1
+/// plus one kind, [`MessageKind::SessionNote`]; every kind travels with the
+/// version that introduced it ([`MessageKind::proto`]), so a version 1 peer
+/// reads everything it knows and refuses only the new kind.
+pub const PROTO_VERSION: u16 = 2;
 
 /// Largest envelope accepted anywhere, before any parsing (DL-1).
 pub const MAX_ENVELOPE: usize = 64 * 1024;
@@ -60,19 +63,22 @@ pub enum MessageKind {
     Hello = 4,
     Report = 5,
     Unsupported = 6,
+    /// Protocol 2: a device says how often its connection was taken over.
+    SessionNote = 7,
     Release = 16,
     KeyList = 17,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 8] = [
+    pub const ALL: [MessageKind; 9] = [
         MessageKind::Manifest,
         MessageKind::Beacon,
         MessageKind::Directive,
         MessageKind::Hello,
         MessageKind::Report,
         MessageKind::Unsupported,
+        MessageKind::SessionNote,
         MessageKind::Release,
         MessageKind::KeyList,
     ];
@@ -91,8 +97,18 @@ impl MessageKind {
             MessageKind::Hello => "hello",
             MessageKind::Report => "report",
             MessageKind::Unsupported => "unsupported",
+            MessageKind::SessionNote => "session_note",
             MessageKind::Release => "release",
             MessageKind::KeyList => "keylist",
+        }
+    }
+
+    /// The protocol version a message of this kind carries in its header: the
+    /// version that introduced the kind.
+    pub fn proto(self) -> u16 {
+        match self {
+            MessageKind::SessionNote => 2,
+            _ => 1,
         }
     }
 
@@ -105,6 +121,7 @@ impl MessageKind {
             MessageKind::Hello => "swell/hello/v1",
             MessageKind::Report => "swell/report/v1",
             MessageKind::Unsupported => "swell/unsupported/v1",
+            MessageKind::SessionNote => "swell/session_note/v1",
             MessageKind::Release => "swell/release/v1",
             MessageKind::KeyList => "swell/keylist/v1",
         }
@@ -131,7 +148,9 @@ pub trait Message: Serialize + DeserializeOwned {
 pub enum EnvelopeError {
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("protocol version {got} is not supported (this side speaks {PROTO_VERSION})")]
+    #[error(
+        "protocol version {got} is not supported for this kind (this side speaks 1..={PROTO_VERSION})"
+    )]
     UnsupportedProto { got: u16 },
     #[error("message kind {0} is not known to this version")]
     UnknownKind(u16),
@@ -186,7 +205,7 @@ pub fn seal<T: Message>(key: &SecretKey, stamp: Stamp, body: &T) -> Result<Vec<u
         return Err(EnvelopeError::MissingExpiry { kind: kind.name() });
     }
     let header = Header {
-        proto: PROTO_VERSION,
+        proto: kind.proto(),
         kind: kind as u16,
         key_id: key.key_id(),
         epoch: stamp.epoch,
@@ -339,7 +358,7 @@ impl<'a> UnverifiedEnvelope<'a> {
     /// What is checked before the signature: version, kind, size, signer.
     fn check_unsigned<T: Message>(&self, key: &PublicKey) -> Result<(), EnvelopeError> {
         let h = &self.header;
-        if h.proto != PROTO_VERSION {
+        if h.proto != T::KIND.proto() {
             return Err(EnvelopeError::UnsupportedProto { got: h.proto });
         }
         if h.kind != T::KIND as u16 {

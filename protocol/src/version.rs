@@ -31,9 +31,10 @@ pub fn negotiate(their_min: u16, their_max: u16) -> Result<u16, NoCommonVersion>
     Ok(hi)
 }
 
-/// Whether this side can read a message with this header.
+/// Whether this side can read a message with this header: a kind it knows,
+/// with the version that kind travels with.
 pub fn understands(header: &Header) -> bool {
-    header.proto == PROTO_VERSION && MessageKind::from_raw(header.kind).is_some()
+    MessageKind::from_raw(header.kind).is_some_and(|k| k.proto() == header.proto)
 }
 
 /// The answer to a message this side cannot read.
@@ -54,9 +55,28 @@ mod tests {
     #[test]
     fn version_negotiation() {
         assert_eq!(negotiate(1, 1), Ok(1));
-        assert_eq!(negotiate(1, 5), Ok(1));
-        assert!(negotiate(2, 5).is_err());
+        assert_eq!(negotiate(1, 5), Ok(2));
+        assert_eq!(negotiate(2, 5), Ok(2));
+        assert!(negotiate(3, 5).is_err());
         assert!(negotiate(0, 0).is_err());
         assert!(negotiate(3, 1).is_err());
+    }
+
+    #[test]
+    fn version_each_kind_travels_with_its_own_version() {
+        let header = |proto, kind: MessageKind| Header {
+            proto,
+            kind: kind as u16,
+            key_id: crate::testkeys::test_key("v").key_id(),
+            epoch: 0,
+            seq: 1,
+            issued_at: 0,
+            expires_at: 0,
+            audience: crate::envelope::Audience::Any,
+        };
+        assert!(understands(&header(1, MessageKind::Report)));
+        assert!(!understands(&header(2, MessageKind::Report)));
+        assert!(understands(&header(2, MessageKind::SessionNote)));
+        assert!(!understands(&header(1, MessageKind::SessionNote)));
     }
 }

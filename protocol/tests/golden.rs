@@ -1,4 +1,5 @@
-//! Golden vectors for protocol v1 (`protocol/tests/golden/v1/`).
+//! Golden vectors for protocol v1 (`protocol/tests/golden/v1/`) and for what
+//! protocol v2 adds (`protocol/tests/golden/v2/`).
 //!
 //! Each fixture is the exact bytes of one message (`.bin`, and `.hex` for eyes),
 //! with a JSON description of what it decodes to. The test rebuilds every message
@@ -26,16 +27,26 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1")
 }
 
+/// A fixture's path without extension: `name` in v1, or `v2/name`.
+fn base(name: &str) -> PathBuf {
+    match name.strip_prefix("v2/") {
+        Some(n) => dir().with_file_name("v2").join(n),
+        None => dir().join(name),
+    }
+}
+
 fn bless() -> bool {
     std::env::var_os("SWELL_BLESS_GOLDEN").is_some()
 }
 
 /// Writes the fixture when blessing; otherwise checks it and returns it.
 fn fixture(name: &str, bytes: &[u8], description: &Value) -> Vec<u8> {
-    let d = dir();
-    let bin = d.join(format!("{name}.bin"));
-    let hex_path = d.join(format!("{name}.hex"));
-    let json_path = d.join(format!("{name}.json"));
+    let b = base(name);
+    let d = b.parent().unwrap().to_path_buf();
+    let with = |ext: &str| b.with_extension(ext);
+    let bin = with("bin");
+    let hex_path = with("hex");
+    let json_path = with("json");
     let pretty = serde_json::to_string_pretty(description).unwrap() + "\n";
     if bless() {
         std::fs::create_dir_all(&d).unwrap();
@@ -59,7 +70,7 @@ fn fixture(name: &str, bytes: &[u8], description: &Value) -> Vec<u8> {
 }
 
 fn stored_json(name: &str) -> Value {
-    let p = dir().join(format!("{name}.json"));
+    let p = base(name).with_extension("json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
@@ -310,7 +321,44 @@ fn golden_v1_reads_v2_header_and_answers_unsupported() {
         env.verify::<Report>(&key.public(), T0 + 100),
         Err(EnvelopeError::UnsupportedProto { got: 2 })
     );
-    assert_eq!(version::unsupported(&env.header), unsupported_body());
+    // The answer names this side's range (the golden one was made by v1).
+    assert_eq!(
+        version::unsupported(&env.header),
+        Unsupported {
+            proto_max: version::PROTO_MAX,
+            ..unsupported_body()
+        }
+    );
+}
+
+/// Protocol 2's one addition: a device's session note. It travels with proto
+/// 2 in its header; a v1 coordinator, which reads the report topic as
+/// reports, refuses it as unsupported and nothing else changes.
+#[test]
+fn golden_v2_session_note() {
+    let key = device_key(42);
+    check_envelope(
+        "v2/session-note",
+        session_note(),
+        "device-42",
+        &key,
+        &session_note_body(),
+    );
+    let bytes = session_note();
+    let env = UnverifiedEnvelope::parse(&bytes).unwrap();
+    assert_eq!(
+        (env.header.proto, env.kind()),
+        (2, Some(MessageKind::SessionNote))
+    );
+    assert!(version::understands(&env.header));
+    assert_eq!(
+        env.verify::<Report>(&key.public(), T0 + 1),
+        Err(EnvelopeError::UnsupportedProto { got: 2 })
+    );
+    // A note under the version of the kinds before it is not one.
+    let mut header = env.header.clone();
+    header.proto = 1;
+    assert!(!version::understands(&header));
 }
 
 /// Encoded sizes of every kind; the Report budget is part of the protocol's promise
@@ -327,6 +375,7 @@ fn golden_v1_size_budgets() {
         ("report", report().len()),
         ("report-rolled-back", report_failed().len()),
         ("unsupported", unsupported().len()),
+        ("session-note (v2)", session_note().len()),
     ];
     for (name, n) in sizes {
         println!("{name:>20}: {n} bytes");
@@ -337,5 +386,6 @@ fn golden_v1_size_budgets() {
         report().len()
     );
     assert!(beacon().len() <= 128, "beacon is {} bytes", beacon().len());
-    assert!(MessageKind::ALL.len() == 8);
+    // Every kind a fixture: the eight of v1 and v2's session note.
+    assert!(MessageKind::ALL.len() == 9);
 }

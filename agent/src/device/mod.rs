@@ -40,7 +40,7 @@ use swell_protocol::cohort::Label;
 use swell_protocol::envelope::{Audience, Stamp, seal};
 use swell_protocol::messages::{
     DeviceDirective, Hello, KeyList, Metrics, Phase, ProbeResult, Reason, Release, Report,
-    RootOfTrust,
+    RootOfTrust, SessionNote,
 };
 use swell_protocol::{DeviceId, Digest, FleetId, ReleaseId, RolloutId, SecretKey};
 use waiting::{BeforeKeys, Held};
@@ -139,6 +139,9 @@ pub enum Outgoing {
         rollout: Option<RolloutId>,
         heartbeat: bool,
     },
+    /// A [`SessionNote`] (protocol 2), on the `report` topic through the same
+    /// outbox as reports (one counter, one order), evicted like a heartbeat.
+    Note { seq: u64, bytes: Vec<u8> },
 }
 
 /// What the caller carries out, in order.
@@ -216,6 +219,9 @@ pub struct DeviceCore {
     started_ms: u64,
     last_probe_ms: u64,
     last_heartbeat_ms: u64,
+    /// Connections taken over since the start, and when the latest was
+    /// (boxed: rarely set, and a simulated fleet holds a million cores).
+    takeovers: Option<Box<(u32, u64)>>,
     counters: Counters,
 }
 
@@ -259,6 +265,7 @@ impl DeviceCore {
             started_ms: clock.mono_ms,
             last_probe_ms: clock.mono_ms,
             last_heartbeat_ms: clock.mono_ms,
+            takeovers: None,
             counters: Counters::default(),
         }
     }
@@ -293,6 +300,20 @@ impl DeviceCore {
 
     pub fn disconnected(&mut self) {
         self.connected = false;
+    }
+
+    /// The broker closed the connection because another client connected
+    /// with this device's client id. The coordinator learns how often with a
+    /// session note after every Hello from now on.
+    pub fn taken_over(&mut self, clock: Clock) {
+        let t = self.takeovers.get_or_insert_with(|| Box::new((0, 0)));
+        t.0 = t.0.saturating_add(1);
+        t.1 = clock.unix;
+    }
+
+    /// Connections taken over since the start.
+    pub fn takeovers(&self) -> u32 {
+        self.takeovers.as_deref().map_or(0, |t| t.0)
     }
 
     pub fn is_connected(&self) -> bool {
@@ -421,8 +442,8 @@ impl DeviceCore {
             labels: self.labels.clone(),
             hardware: self.s.hardware.clone(),
             agent_version: self.s.agent_version.clone(),
-            proto_min: 1,
-            proto_max: 1,
+            proto_min: swell_protocol::version::PROTO_MIN,
+            proto_max: swell_protocol::version::PROTO_MAX,
             boot: self.boot,
             running: self.installed.running.as_ref().map(|r| r.release),
             counter_floor: self.trust.counter_floor,
@@ -431,6 +452,19 @@ impl DeviceCore {
         match seal(&self.key, stamp, &h) {
             Ok(bytes) => out.push(Effect::Send(Outgoing::Hello { seq, bytes })),
             Err(e) => tracing::error!(error = %e, "hello could not be sealed"),
+        }
+        if let Some(&(takeovers, last_takeover)) = self.takeovers.as_deref() {
+            let stamp = self.next_stamp(clock, out);
+            let seq = stamp.seq;
+            let note = SessionNote {
+                device: self.id.clone(),
+                takeovers,
+                last_takeover,
+            };
+            match seal(&self.key, stamp, &note) {
+                Ok(bytes) => out.push(Effect::Send(Outgoing::Note { seq, bytes })),
+                Err(e) => tracing::error!(error = %e, "session note could not be sealed"),
+            }
         }
     }
 

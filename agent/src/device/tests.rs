@@ -484,3 +484,41 @@ fn device_says_hello_on_connect_and_on_a_live_beacon_of_a_new_epoch_only() {
     r.core.disconnected();
     assert_eq!(hellos(&r.beacon_of(3, false)), 0, "not while disconnected");
 }
+
+#[test]
+fn device_tells_the_coordinator_its_connections_were_taken_over() {
+    let mut r = Rig::new();
+    let notes = |out: &[Effect]| -> Vec<Vec<u8>> {
+        out.iter()
+            .filter_map(|e| match e {
+                Effect::Send(Outgoing::Note { bytes, .. }) => Some(bytes.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    let clock = r.clock();
+    r.core.connected(clock, &mut out);
+    assert!(notes(&out).is_empty(), "nothing to tell: {out:?}");
+    r.core.disconnected();
+    let clock = r.clock();
+    r.core.taken_over(clock);
+    r.core.taken_over(clock);
+    let mut out = Vec::new();
+    r.core.connected(clock, &mut out);
+    assert_eq!(hellos(&out), 1);
+    let sent = notes(&out);
+    assert_eq!(sent.len(), 1, "a note after the Hello: {out:?}");
+    let env = swell_protocol::envelope::UnverifiedEnvelope::parse(&sent[0]).unwrap();
+    assert_eq!(env.header.proto, 2);
+    let note = env
+        .verify::<SessionNote>(&test_key("device-1").public(), clock.unix)
+        .unwrap()
+        .body;
+    assert_eq!((note.takeovers, note.last_takeover), (2, clock.unix));
+    // On every Hello from now on, with the next counter.
+    let again = notes(&r.beacon_of(2, false));
+    assert_eq!(again.len(), 1);
+    let later = swell_protocol::envelope::UnverifiedEnvelope::parse(&again[0]).unwrap();
+    assert!(later.header.seq > env.header.seq);
+}

@@ -288,6 +288,7 @@ impl Agent {
                             let w = self.reconnect.lost(took, std::time::Instant::now());
                             let wait = w.after;
                             if w.taken_over || w.kicked >= 3 {
+                                self.core.taken_over(self.clock());
                                 error!(device = %self.cfg.device, in_a_row = w.kicked, taken_over = w.taken_over, retry_in_ms = wait.as_millis() as u64, error = %e, "the broker keeps closing this connection soon after it opens: another client with this device's client id (two agents with one device id, or a copy of this one's state)? backing off");
                             } else {
                                 warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker connection lost");
@@ -380,6 +381,15 @@ impl Agent {
                 }) => {
                     info!(phase = phase.name(), seq, rollout = ?rollout.as_ref().map(|r| r.as_str()), "report");
                     self.store.push(&bytes, heartbeat)?;
+                    self.link.pump(
+                        &self.client,
+                        &self.store,
+                        &self.cfg.topics.report(&self.cfg.device),
+                    );
+                }
+                Effect::Send(Outgoing::Note { seq, bytes }) => {
+                    info!(seq, takeovers = self.core.takeovers(), "session note");
+                    self.store.push(&bytes, true)?;
                     self.link.pump(
                         &self.client,
                         &self.store,

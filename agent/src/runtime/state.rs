@@ -66,6 +66,9 @@ pub struct Status {
     /// once one held a minute): another client with this device's client id
     /// (two agents with one device id, a copy of this one's state) looks so.
     pub closed_soon_in_a_row: u32,
+    /// Connections taken over since the agent started (what its session notes
+    /// tell the coordinator).
+    pub takeovers: u32,
 }
 
 impl Status {
@@ -85,6 +88,7 @@ impl Status {
             outbox_dropped,
             counters: core.counters().clone(),
             closed_soon_in_a_row: 0,
+            takeovers: core.takeovers(),
         }
     }
 }

@@ -8,9 +8,9 @@ use crate::fleet::registry::{DeviceRecord, Enrollment, RegistryError};
 use crate::precheck::{Planned, Precheck};
 use crate::store::StoredReport;
 use swell_protocol::envelope::UnverifiedEnvelope;
-use swell_protocol::messages::{Hello, Report};
+use swell_protocol::messages::{Hello, Report, SessionNote};
 use swell_protocol::topics::Topic;
-use swell_protocol::{DeviceId, MessageKind, version};
+use swell_protocol::{DeviceId, MessageKind, PublicKey, version};
 use tracing::{info, warn};
 
 impl Engine {
@@ -56,7 +56,8 @@ impl Engine {
         };
         let key = self.devices.get(device).map(|d| d.key);
         match key {
-            Some(key) if report && env.kind() != Some(MessageKind::Unsupported) => {
+            // Reports only: an answer or a session note is checked as itself.
+            Some(key) if report && env.kind() == Some(MessageKind::Report) => {
                 Planned::Report { env, key }
             }
             _ if report => Planned::None,
@@ -285,6 +286,69 @@ impl Engine {
         Ok(vec![])
     }
 
+    /// A device's agent says how often its connection was taken over
+    /// (protocol 2): the same checks as a report, then its count is kept.
+    fn on_session_note(
+        &mut self,
+        topic_device: &DeviceId,
+        slot: usize,
+        env: &UnverifiedEnvelope<'_>,
+        key: &PublicKey,
+        now: u64,
+    ) {
+        let v = match env.verify::<SessionNote>(key, now) {
+            Ok(v) => v,
+            Err(e) => {
+                let why = format!("device {topic_device}: {e}");
+                self.reject(e.reason(), "session note", &why);
+                return;
+            }
+        };
+        if &v.body.device != topic_device {
+            let why = format!("topic names {topic_device}, payload {}", v.body.device);
+            self.reject("forged", "session note", &why);
+            return;
+        }
+        let Some(d) = self.devices.at_mut(slot) else {
+            return;
+        };
+        if d.enrollment != Enrollment::Approved {
+            let e = RegistryError::NotApproved(topic_device.clone());
+            self.reject(e.reason(), "session note", &e);
+            return;
+        }
+        if let Err(e) = d.accept_seq(v.header.seq) {
+            self.reject(e.reason(), "session note", &e);
+            return;
+        }
+        d.seen(now);
+        let SessionNote {
+            takeovers,
+            last_takeover,
+            ..
+        } = v.body;
+        let last = self.takeovers.get(&slot).map_or(0, |&(n, _)| n);
+        // A count below the last one is a new agent start counting again.
+        let before = if takeovers >= last { last } else { 0 };
+        self.counters.takeovers += u64::from(takeovers - before);
+        if takeovers > before
+            && let Some(g) = self.log_throttle.entry("taken_over").or_default().hit()
+        {
+            warn!(
+                device = %topic_device,
+                takeovers,
+                suppressed = g.suppressed,
+                "the device's connection was taken over by another client with its id (two agents with one device id, or a copy of its state)"
+            );
+        }
+        self.takeovers.insert(slot, (takeovers, last_takeover));
+    }
+
+    /// Takeovers its agent reported for the device in `slot`.
+    pub(super) fn takeovers_of(&self, slot: usize) -> u32 {
+        self.takeovers.get(&slot).map_or(0, |&(n, _)| n)
+    }
+
     pub(super) fn on_report(
         &mut self,
         topic_device: &DeviceId,
@@ -314,6 +378,10 @@ impl Engine {
                     self.reject(e.reason(), "report", &e);
                     return Ok(vec![]);
                 };
+                if env.kind() == Some(MessageKind::SessionNote) {
+                    self.on_session_note(topic_device, slot, &env, &key, now);
+                    return Ok(vec![]);
+                }
                 if env.kind() == Some(MessageKind::Unsupported) {
                     if let Ok(v) = env.verify::<swell_protocol::messages::Unsupported>(&key, now) {
                         warn!(device = %topic_device, kind = v.body.kind, proto = v.body.proto, "device cannot read a message we sent");

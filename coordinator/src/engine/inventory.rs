@@ -90,11 +90,11 @@ impl Engine {
     ) -> DeviceList {
         let release = release.map(str::to_ascii_lowercase);
         let limit = limit.unwrap_or(DEFAULT_ROWS).min(MAX_ROWS);
-        let mut sorted: Vec<&DeviceRecord> = self.devices.values().collect();
-        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut sorted: Vec<(usize, &DeviceRecord)> = self.devices.values().enumerate().collect();
+        sorted.sort_by(|a, b| a.1.id.cmp(&b.1.id));
         let mut matched = 0usize;
         let mut devices = Vec::new();
-        for d in sorted {
+        for (slot, d) in sorted {
             let run = d.running.as_deref().map(|r| r.to_string());
             let keep = selector.is_none_or(|s| s.matches(d.labels()))
                 && online.is_none_or(|o| o == d.online)
@@ -120,6 +120,7 @@ impl Engine {
                         .map(|l| format!("{}={}", l.key, l.value))
                         .collect(),
                     last_seen: d.last_seen(),
+                    takeovers: self.takeovers_of(slot),
                 });
             }
         }

@@ -98,6 +98,8 @@ pub struct FleetGauges {
     pub approved: u64,
     pub pending: u64,
     pub online: u64,
+    /// Devices whose agents said their connection was taken over.
+    pub taken_over: u64,
     /// Rollouts by phase name.
     pub rollouts: BTreeMap<&'static str, u64>,
 }
@@ -111,6 +113,8 @@ pub struct Counters {
     pub commands_accepted: u64,
     pub commands_refused: u64,
     pub manifests: u64,
+    /// Takeovers of device connections, as their session notes tell them.
+    pub takeovers: u64,
 }
 
 struct Live {
@@ -135,6 +139,9 @@ pub struct Engine {
     rollouts: BTreeMap<RolloutId, Live>,
     ops: OpsParser,
     pub counters: Counters,
+    /// By registry slot: the takeovers a device's agent reported (its latest
+    /// session note: count since its start, and when the latest was). Sparse.
+    takeovers: HashMap<usize, (u32, u64)>,
     /// One log line per reason every 10 s.
     log_throttle: HashMap<&'static str, LogThrottle>,
     /// Set in Kubernetes mode: rollout commands go to the controller.
@@ -217,6 +224,7 @@ impl Engine {
             rollouts: BTreeMap::new(),
             ops,
             counters: Counters::default(),
+            takeovers: HashMap::new(),
             log_throttle: HashMap::new(),
             forward_rollout_ops: false,
             forwarded: Vec::new(),
@@ -329,6 +337,7 @@ impl Engine {
             }
             g.online += u64::from(d.online);
         }
+        g.taken_over = self.takeovers.len() as u64;
         for l in self.rollouts.values() {
             *g.rollouts.entry(l.rec.state.phase_name()).or_default() += 1;
         }

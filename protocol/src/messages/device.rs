@@ -1,6 +1,7 @@
 //! Device → coordinator: `Hello` on every connect, `Report` on every phase change
-//! and as a heartbeat. Signed with the device's own key; the header `seq` is the
-//! device's persisted monotonic counter (MQTT-6).
+//! and as a heartbeat, `SessionNote` (protocol 2) after a Hello while its
+//! connections have been taken over. Signed with the device's own key; the
+//! header `seq` is the device's persisted monotonic counter (MQTT-6).
 
 use super::{check_count, check_text};
 use crate::codec::{self, CodecError};
@@ -244,6 +245,33 @@ impl Message for Report {
         }
         if self.metrics.progress_permille > 1000 {
             return Err("progress above 1000 permille".into());
+        }
+        Ok(())
+    }
+}
+
+/// Protocol 2. How often the broker closed this agent's connection because
+/// another client connected with its client id (two agents with one device
+/// id, or a copy of one's state), since the agent started. Sent on the report
+/// topic, through the same ordered outbox as reports, after every Hello while
+/// `takeovers` is above zero.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionNote {
+    pub device: DeviceId,
+    /// Connections taken over since the agent started (its Hello's `boot`).
+    pub takeovers: u32,
+    /// Unix seconds of the latest.
+    pub last_takeover: u64,
+}
+
+impl Message for SessionNote {
+    const KIND: MessageKind = MessageKind::SessionNote;
+    const MAX_PAYLOAD: usize = 256;
+    const EXPIRY_REQUIRED: bool = false;
+
+    fn validate(&self) -> Result<(), String> {
+        if self.takeovers == 0 {
+            return Err("a session note says at least one takeover".into());
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ mod fleet;
 mod keylist;
 mod release;
 
-pub use device::{Hello, Metrics, Phase, ProbeResult, Reason, Report, reason};
+pub use device::{Hello, Metrics, Phase, ProbeResult, Reason, Report, SessionNote, reason};
 pub use fleet::{Beacon, DeviceDirective, MAX_CANARY, Manifest, ManifestState, Unsupported};
 pub use keylist::{KeyList, KeyListError, RootOfTrust};
 pub use release::{

@@ -269,6 +269,18 @@ pub fn unsupported_body() -> Unsupported {
     }
 }
 
+pub fn session_note_body() -> SessionNote {
+    SessionNote {
+        device: dev("rpi-0042"),
+        takeovers: 3,
+        last_takeover: T0 + 50,
+    }
+}
+
+pub fn session_note() -> Vec<u8> {
+    seal(&device_key(42), device_stamp(104), &session_note_body()).unwrap()
+}
+
 pub fn unsupported() -> Vec<u8> {
     seal(&device_key(42), device_stamp(103), &unsupported_body()).unwrap()
 }
