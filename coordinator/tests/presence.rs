@@ -46,6 +46,13 @@ async fn impostor(
     (c, rx)
 }
 
+/// The impostor publishes `p` as the retained presence.
+async fn say(imp: &AsyncClient, p: &Presence) {
+    imp.publish(topic(), QoS::AtLeastOnce, true, p.to_json())
+        .await
+        .unwrap();
+}
+
 fn topic() -> String {
     swell_protocol::topics::Topics::default().coordinator(&fleet())
 }
@@ -115,14 +122,7 @@ async fn presence_a_gone_instance_is_taken_over() {
     let b = TestBroker::start();
     let (imp, mut rx) = impostor(&b).await;
     // An instance that died without its Last Will reaching the broker.
-    imp.publish(
-        topic(),
-        QoS::AtLeastOnce,
-        true,
-        other(State::Online, 1).to_json(),
-    )
-    .await
-    .unwrap();
+    say(&imp, &other(State::Online, 1)).await;
     heard(&mut rx, |p| p.instance == "0123456789abcdef").await;
     let mut r = start(&b, SHORT);
     until_ready(&mut r).await;
@@ -148,16 +148,12 @@ async fn presence_a_live_instance_keeps_its_fleet() {
     let b = TestBroker::start();
     let (imp, mut rx) = impostor(&b).await;
     let alive = other(State::Online, 1);
-    imp.publish(topic(), QoS::AtLeastOnce, true, alive.to_json())
-        .await
-        .unwrap();
+    say(&imp, &alive).await;
     let r = start(&b, LONG);
     // Answer the starter as an active coordinator does.
     let starting = heard(&mut rx, |p| p.state == State::Starting).await;
     assert_eq!(starting.instance, r.instance);
-    imp.publish(topic(), QoS::AtLeastOnce, true, alive.to_json())
-        .await
-        .unwrap();
+    say(&imp, &alive).await;
     let result = tokio::time::timeout(Duration::from_secs(30), r.done)
         .await
         .expect("it stops")
@@ -185,25 +181,11 @@ async fn presence_of_two_active_at_once_the_later_stops() {
     })
     .await;
     // Active since later than it: it says again that the fleet is its.
-    imp.publish(
-        topic(),
-        QoS::AtLeastOnce,
-        true,
-        other(State::Online, mine.since + 10).to_json(),
-    )
-    .await
-    .unwrap();
+    say(&imp, &other(State::Online, mine.since + 10)).await;
     heard(&mut rx, |p| p.instance == r.instance && p.at >= mine.at).await;
     assert!(!r.done.is_finished());
     // Active since before it: it stops.
-    imp.publish(
-        topic(),
-        QoS::AtLeastOnce,
-        true,
-        other(State::Online, 1).to_json(),
-    )
-    .await
-    .unwrap();
+    say(&imp, &other(State::Online, 1)).await;
     let result = tokio::time::timeout(Duration::from_secs(30), r.done)
         .await
         .expect("it stops")

@@ -91,6 +91,27 @@ pub fn make_keys(d: &Path) {
     ));
 }
 
+/// `swell-coordinator` for `fleet` with the system's keys (made in `d`), its
+/// state in `d/{state}`; the broker flags are the caller's.
+fn coordinator_command(d: &Path, fleet: &str, state: &str) -> Command {
+    let mut cmd = Command::new(bin("swell-coordinator"));
+    cmd.args([
+        "--fleet",
+        fleet,
+        "--key",
+        "coord.key",
+        "--key-list",
+        "keys.bin",
+    ])
+    .args(["--root-key", "root.key.pub", "--enrollment-token", TOKEN])
+    .args(["--beacon-interval", "1s", "--tick", "200ms"])
+    .arg("--state-dir")
+    .arg(d.join(state))
+    .env("RUST_LOG", "warn,swell_coordinator=info")
+    .current_dir(d);
+    cmd
+}
+
 /// The agents.
 #[derive(Debug)]
 pub struct Fleet {
@@ -221,22 +242,8 @@ impl System {
         let root_hex = public_hex(d, "root.key.pub");
 
         // The coordinator.
-        let mut cmd = Command::new(bin("swell-coordinator"));
-        cmd.args([
-            "--fleet",
-            "e2e",
-            "--key",
-            "coord.key",
-            "--key-list",
-            "keys.bin",
-        ])
-        .args(["--root-key", "root.key.pub", "--enrollment-token", TOKEN])
-        .args(["--beacon-interval", "1s", "--tick", "200ms"])
-        .arg("--state-dir")
-        .arg(d.join("coordinator"))
-        .args(coordinator_args)
-        .env("RUST_LOG", "warn,swell_coordinator=info")
-        .current_dir(d);
+        let mut cmd = coordinator_command(d, "e2e", "coordinator");
+        cmd.args(coordinator_args);
         if let Some(m) = &mosq {
             // This system also runs the coordinator's one-by-one signature
             // check (the other, the default batches).
@@ -358,23 +365,9 @@ impl System {
     pub fn another_coordinator(&self, fleet: &str, name: &str) -> Proc {
         let d = self.dir();
         let (user, password) = &self.coordinator_login;
-        let mut cmd = Command::new(bin("swell-coordinator"));
-        cmd.args([
-            "--fleet",
-            fleet,
-            "--key",
-            "coord.key",
-            "--key-list",
-            "keys.bin",
-        ])
-        .args(["--root-key", "root.key.pub", "--enrollment-token", TOKEN])
-        .args(["--beacon-interval", "1s", "--tick", "200ms"])
-        .arg("--state-dir")
-        .arg(d.join(name))
-        .args(["--broker", &self.broker])
-        .args(["--username", user, "--password", password])
-        .env("RUST_LOG", "warn,swell_coordinator=info")
-        .current_dir(d);
+        let mut cmd = coordinator_command(d, fleet, name);
+        cmd.args(["--broker", &self.broker])
+            .args(["--username", user, "--password", password]);
         Proc::spawn(cmd, d.join(format!("{name}.log"))).unwrap()
     }
 

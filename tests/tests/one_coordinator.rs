@@ -45,6 +45,16 @@ fn list(sys: &System, extra: &[&str]) -> std::process::Output {
     sys.cli(&args)
 }
 
+/// The CLI got an answer.
+fn answered(sys: &System, o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        sys.context()
+    );
+}
+
 #[test]
 fn e2e_one_coordinator_per_fleet_and_prefix() {
     let sys = System::start(1, choice());
@@ -61,13 +71,7 @@ fn e2e_one_coordinator_per_fleet_and_prefix() {
         log.contains("another coordinator is active for fleet e2e on topic prefix swell/v1"),
         "{log}"
     );
-    let o = list(&sys, &[]);
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        sys.context()
-    );
+    answered(&sys, &list(&sys, &[]));
 
     // A coordinator of another fleet on the same prefix. The embedded broker
     // serves its own coordinator's fleet only: refused, and it says why.
@@ -120,11 +124,5 @@ fn e2e_one_coordinator_per_fleet_and_prefix() {
         .arg(other.child.id().to_string())
         .status();
     assert_eq!(exit_of(&mut other, 30), Some(0), "{}", other.log_text());
-    let o = list(&sys, &[]);
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        sys.context()
-    );
+    answered(&sys, &list(&sys, &[]));
 }
