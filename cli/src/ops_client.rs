@@ -173,11 +173,15 @@ impl OpsClient {
     }
 
     /// The command as sent: plain, or wrapped with the operator's signature over
-    /// its exact text, with `issued_at` and a `nonce` (the request id is unique).
-    fn wire(&self, mut c: Value, id: &str) -> Value {
+    /// its exact text, with `issued_at`, a `nonce` (the request id is unique),
+    /// the command topic it is for (`to`) and where its answer goes
+    /// (`reply_to`), so it is good for that coordinator and that reply only.
+    fn wire(&self, mut c: Value, id: &str, to: &str) -> Value {
         let Some(key) = &self.signer else {
             return c;
         };
+        c["to"] = json!(to);
+        c["reply_to"] = json!(self.reply_topic);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -267,10 +271,10 @@ impl OpsClient {
         let id = format!("{}-{}", std::process::id(), self.n);
         let mut c = cmd.clone();
         c["id"] = json!(id);
-        let c = self.wire(c, &id);
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let fleet = self.resolve_fleet(remaining).await?;
         let cmd_topic = self.topics.ops_cmd(&fleet);
+        let c = self.wire(c, &id, &cmd_topic);
         loop {
             let props = PublishProperties {
                 response_topic: Some(self.reply_topic.clone()),

@@ -122,6 +122,37 @@ async fn cli_signs_commands_with_the_operator_key() {
             let o = run(&["--operator-key", "op.key", "--timeout", "5s"]);
             assert!(o.status.success(), "{}", err(&o));
         }
+        // OPS-1: a signed create, a whole release inside the signed text.
+        let rel = swell_protocol::fixtures::release(
+            2,
+            "2.0.0",
+            b"app",
+            "",
+            "sim",
+            &["release-0"],
+            unix_now(),
+        );
+        std::fs::write(d.join("release.bin"), rel.encode().unwrap()).unwrap();
+        std::fs::write(
+            d.join("spec.json"),
+            r#"{"rollout":"signed-1","release":"release.bin","waves":["100%"]}"#,
+        )
+        .unwrap();
+        let o = swell(
+            &d,
+            &[
+                "rollout",
+                "create",
+                "spec.json",
+                "--broker",
+                &broker,
+                "--operator-key",
+                "op.key",
+                "--timeout",
+                "10s",
+            ],
+        );
+        assert!(o.status.success(), "{}", err(&o));
     })
     .await
     .unwrap();

@@ -1139,3 +1139,51 @@ fn engine_counts_takeovers_its_devices_report() {
     assert_eq!(e.counters.takeovers, 4);
     assert_eq!(takeovers(&mut e, now, 1), json!(0));
 }
+
+/// OPS-2 at the engine, on the disk store: a signed command accepted before a
+/// restart is refused after it (its key's high-water mark of `issued_at` was
+/// stored before it took effect), and a fresh one is accepted.
+#[test]
+fn engine_ops_2_a_signed_command_is_not_accepted_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let op = test_key("operator-0");
+    let with_operator = || {
+        let mut s = settings(1);
+        s.keys.operator_keys = vec![op.public()];
+        s.key_list = key_list(&s.keys);
+        s
+    };
+    let now = unix_now();
+    let sign = |nonce: &str, at: u64| {
+        let text = json!({"op": "fleet", "issued_at": at, "nonce": nonce,
+                          "to": "swell/v1/ops/plant-7/cmd", "reply_to": "replies"})
+        .to_string();
+        let sig = op.sign(swell_coordinator::ops::OPS_DOMAIN, &[text.as_bytes()]);
+        json!({"signed": text, "key_id": op.key_id().to_string(), "sig": sig.to_string()})
+            .to_string()
+    };
+    let answer = |e: &mut Engine, at: u64, cmd: &str| -> Value {
+        let topic = e.topics().ops_cmd(e.fleet());
+        let out = deliver(e, at, topic, cmd.as_bytes());
+        let reply = out.iter().find(|o| o.topic == "replies").unwrap();
+        serde_json::from_slice(&reply.payload).unwrap()
+    };
+    let cmd = sign("n1", now);
+    {
+        let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
+        let mut e = Engine::start(with_operator(), store, now).unwrap().0;
+        let r = answer(&mut e, now, &cmd);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // 73 s later, the coordinator started again.
+    let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
+    let mut e = Engine::start(with_operator(), store, now + 73).unwrap().0;
+    let r = answer(&mut e, now + 73, &cmd);
+    assert_eq!(
+        (r["ok"].clone(), r["reason"].clone()),
+        (json!(false), json!("replayed")),
+        "{r}"
+    );
+    let r = answer(&mut e, now + 73, &sign("n2", now + 70));
+    assert_eq!(r["ok"], true, "{r}");
+}

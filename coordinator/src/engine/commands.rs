@@ -144,7 +144,10 @@ impl Engine {
         reply: ReplyTo,
         now: u64,
     ) -> Result<Vec<Out>, EngineError> {
-        let req = match self.ops.parse(payload, now) {
+        let req = match self
+            .ops
+            .parse(payload, now, reply.response_topic.as_deref())
+        {
             Ok(r) => r,
             Err(Refused {
                 id,
@@ -163,7 +166,13 @@ impl Engine {
             reply_to,
             op,
             signer,
+            mark,
         } = req;
+        if let Some((key, issued_at)) = mark {
+            // Durable before the command takes effect: after a restart it
+            // cannot be replayed (OPS-2).
+            self.store.put_operator_mark(key, issued_at)?;
+        }
         let op_name = op.name();
         if self.forward_rollout_ops && op.changes_rollouts() {
             self.counters.commands_accepted += 1;

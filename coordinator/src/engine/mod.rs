@@ -214,7 +214,11 @@ impl Engine {
         for key in &loaded.corrupt {
             warn!(%key, "corrupt record set aside; the coordinator rebuilt without it");
         }
-        let ops = OpsParser::new(s.keys.operator_keys.clone());
+        let ops = OpsParser::new(
+            s.keys.operator_keys.clone(),
+            s.topics.ops_cmd(&s.fleet),
+            &loaded.operator_marks,
+        );
         let mut e = Engine {
             s,
             store,

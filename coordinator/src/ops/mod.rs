@@ -10,8 +10,15 @@
 //! Common fields: `id` (echoed in the reply), `reply_to` (reply topic when the
 //! MQTT 5 response topic is not set). Signed form, required when operator keys
 //! are configured: `{"signed": "<command JSON text>", "key_id": "<hex>", "sig":
-//! "<hex>"}` with an ed25519 signature over `swell/ops/v1 ‖ 0x00 ‖ text`, and the
-//! command carrying `issued_at` (Unix seconds, within 5 minutes) and a unique `nonce`.
+//! "<hex>"}` with an ed25519 signature over `swell/ops/v1 ‖ 0x00 ‖ text`, the
+//! text of any size a command may have (OPS-1), and the command carrying
+//! `issued_at` (Unix seconds, within 5 minutes), a unique `nonce`, `to` (the
+//! command topic it is meant for, `{p}/ops/{fleet}/cmd`: that fleet's one
+//! coordinator on that prefix) and, when it wants an answer, `reply_to`, which
+//! an MQTT 5 response topic must then equal (OPS-3). A signed command is
+//! accepted once: nonces within the time window, and across restarts an
+//! `issued_at` above the highest one accepted from its key before the start
+//! (persisted by the engine before the command takes effect; OPS-2).
 //!
 //! The `create` spec as operators write it, and how it becomes a rollout spec,
 //! is in [`spec`].
@@ -130,6 +137,9 @@ pub struct Request {
     pub op: Op,
     /// Key id of the operator who signed, if signed.
     pub signer: Option<KeyId>,
+    /// The signer's new high-water mark of `issued_at`, to be stored durably
+    /// before the command takes effect (OPS-2).
+    pub mark: Option<(KeyId, u64)>,
 }
 
 /// Why a command was refused before it reached the engine.
@@ -145,26 +155,42 @@ pub struct Refused {
 #[derive(Debug, Default)]
 pub struct OpsParser {
     operator_keys: Vec<PublicKey>,
+    /// The topic commands arrive on; a signed command must name it.
+    topic: String,
+    /// Per operator key, the highest `issued_at` accepted before this start.
+    floor: HashMap<KeyId, u64>,
+    /// ... and since.
+    high: HashMap<KeyId, u64>,
     nonces: HashMap<String, u64>,
     order: VecDeque<(u64, String)>,
 }
 
+/// Longest `id`, `reply_to`, `nonce`, `to`, `key_id` and `sig`.
+const MAX_FIELD: usize = 256;
+
 fn take_str(
     map: &mut serde_json::Map<String, serde_json::Value>,
     key: &str,
+    max: usize,
 ) -> Result<Option<String>, String> {
     match map.remove(key) {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) if s.len() <= 256 => Ok(Some(s)),
-        Some(_) => Err(format!("{key} must be a string of at most 256 bytes")),
+        Some(serde_json::Value::String(s)) if s.len() <= max => Ok(Some(s)),
+        Some(_) => Err(format!("{key} must be a string of at most {max} bytes")),
     }
 }
 
 impl OpsParser {
-    /// With operator keys, every command must be signed by one of them.
-    pub fn new(operator_keys: Vec<PublicKey>) -> Self {
+    /// With operator keys, every command must be signed by one of them, name
+    /// `topic` and be issued after `marks` (each key's highest `issued_at`
+    /// accepted before, as stored).
+    pub fn new(operator_keys: Vec<PublicKey>, topic: String, marks: &[(KeyId, u64)]) -> Self {
+        let floor: HashMap<KeyId, u64> = marks.iter().copied().collect();
         OpsParser {
             operator_keys,
+            topic,
+            high: floor.clone(),
+            floor,
             ..Default::default()
         }
     }
@@ -173,8 +199,14 @@ impl OpsParser {
         !self.operator_keys.is_empty()
     }
 
-    /// Parses one command payload.
-    pub fn parse(&mut self, payload: &[u8], now: u64) -> Result<Request, Refused> {
+    /// Parses one command payload; `response_topic`: its MQTT 5 response
+    /// topic, if it has one.
+    pub fn parse(
+        &mut self,
+        payload: &[u8],
+        now: u64,
+        response_topic: Option<&str>,
+    ) -> Result<Request, Refused> {
         let refuse = |reason: &'static str, message: String| Refused {
             id: None,
             reply_to: None,
@@ -197,13 +229,14 @@ impl OpsParser {
         };
         let mut signer = None;
         if map.contains_key("signed") {
-            let text = take_str(&mut map, "signed")
+            // The whole command, whatever its size (a create embeds a release).
+            let text = take_str(&mut map, "signed", MAX_COMMAND)
                 .map_err(|m| refuse("malformed", m))?
                 .unwrap_or_default();
-            let key_id = take_str(&mut map, "key_id")
+            let key_id = take_str(&mut map, "key_id", MAX_FIELD)
                 .map_err(|m| refuse("malformed", m))?
                 .unwrap_or_default();
-            let sig = take_str(&mut map, "sig")
+            let sig = take_str(&mut map, "sig", MAX_FIELD)
                 .map_err(|m| refuse("malformed", m))?
                 .unwrap_or_default();
             if let Some(k) = map.keys().next() {
@@ -231,8 +264,9 @@ impl OpsParser {
             map = inner;
             signer = Some(key_id);
         }
-        let id = take_str(&mut map, "id").map_err(|m| refuse("malformed", m))?;
-        let reply_to = take_str(&mut map, "reply_to").map_err(|m| refuse("malformed", m))?;
+        let id = take_str(&mut map, "id", MAX_FIELD).map_err(|m| refuse("malformed", m))?;
+        let reply_to =
+            take_str(&mut map, "reply_to", MAX_FIELD).map_err(|m| refuse("malformed", m))?;
         let with = |reason: &'static str, message: String| Refused {
             id: id.clone(),
             reply_to: reply_to.clone(),
@@ -240,12 +274,32 @@ impl OpsParser {
             message,
         };
         let issued_at = map.remove("issued_at");
-        let nonce = take_str(&mut map, "nonce").map_err(|m| with("malformed", m))?;
+        let nonce = take_str(&mut map, "nonce", MAX_FIELD).map_err(|m| with("malformed", m))?;
+        let to = take_str(&mut map, "to", MAX_FIELD).map_err(|m| with("malformed", m))?;
+        let mut mark = None;
         if self.requires_signature() {
-            if signer.is_none() {
+            let Some(key_id) = signer else {
                 return Err(with(
                     "unsigned",
                     "commands must be signed by an operator key".into(),
+                ));
+            };
+            if to.as_deref() != Some(self.topic.as_str()) {
+                return Err(with(
+                    "misdirected",
+                    format!(
+                        "signed for {}, received on {} (a signed command names its command topic in \"to\")",
+                        to.as_deref().unwrap_or("no topic"),
+                        self.topic
+                    ),
+                ));
+            }
+            if let Some(rt) = response_topic
+                && reply_to.as_deref() != Some(rt)
+            {
+                return Err(with(
+                    "misdirected",
+                    format!("the response topic {rt} is not the signed reply_to"),
                 ));
             }
             let at = issued_at.and_then(|v| v.as_u64()).ok_or_else(|| {
@@ -268,7 +322,21 @@ impl OpsParser {
                     format!("nonce {nonce:?} was already used"),
                 ));
             }
+            let floor = self.floor.get(&key_id).copied().unwrap_or(0);
+            if at <= floor {
+                return Err(with(
+                    "replayed",
+                    format!(
+                        "issued_at {at} is not after the last command of key {key_id} accepted before this coordinator started ({floor}); sign it again"
+                    ),
+                ));
+            }
             self.remember(nonce, now);
+            let high = self.high.entry(key_id).or_insert(0);
+            if at > *high {
+                *high = at;
+                mark = Some((key_id, at));
+            }
         }
         let op: Op = serde_json::from_value(serde_json::Value::Object(map))
             .map_err(|e| with("invalid", e.to_string()))?;
@@ -277,6 +345,7 @@ impl OpsParser {
             reply_to,
             op,
             signer,
+            mark,
         })
     }
 

@@ -4,17 +4,21 @@ use swell_protocol::fixtures;
 use swell_protocol::messages::reason;
 use swell_protocol::testkeys::test_key;
 
+/// The command topic of the parser under test.
+const TOPIC: &str = "swell/v1/ops/plant/cmd";
+
 fn fleet() -> FleetId {
     FleetId::new("f").unwrap()
 }
 
 #[test]
 fn ops_parse_commands() {
-    let mut p = OpsParser::new(vec![]);
+    let mut p = OpsParser::new(vec![], TOPIC.into(), &[]);
     let r = p
         .parse(
             br#"{"op":"pause","rollout":"fw-1","id":"7","reply_to":"me/replies"}"#,
             0,
+            None,
         )
         .unwrap();
     assert_eq!(
@@ -25,13 +29,13 @@ fn ops_parse_commands() {
     );
     assert_eq!(r.id.as_deref(), Some("7"));
     assert_eq!(r.reply_to.as_deref(), Some("me/replies"));
-    let r = p.parse(br#"{"op":"status"}"#, 0).unwrap();
+    let r = p.parse(br#"{"op":"status"}"#, 0, None).unwrap();
     assert_eq!(r.op, Op::Status { rollout: None });
 }
 
 #[test]
 fn ops_refusals_say_why() {
-    let mut p = OpsParser::new(vec![]);
+    let mut p = OpsParser::new(vec![], TOPIC.into(), &[]);
     let table: &[(&[u8], &str, &str)] = &[
         (b"not json", "malformed", "invalid JSON"),
         (b"[1,2]", "malformed", "JSON object"),
@@ -58,7 +62,7 @@ fn ops_refusals_say_why() {
         ),
     ];
     for (input, reason, msg) in table {
-        let e = p.parse(input, 0).unwrap_err();
+        let e = p.parse(input, 0, None).unwrap_err();
         assert_eq!(
             e.reason,
             *reason,
@@ -73,7 +77,7 @@ fn ops_refusals_say_why() {
         );
     }
     let big = vec![b' '; MAX_COMMAND + 1];
-    assert_eq!(p.parse(&big, 0).unwrap_err().reason, "oversized");
+    assert_eq!(p.parse(&big, 0, None).unwrap_err().reason, "oversized");
 }
 
 fn signed(key: &swell_protocol::SecretKey, text: &str) -> Vec<u8> {
@@ -86,18 +90,18 @@ fn signed(key: &swell_protocol::SecretKey, text: &str) -> Vec<u8> {
 #[test]
 fn ops_signed_commands() {
     let op = test_key("operator-0");
-    let mut p = OpsParser::new(vec![op.public()]);
-    let cmd = r#"{"op":"abort","rollout":"r1","issued_at":1000,"nonce":"n1"}"#;
-    let r = p.parse(&signed(&op, cmd), 1000).unwrap();
+    let mut p = OpsParser::new(vec![op.public()], TOPIC.into(), &[]);
+    let cmd = r#"{"op":"abort","rollout":"r1","issued_at":1000,"nonce":"n1","to":"swell/v1/ops/plant/cmd"}"#;
+    let r = p.parse(&signed(&op, cmd), 1000, None).unwrap();
     assert_eq!(r.signer, Some(op.key_id()));
     // Replay of the same signed command.
     assert_eq!(
-        p.parse(&signed(&op, cmd), 1001).unwrap_err().reason,
+        p.parse(&signed(&op, cmd), 1001, None).unwrap_err().reason,
         "replayed"
     );
     // Unsigned when signatures are required.
     assert_eq!(
-        p.parse(br#"{"op":"abort","rollout":"r1"}"#, 1000)
+        p.parse(br#"{"op":"abort","rollout":"r1"}"#, 1000, None)
             .unwrap_err()
             .reason,
         "unsigned"
@@ -105,24 +109,123 @@ fn ops_signed_commands() {
     // Another key.
     let other = test_key("operator-9");
     assert_eq!(
-        p.parse(&signed(&other, cmd), 1000).unwrap_err().reason,
+        p.parse(&signed(&other, cmd), 1000, None)
+            .unwrap_err()
+            .reason,
         "forged"
     );
     // Tampered text.
     let mut forged: serde_json::Value = serde_json::from_slice(&signed(&op, cmd)).unwrap();
     forged["signed"] = serde_json::Value::String(cmd.replace("abort", "pause"));
     assert_eq!(
-        p.parse(forged.to_string().as_bytes(), 1000)
+        p.parse(forged.to_string().as_bytes(), 1000, None)
             .unwrap_err()
             .reason,
         "forged"
     );
     // Stale.
-    let old = r#"{"op":"abort","rollout":"r1","issued_at":1,"nonce":"n2"}"#;
+    let old =
+        r#"{"op":"abort","rollout":"r1","issued_at":1,"nonce":"n2","to":"swell/v1/ops/plant/cmd"}"#;
     assert_eq!(
-        p.parse(&signed(&op, old), 1000).unwrap_err().reason,
+        p.parse(&signed(&op, old), 1000, None).unwrap_err().reason,
         "expired"
     );
+}
+
+/// OPS-1: a signed `create` (a whole release inside, far over the 256 bytes
+/// of the other fields) is accepted.
+#[test]
+fn ops_1_a_signed_create_is_accepted() {
+    let op = test_key("operator-0");
+    let mut p = OpsParser::new(vec![op.public()], TOPIC.into(), &[]);
+    let cmd = serde_json::json!({
+        "op": "create", "issued_at": 1000, "nonce": "c1", "to": TOPIC,
+        "spec": {"rollout": "fw-1", "release": release_hex(), "waves": ["100%"]},
+    })
+    .to_string();
+    assert!(cmd.len() > 256);
+    let r = p.parse(&signed(&op, &cmd), 1000, None).unwrap();
+    assert!(matches!(r.op, Op::Create { .. }));
+    assert_eq!(r.mark, Some((op.key_id(), 1000)));
+}
+
+/// OPS-2: after a restart (a new parser with the marks the engine stored), a
+/// command accepted before is refused, and a fresh one is accepted.
+#[test]
+fn ops_2_a_signed_command_is_not_accepted_again_after_a_restart() {
+    let op = test_key("operator-0");
+    let cmd =
+        format!(r#"{{"op":"abort","rollout":"r1","issued_at":1000,"nonce":"n1","to":"{TOPIC}"}}"#);
+    let mut before = OpsParser::new(vec![op.public()], TOPIC.into(), &[]);
+    let mark = before
+        .parse(&signed(&op, &cmd), 1000, None)
+        .unwrap()
+        .mark
+        .unwrap();
+    // 73 s later, another coordinator process.
+    let mut after = OpsParser::new(vec![op.public()], TOPIC.into(), &[mark]);
+    assert_eq!(
+        after
+            .parse(&signed(&op, &cmd), 1073, None)
+            .unwrap_err()
+            .reason,
+        "replayed"
+    );
+    let fresh = cmd.replace("1000", "1070").replace("n1", "n2");
+    assert!(after.parse(&signed(&op, &fresh), 1073, None).is_ok());
+    // Another operator's marks are its own.
+    let other = test_key("operator-1");
+    let mut both = OpsParser::new(vec![op.public(), other.public()], TOPIC.into(), &[mark]);
+    assert!(both.parse(&signed(&other, &cmd), 1073, None).is_ok());
+}
+
+/// OPS-3: the signed text names the command topic (the fleet and the one
+/// coordinator of that fleet on that prefix) and the reply topic.
+#[test]
+fn ops_3_a_signed_command_is_bound_to_where_it_goes() {
+    let op = test_key("operator-0");
+    let mut p = OpsParser::new(vec![op.public()], TOPIC.into(), &[]);
+    let cmd = |n: &str, to: Option<&str>, reply_to: Option<&str>| {
+        let mut c = serde_json::json!({"op": "status", "issued_at": 1000, "nonce": n});
+        if let Some(t) = to {
+            c["to"] = serde_json::json!(t);
+        }
+        if let Some(r) = reply_to {
+            c["reply_to"] = serde_json::json!(r);
+        }
+        signed(&op, &c.to_string())
+    };
+    let refused = |p: &mut OpsParser, bytes: Vec<u8>, rt: Option<&str>| {
+        p.parse(&bytes, 1000, rt).unwrap_err().reason
+    };
+    // Another fleet's (or prefix's) coordinator, or none named.
+    assert_eq!(
+        refused(&mut p, cmd("a", Some("swell/v1/ops/other/cmd"), None), None),
+        "misdirected"
+    );
+    assert_eq!(
+        refused(&mut p, cmd("b", Some("acme/ops/plant/cmd"), None), None),
+        "misdirected"
+    );
+    assert_eq!(refused(&mut p, cmd("c", None, None), None), "misdirected");
+    // A response topic other than the signed reply_to (or with none signed).
+    let mine = "swell-ops/ann/cli/replies";
+    assert_eq!(
+        refused(
+            &mut p,
+            cmd("d", Some(TOPIC), Some(mine)),
+            Some("swell-ops/eve/x/replies")
+        ),
+        "misdirected"
+    );
+    assert_eq!(
+        refused(&mut p, cmd("e", Some(TOPIC), None), Some(mine)),
+        "misdirected"
+    );
+    let ok = p
+        .parse(&cmd("f", Some(TOPIC), Some(mine)), 1000, Some(mine))
+        .unwrap();
+    assert_eq!(ok.reply_to.as_deref(), Some(mine));
 }
 
 fn release_hex() -> String {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use swell_protocol::{DeviceId, RolloutId};
+use swell_protocol::{DeviceId, KeyId, RolloutId};
 
 /// The implementation: sled for rollouts, the journal's files for device
 /// and report records. Clones share one database, one journal and one fold
@@ -472,6 +472,16 @@ impl Store for DiskStore {
             s.fold_closed(leave, true)?;
         }
         out.corrupt.extend(damaged);
+        for kv in s.rollouts.scan_prefix(b"o/") {
+            let (k, v) = kv?;
+            let key = std::str::from_utf8(&k[2..])
+                .ok()
+                .and_then(|h| KeyId::from_hex(h).ok());
+            match (key, <[u8; 8]>::try_from(&v[..])) {
+                (Some(key), Ok(at)) => out.operator_marks.push((key, u64::from_be_bytes(at))),
+                _ => bad.push((s.rollouts.clone(), k.to_vec())),
+            }
+        }
         for (tree, key) in bad {
             quarantine(&tree, &key, &mut out.corrupt)?;
         }
@@ -556,6 +566,21 @@ impl Store for DiskStore {
         }
         s.rollouts.apply_batch(batch)?;
         s.db.flush()?;
+        Ok(())
+    }
+
+    fn put_operator_mark(&self, key: KeyId, issued_at: u64) -> Result<(), StoreError> {
+        let s = &self.inner;
+        let name = format!("o/{key}");
+        let before = s
+            .rollouts
+            .get(name.as_bytes())?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok().map(u64::from_be_bytes));
+        if before.is_none_or(|b| b < issued_at) {
+            s.rollouts
+                .insert(name.as_bytes(), &issued_at.to_be_bytes())?;
+            s.db.flush()?;
+        }
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use super::{DecisionEntry, Loaded, RolloutRecord, Store, StoreError, StoredRepor
 use crate::fleet::registry::DeviceRecord;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
-use swell_protocol::{DeviceId, RolloutId};
+use swell_protocol::{DeviceId, KeyId, RolloutId};
 
 #[derive(Debug, Default, Clone)]
 struct Records {
@@ -22,6 +22,7 @@ struct Records {
 struct State {
     rollouts: BTreeMap<RolloutId, RolloutRecord>,
     decisions: BTreeMap<RolloutId, Vec<DecisionEntry>>,
+    operator_marks: BTreeMap<KeyId, u64>,
     durable: Records,
     /// Written, not flushed yet.
     pending: Records,
@@ -74,8 +75,16 @@ impl Store for MemoryStore {
                 .iter()
                 .map(|((r, d), rep)| (r.clone(), d.clone(), rep.clone()))
                 .collect(),
+            operator_marks: s.operator_marks.iter().map(|(k, v)| (*k, *v)).collect(),
             corrupt: Vec::new(),
         })
+    }
+
+    fn put_operator_mark(&self, key: KeyId, issued_at: u64) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        let mark = s.operator_marks.entry(key).or_insert(0);
+        *mark = (*mark).max(issued_at);
+        Ok(())
     }
 
     fn commit_rollout(

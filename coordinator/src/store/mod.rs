@@ -39,7 +39,7 @@ use crate::rollout::spec::RolloutSpec;
 use crate::rollout::state::{Command, Decision, Observations, RolloutState};
 use serde::{Deserialize, Serialize};
 use swell_protocol::messages::Phase;
-use swell_protocol::{DeviceId, ReleaseId, RolloutId};
+use swell_protocol::{DeviceId, KeyId, ReleaseId, RolloutId};
 
 /// A rollout as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +122,9 @@ pub struct Loaded {
     pub rollouts: Vec<RolloutRecord>,
     pub devices: Vec<DeviceRecord>,
     pub reports: Vec<(RolloutId, DeviceId, StoredReport)>,
+    /// Per operator key, the highest `issued_at` of a signed command accepted
+    /// (OPS-2).
+    pub operator_marks: Vec<(KeyId, u64)>,
     /// Records that did not decode; moved aside under `corrupt/` (STATE-3).
     pub corrupt: Vec<String>,
 }
@@ -143,6 +146,9 @@ pub trait Store: Send + Sync {
         device: &DeviceId,
         report: &StoredReport,
     ) -> Result<(), StoreError>;
+    /// Raises an operator key's high-water mark of `issued_at`; durable when
+    /// it returns (the command it belongs to takes effect after it).
+    fn put_operator_mark(&self, key: KeyId, issued_at: u64) -> Result<(), StoreError>;
     /// Deletes a rollout with its decision log and reports.
     fn delete_rollout(&self, rollout: &RolloutId) -> Result<(), StoreError>;
     /// Makes every write so far durable.
