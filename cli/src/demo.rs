@@ -235,7 +235,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         key_list: signed_kl,
         keys: kl.clone(),
         epoch: 0,
-        enrollment_tokens: vec!["demo-token".into()],
+        enrollment_tokens: vec!["demo-enrollment-token".into()],
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),
     };
@@ -287,7 +287,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         connections,
         prefix: "dev-".into(),
         seed,
-        enrollment_token: "demo-token".into(),
+        enrollment_token: "demo-enrollment-token".into(),
         labels: Arc::new(|i| {
             vec![
                 Label {

@@ -140,12 +140,14 @@ pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
 }
 
 /// `swell device approve`.
-pub fn approve(device: String, c: Conn) -> Result<ExitCode> {
+pub fn approve(device: String, key: Option<String>, c: Conn) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         let mut ops = connect(&c).await?;
-        let reply = ops
-            .command(json!({"op": "approve", "device": device}), timeout(&c)?)
-            .await?;
+        let mut cmd = json!({"op": "approve", "device": device});
+        if let Some(k) = key {
+            cmd["key"] = json!(k);
+        }
+        let reply = ops.command(cmd, timeout(&c)?).await?;
         show(&c, &reply).map(code)
     })
 }

@@ -103,7 +103,13 @@ enum FleetCmd {
 #[derive(Debug, Subcommand)]
 enum DeviceCmd {
     /// Approve a device that said hello without an enrollment token.
-    Approve { device: String },
+    Approve {
+        device: String,
+        /// The key id it must be pending with (`swell fleet devices -o json`
+        /// shows it): a Hello with another key since is not approved.
+        #[arg(long)]
+        key: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -130,9 +136,9 @@ fn main() -> ExitCode {
             conn,
         } => fleet::devices(f, conn),
         Command::Device {
-            cmd: DeviceCmd::Approve { device },
+            cmd: DeviceCmd::Approve { device, key },
             conn,
-        } => fleet::approve(device, conn),
+        } => fleet::approve(device, key, conn),
         Command::Events { count, conn } => rollout::events(count, conn),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

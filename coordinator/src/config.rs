@@ -19,6 +19,9 @@ use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::{DEFAULT_PREFIX, Topics};
 use swell_protocol::{FleetId, PublicKey};
 
+/// Shortest enrollment token accepted at start (ENROLL-2).
+const MIN_ENROLLMENT_TOKEN: usize = 16;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileConfig {
@@ -194,6 +197,14 @@ pub(crate) fn config(cli: Cli) -> Result<Config> {
     } else {
         cli.enrollment_tokens
     };
+    // ENROLL-2: an empty token (an unset "$TOKEN") would enroll every device
+    // that sends an empty one, and a short one is guessed.
+    if let Some(t) = tokens.iter().find(|t| t.len() < MIN_ENROLLMENT_TOKEN) {
+        bail!(
+            "--enrollment-token: a token of {} bytes is refused; use at least {MIN_ENROLLMENT_TOKEN} (e.g. `openssl rand -hex 16`), or none to approve every device by hand",
+            t.len()
+        );
+    }
     let beacon_interval = dur(
         "--beacon-interval",
         cli.beacon_interval.or(file.beacon_interval),

@@ -254,6 +254,9 @@ pub struct DeviceRow {
     pub running: Option<String>,
     pub hardware: String,
     pub agent: String,
+    /// The id of the key it is bound to (what `approve` takes as `key`).
+    #[serde(default)]
+    pub key: String,
     /// `key=value`.
     pub labels: Vec<String>,
     /// Unix seconds.

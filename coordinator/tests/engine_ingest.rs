@@ -10,6 +10,7 @@ use common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use swell_coordinator::engine::{Engine, EngineError, Out, ReplyTo};
+use swell_coordinator::fleet::registry::Enrollment;
 use swell_coordinator::precheck::{Precheck, pipeline};
 use swell_coordinator::server::unix_now;
 use swell_coordinator::store::{DiskStore, MemoryStore};
@@ -334,8 +335,14 @@ fn engine_unapproved_devices_do_not_vote_until_approved() {
         &report(0, &key(0), 2, "r", rel.id(), Phase::Committed, 0),
     );
     assert_eq!(t.rejected("not_approved"), 1);
-    let r = t.command(json!({"op": "approve", "device": "dev-0000"}));
+    // ENROLL-1: an approval names the key it approves; not the one pending.
+    let other = test_key("other").key_id().to_string();
+    let r = t.command(json!({"op": "approve", "device": "dev-0000", "key": other}));
+    assert_eq!(r["reason"], "key_mismatch", "{r}");
+    let mine = key(0).key_id().to_string();
+    let r = t.command(json!({"op": "approve", "device": "dev-0000", "key": mine}));
     assert_eq!(r["ok"], true, "{r}");
+    assert!(r["message"].as_str().unwrap().contains(&mine), "{r}");
     let r = t.command(create_cmd("r", &rel, &["100%"], json!({})));
     assert_eq!(r["status"]["members"], 1, "only the approved device: {r}");
     t.send(
@@ -1186,4 +1193,68 @@ fn engine_ops_2_a_signed_command_is_not_accepted_again_after_a_restart() {
     );
     let r = answer(&mut e, now + 73, &sign("n2", now + 70));
     assert_eq!(r["ok"], true, "{r}");
+}
+
+/// ENROLL-1: a Hello without a valid enrollment token binds a key only
+/// provisionally. A squatter's Hello for a device id leaves it pending; the
+/// genuine device's Hello with a valid token (and a lower counter) replaces the
+/// squatter's key and enrolls; the squatter is forged from then on.
+#[test]
+fn engine_enroll_1_a_squatter_cannot_keep_a_device_id() {
+    let store = Arc::new(MemoryStore::new());
+    let now = unix_now();
+    let mut e = Engine::start(settings(1), store, now).unwrap().0;
+    let squatter = test_key("squatter");
+    deliver(
+        &mut e,
+        now,
+        topic_hello(5),
+        &hello(5, &squatter, 50, None, "plant-7"),
+    );
+    let d = e.device(&dev(5)).unwrap();
+    assert_eq!(
+        (d.enrollment, d.key),
+        (Enrollment::Pending, squatter.public())
+    );
+    // A second claimant without a token does not take the pending binding.
+    let other = test_key("other");
+    deliver(
+        &mut e,
+        now,
+        topic_hello(5),
+        &hello(5, &other, 60, None, "plant-7"),
+    );
+    assert_eq!(e.device(&dev(5)).unwrap().key, squatter.public());
+    // The genuine device, with the token.
+    deliver(
+        &mut e,
+        now,
+        topic_hello(5),
+        &hello(5, &key(5), 1, Some(TOKEN), "plant-7"),
+    );
+    let d = e.device(&dev(5)).unwrap();
+    assert_eq!(
+        (d.enrollment, d.key),
+        (Enrollment::Approved, key(5).public())
+    );
+    // Its reports count from its own counter; the squatter is forged now.
+    let forged = |e: &Engine| e.counters.rejected.get("forged").copied().unwrap_or(0);
+    let before = forged(&e);
+    deliver(
+        &mut e,
+        now,
+        topic_hello(5),
+        &hello(5, &squatter, 70, None, "plant-7"),
+    );
+    assert_eq!(forged(&e), before + 1);
+    assert_eq!(e.device(&dev(5)).unwrap().key, key(5).public());
+    let reports = e.counters.reports;
+    let rel = release(2, "2.0.0");
+    deliver(
+        &mut e,
+        now,
+        topic_report(5),
+        &report(5, &key(5), 2, "none", rel.id(), Phase::Committed, 0),
+    );
+    assert_eq!(e.counters.reports, reports + 1);
 }

@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use swell_broker::Role;
 
-pub const TOKEN: &str = "e2e-enroll";
+pub const TOKEN: &str = "e2e-enrollment-token";
 
 pub fn swell(dir: &Path, args: &[&str]) -> Output {
     Command::new(bin("swell"))

@@ -438,3 +438,28 @@ fn e2e_coordinator_exits_when_the_embedded_brokers_address_is_taken() {
     );
     drop(taken);
 }
+
+/// ENROLL-2: an empty enrollment token (an unset `"$TOKEN"`) or a short one
+/// is refused at start, with the reason; nothing is listened on.
+#[test]
+fn e2e_enroll_2_an_empty_or_short_enrollment_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    swell_e2e::system::make_keys(d);
+    for token in ["", "short-token"] {
+        let o = Command::new(swell_e2e::procs::bin("swell-coordinator"))
+            .current_dir(d)
+            .args(["--embedded-broker", "127.0.0.1:0", "--fleet", "lab"])
+            .args(["--key", "coord.key", "--key-list", "keys.bin"])
+            .args(["--root-key", "root.key.pub", "--enrollment-token", token])
+            .args(["--state-dir", "coord"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{token:?}: {err}");
+        assert!(
+            err.contains(&format!("a token of {} bytes is refused", token.len())),
+            "{token:?}: {err}"
+        );
+    }
+}

@@ -110,7 +110,7 @@ pub(super) async fn fleet(a: FleetArgs) -> Result<()> {
         connections,
         prefix: "dev-".into(),
         seed: a.seed,
-        enrollment_token: "bench-token".into(),
+        enrollment_token: "bench-enrollment-token".into(),
         labels: Arc::new(|_| {
             vec![Label {
                 key: "hw".into(),

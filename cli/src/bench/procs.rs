@@ -92,7 +92,7 @@ pub(super) async fn child(a: ChildArgs) -> Result<()> {
         key_list: signed_kl,
         keys: kl,
         epoch: 0,
-        enrollment_tokens: vec!["bench-token".into()],
+        enrollment_tokens: vec!["bench-enrollment-token".into()],
         beacon_ttl: Duration::from_secs(30),
         manifest_ttl: Duration::from_secs(3_600),
     };

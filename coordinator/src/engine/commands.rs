@@ -220,7 +220,7 @@ impl Engine {
                 spec,
                 allow_overlap,
             } => return self.create(*spec, allow_overlap, now),
-            Op::Approve { device } => self.approve(&device)?,
+            Op::Approve { device, key } => self.approve(&device, key)?,
             Op::Status { rollout } => match rollout {
                 Some(r) => {
                     let l = self
@@ -270,6 +270,7 @@ impl Engine {
     pub(super) fn approve(
         &mut self,
         device: &swell_protocol::DeviceId,
+        key: Option<swell_protocol::KeyId>,
     ) -> Result<(String, Answer), Refusal> {
         let unknown = || {
             refuse(
@@ -283,6 +284,17 @@ impl Engine {
             return Err(refuse(
                 "already",
                 format!("device {device} is already approved"),
+            ));
+        }
+        let pending_key = d.key.key_id();
+        if let Some(k) = key
+            && k != pending_key
+        {
+            return Err(refuse(
+                "key_mismatch",
+                format!(
+                    "device {device} is pending with key {pending_key}, not {k}: another Hello bound it since; look again"
+                ),
             ));
         }
         d.enrollment = Enrollment::Approved;
@@ -301,7 +313,7 @@ impl Engine {
                 .consider(slot, &rec.id, rec.labels(), rec.hardware(), rec.online);
         }
         Ok((
-            format!("device {device} approved"),
+            format!("device {device} approved with key {pending_key}"),
             Answer::Device {
                 device: device.to_string(),
             },

@@ -54,7 +54,11 @@ impl Engine {
         let Ok(env) = UnverifiedEnvelope::parse(payload) else {
             return Planned::None;
         };
-        let key = self.devices.get(device).map(|d| d.key);
+        let key = if report {
+            self.devices.get(device).map(|d| d.key)
+        } else {
+            self.hello_key(device)
+        };
         match key {
             // Reports only: an answer or a session note is checked as itself.
             Some(key) if report && env.kind() == Some(MessageKind::Report) => {
@@ -152,6 +156,17 @@ impl Engine {
         }
     }
 
+    /// The key a device's Hello must be signed with: an approved device's
+    /// own. A pending binding is provisional (ENROLL-1): a pending device's
+    /// Hello is checked self-signed, and one with a valid enrollment token
+    /// replaces the key a Hello without one left there.
+    fn hello_key(&self, device: &DeviceId) -> Option<swell_protocol::PublicKey> {
+        self.devices
+            .get(device)
+            .filter(|d| d.enrollment == Enrollment::Approved)
+            .map(|d| d.key)
+    }
+
     pub(super) fn on_hello(
         &mut self,
         topic_device: &DeviceId,
@@ -159,7 +174,7 @@ impl Engine {
         now: u64,
         pre: Precheck,
     ) -> Result<Vec<Out>, EngineError> {
-        let key = self.devices.get(topic_device).map(|d| d.key);
+        let key = self.hello_key(topic_device);
         // A check made ahead parsed the envelope already: it is parsed once.
         let verified = match pre.hello_with(key.as_ref()) {
             Some(checked) => checked,
@@ -220,6 +235,28 @@ impl Engine {
                 let Some(d) = self.devices.at_mut(slot) else {
                     return Ok(vec![]);
                 };
+                if d.key != h.key {
+                    // Only a pending device gets here with another key.
+                    if !token_ok {
+                        let why = format!(
+                            "device {} is pending with key {}; a Hello with another key needs a valid enrollment token",
+                            h.device,
+                            d.key.key_id()
+                        );
+                        self.reject("forged", "hello", &why);
+                        return Ok(vec![]);
+                    }
+                    warn!(
+                        device = %h.device,
+                        squatted_by = %d.key.key_id(),
+                        key = %h.key.key_id(),
+                        "a Hello with a valid enrollment token replaces the key a Hello without one bound to this device"
+                    );
+                    d.key = h.key;
+                    // The other key's counters are not this device's.
+                    d.last_seq = 0;
+                    d.last_hello_seq = 0;
+                }
                 if let Err(e) = d.accept_hello_seq(v.header.seq) {
                     self.reject(e.reason(), "hello", &e);
                     return Ok(vec![]);

@@ -114,6 +114,7 @@ impl Engine {
                     running: run,
                     hardware: d.hardware().to_string(),
                     agent: d.agent_version().to_string(),
+                    key: d.key.key_id().to_string(),
                     labels: d
                         .labels()
                         .iter()

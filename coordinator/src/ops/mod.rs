@@ -70,8 +70,13 @@ pub enum Op {
     Retry {
         rollout: RolloutId,
     },
+    /// Approve a pending device; with `key` (its key id, as `devices` and
+    /// the pending list show it) only while that is the key it is pending
+    /// with (ENROLL-1).
     Approve {
         device: DeviceId,
+        #[serde(default)]
+        key: Option<KeyId>,
     },
     Status {
         rollout: Option<RolloutId>,

@@ -24,7 +24,7 @@ use swell_protocol::{DeviceId, FleetId, ReleaseId, RolloutId, SecretKey};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub const TOKEN: &str = "enroll-me";
+pub const TOKEN: &str = "enroll-me-0123456789";
 
 pub fn fleet() -> FleetId {
     FleetId::new("plant-7").unwrap()
