@@ -151,6 +151,23 @@ async fn agent_installs_with_slots_then_rolls_back_a_failing_release() {
     // Reports carry a strictly increasing counter (MQTT-6).
     let seqs: Vec<u64> = control.reports_of("dev-1").iter().map(|s| s.seq).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    // VER-2: wiping the agent's store (journal, outbox, install bookkeeping)
+    // does not lower the floor: it lives in the trust file beside it.
+    std::fs::remove_dir_all(agent.state.join("db")).unwrap();
+    let mut agent = AgentProc::start(&spec, dir.path());
+    control
+        .publish_manifest(
+            "r-old-again",
+            control.manifest("r-old-again", &r1, ManifestState::Active),
+        )
+        .await;
+    let rej = agent
+        .phase(&control, "dev-1", "r-old-again", "rejected", 20)
+        .await;
+    assert_eq!(rej.code, Some(reason::COUNTER_TOO_LOW));
+    assert!(files.requests_for("v1").is_empty());
+    agent.stop();
 }
 
 /// Every refusal, each with its reason; nothing is installed.

@@ -62,6 +62,7 @@ pub struct Metrics {
     reports: Counter,
     hellos: Counter,
     takeovers: Counter,
+    possible_freezes: Counter,
     manifests: Counter,
     commands: Family<ResultLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
@@ -114,6 +115,7 @@ impl Metrics {
             reports: Counter::default(),
             hellos: Counter::default(),
             takeovers: Counter::default(),
+            possible_freezes: Counter::default(),
             manifests: Counter::default(),
             commands: Family::default(),
             rejected: Family::default(),
@@ -153,6 +155,11 @@ impl Metrics {
             "device_takeovers",
             "Device connections taken over by another client with the device's id, as the devices' session notes report them (swell fleet devices shows which)",
             m.takeovers.clone(),
+        );
+        r.register(
+            "device_possible_freezes",
+            "Reports of devices that their last beacon expired and no fresh one came (FRESH-3): the beacon is not reaching them",
+            m.possible_freezes.clone(),
         );
         r.register(
             "manifests_published",
@@ -323,6 +330,8 @@ impl Metrics {
         self.hellos.inc_by(c.hellos.saturating_sub(last.hellos));
         self.takeovers
             .inc_by(c.takeovers.saturating_sub(last.takeovers));
+        self.possible_freezes
+            .inc_by(c.possible_freezes.saturating_sub(last.possible_freezes));
         self.manifests
             .inc_by(c.manifests.saturating_sub(last.manifests));
         self.commands

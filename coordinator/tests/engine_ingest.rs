@@ -1258,3 +1258,51 @@ fn engine_enroll_1_a_squatter_cannot_keep_a_device_id() {
     );
     assert_eq!(e.counters.reports, reports + 1);
 }
+
+/// FRESH-3 at the coordinator: a device's report that its beacon expired with
+/// no fresh one (no rollout, rejected for want of a beacon) is counted for
+/// `/metrics`; one about a rollout's manifest is a rollout outcome instead.
+#[test]
+fn engine_fresh_3_counts_devices_that_say_their_beacon_stopped() {
+    let store = Arc::new(MemoryStore::new());
+    let now = unix_now();
+    let mut e = Engine::start(settings(1), store, now).unwrap().0;
+    enroll(&mut e, now, 0);
+    let frozen = Report {
+        device: dev(0),
+        rollout: None,
+        release: ReleaseId([0; 32]),
+        phase: Phase::Rejected(Reason {
+            code: reason::NO_FRESH_BEACON,
+            detail: "beacon expired at 1".into(),
+        }),
+        probes: vec![],
+        metrics: Metrics::default(),
+    };
+    let stamp = Stamp {
+        epoch: 1,
+        seq: 5,
+        issued_at: now,
+        expires_at: 0,
+        audience: Audience::Any,
+    };
+    deliver(
+        &mut e,
+        now,
+        topic_report(0),
+        &seal(&key(0), stamp, &frozen).unwrap(),
+    );
+    assert_eq!(e.counters.possible_freezes, 1);
+    let rel = release(2, "2.0.0");
+    let waiting = Phase::Rejected(Reason {
+        code: reason::NO_FRESH_BEACON,
+        detail: String::new(),
+    });
+    deliver(
+        &mut e,
+        now,
+        topic_report(0),
+        &report(0, &key(0), 6, "r", rel.id(), waiting, 0),
+    );
+    assert_eq!(e.counters.possible_freezes, 1);
+}

@@ -146,6 +146,7 @@ impl DeviceCore {
             return;
         }
         self.beacon_until = v.header.expires_at;
+        self.freeze_reported = false;
         if v.body.key_list_version > self.trust.key_list_version {
             info!(
                 have = self.trust.key_list_version,

@@ -271,6 +271,30 @@ impl DeviceCore {
                 self.enqueue(Task::Probe, clock, out);
             }
         }
+        // FRESH-3: the beacon expired and no fresh one came. No install starts
+        // without one (the manifests wait); the device says so, once per gap.
+        if self.connected
+            && !self.freeze_reported
+            && self.beacon_until != 0
+            && now >= self.beacon_until
+        {
+            self.freeze_reported = true;
+            self.counters.possible_freezes += 1;
+            warn!(
+                expired_at = self.beacon_until,
+                "no fresh beacon since the last one expired: the coordinator is down, or its beacon is withheld (a possible freeze); no install starts until one arrives"
+            );
+            let release = self
+                .installed
+                .running
+                .as_ref()
+                .map_or(ReleaseId([0; 32]), |r| r.release);
+            let reason = Reason {
+                code: reason::NO_FRESH_BEACON,
+                detail: format!("beacon expired at {}", self.beacon_until),
+            };
+            self.report(None, release, Phase::Rejected(reason), true, clock, out);
+        }
         if let Some(every) = self.s.heartbeat_ms
             && clock.mono_ms.saturating_sub(self.last_heartbeat_ms) >= every
         {
@@ -286,6 +310,8 @@ impl DeviceCore {
     /// When [`DeviceCore::tick`] next has something to do, on the monotonic
     /// clock: the simulator sets a timer for it instead of ticking every device.
     pub fn wake_at(&self, clock: Clock) -> Option<u64> {
+        // Not the beacon's expiry: a simulated fleet of a million would wake
+        // every device at each one; the agent ticks every 250 ms anyway.
         let mut at: Option<u64> = self.s.heartbeat_ms.map(|e| self.last_heartbeat_ms + e);
         if let Some(Job {
             stage:

@@ -186,6 +186,9 @@ pub struct Counters {
     pub subscriptions_refused: u64,
     /// Fleet messages dropped while waiting for a first key list (bounded).
     pub dropped_before_keys: u64,
+    /// Times the beacon expired with no fresh one after it (FRESH-3): a
+    /// coordinator that is down, or a beacon withheld to freeze the fleet.
+    pub possible_freezes: u64,
 }
 
 /// One device's decisions.
@@ -211,6 +214,9 @@ pub struct DeviceCore {
     /// Events that arrived during the commit.
     held_events: Vec<Event>,
     busy: bool,
+    /// The expired beacon's possible freeze was reported (FRESH-3); a fresh
+    /// beacon clears it.
+    freeze_reported: bool,
     queue: VecDeque<Task>,
     connected: bool,
     boot: u64,
@@ -257,6 +263,7 @@ impl DeviceCore {
             committing: None,
             held_events: Vec::new(),
             busy: false,
+            freeze_reported: false,
             queue: VecDeque::new(),
             connected: false,
             boot: restored.boot.max(1),

@@ -522,3 +522,33 @@ fn device_tells_the_coordinator_its_connections_were_taken_over() {
     let later = swell_protocol::envelope::UnverifiedEnvelope::parse(&again[0]).unwrap();
     assert!(later.header.seq > env.header.seq);
 }
+
+/// FRESH-3: the beacon expires and no fresh one comes: no install starts, and
+/// the device says so once per gap (a report refusing for want of a beacon,
+/// no rollout, and a counter); a fresh beacon ends the gap.
+#[test]
+fn device_reports_a_possible_freeze_once_per_gap() {
+    let mut r = Rig::new();
+    r.beacon();
+    let freezes = |out: &[Effect]| {
+        out.iter()
+            .filter(|e| {
+                matches!(e, Effect::Send(Outgoing::Report { rollout: None, phase: Phase::Rejected(reason), .. })
+                    if reason.code == reason::NO_FRESH_BEACON)
+            })
+            .count()
+    };
+    assert_eq!(freezes(&r.tick()), 0, "fresh");
+    r.advance_secs(601);
+    assert_eq!(freezes(&r.tick()), 1, "expired");
+    assert_eq!(freezes(&r.tick()), 0, "once per gap");
+    assert_eq!(r.core.counters().possible_freezes, 1);
+    // A manifest now waits for a beacon.
+    let rel = release(2);
+    r.manifest("r1", &rel, ManifestState::Active);
+    assert!(r.stage().is_none(), "no install without a fresh beacon");
+    r.beacon();
+    r.advance_secs(601);
+    assert_eq!(freezes(&r.tick()), 1, "a second gap");
+    assert_eq!(r.core.counters().possible_freezes, 2);
+}

@@ -465,6 +465,27 @@ impl Engine {
         self.counters.reports += 1;
         let seq = v.header.seq;
         let r = v.body;
+        if r.rollout.is_none()
+            && let swell_protocol::messages::Phase::Rejected(why) = &r.phase
+            && why.code == swell_protocol::messages::reason::NO_FRESH_BEACON
+        {
+            // FRESH-3 from the device's side: its beacons stopped arriving
+            // while its reports still reach us.
+            self.counters.possible_freezes += 1;
+            if let Some(g) = self
+                .log_throttle
+                .entry("possible_freeze")
+                .or_default()
+                .hit()
+            {
+                warn!(
+                    device = %r.device,
+                    detail = %why.detail,
+                    suppressed = g.suppressed,
+                    "a device says no fresh beacon reached it: is the beacon withheld (a freeze), or this coordinator not publishing?"
+                );
+            }
+        }
         // A finished rollout's counts are final: a later report only updates
         // the device's own record.
         let counted = r.rollout.as_ref().is_some_and(|rollout| {

@@ -115,6 +115,8 @@ pub struct Counters {
     pub manifests: u64,
     /// Takeovers of device connections, as their session notes tell them.
     pub takeovers: u64,
+    /// Devices' reports that their beacon expired with no fresh one (FRESH-3).
+    pub possible_freezes: u64,
 }
 
 struct Live {
