@@ -12,7 +12,7 @@ use std::time::Duration;
 use swell_coordinator::assemble::Coordinator;
 use swell_coordinator::engine::Settings;
 use swell_coordinator::keyfile::{self, Role};
-use swell_coordinator::server::{LoopConfig, unix_now};
+use swell_coordinator::server::{CrashAt, LoopConfig, unix_now};
 use swell_mqtt::{MqttConfig, TlsPem, parse_url};
 use swell_protocol::messages::{KeyList, RootOfTrust};
 use swell_protocol::threshold::ThresholdSigned;
@@ -306,6 +306,11 @@ pub(crate) fn config(cli: Cli) -> Result<Config> {
             beacon_interval,
             verify_threads: cli.verify_threads.or(file.verify_threads).unwrap_or(0),
             batch_signatures: !(cli.strict_signatures || file.strict_signatures.unwrap_or(false)),
+            crash_at: match cli.crash_at.as_deref() {
+                Some("apply") => Some(CrashAt::Apply),
+                Some("flush") => Some(CrashAt::Flush),
+                _ => None,
+            },
             ..LoopConfig::default()
         },
         json_logs: log_format == "json",

@@ -108,6 +108,11 @@ struct Cli {
     /// their own signer made malleable (docs/architecture.md).
     #[arg(long, env = "SWELL_STRICT_SIGNATURES")]
     strict_signatures: bool,
+    /// Testing hook: abort like a power cut in the first batch with a device
+    /// report, after applying it (`apply`) or after its flush (`flush`),
+    /// before any ack (the MQTT-4 tests).
+    #[arg(long, env = "SWELL_COORDINATOR_CRASH_AT", hide = true, value_parser = ["apply", "flush"])]
+    crash_at: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "SWELL_LOG_FORMAT")]
     log_format: Option<String>,

@@ -5,7 +5,9 @@
 //! order, and what devices saw must never go backwards.
 //!
 //! Cycles: `SWELL_CRASH_CYCLES` (default 12; .ci/run sets more, and 200+ runs the
-//! full soak). Seed: `SWELL_CRASH_SEED`.
+//! full soak). Seed: `SWELL_CRASH_SEED`. And at two chosen points (the binary's
+//! `SWELL_COORDINATOR_CRASH_AT` hook): a report is acknowledged only once it is
+//! durable (MQTT-4).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -65,42 +67,51 @@ impl Drop for Proc {
 }
 
 fn spawn(b: &TestBroker, f: &Files, state: &Path) -> Proc {
+    spawn_crashing(b, f, state, None)
+}
+
+/// [`spawn`], aborting at `crash_at` (`apply` or `flush`) in its first batch
+/// with a device report.
+fn spawn_crashing(b: &TestBroker, f: &Files, state: &Path, crash_at: Option<&str>) -> Proc {
     let (user, password) = b.login(swell_broker::Role::Coordinator);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_swell-coordinator"));
+    if let Some(at) = crash_at {
+        cmd.env("SWELL_COORDINATOR_CRASH_AT", at);
+    }
     Proc(
-        Command::new(env!("CARGO_BIN_EXE_swell-coordinator"))
-            .args([
-                "--broker",
-                &b.url(),
-                "--username",
-                &user,
-                "--password",
-                &password,
-                "--fleet",
-                "plant-7",
-                "--key",
-                &f.key,
-                "--key-list",
-                &f.key_list,
-            ])
-            .args([
-                "--root-key",
-                &f.root,
-                "--enrollment-token",
-                TOKEN,
-                "--tick",
-                "100ms",
-                "--client-id",
-                "swell-coordinator-crash",
-            ])
-            .arg("--state-dir")
-            .arg(state)
-            .env(
-                "RUST_LOG",
-                std::env::var("SWELL_CRASH_LOG").unwrap_or_else(|_| "off".into()),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+        cmd.args([
+            "--broker",
+            &b.url(),
+            "--username",
+            &user,
+            "--password",
+            &password,
+            "--fleet",
+            "plant-7",
+            "--key",
+            &f.key,
+            "--key-list",
+            &f.key_list,
+        ])
+        .args([
+            "--root-key",
+            &f.root,
+            "--enrollment-token",
+            TOKEN,
+            "--tick",
+            "100ms",
+            "--client-id",
+            "swell-coordinator-crash",
+        ])
+        .arg("--state-dir")
+        .arg(state)
+        .env(
+            "RUST_LOG",
+            std::env::var("SWELL_CRASH_LOG").unwrap_or_else(|_| "off".into()),
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap(),
     )
 }
 
@@ -247,4 +258,72 @@ async fn coordinator_survives_sigkill_at_random_points() {
         "{cycles} SIGKILL cycles, {} rollouts completed",
         rollouts.len()
     );
+}
+
+/// MQTT-4 (STATE-1): the coordinator acknowledges a device's report to the
+/// broker only once what it changed is durable. Killed after applying the
+/// first report but before the flush, it had acknowledged nothing: the report
+/// is not on disk, the broker delivers it again to the restarted coordinator,
+/// and the device counts. Killed after the flush but before the ack, the
+/// report is on disk already, and its delivery again has no second effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_acks_a_report_only_once_it_is_durable() {
+    for crash_at in ["apply", "flush"] {
+        let b = TestBroker::start();
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_files(dir.path());
+        let state = dir.path().join("state");
+        let _devs = Devices::start(&b, 1, |_| (vec![], Behavior::Healthy)).await;
+        let mut op = Operator::start(&b).await;
+        let mut child = spawn_crashing(&b, &files, &state, Some(crash_at));
+        let r = op.command_when_up(json!({"op": "status"}), 20).await;
+        assert_eq!(r["ok"], true, "{crash_at}: {r}");
+        op.wait_enrolled(1).await;
+        let r = op
+            .command(create_cmd(
+                "m4",
+                &release(10, "m4"),
+                &["100%"],
+                json!({"bake": "0s", "min_devices": 1, "install_timeout": "60s"}),
+            ))
+            .await;
+        assert_eq!(r["ok"], true, "{crash_at}: {r}");
+        // The device's first report makes it abort.
+        let status = tokio::task::spawn_blocking(move || {
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(s) = child.0.try_wait().unwrap() {
+                    return Some(s);
+                }
+                if std::time::Instant::now() > until {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{crash_at}: the coordinator did not abort: {status:?}"
+        );
+        let durable = {
+            let store = DiskStore::open(&state.join("db")).unwrap();
+            let loaded = store.load().unwrap();
+            loaded
+                .reports
+                .iter()
+                .any(|(r, d, _)| r.as_str() == "m4" && d.as_str() == "dev-0000")
+        };
+        assert_eq!(
+            durable,
+            crash_at == "flush",
+            "{crash_at}: the report's durability at the crash"
+        );
+        // Started again: the report arrives again (it was never acknowledged)
+        // and the rollout completes on it.
+        let _child = spawn(&b, &files, &state);
+        let s = op.wait_status("m4", 60, |s| s.phase == "completed").await;
+        assert_eq!(s.opened_totals(), (1, 0), "{crash_at}: {s:?}");
+    }
 }

@@ -56,6 +56,17 @@ pub struct LoopConfig {
     /// How often the presence is refreshed; a starter watches another
     /// instance's for [`presence::watch_window`] of it.
     pub presence_every: Duration,
+    /// Testing hook: abort in the first batch with a device report.
+    pub crash_at: Option<CrashAt>,
+}
+
+/// Where [`LoopConfig::crash_at`] aborts the process, as a power cut would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashAt {
+    /// After the engine applied the batch, before its flush.
+    Apply,
+    /// After the flush, before the acks.
+    Flush,
 }
 
 impl Default for LoopConfig {
@@ -69,6 +80,7 @@ impl Default for LoopConfig {
             probe: ProbeConfig::default(),
             instance: None,
             presence_every: presence::REFRESH_EVERY,
+            crash_at: None,
         }
     }
 }
@@ -538,7 +550,17 @@ pub async fn run_with(
                     }
                     Ok::<(), EngineError>(())
                 })?;
+                let has_report = cfg.crash_at.is_some()
+                    && topics.iter().any(|t| t.ends_with("/report"));
+                if has_report && cfg.crash_at == Some(CrashAt::Apply) {
+                    error!("crash hook: aborting after apply, before the flush");
+                    std::process::abort();
+                }
                 engine.flush()?;
+                if has_report && cfg.crash_at == Some(CrashAt::Flush) {
+                    error!("crash hook: aborting after the flush, before the acks");
+                    std::process::abort();
+                }
                 for p in &acks {
                     if let Err(e) = client.try_ack(p)
                         && let Some(g) = ACKS_NOT_SENT.hit()
