@@ -21,6 +21,24 @@ pub const MAX_TRUST_FILE: usize = 256 * 1024;
 /// Most rollouts whose replay floor is remembered; the oldest are pruned.
 pub const MAX_ROLLOUT_FLOORS: usize = 1024;
 
+/// How far ahead of what a device can justify a signed time may move its
+/// time floor (TIME-1): clock skew between coordinator and device.
+pub const MAX_AHEAD_SECS: u64 = 300;
+
+/// The furthest a signed time may move the time floor now (TIME-1), set by
+/// the device core from what it can justify before it reads a message; not
+/// persisted, and no part of the state's equality (it is not a floor).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TimeCeiling(pub Option<u64>);
+
+impl PartialEq for TimeCeiling {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TimeCeiling {}
+
 /// The persisted floors.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustState {
@@ -38,6 +56,9 @@ pub struct TrustState {
     pub directive_floor: (u64, u64),
     /// The device's own report counter (MQTT-6); the next report uses this + 1.
     pub report_seq: u64,
+    /// See [`TimeCeiling`].
+    #[serde(skip)]
+    pub time_ceiling: TimeCeiling,
 }
 
 /// Why trust state could not be read or written.
@@ -120,8 +141,13 @@ impl TrustState {
         clock.max(self.time_floor)
     }
 
-    /// Raises the time floor to a time seen in a verified message.
+    /// Raises the time floor to a time seen in a verified message, no further
+    /// than the ceiling (TIME-1): a signed time far ahead (a stolen
+    /// coordinator key dating a beacon days ahead) moves it by the skew at
+    /// most, so the device neither reads an exposure schedule at the
+    /// attacker's time nor refuses the real coordinator's messages as expired.
     pub fn observe_time(&mut self, t: u64) {
+        let t = self.time_ceiling.0.map_or(t, |c| t.min(c));
         self.time_floor = self.time_floor.max(t);
     }
 

@@ -136,6 +136,7 @@ impl DeviceCore {
         clock: Clock,
         out: &mut Vec<Effect>,
     ) {
+        self.bound_time(clock);
         if v.header.epoch < self.trust.epoch_floor {
             self.counters.rejected_beacons += 1;
             warn!(
@@ -228,6 +229,7 @@ impl DeviceCore {
         if payload.is_empty() {
             return; // a cleared retained manifest
         }
+        self.bound_time(clock);
         let Some(keys) = self.keys.clone() else {
             return;
         };
@@ -422,6 +424,7 @@ impl DeviceCore {
         let Some(keys) = self.keys.clone() else {
             return;
         };
+        self.bound_time(clock);
         let before = self.trust.clone();
         match verify_directive(payload, &self.id, &keys, &mut self.trust, clock.unix) {
             Ok(d) => {

@@ -205,6 +205,10 @@ pub struct DeviceCore {
     // Boxed: rarely set, and a simulated fleet holds a million of these.
     job_release: Option<Box<Release>>,
     beacon_until: u64,
+    /// What the device can justify as the time (TIME-1): this Unix time at
+    /// this monotonic instant (the trust file's floor or its own clock at
+    /// start); it advances with the monotonic clock, not with signed times.
+    time_anchor: (u64, u64),
     epoch_seen: u64,
     directive: Option<Box<DeviceDirective>>,
     held: Held,
@@ -241,6 +245,7 @@ impl DeviceCore {
         clock: Clock,
     ) -> Self {
         let mut trust = restored.trust;
+        let trust_floor = trust.time_floor;
         // Never let a rebuilt trust file sit below what already runs (VER-2).
         if let Some(r) = &restored.installed.running {
             trust.raise_counter_floor(r.counter);
@@ -256,6 +261,7 @@ impl DeviceCore {
             job: restored.job,
             job_release: restored.job_release.map(Box::new),
             beacon_until: 0,
+            time_anchor: (trust_floor.max(clock.unix), clock.mono_ms),
             epoch_seen: 0,
             directive: None,
             held: Held::default(),
@@ -316,6 +322,17 @@ impl DeviceCore {
         let t = self.takeovers.get_or_insert_with(|| Box::new((0, 0)));
         t.0 = t.0.saturating_add(1);
         t.1 = clock.unix;
+    }
+
+    /// Before a signed time may move the time floor: how far it may (TIME-1),
+    /// the justified time (its own clock, or the anchor plus the monotonic
+    /// time since) plus the skew.
+    fn bound_time(&mut self, clock: Clock) {
+        let (at, mono) = self.time_anchor;
+        let elapsed = clock.mono_ms.saturating_sub(mono) / 1000;
+        let justified = clock.unix.max(at.saturating_add(elapsed));
+        self.trust.time_ceiling =
+            crate::trust::TimeCeiling(Some(justified.saturating_add(crate::trust::MAX_AHEAD_SECS)));
     }
 
     /// Connections taken over since the start.

@@ -552,3 +552,42 @@ fn device_reports_a_possible_freeze_once_per_gap() {
     assert_eq!(freezes(&r.tick()), 1, "a second gap");
     assert_eq!(r.core.counters().possible_freezes, 2);
 }
+
+/// TIME-1: a beacon signed with a coordinator key but dated two days ahead (a
+/// stolen key) moves the time floor by the skew at most, again and again: the
+/// device keeps accepting the real coordinator's beacons (no freeze) and
+/// reads a release's exposure schedule at its own time.
+#[test]
+fn device_time_floor_moves_no_further_than_it_can_justify() {
+    let mut r = Rig::new();
+    let ahead = 2 * 86_400;
+    for _ in 0..5 {
+        r.seq += 1;
+        let stamp = fixtures::stamp(1, r.seq, T0 + ahead, 600, &fleet());
+        let b = fixtures::beacon(&fleet(), stamp);
+        let mut out = Vec::new();
+        let clock = r.clock();
+        r.core.on_beacon("b", &b, false, clock, &mut out);
+    }
+    let floor = r.core.trust().time_floor;
+    assert!(
+        floor <= T0 + crate::trust::MAX_AHEAD_SECS,
+        "floor {floor} moved {} s ahead",
+        floor - T0
+    );
+    // Later, the real coordinator's beacon is not expired for the device.
+    r.advance_secs(60);
+    let before = r.core.counters().rejected_beacons;
+    r.beacon();
+    assert_eq!(r.core.counters().rejected_beacons, before);
+    // And the floor follows real time: a minute later it may be a minute further.
+    r.seq += 1;
+    let stamp = fixtures::stamp(1, r.seq, T0 + ahead, 600, &fleet());
+    let b = fixtures::beacon(&fleet(), stamp);
+    let clock = r.clock();
+    r.core.on_beacon("b", &b, false, clock, &mut Vec::new());
+    assert_eq!(
+        r.core.trust().time_floor,
+        T0 + 60 + crate::trust::MAX_AHEAD_SECS
+    );
+}
