@@ -72,4 +72,17 @@ for name, text in [("eq", "hw=rev3"), ("in", "region in (eu,us),!beta"), ("mix",
 for name, text in [("report", "swell/v1/dev/rpi-0042/report"), ("manifest", "swell/v1/fleet/f/manifest/r"),
                    ("status", "swell/v1/ops/f/rollout/r/status")]:
     write("topics", name, text.encode())
+# Operator commands (fuzz_targets/ops.rs): plain, a create, a signed one.
+OPS_TOPIC = "swell/v1/ops/plant/cmd"
+for name, text in [
+    ("pause", '{"op":"pause","rollout":"fw-1","id":"7","reply_to":"swell-ops/ann/cli/replies"}'),
+    ("devices", '{"op":"devices","selector":"region in (eu,us)","online":true,"limit":5}'),
+    ("approve", '{"op":"approve","device":"rpi-0042","key":"c06988fc2e7a9448"}'),
+    ("create", '{"op":"create","spec":{"rollout":"fw-1","release":"00","waves":["5%","100%"],'
+               '"selector":"hw=rpi4","bake":"1m","install_timeout":"10m","policy":"rollback",'
+               '"maintenance":{"tz":"Europe/Berlin","windows":["02:00-04:00"]}}}'),
+    ("signed", '{"signed":"{\\"op\\":\\"status\\",\\"issued_at\\":1795651201,\\"nonce\\":\\"n1\\",'
+               '\\"to\\":\\"' + OPS_TOPIC + '\\"}","key_id":"0000000000000000","sig":"' + "00" * 64 + '"}'),
+]:
+    write("ops", name, text.encode())
 print("seeded", sum(1 for _ in CORPUS.rglob("*") if _.is_file()), "files")
