@@ -73,6 +73,10 @@ pub struct DeviceFilter {
     /// Only devices offline now.
     #[arg(long)]
     offline: bool,
+    /// Only devices pending approval (`-o json` shows the key each is
+    /// pending with, which `swell device approve --key` takes).
+    #[arg(long)]
+    pending: bool,
     /// At most this many rows.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
@@ -92,7 +96,8 @@ pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
         let reply = ops
             .command(
                 json!({"op": "devices", "selector": f.selector, "release": f.release,
-                       "online": online, "limit": f.limit}),
+                       "online": online, "limit": f.limit,
+                       "enrollment": f.pending.then_some("pending")}),
                 timeout(&c)?,
             )
             .await?;

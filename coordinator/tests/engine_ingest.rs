@@ -1216,6 +1216,18 @@ fn engine_enroll_1_a_squatter_cannot_keep_a_device_id() {
         (d.enrollment, d.key),
         (Enrollment::Pending, squatter.public())
     );
+    // The pending list shows the key it is pending with.
+    let topic = e.topics().ops_cmd(e.fleet());
+    let cmd = br#"{"op":"devices","enrollment":"pending","reply_to":"replies"}"#;
+    let out = deliver(&mut e, now, topic, cmd);
+    let reply = &out.iter().find(|o| o.topic == "replies").unwrap().payload;
+    let reply: Value = serde_json::from_slice(reply).unwrap();
+    assert_eq!(reply["status"]["matched"], 1, "{reply}");
+    assert_eq!(
+        reply["status"]["devices"][0]["key"],
+        squatter.key_id().to_string(),
+        "{reply}"
+    );
     // A second claimant without a token does not take the pending binding.
     let other = test_key("other");
     deliver(

@@ -245,6 +245,7 @@ impl Engine {
                 selector,
                 release,
                 online,
+                enrollment,
                 limit,
             } => {
                 let selector = selector
@@ -252,7 +253,13 @@ impl Engine {
                     .map(swell_protocol::cohort::Selector::parse)
                     .transpose()
                     .map_err(|e| refuse("invalid", format!("selector: {e}")))?;
-                let list = self.device_list(selector.as_ref(), release.as_deref(), online, limit);
+                let list = self.device_list(
+                    selector.as_ref(),
+                    release.as_deref(),
+                    online,
+                    enrollment,
+                    limit,
+                );
                 (
                     format!("{} devices match", list.matched),
                     Answer::Devices(list),

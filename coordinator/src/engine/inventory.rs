@@ -86,6 +86,7 @@ impl Engine {
         selector: Option<&Selector>,
         release: Option<&str>,
         online: Option<bool>,
+        enrollment: Option<Enrollment>,
         limit: Option<usize>,
     ) -> DeviceList {
         let release = release.map(str::to_ascii_lowercase);
@@ -98,6 +99,7 @@ impl Engine {
             let run = d.running.as_deref().map(|r| r.to_string());
             let keep = selector.is_none_or(|s| s.matches(d.labels()))
                 && online.is_none_or(|o| o == d.online)
+                && enrollment.is_none_or(|e| e == d.enrollment)
                 && release.as_deref().is_none_or(|want| match &run {
                     None => want == "none",
                     Some(r) => r.starts_with(want),

@@ -92,6 +92,10 @@ pub enum Op {
         release: Option<String>,
         #[serde(default)]
         online: Option<bool>,
+        /// Only devices pending approval (with the key each is pending
+        /// with), or only approved ones.
+        #[serde(default)]
+        enrollment: Option<crate::fleet::registry::Enrollment>,
         #[serde(default)]
         limit: Option<usize>,
     },
