@@ -142,6 +142,15 @@ fn deliver(e: &mut Engine, at: u64, topic: String, payload: &[u8]) -> Vec<Out> {
     e.handle(&topic, payload, ReplyTo::default(), at).unwrap()
 }
 
+/// Sends a command (with `"reply_to": "replies"`) on the engine's command
+/// topic at `at`; its reply.
+fn ask(e: &mut Engine, at: u64, cmd: &[u8]) -> Value {
+    let topic = e.topics().ops_cmd(e.fleet());
+    let out = deliver(e, at, topic, cmd);
+    let reply = out.iter().find(|o| o.topic == "replies").expect("a reply");
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
 /// Device `i` says Hello with the fleet's enrollment token.
 fn enroll(e: &mut Engine, at: u64, i: u32) {
     deliver(
@@ -679,15 +688,7 @@ fn engine_a_finished_rollout_is_final() {
         frozen
     );
     // It is in the fleet's inventory, not in the rollout's counts.
-    let topic = e.topics().ops_cmd(e.fleet());
-    let out = deliver(
-        &mut e,
-        later,
-        topic,
-        br#"{"op":"fleet","reply_to":"replies"}"#,
-    );
-    let reply = out.iter().find(|o| o.topic == "replies").unwrap();
-    let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+    let reply = ask(&mut e, later, br#"{"op":"fleet","reply_to":"replies"}"#);
     let desired = &reply["status"]["desired"];
     assert_eq!(
         desired,
@@ -1089,10 +1090,7 @@ fn note(i: u32, k: &SecretKey, seq: u64, takeovers: u32) -> Vec<u8> {
 
 /// The `devices` command's takeover count for device `i`.
 fn takeovers(e: &mut Engine, at: u64, i: u32) -> Value {
-    let topic = e.topics().ops_cmd(e.fleet());
-    let out = deliver(e, at, topic, br#"{"op":"devices","reply_to":"replies"}"#);
-    let reply = out.iter().find(|o| o.topic == "replies").unwrap();
-    let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+    let reply = ask(e, at, br#"{"op":"devices","reply_to":"replies"}"#);
     let id = dev(i).to_string();
     reply["status"]["devices"]
         .as_array()
@@ -1169,12 +1167,7 @@ fn engine_ops_2_a_signed_command_is_not_accepted_again_after_a_restart() {
         json!({"signed": text, "key_id": op.key_id().to_string(), "sig": sig.to_string()})
             .to_string()
     };
-    let answer = |e: &mut Engine, at: u64, cmd: &str| -> Value {
-        let topic = e.topics().ops_cmd(e.fleet());
-        let out = deliver(e, at, topic, cmd.as_bytes());
-        let reply = out.iter().find(|o| o.topic == "replies").unwrap();
-        serde_json::from_slice(&reply.payload).unwrap()
-    };
+    let answer = |e: &mut Engine, at: u64, cmd: &str| ask(e, at, cmd.as_bytes());
     let cmd = sign("n1", now);
     {
         let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
@@ -1217,11 +1210,8 @@ fn engine_enroll_1_a_squatter_cannot_keep_a_device_id() {
         (Enrollment::Pending, squatter.public())
     );
     // The pending list shows the key it is pending with.
-    let topic = e.topics().ops_cmd(e.fleet());
     let cmd = br#"{"op":"devices","enrollment":"pending","reply_to":"replies"}"#;
-    let out = deliver(&mut e, now, topic, cmd);
-    let reply = &out.iter().find(|o| o.topic == "replies").unwrap().payload;
-    let reply: Value = serde_json::from_slice(reply).unwrap();
+    let reply = ask(&mut e, now, cmd);
     assert_eq!(reply["status"]["matched"], 1, "{reply}");
     assert_eq!(
         reply["status"]["devices"][0]["key"],
