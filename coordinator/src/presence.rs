@@ -77,19 +77,16 @@ impl Presence {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
+}
 
-    /// Who it is, for error messages and logs.
-    pub fn describe(&self) -> String {
-        format!(
+/// Who it is, for error messages and logs.
+impl std::fmt::Display for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
             "instance {} (epoch {}, active since unix {})",
             self.instance, self.epoch, self.since
         )
-    }
-}
-
-impl std::fmt::Display for Presence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.describe())
     }
 }
 
@@ -275,14 +272,19 @@ pub fn instance_id(state_dir: &Path) -> std::io::Result<String> {
             ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut bytes = [0u8; 8];
-            getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
-            let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let id = new_instance_id().map_err(|e| std::io::Error::other(e.to_string()))?;
             swell_durable::write_atomic(&path, format!("{id}\n").as_bytes(), 0o644)?;
             Ok(id)
         }
         Err(e) => Err(e),
     }
+}
+
+/// A fresh random instance id: 16 hex digits.
+pub fn new_instance_id() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use super::Engine;
 use crate::fleet::registry::{DeviceRecord, Enrollment};
 use crate::rollout::state::RolloutPhase;
 use crate::status::{DesiredRelease, DeviceList, DeviceRow, FleetSummary};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use swell_protocol::cohort::Selector;
 
 /// Most devices one `devices` answer lists (and its default).
@@ -57,13 +57,12 @@ impl Engine {
             })
             .map(|l| {
                 let release = l.rec.spec.release.id();
-                let members: HashSet<usize> = l.tracker.member_slots().collect();
                 let (mut running, mut joined) = (0u64, 0u64);
                 // Registry slots are the positions of its records.
                 for (slot, d) in self.devices.values().enumerate() {
                     if d.running.as_deref() == Some(&release) {
                         running += 1;
-                        joined += u64::from(!members.contains(&slot));
+                        joined += u64::from(!l.tracker.is_member(slot));
                     }
                 }
                 DesiredRelease {

@@ -337,6 +337,11 @@ impl Tracker {
         self.member_count
     }
 
+    /// Whether the device in registry slot `slot` is a member.
+    pub fn is_member(&self, slot: usize) -> bool {
+        self.members.get(slot).is_some_and(Member::is_member)
+    }
+
     /// The registry slots of the members.
     pub fn member_slots(&self) -> impl Iterator<Item = usize> + '_ {
         self.members

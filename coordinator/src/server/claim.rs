@@ -84,12 +84,11 @@ pub(super) async fn claim(
         .publish(topic, QoS::AtLeastOnce, false, starting)
         .await
         .map_err(|e| fail(format!("publishing on {topic}: {e}")))?;
-    let mut deadline = Some(ECHO_TIMEOUT.as_millis() as u64);
+    // Until the own `starting` is back, then until the watch window ends.
+    let mut deadline = ECHO_TIMEOUT.as_millis() as u64;
     let mut echoed = false;
     let verdict = loop {
-        let wait = deadline.map_or(Duration::from_secs(3600), |d| {
-            Duration::from_millis(d.saturating_sub(now_ms()))
-        });
+        let wait = Duration::from_millis(deadline.saturating_sub(now_ms()));
         let msg = tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
             () = tokio::time::sleep(wait) => None,
@@ -128,13 +127,13 @@ pub(super) async fn claim(
         match v {
             Verdict::Wait {
                 until_ms: Some(until),
-            } if deadline != Some(until) => {
+            } if deadline != until => {
                 info!(
                     topic,
                     watch_ms = until.saturating_sub(now_ms()),
                     "another coordinator's presence is retained: watching it for a sign of life"
                 );
-                deadline = Some(until);
+                deadline = until;
             }
             Verdict::Wait { .. } => {}
             done => break done,

@@ -159,15 +159,6 @@ fn step(
     Ok(())
 }
 
-/// An instance id for a coordinator run without one of its state directory.
-fn process_instance() -> String {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        bytes = u64::from(std::process::id()).to_be_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -195,6 +186,26 @@ pub async fn run(
         Hooks::default(),
     )
     .await
+}
+
+/// Disconnects without a goodbye and returns only once the session is over
+/// (its task gone: no reconnect either), so once the caller learns it must
+/// stop, nothing of this process reaches the broker. A DISCONNECT that cannot
+/// be written in time gives way to dropping the link.
+async fn end_session(
+    client: &rumqttc::v5::AsyncClient,
+    connected: watch::Receiver<bool>,
+    stop_session: &CancellationToken,
+) {
+    let _ = client.try_disconnect();
+    let over = |mut c: watch::Receiver<bool>| async move { while c.changed().await.is_ok() {} };
+    if tokio::time::timeout(DEPOSED_GOODBYE, over(connected.clone()))
+        .await
+        .is_err()
+    {
+        stop_session.cancel();
+        let _ = tokio::time::timeout(DEPOSED_GOODBYE, over(connected)).await;
+    }
 }
 
 async fn until_deposed(leading: &mut Option<watch::Receiver<bool>>) {
@@ -251,7 +262,10 @@ pub async fn run_with(
     let mut me = Presence {
         state: presence::State::Starting,
         fleet: engine.fleet().to_string(),
-        instance: cfg.instance.clone().unwrap_or_else(process_instance),
+        // Without a state directory (and randomness), one for this process.
+        instance: cfg.instance.clone().unwrap_or_else(|| {
+            presence::new_instance_id().unwrap_or_else(|_| format!("{:016x}", std::process::id()))
+        }),
         epoch: engine.epoch(),
         since: unix_now(),
         at: unix_now(),
@@ -367,18 +381,7 @@ pub async fn run_with(
                 error!("leader lease lost: stopping without publishing");
                 let _ = ready.send(false);
                 engine.flush()?;
-                let _ = client.try_disconnect();
-                // Back only once the session is over (its task gone: no
-                // reconnect either), so once the caller learns it was deposed
-                // nothing of this process reaches the broker. A DISCONNECT that
-                // cannot be written in time gives way to dropping the link.
-                let over = |mut c: watch::Receiver<bool>| async move {
-                    while c.changed().await.is_ok() {}
-                };
-                if tokio::time::timeout(DEPOSED_GOODBYE, over(connected.clone())).await.is_err() {
-                    stop_session.cancel();
-                    let _ = tokio::time::timeout(DEPOSED_GOODBYE, over(connected)).await;
-                }
+                end_session(&client, connected, &stop_session).await;
                 if let Some(m) = &metrics {
                     m.set_connected(false);
                 }
@@ -510,8 +513,7 @@ pub async fn run_with(
                     error!(fleet = %me.fleet, "{other} became active for this fleet before this instance: stopping");
                     let _ = ready.send(false);
                     engine.flush()?;
-                    let _ = client.try_disconnect();
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    end_session(&client, connected, &stop_session).await;
                     return Err(EngineError::AnotherCoordinator {
                         fleet: me.fleet.clone(),
                         prefix: prefix.clone(),
