@@ -323,6 +323,40 @@ impl Engine {
         Ok(vec![])
     }
 
+    /// What a verified message on a device's report topic must also be to
+    /// count (MQTT-3, MQTT-6): about the device its topic names, from an
+    /// approved device, above its report floor. Raises the floor and marks the
+    /// device seen when it is.
+    fn admit(
+        &mut self,
+        what: &str,
+        topic_device: &DeviceId,
+        body_device: &DeviceId,
+        slot: usize,
+        seq: u64,
+        now: u64,
+    ) -> bool {
+        if body_device != topic_device {
+            let why = format!("topic names {topic_device}, payload {body_device}");
+            self.reject("forged", what, &why);
+            return false;
+        }
+        let Some(d) = self.devices.at_mut(slot) else {
+            return false;
+        };
+        if d.enrollment != Enrollment::Approved {
+            let e = RegistryError::NotApproved(topic_device.clone());
+            self.reject(e.reason(), what, &e);
+            return false;
+        }
+        if let Err(e) = d.accept_seq(seq) {
+            self.reject(e.reason(), what, &e);
+            return false;
+        }
+        d.seen(now);
+        true
+    }
+
     /// A device's agent says how often its connection was taken over
     /// (protocol 2): the same checks as a report, then its count is kept.
     fn on_session_note(
@@ -341,24 +375,16 @@ impl Engine {
                 return;
             }
         };
-        if &v.body.device != topic_device {
-            let why = format!("topic names {topic_device}, payload {}", v.body.device);
-            self.reject("forged", "session note", &why);
+        if !self.admit(
+            "session note",
+            topic_device,
+            &v.body.device,
+            slot,
+            v.header.seq,
+            now,
+        ) {
             return;
         }
-        let Some(d) = self.devices.at_mut(slot) else {
-            return;
-        };
-        if d.enrollment != Enrollment::Approved {
-            let e = RegistryError::NotApproved(topic_device.clone());
-            self.reject(e.reason(), "session note", &e);
-            return;
-        }
-        if let Err(e) = d.accept_seq(v.header.seq) {
-            self.reject(e.reason(), "session note", &e);
-            return;
-        }
-        d.seen(now);
         let SessionNote {
             takeovers,
             last_takeover,
@@ -439,27 +465,19 @@ impl Engine {
                 return Ok(vec![]);
             }
         };
-        if &v.body.device != topic_device {
-            self.reject(
-                "forged",
-                "report",
-                &format_args!("topic names {topic_device}, payload {}", v.body.device),
-            );
+        if !self.admit(
+            "report",
+            topic_device,
+            &v.body.device,
+            slot,
+            v.header.seq,
+            now,
+        ) {
             return Ok(vec![]);
         }
         let Some(d) = self.devices.at_mut(slot) else {
             return Ok(vec![]);
         };
-        if d.enrollment != Enrollment::Approved {
-            let e = RegistryError::NotApproved(topic_device.clone());
-            self.reject(e.reason(), "report", &e);
-            return Ok(vec![]);
-        }
-        if let Err(e) = d.accept_seq(v.header.seq) {
-            self.reject(e.reason(), "report", &e);
-            return Ok(vec![]);
-        }
-        d.seen(now);
         let running_changed = v.body.phase == swell_protocol::messages::Phase::Committed
             && d.set_running(Some(v.body.release), &mut self.shared);
         self.counters.reports += 1;
