@@ -25,20 +25,6 @@ pub const MAX_ROLLOUT_FLOORS: usize = 1024;
 /// time floor (TIME-1): clock skew between coordinator and device.
 pub const MAX_AHEAD_SECS: u64 = 300;
 
-/// The furthest a signed time may move the time floor now (TIME-1), set by
-/// the device core from what it can justify before it reads a message; not
-/// persisted, and no part of the state's equality (it is not a floor).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TimeCeiling(pub Option<u64>);
-
-impl PartialEq for TimeCeiling {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for TimeCeiling {}
-
 /// The persisted floors.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustState {
@@ -56,9 +42,6 @@ pub struct TrustState {
     pub directive_floor: (u64, u64),
     /// The device's own report counter (MQTT-6); the next report uses this + 1.
     pub report_seq: u64,
-    /// See [`TimeCeiling`].
-    #[serde(skip)]
-    pub time_ceiling: TimeCeiling,
 }
 
 /// Why trust state could not be read or written.
@@ -141,14 +124,19 @@ impl TrustState {
         clock.max(self.time_floor)
     }
 
-    /// Raises the time floor to a time seen in a verified message, no further
-    /// than the ceiling (TIME-1): a signed time far ahead (a stolen
-    /// coordinator key dating a beacon days ahead) moves it by the skew at
-    /// most, so the device neither reads an exposure schedule at the
-    /// attacker's time nor refuses the real coordinator's messages as expired.
+    /// Raises the time floor to a time seen in a verified message (the
+    /// device core then holds it to what it can justify, TIME-1).
     pub fn observe_time(&mut self, t: u64) {
-        let t = self.time_ceiling.0.map_or(t, |c| t.min(c));
         self.time_floor = self.time_floor.max(t);
+    }
+
+    /// Holds a time floor that a message raised from `before` to at most
+    /// `ceiling` (TIME-1): a signed time far ahead (a stolen coordinator key
+    /// dating a beacon days ahead) moves it by the skew at most, so the device
+    /// neither reads an exposure schedule at the attacker's time nor refuses
+    /// the real coordinator's messages as expired.
+    pub fn hold_time_floor(&mut self, before: u64, ceiling: u64) {
+        self.time_floor = before.max(self.time_floor.min(ceiling));
     }
 
     /// Raises the release counter floor after a commit; never lowers it.

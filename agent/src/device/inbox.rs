@@ -136,7 +136,6 @@ impl DeviceCore {
         clock: Clock,
         out: &mut Vec<Effect>,
     ) {
-        self.bound_time(clock);
         if v.header.epoch < self.trust.epoch_floor {
             self.counters.rejected_beacons += 1;
             warn!(
@@ -156,7 +155,9 @@ impl DeviceCore {
             );
         }
         let old_floor = (self.trust.time_floor, self.trust.epoch_floor);
+        let before = self.trust.time_floor;
         self.trust.observe_time(v.header.issued_at);
+        self.trust.hold_time_floor(before, self.time_ceiling(clock));
         self.trust.epoch_floor = self.trust.epoch_floor.max(v.header.epoch);
         if (self.trust.time_floor, self.trust.epoch_floor) != old_floor {
             self.persist_trust(out);
@@ -229,7 +230,6 @@ impl DeviceCore {
         if payload.is_empty() {
             return; // a cleared retained manifest
         }
-        self.bound_time(clock);
         let Some(keys) = self.keys.clone() else {
             return;
         };
@@ -305,6 +305,7 @@ impl DeviceCore {
         {
             return;
         }
+        trial.hold_time_floor(self.trust.time_floor, self.time_ceiling(clock));
         self.trust = trial;
         if let Some(r) = verdict_rollout(&verdict) {
             self.held.release(r);
@@ -424,10 +425,11 @@ impl DeviceCore {
         let Some(keys) = self.keys.clone() else {
             return;
         };
-        self.bound_time(clock);
         let before = self.trust.clone();
         match verify_directive(payload, &self.id, &keys, &mut self.trust, clock.unix) {
             Ok(d) => {
+                self.trust
+                    .hold_time_floor(before.time_floor, self.time_ceiling(clock));
                 if self.trust != before {
                     self.persist_trust(out);
                 }

@@ -324,15 +324,14 @@ impl DeviceCore {
         t.1 = clock.unix;
     }
 
-    /// Before a signed time may move the time floor: how far it may (TIME-1),
-    /// the justified time (its own clock, or the anchor plus the monotonic
-    /// time since) plus the skew.
-    fn bound_time(&mut self, clock: Clock) {
+    /// How far a signed time may move the time floor now (TIME-1): the
+    /// justified time (its own clock, or the anchor plus the monotonic time
+    /// since) plus the skew.
+    fn time_ceiling(&self, clock: Clock) -> u64 {
         let (at, mono) = self.time_anchor;
         let elapsed = clock.mono_ms.saturating_sub(mono) / 1000;
         let justified = clock.unix.max(at.saturating_add(elapsed));
-        self.trust.time_ceiling =
-            crate::trust::TimeCeiling(Some(justified.saturating_add(crate::trust::MAX_AHEAD_SECS)));
+        justified.saturating_add(crate::trust::MAX_AHEAD_SECS)
     }
 
     /// Connections taken over since the start.
