@@ -284,11 +284,7 @@ impl DeviceCore {
                 expired_at = self.beacon_until,
                 "no fresh beacon since the last one expired: the coordinator is down, or its beacon is withheld (a possible freeze); no install starts until one arrives"
             );
-            let release = self
-                .installed
-                .running
-                .as_ref()
-                .map_or(ReleaseId([0; 32]), |r| r.release);
+            let release = self.running_or_none();
             let reason = Reason {
                 code: reason::NO_FRESH_BEACON,
                 detail: format!("beacon expired at {}", self.beacon_until),
@@ -299,12 +295,21 @@ impl DeviceCore {
             && clock.mono_ms.saturating_sub(self.last_heartbeat_ms) >= every
         {
             self.last_heartbeat_ms = clock.mono_ms;
-            let (phase, release) = match &self.installed.running {
-                Some(r) => (Phase::Committed, r.release),
-                None => (Phase::Init, ReleaseId([0; 32])),
+            let phase = match &self.installed.running {
+                Some(_) => Phase::Committed,
+                None => Phase::Init,
             };
-            self.report(None, release, phase, true, clock, out);
+            self.report(None, self.running_or_none(), phase, true, clock, out);
         }
+    }
+
+    /// The release a report about no rollout names: what runs, or 32 zero
+    /// bytes when nothing does (docs/protocol.md section 12).
+    fn running_or_none(&self) -> ReleaseId {
+        self.installed
+            .running
+            .as_ref()
+            .map_or(ReleaseId([0; 32]), |r| r.release)
     }
 
     /// When [`DeviceCore::tick`] next has something to do, on the monotonic
