@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seeds fuzz/corpus/* from the golden vectors (protocol/tests/golden/v1 and v2).
+"""Seeds fuzz/corpus/* from the golden vectors (protocol/tests/golden/v1, v2, v3).
 
 Envelope fixtures seed `envelope` and `pipeline`; their payloads (cut out of the
 envelope per docs/protocol.md) seed `payloads` with the type byte in front;
@@ -12,7 +12,7 @@ GOLDEN = ROOT.parent / "protocol/tests/golden"
 CORPUS = ROOT / "corpus"
 
 # payload type byte used by fuzz_targets/payloads.rs
-ENVELOPE_KINDS = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5, 7: 8}
+ENVELOPE_KINDS = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5, 7: 8, 8: 9}
 
 
 def varint(b, i):
@@ -54,7 +54,9 @@ def write(target, name, data):
 
 for f in sorted(GOLDEN.glob("v*/*.bin")):
     b = f.read_bytes()
-    name = "golden-" + f.stem
+    # v1 keeps its names; later versions' fixtures of the same name differ.
+    version = f.parent.name
+    name = "golden-" + ("" if version == "v1" else version + "-") + f.stem
     if f.stem in ("release", "keylist"):
         write("threshold", name, b)
         kind, body = threshold_body(b)

@@ -224,7 +224,7 @@ pub fn evaluate_checked(
     if !m.selector.matches(dev.labels) {
         return Verdict::NotForMe("selector does not match");
     }
-    let bucket = cohort::bucket(&m.rollout, dev.id);
+    let bucket = cohort::bucket(&release_id, dev.id);
     if !m.opens_for(dev.id, bucket) {
         return Verdict::NotForMe("wave not open");
     }

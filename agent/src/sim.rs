@@ -23,6 +23,7 @@ use crate::device::{
     Clock, DeviceCore, Effect, Installed, JobKey, Outgoing, Restored, Running, Settings, Task, Work,
 };
 use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Filter;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
 use std::cmp::Reverse;
@@ -131,6 +132,8 @@ struct Conn {
     cfg: SimConfig,
     client: AsyncClient,
     devs: Vec<DeviceCore>,
+    /// Each device's position in `devs`, for the messages to one device.
+    by_id: std::collections::HashMap<DeviceId, usize>,
     /// The earliest wake scheduled per device (monotonic ms), so a device has
     /// one pending wake, not one per input.
     wake: Vec<Option<u64>>,
@@ -303,6 +306,11 @@ async fn run_conn(
         cfg,
         client,
         wake: vec![None; devs.len()],
+        by_id: devs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id().clone(), i))
+            .collect(),
         devs,
         timers: BinaryHeap::new(),
         pending: Default::default(),
@@ -384,6 +392,16 @@ impl Conn {
         for filter in [t.manifests(&self.cfg.fleet), t.beacon(&self.cfg.fleet)] {
             let _ = self.client.subscribe(filter, QoS::AtLeastOnce).await;
         }
+        // Each device's own enrollment confirmation (a `+` filter would bring
+        // every device's to every connection).
+        let own: Vec<Filter> = self
+            .devs
+            .iter()
+            .map(|d| Filter::new(t.enrolled(d.id()), QoS::AtLeastOnce))
+            .collect();
+        for chunk in own.chunks(256) {
+            let _ = self.client.subscribe_many(chunk.to_vec()).await;
+        }
         let clock = self.clock();
         let mut out = Vec::new();
         for i in 0..self.devs.len() {
@@ -397,6 +415,17 @@ impl Conn {
     async fn on_message(&mut self, topic: &str, payload: &[u8], retained: bool) {
         let clock = self.clock();
         let mut out = Vec::new();
+        if topic.ends_with("/enrolled") {
+            let device = match self.cfg.topics.parse(topic) {
+                Ok(swell_protocol::topics::Topic::Enrolled { device }) => device,
+                _ => return,
+            };
+            if let Some(&i) = self.by_id.get(&device) {
+                self.devs[i].on_enrolled(topic, payload, clock, &mut out);
+                self.execute(i, &mut out).await;
+            }
+            return;
+        }
         if topic.ends_with("/beacon") {
             // One signature check for every device of this connection.
             let Ok(v) = crate::device::check_beacon(payload, &self.cfg.keys, clock.unix) else {
@@ -413,7 +442,7 @@ impl Conn {
         let checked = crate::evaluate::check_manifest(payload, &self.cfg.keys, clock.unix).ok();
         for i in 0..self.devs.len() {
             match &checked {
-                Some(c) => self.devs[i].on_checked_manifest(c, payload, clock, &mut out),
+                Some(c) => self.devs[i].on_checked_manifest(c, topic, payload, clock, &mut out),
                 None => self.devs[i].on_manifest(topic, payload, clock, &mut out),
             }
             self.execute(i, &mut out).await;

@@ -5,17 +5,21 @@
 //! checksum, so a torn or corrupted write is detected rather than trusted. Losing
 //! the journal must not lower any floor held here (VER-2).
 //!
-//! File layout: `b"SWTRUST1"` ‖ SHA-256(body) ‖ body, body = postcard(TrustState).
+//! File layout: `b"SWTRUST2"` ‖ SHA-256(body) ‖ body, body = postcard(TrustState).
+//! A `SWTRUST1` file (before protocol 3) is the same without the last two
+//! fields, and reads with incarnation 0 (a new one is chosen) and no
+//! enrollment confirmation (the next Hello brings one).
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use swell_protocol::RolloutId;
 use swell_protocol::codec;
+use swell_protocol::{PublicKey, RolloutId};
 
-const MAGIC: &[u8; 8] = b"SWTRUST1";
+const MAGIC: &[u8; 8] = b"SWTRUST2";
+const MAGIC_V1: &[u8; 8] = b"SWTRUST1";
 /// Largest trust file read (it holds one entry per rollout ever seen, pruned).
 pub const MAX_TRUST_FILE: usize = 256 * 1024;
 /// Most rollouts whose replay floor is remembered; the oldest are pruned.
@@ -24,6 +28,15 @@ pub const MAX_ROLLOUT_FLOORS: usize = 1024;
 /// How far ahead of what a device can justify a signed time may move its
 /// time floor (TIME-1): clock skew between coordinator and device.
 pub const MAX_AHEAD_SECS: u64 = 300;
+
+/// A new incarnation (STATE-3): the clock's Unix seconds in the high 32 bits
+/// and 32 random bits below, never 0. Later lives of a device with a working
+/// clock number higher; two lives of a device without a clock (one that
+/// starts at 1970) differ but in no known order, and the coordinator's
+/// confirmation of the higher one tells the device to go past it.
+pub fn new_incarnation(unix: u64, random: u32) -> u64 {
+    (unix.min(u64::from(u32::MAX)) << 32) | u64::from(random.max(1))
+}
 
 /// The persisted floors.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +55,14 @@ pub struct TrustState {
     pub directive_floor: (u64, u64),
     /// The device's own report counter (MQTT-6); the next report uses this + 1.
     pub report_seq: u64,
+    /// Which life of this trust state this is (STATE-3): every message the
+    /// device signs carries it as `epoch`; chosen when the state is created
+    /// (0 until then).
+    pub incarnation: u64,
+    /// The key the coordinator confirmed the device's enrollment for, in this
+    /// incarnation (ENROLL-3): until it is the device's own, the device acts
+    /// on no manifest and sends no report.
+    pub enrolled_key: Option<PublicKey>,
 }
 
 /// Why trust state could not be read or written.
@@ -190,16 +211,27 @@ impl TrustFile {
         if bytes.len() > MAX_TRUST_FILE {
             return Err(self.corrupt(format!("{} bytes, limit {MAX_TRUST_FILE}", bytes.len())));
         }
-        let rest = bytes
-            .strip_prefix(MAGIC.as_slice())
-            .ok_or_else(|| self.corrupt("bad magic"))?;
+        let (rest, v1) = match bytes.strip_prefix(MAGIC.as_slice()) {
+            Some(rest) => (rest, false),
+            None => (
+                bytes
+                    .strip_prefix(MAGIC_V1.as_slice())
+                    .ok_or_else(|| self.corrupt("bad magic"))?,
+                true,
+            ),
+        };
         let (sum, body) = rest
             .split_first_chunk::<32>()
             .ok_or_else(|| self.corrupt("truncated"))?;
         if Sha256::digest(body).as_slice() != sum {
             return Err(self.corrupt("checksum mismatch"));
         }
-        codec::decode_exact("trust state", body, MAX_TRUST_FILE)
+        let mut body = std::borrow::Cow::Borrowed(body);
+        if v1 {
+            // incarnation 0, enrolled_key None.
+            body.to_mut().extend_from_slice(&[0, 0]);
+        }
+        codec::decode_exact("trust state", &body, MAX_TRUST_FILE)
             .map(Some)
             .map_err(|e| self.corrupt(e.to_string()))
     }
@@ -254,6 +286,28 @@ mod tests {
         f.store(&sample()).unwrap();
         assert_eq!(f.load().unwrap(), Some(sample()));
         assert!(!dir.path().join("trust.tmp").exists());
+    }
+
+    /// A trust file from before protocol 3 keeps every floor; it has no
+    /// incarnation yet and no enrollment confirmation.
+    #[test]
+    fn trust_reads_a_file_from_before_protocol_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = TrustFile::new(dir.path().join("trust.bin"));
+        let mut state = sample();
+        state.incarnation = 7;
+        state.enrolled_key = Some(PublicKey([3; 32]));
+        let body = codec::encode("trust state", &sample()).unwrap();
+        // The old layout: everything up to `report_seq`.
+        let old = &body[..body.len() - 2];
+        let mut bytes = MAGIC_V1.to_vec();
+        bytes.extend_from_slice(&Sha256::digest(old));
+        bytes.extend_from_slice(old);
+        fs::write(f.path(), &bytes).unwrap();
+        assert_eq!(f.load().unwrap(), Some(sample()));
+        f.store(&state).unwrap();
+        assert!(fs::read(f.path()).unwrap().starts_with(MAGIC));
+        assert_eq!(f.load().unwrap(), Some(state));
     }
 
     #[test]

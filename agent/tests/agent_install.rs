@@ -393,9 +393,11 @@ async fn agent_checks_the_beacon_and_manifests_that_came_before_the_key_list() {
         .await;
     let agent = AgentProc::start(&broker.agent_spec("dev-3").await, dir.path());
     agent
-        .wait_status("beacon and manifest waiting for a key list", 20, |s| {
-            s["waiting_for_key_list"] == 2 && s["key_list_version"].is_null()
-        })
+        .wait_status(
+            "beacon, manifest and enrollment confirmation waiting for a key list",
+            20,
+            |s| s["waiting_for_key_list"] == 3 && s["key_list_version"].is_null(),
+        )
         .await;
     control.publish_keys().await;
     agent

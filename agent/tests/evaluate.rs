@@ -565,3 +565,44 @@ fn evaluate_rollback_reaches_installs_under_way() {
     let v = evaluate(&rolling(), &d, &keys(), &mut TrustState::default(), NOW);
     assert!(matches!(v, Verdict::NotForMe(_)), "{v:?}");
 }
+
+/// ROLL-3 against a stolen coordinator key: the exposure bucket is the
+/// release's and the device's, so no rollout id the coordinator picks puts a
+/// capped device under the cap (on protocol 2, one of 148 ids did for a 1 %
+/// cap). A device that is under it installs under any rollout id.
+#[test]
+fn roll_3_no_rollout_id_moves_a_device_under_the_exposure_cap() {
+    let mut body = release_body(5);
+    body.exposure = Some(ExposureSchedule {
+        start: NOW,
+        steps: vec![ExposureStep {
+            after_secs: 0,
+            max_ppm: 10_000,
+        }],
+    });
+    let rel = signed(&body, &["release-0", "release-1"]);
+    let cap = cohort::open_below(10_000);
+    let id = |i: u32| DeviceId::new(format!("rpi-{i:04}")).unwrap();
+    let over = (0..).map(id).find(|d| cohort::bucket(&rel.id(), d) >= cap).unwrap();
+    let under = (0..).map(id).find(|d| cohort::bucket(&rel.id(), d) < cap).unwrap();
+    for i in 0..2_000 {
+        let rollout: &'static str = Box::leak(format!("grind-{i}").into_boxed_str());
+        let m = manifest(M {
+            release: rel.clone(),
+            rollout,
+            ..M::default()
+        });
+        for (dev, capped) in [(&over, true), (&under, false)] {
+            let c = Ctx {
+                id: dev.clone(),
+                ..ctx()
+            };
+            let v = evaluate(&m, &device(&c), &keys(), &mut TrustState::default(), NOW + 10);
+            if capped {
+                assert_eq!(code(&v), reason::EXPOSURE_CAP, "{rollout}: {v:?}");
+            } else {
+                assert!(matches!(v, Verdict::Install { .. }), "{rollout}: {v:?}");
+            }
+        }
+    }
+}

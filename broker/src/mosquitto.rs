@@ -160,8 +160,9 @@ pub fn dynamic_security(rules: &Rules, users: &Users) -> Result<Value, getrandom
         role_acls(rules, Role::Gateway, None),
         false,
     ));
-    // A device's own desired state is `{p}/dev/{id}/desired`; the plugin lets it
-    // subscribe to `{p}/dev/+/desired` and the ACL file delivers only its own.
+    // A device's own topics are `{p}/dev/{id}/desired` and `.../enrolled`; the
+    // plugin lets it subscribe to `{p}/dev/+/...` and the ACL file delivers
+    // only its own.
     let device_subs: Vec<Value> = rules
         .grants(Role::Device)
         .into_iter()

@@ -150,6 +150,7 @@ impl Rules {
                 }
                 fleet_reads(&mut g);
                 g.push(subscribe(format!("{p}/dev/{{user}}/desired")));
+                g.push(subscribe(format!("{p}/dev/{{user}}/enrolled")));
             }
             Role::Gateway => {
                 for channel in ["hello", "report", "online"] {
@@ -157,6 +158,7 @@ impl Rules {
                 }
                 fleet_reads(&mut g);
                 g.push(subscribe(format!("{p}/dev/+/desired")));
+                g.push(subscribe(format!("{p}/dev/+/enrolled")));
             }
         }
         g
@@ -318,6 +320,7 @@ mod tests {
         }
         for t in [
             "swell/v1/dev/dev-a/desired",
+            "swell/v1/dev/dev-a/enrolled",
             "swell/v1/fleet/lab/manifest/r",
             "swell/v1/fleet/lab/beacon",
             "swell/v1/fleet/lab/keys",
@@ -335,11 +338,14 @@ mod tests {
             "swell/v1/fleet/lab/beacon",
             "swell/v1/fleet/lab/keys",
             "swell/v1/dev/dev-a/desired",
+            "swell/v1/dev/dev-a/enrolled",
         ] {
             assert!(r.may_subscribe(&a, f), "{f}");
         }
         for f in [
             "swell/v1/dev/dev-b/desired",
+            "swell/v1/dev/dev-b/enrolled",
+            "swell/v1/dev/+/enrolled",
             "swell/v1/dev/+/desired",
             "swell/v1/dev/+/report",
             "$share/swell-report/swell/v1/dev/+/report",

@@ -100,6 +100,7 @@ pub fn envelope(env: &UnverifiedEnvelope<'_>, keys: &[PublicKey], now: u64) -> R
         Some(MessageKind::Report) => verify_as::<Report>(env, key, now)?,
         Some(MessageKind::Unsupported) => verify_as::<Unsupported>(env, key, now)?,
         Some(MessageKind::SessionNote) => verify_as::<SessionNote>(env, key, now)?,
+        Some(MessageKind::Enrolled) => verify_as::<Enrolled>(env, key, now)?,
         Some(k @ (MessageKind::Release | MessageKind::KeyList)) => {
             bail!(
                 "a {} travels as a threshold object, not in an envelope",

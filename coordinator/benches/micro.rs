@@ -111,10 +111,10 @@ fn verify(c: &mut Criterion) {
 }
 
 fn cohorts(c: &mut Criterion) {
-    let rollout = RolloutId::new("fw-2").unwrap();
+    let release = swell_protocol::ReleaseId::of_body(b"fw-2");
     let device = DeviceId::new("dev-00042").unwrap();
     c.bench_function("bucket", |b| {
-        b.iter(|| cohort::bucket(black_box(&rollout), black_box(&device)))
+        b.iter(|| cohort::bucket(black_box(&release), black_box(&device)))
     });
     let sel = Selector::parse("hw=rpi4,region in (eu,us),ring notin (canary),!quarantine").unwrap();
     let labels: Vec<Label> = [
@@ -207,12 +207,18 @@ fn registry(c: &mut Criterion) {
         labels: vec![],
         hardware: "sim".into(),
         agent_version: "b".into(),
-        proto_min: 1,
-        proto_max: 1,
+        proto_min: 3,
+        proto_max: 3,
         boot: 1,
         running: None,
         counter_floor: 0,
-        enrollment_token: Some("t".into()),
+        incarnation: 1,
+        enrollment_proof: Some(swell_protocol::enroll::prove(
+            "t",
+            &device,
+            &fleet,
+            &key.public(),
+        )),
     };
     let h = seal(&key, stamp(1), &hello).unwrap();
     engine

@@ -86,12 +86,18 @@ fn main() {
             labels: vec![],
             hardware: "sim".into(),
             agent_version: "b".into(),
-            proto_min: 1,
-            proto_max: 1,
+            proto_min: 3,
+            proto_max: 3,
             boot: 1,
             running: None,
             counter_floor: 0,
-            enrollment_token: Some("t".into()),
+            incarnation: 1,
+            enrollment_proof: Some(swell_protocol::enroll::prove(
+                "t",
+                &ids[i],
+                &fleet,
+                &keys[i].public(),
+            )),
         };
         let b = seal(
             &keys[i],

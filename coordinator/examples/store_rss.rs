@@ -103,12 +103,13 @@ fn main() {
             labels: vec![],
             hardware: "sim".into(),
             agent_version: "1.0.0".into(),
-            proto_min: 1,
-            proto_max: 1,
+            proto_min: 3,
+            proto_max: 3,
             boot: 1,
             running: Some(ReleaseId::of_body(b"fw-1.0.0")),
             counter_floor: 0,
-            enrollment_token: None,
+            incarnation: 1,
+            enrollment_proof: None,
         };
         let mut rec = DeviceRecord::from_hello(
             &hello,
@@ -160,6 +161,7 @@ fn main() {
                     release,
                     phase: phase.clone(),
                     seq: p as u64 + 2,
+                    epoch: 1,
                 };
                 run.store.put_report(&rollout, &id, &report).unwrap();
                 run.wrote();

@@ -265,6 +265,10 @@ pub struct DeviceRow {
     /// reported them (protocol 2 session notes; since the agent started).
     #[serde(default)]
     pub takeovers: u32,
+    /// The life of its trust state (STATE-3): a new one after the device
+    /// lost its trust file.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 #[cfg(test)]

@@ -33,6 +33,18 @@ fn key(i: u32) -> SecretKey {
 }
 
 fn hello(i: u32, k: &SecretKey, seq: u64, token: Option<&str>, fleet_name: &str) -> Vec<u8> {
+    hello_in(i, k, 1, seq, token, fleet_name)
+}
+
+/// A Hello of device `i`'s incarnation `incarnation` (also its `epoch`).
+fn hello_in(
+    i: u32,
+    k: &SecretKey,
+    incarnation: u64,
+    seq: u64,
+    token: Option<&str>,
+    fleet_name: &str,
+) -> Vec<u8> {
     let h = Hello {
         device: dev(i),
         fleet: FleetId::new(fleet_name).unwrap(),
@@ -40,17 +52,25 @@ fn hello(i: u32, k: &SecretKey, seq: u64, token: Option<&str>, fleet_name: &str)
         labels: vec![],
         hardware: "sim".into(),
         agent_version: "t".into(),
-        proto_min: 1,
-        proto_max: 1,
+        proto_min: 3,
+        proto_max: 3,
         boot: 1,
         running: None,
         counter_floor: 0,
-        enrollment_token: token.map(str::to_string),
+        incarnation,
+        enrollment_proof: token.map(|t| {
+            swell_protocol::enroll::prove(
+                t,
+                &dev(i),
+                &FleetId::new(fleet_name).unwrap(),
+                &k.public(),
+            )
+        }),
     };
     seal(
         k,
         Stamp {
-            epoch: 1,
+            epoch: incarnation,
             seq,
             issued_at: unix_now(),
             expires_at: 0,
@@ -70,6 +90,20 @@ fn report(
     phase: Phase,
     expires_at: u64,
 ) -> Vec<u8> {
+    report_in(i, k, 1, seq, rollout, release, phase, expires_at)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report_in(
+    i: u32,
+    k: &SecretKey,
+    epoch: u64,
+    seq: u64,
+    rollout: &str,
+    release: ReleaseId,
+    phase: Phase,
+    expires_at: u64,
+) -> Vec<u8> {
     let r = Report {
         device: dev(i),
         rollout: Some(RolloutId::new(rollout).unwrap()),
@@ -81,7 +115,7 @@ fn report(
     seal(
         k,
         Stamp {
-            epoch: 1,
+            epoch,
             seq,
             issued_at: unix_now(),
             expires_at,
@@ -1307,4 +1341,288 @@ fn engine_fresh_3_counts_devices_that_say_their_beacon_stopped() {
         &report(0, &key(0), 6, "r", rel.id(), waiting, 0),
     );
     assert_eq!(e.counters.possible_freezes, 1);
+}
+
+/// ENROLL-2: a proof copied off the wire proves nothing for another key or
+/// another device id; the Hello never carries the token.
+#[test]
+fn engine_enroll_2_a_copied_proof_enrolls_no_one_else() {
+    let now = unix_now();
+    let mut e = Engine::start(settings(1), Arc::new(MemoryStore::new()), now)
+        .unwrap()
+        .0;
+    let genuine = hello(5, &key(5), 1, Some(TOKEN), "plant-7");
+    assert!(
+        !genuine.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+        "the token travels in clear"
+    );
+    // The genuine Hello's proof, under a squatter's key for the same id.
+    let env = swell_protocol::envelope::UnverifiedEnvelope::parse(&genuine).unwrap();
+    let proof = Hello::verify_self_signed(&env, now)
+        .unwrap()
+        .body
+        .enrollment_proof;
+    let squatter = test_key("squatter");
+    let mut h = Hello::verify_self_signed(&env, now).unwrap().body;
+    h.key = squatter.public();
+    h.enrollment_proof = proof;
+    let stamp = Stamp {
+        epoch: 1,
+        seq: 9,
+        issued_at: now,
+        expires_at: 0,
+        audience: Audience::Any,
+    };
+    deliver(
+        &mut e,
+        now,
+        topic_hello(5),
+        &seal(&squatter, stamp.clone(), &h).unwrap(),
+    );
+    assert_eq!(
+        e.device(&dev(5)).map(|d| d.enrollment),
+        Some(Enrollment::Pending)
+    );
+    // The same proof for another device id (with the genuine key).
+    let mut h6 = Hello::verify_self_signed(&env, now).unwrap().body;
+    h6.device = dev(6);
+    deliver(
+        &mut e,
+        now,
+        topic_hello(6),
+        &seal(&key(5), stamp, &h6).unwrap(),
+    );
+    assert_eq!(
+        e.device(&dev(6)).map(|d| d.enrollment),
+        Some(Enrollment::Pending)
+    );
+    // The genuine Hello enrolls its own device and replaces the squatter.
+    deliver(&mut e, now, topic_hello(5), &genuine);
+    let d = e.device(&dev(5)).unwrap();
+    assert_eq!(
+        (d.enrollment, d.key),
+        (Enrollment::Approved, key(5).public())
+    );
+}
+
+/// ENROLL-3: the coordinator confirms an enrollment with a signed, retained
+/// message on the device's `enrolled` topic, on every Hello of an approved
+/// device and on approval; a pending device gets none.
+#[test]
+fn engine_enroll_3_confirms_enrollment_for_the_key_and_incarnation() {
+    let now = unix_now();
+    let mut e = Engine::start(settings(1), Arc::new(MemoryStore::new()), now)
+        .unwrap()
+        .0;
+    let confirmation = |out: &[Out], i: u32| -> Option<Enrolled> {
+        let o = out
+            .iter()
+            .find(|o| o.topic == format!("swell/v1/dev/{}/enrolled", dev(i)))?;
+        assert!(o.retain);
+        let env = swell_protocol::envelope::UnverifiedEnvelope::parse(&o.payload).unwrap();
+        Some(
+            env.verify::<Enrolled>(&test_key("coordinator-0").public(), now)
+                .unwrap()
+                .body,
+        )
+    };
+    let out = deliver(
+        &mut e,
+        now,
+        topic_hello(1),
+        &hello_in(1, &key(1), 7, 1, Some(TOKEN), "plant-7"),
+    );
+    let c = confirmation(&out, 1).expect("a confirmation");
+    assert_eq!(
+        (c.device, c.key, c.incarnation),
+        (dev(1), key(1).public(), 7)
+    );
+    let out = deliver(
+        &mut e,
+        now,
+        topic_hello(2),
+        &hello(2, &key(2), 1, None, "plant-7"),
+    );
+    assert!(confirmation(&out, 2).is_none(), "pending: no confirmation");
+    let cmd = format!(
+        r#"{{"op":"approve","device":"{}","reply_to":"replies"}}"#,
+        dev(2)
+    );
+    let topic = e.topics().ops_cmd(e.fleet());
+    let out = deliver(&mut e, now, topic, cmd.as_bytes());
+    let c = confirmation(&out, 2).expect("a confirmation on approval");
+    assert_eq!((c.key, c.incarnation), (key(2).public(), 1));
+}
+
+/// STATE-3: a device whose trust state was rebuilt starts a new incarnation
+/// with its counter at 1. With a valid proof it is admitted again at once,
+/// with fresh floors, and its reports (its `store_rebuilt` report first)
+/// count; messages of its earlier incarnation are refused as stale, also
+/// after a restart (stored reports of the earlier incarnation are no floor).
+#[test]
+fn engine_state_3_a_rebuilt_device_is_readmitted_with_fresh_floors() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |now: u64| {
+        let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
+        Engine::start(settings(1), store, now).unwrap().0
+    };
+    let now = unix_now();
+    let k = key(1);
+    let rel = release(2, "2.0.0");
+    let stale = |e: &Engine| {
+        e.counters
+            .rejected
+            .get("stale_incarnation")
+            .copied()
+            .unwrap_or(0)
+    };
+    let old_report = report_in(1, &k, 100, 28, "r", rel.id(), Phase::Committed, 0);
+    {
+        let mut e = open(now);
+        deliver(
+            &mut e,
+            now,
+            topic_hello(1),
+            &hello_in(1, &k, 100, 27, Some(TOKEN), "plant-7"),
+        );
+        create(&mut e, now, "r", &rel, &["100%"], json!({"bake": "1h"}));
+        deliver(&mut e, now, topic_report(1), &old_report);
+        assert_eq!(e.counters.reports, 1);
+        // The trust file is lost: incarnation 200, counter from 1.
+        deliver(
+            &mut e,
+            now,
+            topic_hello(1),
+            &hello_in(1, &k, 200, 1, Some(TOKEN), "plant-7"),
+        );
+        assert_eq!(e.counters.new_incarnations, 1);
+        let d = e.device(&dev(1)).unwrap();
+        assert_eq!((d.enrollment, d.incarnation), (Enrollment::Approved, 200));
+        let rebuilt = Phase::Failed(Reason {
+            code: reason::STORE_REBUILT,
+            detail: "trust file rebuilt".into(),
+        });
+        deliver(
+            &mut e,
+            now,
+            topic_report(1),
+            &report_in(1, &k, 200, 2, "r", rel.id(), rebuilt, 0),
+        );
+        assert_eq!(e.counters.reports, 2, "its store_rebuilt report arrives");
+        deliver(
+            &mut e,
+            now,
+            topic_report(1),
+            &report_in(1, &k, 200, 3, "r", rel.id(), Phase::Committed, 0),
+        );
+        assert_eq!(e.counters.reports, 3);
+        // The earlier life, replayed: its Hello and its reports.
+        deliver(&mut e, now, topic_report(1), &old_report);
+        deliver(
+            &mut e,
+            now,
+            topic_report(1),
+            &report_in(1, &k, 100, 29, "r", rel.id(), Phase::Committed, 0),
+        );
+        deliver(
+            &mut e,
+            now,
+            topic_hello(1),
+            &hello_in(1, &k, 100, 30, Some(TOKEN), "plant-7"),
+        );
+        assert_eq!(stale(&e), 3);
+        assert_eq!(e.counters.reports, 3);
+        e.flush().unwrap();
+    }
+    let mut e = open(now);
+    assert_eq!(e.device(&dev(1)).unwrap().last_seq, 3);
+    deliver(
+        &mut e,
+        now,
+        topic_report(1),
+        &report_in(1, &k, 200, 4, "r", rel.id(), Phase::Committed, 0),
+    );
+    assert_eq!(
+        e.counters.reports, 1,
+        "the old incarnation's seq 28 is no floor"
+    );
+}
+
+/// STATE-3 without a proof (a fleet that enrolls by approval): the new
+/// incarnation waits for an operator; until then its reports are refused.
+#[test]
+fn engine_state_3_without_a_proof_a_new_incarnation_waits_for_approval() {
+    let now = unix_now();
+    let mut e = Engine::start(settings(1), Arc::new(MemoryStore::new()), now)
+        .unwrap()
+        .0;
+    let k = key(3);
+    deliver(
+        &mut e,
+        now,
+        topic_hello(3),
+        &hello_in(3, &k, 10, 40, None, "plant-7"),
+    );
+    let cmd = format!(
+        r#"{{"op":"approve","device":"{}","reply_to":"replies"}}"#,
+        dev(3)
+    );
+    assert_eq!(ask(&mut e, now, cmd.as_bytes())["ok"], true);
+    deliver(
+        &mut e,
+        now,
+        topic_hello(3),
+        &hello_in(3, &k, 11, 1, None, "plant-7"),
+    );
+    assert_eq!(
+        e.device(&dev(3)).map(|d| (d.enrollment, d.incarnation)),
+        Some((Enrollment::Pending, 11))
+    );
+    let rel = release(2, "2.0.0");
+    deliver(
+        &mut e,
+        now,
+        topic_report(3),
+        &report_in(3, &k, 11, 2, "none", rel.id(), Phase::Committed, 0),
+    );
+    assert_eq!(e.counters.reports, 0);
+    assert_eq!(ask(&mut e, now, cmd.as_bytes())["ok"], true);
+    deliver(
+        &mut e,
+        now,
+        topic_report(3),
+        &report_in(3, &k, 11, 3, "none", rel.id(), Phase::Committed, 0),
+    );
+    assert_eq!(e.counters.reports, 1);
+}
+
+/// An agent of protocol 1 or 2 meeting this coordinator hears why it is not
+/// heard: a signed `Unsupported` on its `desired` topic, once a minute at most.
+#[test]
+fn engine_answers_an_older_agent_with_unsupported() {
+    let now = unix_now();
+    let mut e = Engine::start(settings(1), Arc::new(MemoryStore::new()), now)
+        .unwrap()
+        .0;
+    let golden = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../protocol/tests/golden/v1/hello.bin"),
+    )
+    .unwrap();
+    let topic = "swell/v1/dev/rpi-0042/hello".to_string();
+    let out = deliver(&mut e, now, topic.clone(), &golden);
+    let answer = out
+        .iter()
+        .find(|o| o.topic == "swell/v1/dev/rpi-0042/desired")
+        .expect("an answer");
+    assert!(!answer.retain);
+    let env = swell_protocol::envelope::UnverifiedEnvelope::parse(&answer.payload).unwrap();
+    let u = env
+        .verify::<Unsupported>(&test_key("coordinator-0").public(), now)
+        .unwrap()
+        .body;
+    assert_eq!((u.kind, u.proto, u.proto_min, u.proto_max), (4, 1, 3, 3));
+    assert_eq!(e.counters.rejected.get("unsupported").copied(), Some(1));
+    assert!(deliver(&mut e, now + 30, topic.clone(), &golden).is_empty());
+    assert!(!deliver(&mut e, now + 61, topic, &golden).is_empty());
 }

@@ -208,7 +208,7 @@ async fn coordinator_mqtt_late_failure_in_earlier_wave_halts() {
     })
     .await;
     let rollout = RolloutId::new("late").unwrap();
-    for i in devs.in_wave(&rollout, &[300_000, 600_000, 1_000_000], 0) {
+    for i in devs.in_wave(&rel.id(), &[300_000, 600_000, 1_000_000], 0) {
         devs.fail_now(i, &rollout, rel.id()).await;
     }
     let r = op

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((which, rest)) = data.split_first() else {
         return;
     };
-    match which % 9 {
+    match which % 10 {
         0 => envelope_payload::<Manifest>(rest),
         1 => envelope_payload::<Beacon>(rest),
         2 => envelope_payload::<DeviceDirective>(rest),
@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
         5 => envelope_payload::<Unsupported>(rest),
         6 => threshold_body::<Release>(rest),
         7 => threshold_body::<KeyList>(rest),
-        _ => envelope_payload::<SessionNote>(rest),
+        8 => envelope_payload::<SessionNote>(rest),
+        _ => envelope_payload::<Enrolled>(rest),
     }
 });

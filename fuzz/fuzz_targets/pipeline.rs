@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(me) = DeviceId::new("rpi-0042") else {
         return;
     };
-    let bucket = cohort::bucket(&m.body.rollout, &me);
+    let bucket = cohort::bucket(&m.body.release_id(), &me);
     let _ = m.body.selector.matches(&labels) && m.body.opens_for(&me, bucket);
     let _ = release.hardware.iter().any(|h| h == "rpi4");
     if let Some(e) = &release.exposure {

@@ -11,11 +11,14 @@ use crate::crypto::{self, KeyId, PublicKey, SecretKey, Signature};
 use crate::ids::{DeviceId, FleetId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-/// Newest protocol major version this crate speaks. Version 2 is version 1
-/// plus one kind, [`MessageKind::SessionNote`]; every kind travels with the
-/// version that introduced it ([`MessageKind::proto`]), so a version 1 peer
-/// reads everything it knows and refuses only the new kind.
-pub const PROTO_VERSION: u16 = 2;
+/// Newest protocol major version this crate speaks. Every kind travels with
+/// the version that last defined it ([`MessageKind::proto`]): version 2 added
+/// [`MessageKind::SessionNote`]; version 3 redefined [`MessageKind::Hello`]
+/// (an enrollment proof instead of the token, an incarnation) and
+/// [`MessageKind::Manifest`] (waves over the release's bucket), and added
+/// [`MessageKind::Enrolled`]. A peer reads the kinds whose version it knows
+/// and answers the others with `Unsupported`.
+pub const PROTO_VERSION: u16 = 3;
 
 /// Largest envelope accepted anywhere, before any parsing (DL-1).
 pub const MAX_ENVELOPE: usize = 64 * 1024;
@@ -29,7 +32,8 @@ pub struct Header {
     pub kind: u16,
     /// Id of the key that signed.
     pub key_id: KeyId,
-    /// Coordinator leader epoch (ROLL-4); devices send their boot count or 0.
+    /// Coordinator leader epoch (ROLL-4); a device sends its incarnation
+    /// (protocol 3: the number its Hello announces, STATE-3).
     pub epoch: u64,
     /// Sender's sequence number; strictly increasing per sender and stream.
     pub seq: u64,
@@ -65,13 +69,16 @@ pub enum MessageKind {
     Unsupported = 6,
     /// Protocol 2: a device says how often its connection was taken over.
     SessionNote = 7,
+    /// Protocol 3: the coordinator confirms a device's enrollment for its key
+    /// and incarnation (ENROLL-3).
+    Enrolled = 8,
     Release = 16,
     KeyList = 17,
 }
 
 impl MessageKind {
     /// Every kind, in wire order.
-    pub const ALL: [MessageKind; 9] = [
+    pub const ALL: [MessageKind; 10] = [
         MessageKind::Manifest,
         MessageKind::Beacon,
         MessageKind::Directive,
@@ -79,6 +86,7 @@ impl MessageKind {
         MessageKind::Report,
         MessageKind::Unsupported,
         MessageKind::SessionNote,
+        MessageKind::Enrolled,
         MessageKind::Release,
         MessageKind::KeyList,
     ];
@@ -98,15 +106,17 @@ impl MessageKind {
             MessageKind::Report => "report",
             MessageKind::Unsupported => "unsupported",
             MessageKind::SessionNote => "session_note",
+            MessageKind::Enrolled => "enrolled",
             MessageKind::Release => "release",
             MessageKind::KeyList => "keylist",
         }
     }
 
     /// The protocol version a message of this kind carries in its header: the
-    /// version that introduced the kind.
+    /// version that last defined the kind.
     pub fn proto(self) -> u16 {
         match self {
+            MessageKind::Hello | MessageKind::Manifest | MessageKind::Enrolled => 3,
             MessageKind::SessionNote => 2,
             _ => 1,
         }
@@ -115,13 +125,14 @@ impl MessageKind {
     /// Signature domain tag: type and schema version (SIG-4).
     pub fn domain(self) -> &'static str {
         match self {
-            MessageKind::Manifest => "swell/manifest/v1",
+            MessageKind::Manifest => "swell/manifest/v3",
             MessageKind::Beacon => "swell/beacon/v1",
             MessageKind::Directive => "swell/directive/v1",
-            MessageKind::Hello => "swell/hello/v1",
+            MessageKind::Hello => "swell/hello/v3",
             MessageKind::Report => "swell/report/v1",
             MessageKind::Unsupported => "swell/unsupported/v1",
             MessageKind::SessionNote => "swell/session_note/v1",
+            MessageKind::Enrolled => "swell/enrolled/v3",
             MessageKind::Release => "swell/release/v1",
             MessageKind::KeyList => "swell/keylist/v1",
         }

@@ -6,11 +6,13 @@
 //! two; coordinator `coordinator-0`.
 
 use crate::DeviceId;
+use crate::PublicKey;
 use crate::cohort::Selector;
 use crate::envelope::{Audience, Stamp, seal};
 use crate::ids::{Digest, FleetId, RolloutId};
 use crate::messages::{
-    Artifact, ArtifactKind, Beacon, DeviceDirective, KeyList, Manifest, ManifestState, Release,
+    Artifact, ArtifactKind, Beacon, DeviceDirective, Enrolled, KeyList, Manifest, ManifestState,
+    Release,
 };
 use crate::testkeys::test_key;
 use crate::threshold::ThresholdSigned;
@@ -126,6 +128,26 @@ pub fn beacon(fleet: &FleetId, stamp: Stamp) -> Vec<u8> {
         key_list_version: 1,
     };
     seal(&test_key("coordinator-0"), stamp, &b).expect("invariant: a beacon seals")
+}
+
+/// The coordinator's confirmation that `device` is enrolled with `key` in
+/// `incarnation` (retained, so no expiry).
+pub fn enrolled(
+    device: &DeviceId,
+    fleet: &FleetId,
+    key: PublicKey,
+    incarnation: u64,
+    mut stamp: Stamp,
+) -> Vec<u8> {
+    stamp.audience = Audience::Device(device.clone());
+    stamp.expires_at = 0;
+    let e = Enrolled {
+        device: device.clone(),
+        fleet: fleet.clone(),
+        key,
+        incarnation,
+    };
+    seal(&test_key("coordinator-0"), stamp, &e).expect("invariant: a confirmation seals")
 }
 
 /// A directive for `device`, signed by the coordinator.

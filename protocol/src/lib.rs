@@ -27,6 +27,7 @@
 pub mod codec;
 pub mod cohort;
 pub mod crypto;
+pub mod enroll;
 pub mod envelope;
 pub mod ids;
 pub mod messages;

@@ -60,6 +60,9 @@ pub enum Topic {
     Desired {
         device: DeviceId,
     },
+    Enrolled {
+        device: DeviceId,
+    },
     Hello {
         device: DeviceId,
     },
@@ -141,6 +144,11 @@ impl Topics {
     pub fn desired(&self, device: &DeviceId) -> String {
         format!("{}/dev/{device}/desired", self.prefix)
     }
+    /// The coordinator's retained enrollment confirmation for `device`
+    /// (protocol 3).
+    pub fn enrolled(&self, device: &DeviceId) -> String {
+        format!("{}/dev/{device}/enrolled", self.prefix)
+    }
     pub fn hello(&self, device: &DeviceId) -> String {
         format!("{}/dev/{device}/hello", self.prefix)
     }
@@ -210,6 +218,7 @@ impl Topics {
                 let device = DeviceId::new(*d).map_err(bad_id)?;
                 match *channel {
                     "desired" => Topic::Desired { device },
+                    "enrolled" => Topic::Enrolled { device },
                     "hello" => Topic::Hello { device },
                     "report" => Topic::Report { device },
                     "online" => Topic::Online { device },
@@ -257,6 +266,7 @@ mod tests {
             (t.beacon(&f), Topic::Beacon { fleet: f.clone() }),
             (t.keys(&f), Topic::Keys { fleet: f.clone() }),
             (t.desired(&d), Topic::Desired { device: d.clone() }),
+            (t.enrolled(&d), Topic::Enrolled { device: d.clone() }),
             (t.hello(&d), Topic::Hello { device: d.clone() }),
             (t.report(&d), Topic::Report { device: d.clone() }),
             (t.online(&d), Topic::Online { device: d.clone() }),

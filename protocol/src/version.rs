@@ -6,8 +6,10 @@
 use crate::envelope::{Header, MessageKind, PROTO_VERSION};
 use crate::messages::Unsupported;
 
-/// Oldest protocol version this crate speaks.
-pub const PROTO_MIN: u16 = 1;
+/// Oldest protocol version this crate speaks: 3, whose Hello proves the
+/// enrollment token instead of carrying it (ENROLL-2) and whose waves follow
+/// the release's bucket (ROLL-3). A peer of 1 or 2 gets `Unsupported`.
+pub const PROTO_MIN: u16 = 3;
 /// Newest protocol version this crate speaks.
 pub const PROTO_MAX: u16 = PROTO_VERSION;
 
@@ -54,10 +56,11 @@ mod tests {
 
     #[test]
     fn version_negotiation() {
-        assert_eq!(negotiate(1, 1), Ok(1));
-        assert_eq!(negotiate(1, 5), Ok(2));
-        assert_eq!(negotiate(2, 5), Ok(2));
-        assert!(negotiate(3, 5).is_err());
+        assert!(negotiate(1, 1).is_err());
+        assert!(negotiate(1, 2).is_err());
+        assert_eq!(negotiate(1, 5), Ok(3));
+        assert_eq!(negotiate(3, 5), Ok(3));
+        assert!(negotiate(4, 5).is_err());
         assert!(negotiate(0, 0).is_err());
         assert!(negotiate(3, 1).is_err());
     }
@@ -78,5 +81,11 @@ mod tests {
         assert!(!understands(&header(2, MessageKind::Report)));
         assert!(understands(&header(2, MessageKind::SessionNote)));
         assert!(!understands(&header(1, MessageKind::SessionNote)));
+        // Protocol 3 redefined these: their version 1 is not read any more.
+        for k in [MessageKind::Hello, MessageKind::Manifest] {
+            assert!(understands(&header(3, k)));
+            assert!(!understands(&header(1, k)));
+        }
+        assert!(understands(&header(3, MessageKind::Enrolled)));
     }
 }

@@ -3,13 +3,13 @@
 
 use proptest::prelude::*;
 use swell_protocol::cohort::{self, PPM_FULL, bucket, open_below, wave_of};
-use swell_protocol::{DeviceId, RolloutId};
+use swell_protocol::{DeviceId, ReleaseId};
 
 /// 100,000 ids into 100 equal ranges: chi-square with 99 degrees of freedom stays
 /// under 148.23 (p = 0.001). Deterministic: the ids are fixed.
 #[test]
 fn cohort_bucket_is_uniform() {
-    let r = RolloutId::new("fw-2-3").unwrap();
+    let r = ReleaseId([0x23; 32]);
     let n = 100_000u64;
     let bins = 100usize;
     let mut counts = vec![0u64; bins];
@@ -29,7 +29,7 @@ fn cohort_bucket_is_uniform() {
 /// Waves of 1 %, 5 %, 25 %, 100 % over 100,000 devices hold close to those shares.
 #[test]
 fn cohort_wave_shares_match_plan() {
-    let r = RolloutId::new("fleet-wide").unwrap();
+    let r = ReleaseId([0xfe; 32]);
     let steps = [10_000, 50_000, 250_000, PPM_FULL];
     let mut per_wave = [0u32; 4];
     for i in 0..100_000u32 {

@@ -1,5 +1,7 @@
-//! Golden vectors for protocol v1 (`protocol/tests/golden/v1/`) and for what
-//! protocol v2 adds (`protocol/tests/golden/v2/`).
+//! Golden vectors for protocol v1 (`protocol/tests/golden/v1/`), for what
+//! protocol v2 adds (`v2/`) and for what protocol v3 redefines and adds
+//! (`v3/`: Hello, Manifest, Enrolled). The v1 Hello and Manifest stay as
+//! fixtures of what a v3 side refuses as unsupported.
 //!
 //! Each fixture is the exact bytes of one message (`.bin`, and `.hex` for eyes),
 //! with a JSON description of what it decodes to. The test rebuilds every message
@@ -27,10 +29,10 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1")
 }
 
-/// A fixture's path without extension: `name` in v1, or `v2/name`.
+/// A fixture's path without extension: `name` in v1, or `v2/name`, `v3/name`.
 fn base(name: &str) -> PathBuf {
-    match name.strip_prefix("v2/") {
-        Some(n) => dir().with_file_name("v2").join(n),
+    match name.split_once('/') {
+        Some((v, n)) => dir().with_file_name(v).join(n),
         None => dir().join(name),
     }
 }
@@ -215,9 +217,9 @@ fn golden_v1_release() {
 }
 
 #[test]
-fn golden_v1_manifest() {
+fn golden_v3_manifest() {
     check_envelope(
-        "manifest",
+        "v3/manifest",
         manifest(),
         "coordinator-0",
         &coordinator_key(),
@@ -248,13 +250,91 @@ fn golden_v1_directive() {
 }
 
 #[test]
-fn golden_v1_hello() {
+fn golden_v3_hello() {
     check_envelope(
-        "hello",
+        "v3/hello",
         hello(),
         "device-42",
         &device_key(42),
         &hello_body(),
+    );
+    // The proof is the one docs/protocol.md's construction gives.
+    let h = hello_body();
+    let proof = h.enrollment_proof.unwrap();
+    assert!(swell_protocol::enroll::verify(
+        &proof,
+        ENROLLMENT_TOKEN,
+        &h.device,
+        &h.fleet,
+        &h.key
+    ));
+}
+
+#[test]
+fn golden_v3_enrolled() {
+    check_envelope(
+        "v3/enrolled",
+        enrolled(),
+        "coordinator-0",
+        &coordinator_key(),
+        &enrolled_body(),
+    );
+}
+
+/// Protocol 1's Hello, as a v1 or v2 agent sends it (decoded here with its
+/// own layout, which docs/protocol.md keeps).
+#[derive(Debug, serde::Deserialize)]
+#[allow(dead_code)] // read by Debug only: the layout is the point
+struct HelloV1 {
+    device: swell_protocol::DeviceId,
+    fleet: swell_protocol::FleetId,
+    key: PublicKey,
+    labels: Vec<swell_protocol::cohort::Label>,
+    hardware: String,
+    agent_version: String,
+    proto_min: u16,
+    proto_max: u16,
+    boot: u64,
+    running: Option<swell_protocol::ReleaseId>,
+    counter_floor: u64,
+    enrollment_token: Option<String>,
+}
+
+/// The v1 Hello and Manifest (fixtures kept from protocol 1): a v3 side reads
+/// their frozen headers, refuses them as unsupported and can say which
+/// versions it speaks; a v1 manifest's payload has the v3 layout but the old
+/// bucket, so it must not be read as one.
+#[test]
+fn golden_v1_hello_and_manifest_are_unsupported_by_v3() {
+    let read = |name: &str| std::fs::read(base(name).with_extension("bin")).unwrap();
+    let hello_v1 = read("hello");
+    let env = UnverifiedEnvelope::parse(&hello_v1).unwrap();
+    assert_eq!(
+        (env.header.proto, env.kind()),
+        (1, Some(MessageKind::Hello))
+    );
+    assert!(!version::understands(&env.header));
+    assert_eq!(
+        env.verify::<Hello>(&device_key(42).public(), T0 + 61),
+        Err(EnvelopeError::UnsupportedProto { got: 1 })
+    );
+    let (_, rest) = postcard::take_from_bytes::<Header>(&hello_v1).unwrap();
+    let (payload, _) = postcard::take_from_bytes::<&[u8]>(rest).unwrap();
+    let old: HelloV1 = postcard::from_bytes(payload).unwrap();
+    assert_eq!((old.proto_min, old.proto_max), (1, 1));
+    let answer = version::unsupported(&env.header);
+    assert_eq!((answer.proto_min, answer.proto_max), (3, 3));
+    assert_eq!((answer.kind, answer.proto, answer.seq), (4, 1, 100));
+
+    let manifest_v1 = read("manifest");
+    let env = UnverifiedEnvelope::parse(&manifest_v1).unwrap();
+    assert_eq!(
+        (env.header.proto, env.kind()),
+        (1, Some(MessageKind::Manifest))
+    );
+    assert_eq!(
+        env.verify::<Manifest>(&coordinator_key().public(), T0 + 1),
+        Err(EnvelopeError::UnsupportedProto { got: 1 })
     );
 }
 
@@ -325,6 +405,7 @@ fn golden_v1_reads_v2_header_and_answers_unsupported() {
     assert_eq!(
         version::unsupported(&env.header),
         Unsupported {
+            proto_min: version::PROTO_MIN,
             proto_max: version::PROTO_MAX,
             ..unsupported_body()
         }
@@ -376,6 +457,7 @@ fn golden_v1_size_budgets() {
         ("report-rolled-back", report_failed().len()),
         ("unsupported", unsupported().len()),
         ("session-note (v2)", session_note().len()),
+        ("enrolled (v3)", enrolled().len()),
     ];
     for (name, n) in sizes {
         println!("{name:>20}: {n} bytes");
@@ -386,6 +468,6 @@ fn golden_v1_size_budgets() {
         report().len()
     );
     assert!(beacon().len() <= 128, "beacon is {} bytes", beacon().len());
-    // Every kind a fixture: the eight of v1 and v2's session note.
-    assert!(MessageKind::ALL.len() == 9);
+    // Every kind a fixture: the eight of v1, v2's session note, v3's enrolled.
+    assert!(MessageKind::ALL.len() == 10);
 }

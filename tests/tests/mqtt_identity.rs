@@ -226,15 +226,16 @@ fn topics() -> Vec<(String, &'static [Who])> {
             t.push((format!("{P}/dev/{dev}/{ch}"), own));
         }
         t.push((format!("{P}/dev/{dev}/desired"), &[Coordinator]));
+        t.push((format!("{P}/dev/{dev}/enrolled"), &[Coordinator]));
     }
     t
 }
 
 /// Who observes a topic (a role allowed to read it).
 fn observer_of(topic: &str) -> Who {
-    if topic.ends_with("/dev-a/desired") {
+    if topic.ends_with("/dev-a/desired") || topic.ends_with("/dev-a/enrolled") {
         Who::DevA
-    } else if topic.ends_with("/dev-b/desired") {
+    } else if topic.ends_with("/dev-b/desired") || topic.ends_with("/dev-b/enrolled") {
         Who::DevB
     } else if topic.contains("/dev/") || topic.ends_with("/cmd") {
         Who::Coordinator
@@ -258,8 +259,14 @@ fn observer_filters(who: Who) -> Vec<String> {
             format!("{P}/fleet/#"),
             "swell-ops/operator/#".into(),
         ],
-        Who::DevA => vec![format!("{P}/dev/dev-a/desired")],
-        Who::DevB => vec![format!("{P}/dev/dev-b/desired")],
+        Who::DevA => vec![
+            format!("{P}/dev/dev-a/desired"),
+            format!("{P}/dev/dev-a/enrolled"),
+        ],
+        Who::DevB => vec![
+            format!("{P}/dev/dev-b/desired"),
+            format!("{P}/dev/dev-b/enrolled"),
+        ],
         _ => vec![],
     }
 }
@@ -299,6 +306,11 @@ fn filters() -> Vec<(String, String, &'static [Who])> {
             format!("{P}/dev/dev-b/desired"),
             format!("{P}/dev/dev-b/desired"),
             &[DevB],
+        ),
+        f(
+            format!("{P}/dev/dev-a/enrolled"),
+            format!("{P}/dev/dev-a/enrolled"),
+            &[DevA],
         ),
         // Device B's own desired state through a wildcard: the embedded broker
         // refuses the wildcard (it covers other devices'), Mosquitto grants it

@@ -10,7 +10,9 @@ use crate::evaluate::{
     CheckedManifest, Device, Verdict, evaluate, evaluate_checked, verify_directive,
 };
 use swell_protocol::envelope::{UnverifiedEnvelope, Verified};
-use swell_protocol::messages::{Beacon, KeyList, Phase, Reason, RootOfTrust, reason};
+use swell_protocol::messages::{
+    Beacon, Enrolled, KeyList, Phase, Reason, RootOfTrust, Unsupported, reason,
+};
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::{EnvelopeError, ReleaseId, RolloutId};
 use tracing::{debug, info, warn};
@@ -83,11 +85,12 @@ impl DeviceCore {
     fn keep_until_keys(&mut self, kind: Kind, topic: &str, payload: &[u8]) {
         if !self.before_keys.keep(topic, kind, payload) {
             self.counters.dropped_before_keys += 1;
-            warn!(%topic, "too many messages before any key list; dropped");
+            warn!(%topic, "too many messages before the key list or the enrollment confirmation; dropped");
         }
     }
 
-    /// The messages that came before the first key list, beacon first.
+    /// The messages that came before the first key list (or, for manifests,
+    /// before the enrollment confirmation), beacon first.
     fn check_before_keys(&mut self, clock: Clock, out: &mut Vec<Effect>) {
         let kept = self.before_keys.take();
         if !kept.is_empty() {
@@ -101,6 +104,7 @@ impl DeviceCore {
                 Kind::Beacon { retained } => self.on_beacon(&topic, &payload, retained, clock, out),
                 Kind::Directive => self.on_directive(&topic, &payload, clock, out),
                 Kind::Manifest => self.on_manifest(&topic, &payload, clock, out),
+                Kind::Enrolled => self.on_enrolled(&topic, &payload, clock, out),
             }
         }
     }
@@ -189,7 +193,7 @@ impl DeviceCore {
         clock: Clock,
         out: &mut Vec<Effect>,
     ) {
-        if self.keys.is_none() {
+        if self.keys.is_none() || !self.enrolled() {
             self.keep_until_keys(Kind::Manifest, topic, payload);
             return;
         }
@@ -202,11 +206,94 @@ impl DeviceCore {
     pub fn on_checked_manifest(
         &mut self,
         checked: &CheckedManifest,
+        topic: &str,
         payload: &[u8],
         clock: Clock,
         out: &mut Vec<Effect>,
     ) {
+        if !self.enrolled() {
+            self.keep_until_keys(Kind::Manifest, topic, payload);
+            return;
+        }
         self.evaluate_manifest(payload, Some(checked), clock, false, out);
+    }
+
+    /// The coordinator's retained confirmation of this device's enrollment
+    /// (ENROLL-3), received on `topic`; empty when the coordinator withdrew
+    /// it. Checked like a directive (a coordinator key of the key list);
+    /// only one for this device, fleet and key counts.
+    pub fn on_enrolled(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        clock: Clock,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(keys) = self.keys.clone() else {
+            self.keep_until_keys(Kind::Enrolled, topic, payload);
+            return;
+        };
+        if payload.is_empty() {
+            if self.trust.enrolled_key.take().is_some() {
+                warn!("the coordinator withdrew this device's enrollment");
+                self.persist_trust(out);
+            }
+            return;
+        }
+        let checked = UnverifiedEnvelope::parse(payload).and_then(|env| {
+            let key = keys
+                .coordinator_keys
+                .iter()
+                .find(|k| k.key_id() == env.header.key_id)
+                .ok_or(EnvelopeError::BadSignature)?;
+            env.verify::<Enrolled>(key, self.trust.trusted_now(clock.unix))
+        });
+        let e = match checked {
+            Ok(v) => v.body,
+            Err(e) => {
+                self.counters.rejected_enrollments += 1;
+                warn!(reason = e.reason(), "enrollment confirmation refused: {e}");
+                return;
+            }
+        };
+        let own = self.key.public();
+        if e.device != self.id || e.fleet != self.s.fleet {
+            self.counters.rejected_enrollments += 1;
+            warn!(device = %e.device, fleet = %e.fleet, "enrollment confirmation for another device; ignored");
+            return;
+        }
+        if e.key != own {
+            debug!(key = %e.key.key_id(), "enrollment confirmation for another key; waiting for ours");
+            return;
+        }
+        match e.incarnation.cmp(&self.trust.incarnation) {
+            std::cmp::Ordering::Equal => {
+                if self.trust.enrolled_key != Some(own) {
+                    self.trust.enrolled_key = Some(own);
+                    self.persist_trust(out);
+                    info!(incarnation = e.incarnation, "enrollment confirmed");
+                    self.check_before_keys(clock, out);
+                }
+            }
+            // STATE-3: the coordinator knows a later life of this key than
+            // ours (our trust state was rebuilt with a clock behind): go on
+            // after it, and say so.
+            std::cmp::Ordering::Greater => {
+                let next = e.incarnation.saturating_add(1);
+                warn!(
+                    ours = self.trust.incarnation,
+                    confirmed = e.incarnation,
+                    next,
+                    "the coordinator confirmed a later incarnation of this device; starting the next one"
+                );
+                self.trust.incarnation = next;
+                self.trust.enrolled_key = None;
+                self.persist_trust(out);
+                self.hello(clock, out);
+            }
+            // An earlier life's confirmation: ours comes after our Hello.
+            std::cmp::Ordering::Less => {}
+        }
     }
 
     /// Evaluates the held manifests again.
@@ -425,6 +512,12 @@ impl DeviceCore {
         let Some(keys) = self.keys.clone() else {
             return;
         };
+        if let Ok(env) = UnverifiedEnvelope::parse(payload)
+            && env.kind() == Some(swell_protocol::MessageKind::Unsupported)
+        {
+            self.on_unsupported(&env, &keys, clock);
+            return;
+        }
         let before = self.trust.clone();
         match verify_directive(payload, &self.id, &keys, &mut self.trust, clock.unix) {
             Ok(d) => {
@@ -461,6 +554,38 @@ impl DeviceCore {
             Err(r) => {
                 self.counters.rejected_directives += 1;
                 warn!(reason = reason::name(r.code), detail = %r.detail, "directive refused");
+            }
+        }
+    }
+}
+
+impl DeviceCore {
+    /// The coordinator cannot read what this device sends (another protocol
+    /// version): said loudly, counted; nothing else changes.
+    fn on_unsupported(&mut self, env: &UnverifiedEnvelope<'_>, keys: &KeyList, clock: Clock) {
+        let Some(key) = keys
+            .coordinator_keys
+            .iter()
+            .find(|k| k.key_id() == env.header.key_id)
+        else {
+            self.counters.rejected_directives += 1;
+            return;
+        };
+        match env.verify::<Unsupported>(key, self.trust.trusted_now(clock.unix)) {
+            Ok(v) => {
+                self.counters.unsupported_by_coordinator += 1;
+                let u = v.body;
+                tracing::error!(
+                    kind = u.kind,
+                    proto = u.proto,
+                    coordinator_speaks = %format_args!("{}..={}", u.proto_min, u.proto_max),
+                    we_speak = %format_args!("{}..={}", swell_protocol::version::PROTO_MIN, swell_protocol::version::PROTO_MAX),
+                    "the coordinator cannot read this agent's messages: upgrade the agent or the coordinator"
+                );
+            }
+            Err(e) => {
+                self.counters.rejected_directives += 1;
+                warn!(reason = e.reason(), "unsupported answer refused: {e}");
             }
         }
     }

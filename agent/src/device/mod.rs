@@ -181,6 +181,11 @@ pub struct Counters {
     pub duplicates: u64,
     pub reports_queued: u64,
     pub reports_acked: u64,
+    /// Enrollment confirmations refused (bad signature, another device).
+    pub rejected_enrollments: u64,
+    /// `Unsupported` answers from the coordinator: it cannot read this
+    /// agent's protocol version.
+    pub unsupported_by_coordinator: u64,
     /// Subscriptions the broker refused: a misconfigured broker ACL, and the
     /// messages on those filters never arrive.
     pub subscriptions_refused: u64,
@@ -246,6 +251,12 @@ impl DeviceCore {
     ) -> Self {
         let mut trust = restored.trust;
         let trust_floor = trust.time_floor;
+        // A trust state the caller did not give an incarnation (the
+        // simulator's devices, which keep nothing) takes one from the clock.
+        if trust.incarnation == 0 {
+            trust.incarnation = crate::trust::new_incarnation(clock.unix, 1);
+            trust.enrolled_key = None;
+        }
         // Never let a rebuilt trust file sit below what already runs (VER-2).
         if let Some(r) = &restored.installed.running {
             trust.raise_counter_floor(r.counter);
@@ -354,6 +365,13 @@ impl DeviceCore {
     pub fn trust(&self) -> &TrustState {
         &self.trust
     }
+
+    /// Whether the coordinator confirmed this device's enrollment for its key
+    /// in this incarnation (ENROLL-3): until then it acts on no manifest and
+    /// its reports wait in the outbox.
+    pub fn enrolled(&self) -> bool {
+        self.trust.enrolled_key == Some(self.key.public())
+    }
     pub fn keys(&self) -> Option<&KeyList> {
         self.keys.as_deref()
     }
@@ -404,7 +422,7 @@ impl DeviceCore {
         let seq = self.trust.next_report_seq();
         out.push(Effect::PersistTrust);
         Stamp {
-            epoch: 1,
+            epoch: self.trust.incarnation,
             seq,
             issued_at: self.trust.trusted_now(clock.unix),
             expires_at: 0,
@@ -470,7 +488,10 @@ impl DeviceCore {
             boot: self.boot,
             running: self.installed.running.as_ref().map(|r| r.release),
             counter_floor: self.trust.counter_floor,
-            enrollment_token: self.s.enrollment_token.clone(),
+            incarnation: self.trust.incarnation,
+            enrollment_proof: self.s.enrollment_token.as_deref().map(|t| {
+                swell_protocol::enroll::prove(t, &self.id, &self.s.fleet, &self.key.public())
+            }),
         };
         match seal(&self.key, stamp, &h) {
             Ok(bytes) => out.push(Effect::Send(Outgoing::Hello { seq, bytes })),

@@ -68,6 +68,13 @@ impl Rig {
     }
 
     fn with(restored: Restored) -> Rig {
+        let mut rig = Rig::unconfirmed(restored);
+        rig.enrolled();
+        rig
+    }
+
+    /// A device whose enrollment the coordinator has not confirmed yet.
+    fn unconfirmed(restored: Restored) -> Rig {
         let clock = Clock {
             unix: T0,
             mono_ms: 0,
@@ -89,6 +96,28 @@ impl Rig {
             ms: 0,
             seq: 1,
         }
+    }
+
+    /// The coordinator's confirmation of the device's enrollment in its
+    /// present incarnation (kept until the key list when there is none yet).
+    fn enrolled(&mut self) -> Vec<Effect> {
+        let incarnation = self.core.trust().incarnation;
+        self.enrolled_in(incarnation)
+    }
+
+    fn enrolled_in(&mut self, incarnation: u64) -> Vec<Effect> {
+        let stamp = self.stamp(0);
+        let bytes = fixtures::enrolled(
+            &DeviceId::new("dev-1").unwrap(),
+            &fleet(),
+            test_key("device-1").public(),
+            incarnation,
+            stamp,
+        );
+        let mut out = Vec::new();
+        let clock = self.clock();
+        self.core.on_enrolled("e", &bytes, clock, &mut out);
+        out
     }
 
     fn clock(&self) -> Clock {
@@ -453,7 +482,8 @@ fn device_checks_the_beacon_and_manifests_that_came_before_the_key_list() {
     r.beacon();
     let out = r.manifest("r1", &release(2), ManifestState::Active);
     assert!(out.is_empty(), "{out:?}");
-    assert_eq!(r.core.waiting_for_key_list(), 2);
+    // The beacon, the manifest and the enrollment confirmation.
+    assert_eq!(r.core.waiting_for_key_list(), 3);
     let mut out = Vec::new();
     let clock = r.clock();
     r.core
@@ -590,4 +620,169 @@ fn device_time_floor_moves_no_further_than_it_can_justify() {
         r.core.trust().time_floor,
         T0 + 60 + crate::trust::MAX_AHEAD_SECS
     );
+}
+
+/// ENROLL-3: a device acts on no manifest before the coordinator confirmed its
+/// enrollment for its own key in its incarnation; a confirmation for another
+/// key, or one that does not verify, changes nothing.
+#[test]
+fn enroll_3_device_acts_on_manifests_only_after_a_signed_confirmation() {
+    let mut r = Rig::unconfirmed(Restored {
+        keys: Some(Arc::new(fixtures::key_list(T0))),
+        ..Restored::default()
+    });
+    assert!(!r.core.enrolled());
+    r.beacon();
+    let out = r.manifest("r1", &release(2), ManifestState::Active);
+    assert!(phases(&out).is_empty(), "{out:?}");
+    assert!(r.core.job().is_none());
+    // For another key (a squatter's binding): not ours.
+    let stamp = r.stamp(0);
+    let other = fixtures::enrolled(
+        &DeviceId::new("dev-1").unwrap(),
+        &fleet(),
+        test_key("squatter").public(),
+        r.core.trust().incarnation,
+        stamp,
+    );
+    let mut out = Vec::new();
+    let clock = r.clock();
+    r.core.on_enrolled("e", &other, clock, &mut out);
+    assert!(!r.core.enrolled());
+    // Signed by a key that is not the coordinator's.
+    let forged = swell_protocol::envelope::seal(
+        &test_key("squatter"),
+        fixtures::stamp(1, 99, T0, 0, &fleet()),
+        &swell_protocol::messages::Enrolled {
+            device: DeviceId::new("dev-1").unwrap(),
+            fleet: fleet(),
+            key: test_key("device-1").public(),
+            incarnation: r.core.trust().incarnation,
+        },
+    )
+    .unwrap();
+    r.core.on_enrolled("e", &forged, clock, &mut out);
+    assert!(!r.core.enrolled());
+    assert_eq!(r.core.counters().rejected_enrollments, 1);
+    assert!(r.core.job().is_none());
+    // Ours: the manifest that waited is acted on.
+    let out = r.enrolled();
+    assert!(r.core.enrolled());
+    assert!(out.iter().any(|e| matches!(e, Effect::PersistTrust)));
+    assert_eq!(phases(&out), ["downloading"], "{out:?}");
+    // Withdrawn (an empty retained message): nothing new starts.
+    let mut out = Vec::new();
+    r.core.on_enrolled("e", b"", clock, &mut out);
+    assert!(!r.core.enrolled());
+}
+
+/// STATE-3: a device whose trust state was rebuilt with a clock behind
+/// learns from the retained confirmation that the coordinator knows a later
+/// incarnation of its key, goes on after it and says Hello again; every
+/// message it signs carries the incarnation as `epoch`.
+#[test]
+fn state_3_device_goes_on_after_the_incarnation_the_coordinator_confirmed() {
+    let mut r = Rig::unconfirmed(Restored {
+        keys: Some(Arc::new(fixtures::key_list(T0))),
+        ..Restored::default()
+    });
+    let ours = r.core.trust().incarnation;
+    assert_eq!(
+        ours,
+        T0 << 32 | 1,
+        "a new trust state's incarnation is its clock"
+    );
+    let out = r.enrolled_in(ours + 5);
+    assert_eq!(r.core.trust().incarnation, ours + 6);
+    assert!(!r.core.enrolled());
+    let hello = out
+        .iter()
+        .find_map(|e| match e {
+            Effect::Send(Outgoing::Hello { bytes, .. }) => Some(bytes.clone()),
+            _ => None,
+        })
+        .expect("a Hello for the new incarnation");
+    let env = swell_protocol::envelope::UnverifiedEnvelope::parse(&hello).unwrap();
+    assert_eq!(env.header.epoch, ours + 6);
+    let h = swell_protocol::messages::Hello::verify_self_signed(&env, T0).unwrap();
+    assert_eq!(h.body.incarnation, ours + 6);
+    // An earlier life's confirmation changes nothing.
+    r.enrolled_in(ours);
+    assert_eq!(r.core.trust().incarnation, ours + 6);
+    r.enrolled_in(ours + 6);
+    assert!(r.core.enrolled());
+}
+
+/// ENROLL-2: the Hello proves the token without carrying it.
+#[test]
+fn enroll_2_device_hello_carries_a_proof_not_the_token() {
+    let s = Settings {
+        enrollment_token: Some("a-fleet-token-0123".into()),
+        ..settings()
+    };
+    let clock = Clock {
+        unix: T0,
+        mono_ms: 0,
+    };
+    let mut core = DeviceCore::new(
+        Arc::new(s),
+        DeviceId::new("dev-1").unwrap(),
+        vec![],
+        test_key("device-1"),
+        Restored::default(),
+        clock,
+    );
+    let mut out = Vec::new();
+    core.connected(clock, &mut out);
+    let Some(Effect::Send(Outgoing::Hello { bytes, .. })) = out
+        .iter()
+        .find(|e| matches!(e, Effect::Send(Outgoing::Hello { .. })))
+    else {
+        panic!("{out:?}");
+    };
+    assert!(
+        !bytes.windows(18).any(|w| w == b"a-fleet-token-0123"),
+        "the token travels in clear"
+    );
+    let env = swell_protocol::envelope::UnverifiedEnvelope::parse(bytes).unwrap();
+    let h = swell_protocol::messages::Hello::verify_self_signed(&env, T0).unwrap();
+    let proof = h.body.enrollment_proof.unwrap();
+    assert!(swell_protocol::enroll::verify(
+        &proof,
+        "a-fleet-token-0123",
+        &h.body.device,
+        &h.body.fleet,
+        &h.body.key
+    ));
+}
+
+/// A coordinator of another protocol version says it cannot read us: the
+/// device says so loudly and counts it.
+#[test]
+fn device_counts_the_coordinators_unsupported_answer() {
+    let mut r = Rig::new();
+    let header = swell_protocol::envelope::Header {
+        proto: 3,
+        kind: 4,
+        key_id: test_key("device-1").key_id(),
+        epoch: 1,
+        seq: 2,
+        issued_at: T0,
+        expires_at: 0,
+        audience: swell_protocol::envelope::Audience::Any,
+    };
+    let mut answer = swell_protocol::version::unsupported(&header);
+    answer.proto_min = 4;
+    answer.proto_max = 4;
+    let bytes = swell_protocol::envelope::seal(
+        &test_key("coordinator-0"),
+        fixtures::stamp(1, 50, T0, 600, &fleet()),
+        &answer,
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let clock = r.clock();
+    r.core.on_directive("d", &bytes, clock, &mut out);
+    assert_eq!(r.core.counters().unsupported_by_coordinator, 1);
+    assert_eq!(r.core.counters().rejected_directives, 0);
 }

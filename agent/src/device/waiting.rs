@@ -1,6 +1,6 @@
 //! Messages that wait: manifests that cannot act yet ([`Held`]), and fleet
-//! messages that arrive before the device has any key list to check them with
-//! ([`BeforeKeys`]).
+//! messages that arrive before the device has any key list to check them with,
+//! or manifests before its enrollment is confirmed ([`BeforeKeys`]).
 //!
 //! A manifest that cannot act *yet* (no fresh beacon, another install under
 //! way) is held, its floors not raised, and evaluated again when a fresh beacon
@@ -63,9 +63,9 @@ impl Held {
     }
 }
 
-/// Most messages kept before a key list (a beacon, a directive and the
-/// fleet's manifests).
-pub const MAX_KEPT: usize = MAX_HELD + 2;
+/// Most messages kept before a key list (a beacon, a directive, the
+/// enrollment confirmation and the fleet's manifests).
+pub const MAX_KEPT: usize = MAX_HELD + 3;
 
 /// What one kept message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +77,7 @@ pub enum Kind {
     },
     Directive,
     Manifest,
+    Enrolled,
 }
 
 /// The kept messages: topic, kind and payload, oldest first, one per topic.

@@ -51,6 +51,8 @@ pub enum AgentError {
     Install(#[from] install::InstallError),
     #[error("HTTP client: {0}")]
     Http(String),
+    #[error("no randomness for a new incarnation: {0}")]
+    Random(String),
 }
 
 type WorkRx = mpsc::Receiver<(Option<JobKey>, Work)>;
@@ -127,9 +129,13 @@ impl Agent {
         }
         let mut rebuilt = None;
         let trust_file = TrustFile::new(dir.join("trust"));
-        let trust = match trust_file.load() {
+        let mut missing = false;
+        let mut trust = match trust_file.load() {
             Ok(Some(t)) => t,
-            Ok(None) => TrustState::default(),
+            Ok(None) => {
+                missing = true;
+                TrustState::default()
+            }
             Err(e @ crate::trust::TrustError::Corrupt { .. }) => {
                 let aside = trust_file.quarantine()?;
                 error!(error = %e, aside = %aside.display(), "trust file corrupt; set aside, starting from the pinned roots");
@@ -145,6 +151,24 @@ impl Agent {
         }
         let boot = store.get::<u64>("boot")?.unwrap_or(0) + 1;
         store.put("boot", &boot)?;
+        // STATE-3: a trust file gone from a device that ran before is a
+        // rebuild, reported like a corrupt one.
+        if missing && boot > 1 && rebuilt.is_none() {
+            error!(
+                "trust file missing although this device ran before; starting a new incarnation"
+            );
+            rebuilt = Some("trust file lost".to_string());
+        }
+        if trust.incarnation == 0 {
+            let mut random = [0u8; 4];
+            getrandom::fill(&mut random).map_err(|e| AgentError::Random(e.to_string()))?;
+            trust.incarnation =
+                crate::trust::new_incarnation(crate::clock::unix_now(), u32::from_le_bytes(random));
+            info!(
+                incarnation = trust.incarnation,
+                "new trust state: a new incarnation"
+            );
+        }
         let keys_path = dir.join("keylist");
         let restored = Restored {
             keys: load_key_list(&keys_path, &cfg.root, &trust).map(Arc::new),
@@ -224,6 +248,7 @@ impl Agent {
                 cfg.topics.beacon(&cfg.fleet),
                 cfg.topics.manifests(&cfg.fleet),
                 cfg.topics.desired(&cfg.device),
+                cfg.topics.enrolled(&cfg.device),
             ]
             .into_iter()
             .map(|f| (f, QoS::AtLeastOnce))
@@ -381,20 +406,12 @@ impl Agent {
                 }) => {
                     info!(phase = phase.name(), seq, rollout = ?rollout.as_ref().map(|r| r.as_str()), "report");
                     self.store.push(&bytes, heartbeat)?;
-                    self.link.pump(
-                        &self.client,
-                        &self.store,
-                        &self.cfg.topics.report(&self.cfg.device),
-                    );
+                    self.pump();
                 }
                 Effect::Send(Outgoing::Note { seq, bytes }) => {
                     info!(seq, takeovers = self.core.takeovers(), "session note");
                     self.store.push(&bytes, true)?;
-                    self.link.pump(
-                        &self.client,
-                        &self.store,
-                        &self.cfg.topics.report(&self.cfg.device),
-                    );
+                    self.pump();
                 }
                 Effect::Start(task) => self.start(task),
                 Effect::PruneBlobs(keep) => {
@@ -446,6 +463,19 @@ impl Agent {
 
     // ---- MQTT ----
 
+    /// Sends what the outbox holds, within the window, once the coordinator
+    /// confirmed this device's enrollment (ENROLL-3): before that its
+    /// reports would be refused, so they wait.
+    fn pump(&mut self) {
+        if self.core.enrolled() {
+            self.link.pump(
+                &self.client,
+                &self.store,
+                &self.cfg.topics.report(&self.cfg.device),
+            );
+        }
+    }
+
     fn on_mqtt(&mut self, ev: MqttEvent, eventloop: &mut EventLoop) -> Result<(), AgentError> {
         // Subscribes on every CONNACK and checks each SUBACK (MQTT-5).
         for outcome in self.subscriptions.note(&self.client, &ev) {
@@ -468,16 +498,14 @@ impl Agent {
                 );
                 self.core.connected(self.clock(), &mut out);
                 self.execute(&mut out)?;
-                self.link.pump(
-                    &self.client,
-                    &self.store,
-                    &self.cfg.topics.report(&self.cfg.device),
-                );
+                self.pump();
                 self.status_dirty = true;
             }
             MqttEvent::Incoming(Packet::Publish(p)) => {
                 self.on_publish(&p, &mut out);
                 self.execute(&mut out)?;
+                // An enrollment confirmation lets waiting reports go.
+                self.pump();
                 self.status_dirty = true;
                 // Acknowledged only now: whatever it changed is on disk (MQTT-4).
                 if let Err(e) = self.client.try_ack(&p) {
@@ -489,11 +517,7 @@ impl Agent {
                     self.store.ack(key)?;
                     self.core.counters_mut().reports_acked += 1;
                     self.status_dirty = true;
-                    self.link.pump(
-                        &self.client,
-                        &self.store,
-                        &self.cfg.topics.report(&self.cfg.device),
-                    );
+                    self.pump();
                 }
             }
             MqttEvent::Outgoing(MqttOutgoing::Publish(pkid)) => self.link.sent(pkid),
@@ -519,6 +543,9 @@ impl Agent {
             }
             Ok(Topic::Desired { device }) if device == self.cfg.device => {
                 core.on_directive(&topic, &p.payload, clock, out);
+            }
+            Ok(Topic::Enrolled { device }) if device == self.cfg.device => {
+                core.on_enrolled(&topic, &p.payload, clock, out);
             }
             _ => {
                 core.counters_mut().unknown_topics += 1;

@@ -318,6 +318,26 @@ impl Control {
                         if topic.ends_with("/hello") {
                             if let Ok(v) = Hello::verify_self_signed(&env, now()) {
                                 keys.insert(v.body.device.to_string(), v.body.key);
+                                // Enrolled as a coordinator does it (ENROLL-3).
+                                let confirmation = swell_protocol::fixtures::enrolled(
+                                    &v.body.device,
+                                    &v.body.fleet,
+                                    v.body.key,
+                                    v.body.incarnation,
+                                    Stamp {
+                                        epoch: 1,
+                                        seq: now(),
+                                        issued_at: now(),
+                                        expires_at: 0,
+                                        audience: Audience::Any,
+                                    },
+                                );
+                                let _ = sub.try_publish(
+                                    topics.enrolled(&v.body.device),
+                                    QoS::AtLeastOnce,
+                                    true,
+                                    confirmation,
+                                );
                                 hellos
                                     .lock()
                                     .unwrap()

@@ -220,7 +220,7 @@ impl Engine {
                 spec,
                 allow_overlap,
             } => return self.create(*spec, allow_overlap, now),
-            Op::Approve { device, key } => self.approve(&device, key)?,
+            Op::Approve { device, key } => return self.approve(&device, key, now),
             Op::Status { rollout } => match rollout {
                 Some(r) => {
                     let l = self
@@ -278,7 +278,8 @@ impl Engine {
         &mut self,
         device: &swell_protocol::DeviceId,
         key: Option<swell_protocol::KeyId>,
-    ) -> Result<(String, Answer), Refusal> {
+        now: u64,
+    ) -> Result<Accepted, Refusal> {
         let unknown = || {
             refuse(
                 "unknown_device",
@@ -319,12 +320,16 @@ impl Engine {
             l.tracker
                 .consider(slot, &rec.id, rec.labels(), rec.hardware(), rec.online);
         }
-        Ok((
-            format!("device {device} approved with key {pending_key}"),
-            Answer::Device {
+        let enrolled = self
+            .enrolled(&rec, now)
+            .map_err(|e| refuse("sign", e.to_string()))?;
+        Ok(Accepted {
+            out: vec![enrolled],
+            message: format!("device {device} approved with key {pending_key}"),
+            answer: Answer::Device {
                 device: device.to_string(),
             },
-        ))
+        })
     }
 
     pub(super) fn create(

@@ -3,14 +3,16 @@
 //! checked in a fixed order (topic, envelope, signature, device named in the
 //! payload, fleet, enrollment, replay floor) and a refusal is counted by reason.
 
-use super::{Engine, EngineError, MAX_PENDING_DEVICES, Out, ParsedTopic, ReplyTo};
+use super::{
+    Engine, EngineError, MAX_PENDING_DEVICES, MAX_UNSUPPORTED_ANSWERED, Out, ParsedTopic, ReplyTo,
+};
 use crate::fleet::registry::{DeviceRecord, Enrollment, RegistryError};
 use crate::precheck::{Planned, Precheck};
 use crate::store::StoredReport;
-use swell_protocol::envelope::UnverifiedEnvelope;
-use swell_protocol::messages::{Hello, Report, SessionNote};
+use swell_protocol::envelope::{Audience, Header, Stamp, UnverifiedEnvelope, seal};
+use swell_protocol::messages::{Enrolled, Hello, Report, SessionNote};
 use swell_protocol::topics::Topic;
-use swell_protocol::{DeviceId, MessageKind, PublicKey, version};
+use swell_protocol::{DeviceId, EnvelopeError, MessageKind, PublicKey, enroll, version};
 use tracing::{info, warn};
 
 impl Engine {
@@ -194,6 +196,15 @@ impl Engine {
                     "hello",
                     &format_args!("device {topic_device}: {e}"),
                 );
+                // An agent of another protocol version learns why it is not
+                // heard (section 12 of docs/protocol.md).
+                if matches!(
+                    e,
+                    EnvelopeError::UnsupportedProto { .. } | EnvelopeError::UnknownKind(_)
+                ) && let Ok(env) = UnverifiedEnvelope::parse(payload)
+                {
+                    return self.answer_unsupported(topic_device, &env.header, now);
+                }
                 return Ok(vec![]);
             }
         };
@@ -223,12 +234,24 @@ impl Engine {
                     h.device, h.proto_min, h.proto_max
                 ),
             );
+            return self.answer_unsupported(topic_device, &v.header, now);
+        }
+        if v.header.epoch != h.incarnation {
+            let why = format!(
+                "device {}: epoch {} is not its incarnation {}",
+                h.device, v.header.epoch, h.incarnation
+            );
+            self.reject("malformed", "hello", &why);
             return Ok(vec![]);
         }
-        let token_ok = h
-            .enrollment_token
-            .as_ref()
-            .is_some_and(|t| self.s.enrollment_tokens.iter().any(|k| k == t));
+        // ENROLL-2: the proof names this device, fleet and key, so it proves
+        // nothing for anyone else.
+        let token_ok = h.enrollment_proof.as_ref().is_some_and(|p| {
+            self.s
+                .enrollment_tokens
+                .iter()
+                .any(|t| enroll::verify(p, t, &h.device, &h.fleet, &h.key))
+        });
         let newly_approved;
         let slot = match self.devices.slot(&h.device) {
             Some(slot) => {
@@ -239,7 +262,7 @@ impl Engine {
                     // Only a pending device gets here with another key.
                     if !token_ok {
                         let why = format!(
-                            "device {} is pending with key {}; a Hello with another key needs a valid enrollment token",
+                            "device {} is pending with key {}; a Hello with another key needs a valid enrollment proof",
                             h.device,
                             d.key.key_id()
                         );
@@ -250,12 +273,43 @@ impl Engine {
                         device = %h.device,
                         squatted_by = %d.key.key_id(),
                         key = %h.key.key_id(),
-                        "a Hello with a valid enrollment token replaces the key a Hello without one bound to this device"
+                        "a Hello with a valid enrollment proof replaces the key a Hello without one bound to this device"
                     );
                     d.key = h.key;
                     // The other key's counters are not this device's.
-                    d.last_seq = 0;
-                    d.last_hello_seq = 0;
+                    d.new_incarnation(h.incarnation, 0);
+                }
+                match h.incarnation.cmp(&d.incarnation) {
+                    // A record from before protocol 3: the device's counter
+                    // went on, so its floors hold.
+                    _ if d.incarnation == 0 => d.incarnation = h.incarnation,
+                    std::cmp::Ordering::Equal => {}
+                    std::cmp::Ordering::Less => {
+                        let why = format!(
+                            "device {}: incarnation {} is older than {}",
+                            h.device, h.incarnation, d.incarnation
+                        );
+                        self.reject("stale_incarnation", "hello", &why);
+                        return Ok(vec![]);
+                    }
+                    // STATE-3: its trust state was rebuilt and its counter
+                    // started again. Signed by its enrolled key; re-admitted
+                    // at once with a valid proof, else it waits for approval.
+                    std::cmp::Ordering::Greater => {
+                        info!(
+                            device = %h.device,
+                            from = d.incarnation,
+                            to = h.incarnation,
+                            readmitted = token_ok,
+                            "device starts a new incarnation"
+                        );
+                        d.new_incarnation(h.incarnation, 0);
+                        self.counters.new_incarnations += 1;
+                        if !token_ok && d.enrollment == Enrollment::Approved {
+                            d.enrollment = Enrollment::Pending;
+                            self.pending += 1;
+                        }
+                    }
                 }
                 if let Err(e) = d.accept_hello_seq(v.header.seq) {
                     self.reject(e.reason(), "hello", &e);
@@ -303,10 +357,14 @@ impl Engine {
             }
         };
         self.counters.hellos += 1;
+        let mut out = Vec::new();
         // Disjoint fields: the record is read in place, not copied.
         if let Some(rec) = self.devices.at(slot) {
             self.store.put_device(rec)?;
             if rec.enrollment == Enrollment::Approved {
+                // ENROLL-3: on every Hello, so a confirmation the broker lost
+                // is back after the device's next connection.
+                out.push(self.enrolled(rec, now)?);
                 if newly_approved {
                     info!(device = %rec.id, "device enrolled");
                 }
@@ -320,20 +378,79 @@ impl Engine {
                 }
             }
         }
-        Ok(vec![])
+        Ok(out)
+    }
+
+    /// The retained confirmation that `rec` is enrolled with its key in its
+    /// incarnation (ENROLL-3).
+    pub(super) fn enrolled(&self, rec: &DeviceRecord, now: u64) -> Result<Out, EngineError> {
+        let stamp = Stamp {
+            epoch: self.s.epoch,
+            seq: now,
+            issued_at: now,
+            expires_at: 0,
+            audience: Audience::Device(rec.id.clone()),
+        };
+        let body = Enrolled {
+            device: rec.id.clone(),
+            fleet: rec.fleet().clone(),
+            key: rec.key,
+            incarnation: rec.incarnation,
+        };
+        Ok(Out {
+            topic: self.s.topics.enrolled(&rec.id),
+            payload: seal(&self.s.key, stamp, &body)?,
+            retain: true,
+            correlation: None,
+            event: None,
+        })
+    }
+
+    /// Tells a device whose Hello this coordinator cannot read which
+    /// versions it speaks: signed, not retained, on the device's `desired`
+    /// topic (which agents of every version read); at most once a minute per
+    /// device, so a looping agent is not answered in a loop.
+    fn answer_unsupported(
+        &mut self,
+        device: &DeviceId,
+        header: &Header,
+        now: u64,
+    ) -> Result<Vec<Out>, EngineError> {
+        if self.unsupported_answered.len() >= MAX_UNSUPPORTED_ANSWERED {
+            self.unsupported_answered.clear();
+        }
+        let last = self.unsupported_answered.entry(device.clone()).or_insert(0);
+        if *last != 0 && now < last.saturating_add(60) {
+            return Ok(vec![]);
+        }
+        *last = now;
+        let stamp = Stamp {
+            epoch: self.s.epoch,
+            seq: now,
+            issued_at: now,
+            expires_at: now + 3600,
+            audience: Audience::Device(device.clone()),
+        };
+        Ok(vec![Out {
+            topic: self.s.topics.desired(device),
+            payload: seal(&self.s.key, stamp, &version::unsupported(header))?,
+            retain: false,
+            correlation: None,
+            event: None,
+        }])
     }
 
     /// What a verified message on a device's report topic must also be to
     /// count (MQTT-3, MQTT-6): about the device its topic names, from an
-    /// approved device, above its report floor. Raises the floor and marks the
-    /// device seen when it is.
+    /// approved device, in its current incarnation, above its report floor.
+    /// Raises the floor and marks the device seen when it is.
     fn admit(
         &mut self,
         what: &str,
         topic_device: &DeviceId,
         body_device: &DeviceId,
         slot: usize,
-        seq: u64,
+        (epoch, seq): (u64, u64),
         now: u64,
     ) -> bool {
         if body_device != topic_device {
@@ -347,6 +464,16 @@ impl Engine {
         if d.enrollment != Enrollment::Approved {
             let e = RegistryError::NotApproved(topic_device.clone());
             self.reject(e.reason(), what, &e);
+            return false;
+        }
+        // STATE-3: a message of an earlier life of the device's trust state
+        // (a replay across a rebuild) is not counted against this one's floor.
+        if d.incarnation != 0 && epoch != d.incarnation {
+            let why = format!(
+                "device {topic_device}: epoch {epoch}, its incarnation is {}",
+                d.incarnation
+            );
+            self.reject("stale_incarnation", what, &why);
             return false;
         }
         if let Err(e) = d.accept_seq(seq) {
@@ -380,7 +507,7 @@ impl Engine {
             topic_device,
             &v.body.device,
             slot,
-            v.header.seq,
+            (v.header.epoch, v.header.seq),
             now,
         ) {
             return;
@@ -470,7 +597,7 @@ impl Engine {
             topic_device,
             &v.body.device,
             slot,
-            v.header.seq,
+            (v.header.epoch, v.header.seq),
             now,
         ) {
             return Ok(vec![]);
@@ -481,7 +608,7 @@ impl Engine {
         let running_changed = v.body.phase == swell_protocol::messages::Phase::Committed
             && d.set_running(Some(v.body.release), &mut self.shared);
         self.counters.reports += 1;
-        let seq = v.header.seq;
+        let (epoch, seq) = (v.header.epoch, v.header.seq);
         let r = v.body;
         if r.rollout.is_none()
             && let swell_protocol::messages::Phase::Rejected(why) = &r.phase
@@ -520,6 +647,7 @@ impl Engine {
                     release: r.release,
                     phase: r.phase,
                     seq,
+                    epoch,
                 },
             )?;
         }

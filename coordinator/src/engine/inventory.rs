@@ -123,6 +123,7 @@ impl Engine {
                         .collect(),
                     last_seen: d.last_seen(),
                     takeovers: self.takeovers_of(slot),
+                    incarnation: d.incarnation,
                 });
             }
         }

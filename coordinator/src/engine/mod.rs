@@ -44,6 +44,9 @@ use tracing::{info, warn};
 /// Most devices waiting for approval at once (a flood of Hellos cannot grow the
 /// registry without bound).
 pub const MAX_PENDING_DEVICES: usize = 10_000;
+/// Devices remembered as answered `Unsupported` (for the once-a-minute limit);
+/// the memory is dropped when it is full.
+const MAX_UNSUPPORTED_ANSWERED: usize = 10_000;
 
 /// What the engine was configured with.
 #[derive(Debug)]
@@ -117,6 +120,8 @@ pub struct Counters {
     pub takeovers: u64,
     /// Devices' reports that their beacon expired with no fresh one (FRESH-3).
     pub possible_freezes: u64,
+    /// Hellos that started a device's new incarnation (STATE-3).
+    pub new_incarnations: u64,
 }
 
 struct Live {
@@ -149,6 +154,8 @@ pub struct Engine {
     /// Set in Kubernetes mode: rollout commands go to the controller.
     forward_rollout_ops: bool,
     forwarded: Vec<Forwarded>,
+    /// When each device whose Hello could not be read was last answered.
+    unsupported_answered: HashMap<DeviceId, u64>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -234,6 +241,7 @@ impl Engine {
             log_throttle: HashMap::new(),
             forward_rollout_ops: false,
             forwarded: Vec::new(),
+            unsupported_answered: HashMap::new(),
         };
         let mut skipped = 0u64;
         for mut d in loaded.devices {
@@ -267,7 +275,11 @@ impl Engine {
             let Some(slot) = e.devices.slot(&device) else {
                 continue;
             };
-            if let Some(d) = e.devices.at_mut(slot) {
+            // Only a report of the device's present incarnation is a floor
+            // of it (the record's own floor covers those before protocol 3).
+            if let Some(d) = e.devices.at_mut(slot)
+                && rep.epoch == d.incarnation
+            {
                 d.last_seq = d.last_seq.max(rep.seq);
             }
             if let Some(l) = e.rollouts.get_mut(&rollout) {
@@ -301,7 +313,6 @@ impl Engine {
 
     fn new_tracker(&self, rec: &RolloutRecord) -> Tracker {
         let mut t = Tracker::new(
-            rec.spec.id.clone(),
             rec.spec.release_id(),
             rec.spec.plan.clone(),
             rec.spec.selector.clone(),

@@ -21,7 +21,7 @@ use crate::rollout::state::Observations;
 use std::collections::BTreeSet;
 use swell_protocol::cohort::{self, Selector};
 use swell_protocol::messages::{Phase, reason};
-use swell_protocol::{DeviceId, ReleaseId, RolloutId};
+use swell_protocol::{DeviceId, ReleaseId};
 
 /// How a member is doing in this rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,6 @@ impl Member {
 /// Membership and counts of one rollout.
 #[derive(Debug, Clone)]
 pub struct Tracker {
-    rollout: RolloutId,
     release: ReleaseId,
     plan: WavePlan,
     selector: Selector,
@@ -120,7 +119,6 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(
-        rollout: RolloutId,
         release: ReleaseId,
         plan: WavePlan,
         selector: Selector,
@@ -129,7 +127,6 @@ impl Tracker {
     ) -> Self {
         let waves = plan.wave_count();
         Tracker {
-            rollout,
             release,
             plan,
             selector,
@@ -184,7 +181,7 @@ impl Tracker {
         if !self.hardware.is_empty() && !self.hardware.iter().any(|h| h == hardware) {
             return false;
         }
-        let Some(wave) = self.plan.wave_of(&self.rollout, device) else {
+        let Some(wave) = self.plan.wave_of(&self.release, device) else {
             return false;
         };
         let Ok(wave) = u16::try_from(wave) else {
@@ -194,7 +191,7 @@ impl Tracker {
             return false;
         }
         let m = Member {
-            bucket: cohort::bucket(&self.rollout, device),
+            bucket: cohort::bucket(&self.release, device),
             wave,
             class: Class::NoReport,
             canary: self.plan.canary().contains(device),
@@ -433,7 +430,6 @@ mod tests {
 
     fn tracker(canary: usize, steps: &[u32], selector: &str) -> Tracker {
         Tracker::new(
-            RolloutId::new("t").unwrap(),
             ReleaseId([1; 32]),
             WavePlan::new((0..canary).map(|i| dev(i as u32)).collect(), steps.to_vec()).unwrap(),
             Selector::parse(selector).unwrap(),
@@ -500,7 +496,7 @@ mod tests {
         // Nothing walked yet: no population, but opened members already vote.
         assert_eq!(t.counts()[0].population, 0);
         let opened: Vec<u32> = (0..200)
-            .filter(|i| cohort::is_open(cohort::bucket(&t.rollout, &dev(*i)), t.open_below))
+            .filter(|i| cohort::is_open(cohort::bucket(&t.release, &dev(*i)), t.open_below))
             .collect();
         assert!(opened.len() > 60 && opened.len() < 140, "{}", opened.len());
         assert!(t.on_report(opened[0] as usize, &release, &Phase::Committed));
@@ -508,7 +504,7 @@ mod tests {
         // A device announcing itself after its wave opened does not join it
         // (the wave's members were fixed when it opened); one whose bucket
         // is still shut joins the later opening.
-        let late_open = cohort::is_open(cohort::bucket(&t.rollout, &dev(1000)), t.open_below);
+        let late_open = cohort::is_open(cohort::bucket(&t.release, &dev(1000)), t.open_below);
         assert_eq!(t.consider(1000, &dev(1000), &[], "hw", true), !late_open);
         let walked = t.settle(|_| true);
         assert!(t.settled());

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use swell_protocol::cohort::{self, format_percent};
 use swell_protocol::messages::MAX_CANARY;
-use swell_protocol::{DeviceId, RolloutId};
+use swell_protocol::{DeviceId, ReleaseId};
 
 /// A rollout's waves. Deserializing validates, like [`WavePlan::new`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,12 +104,12 @@ impl WavePlan {
             .map(|&p| cohort::open_below(p))
     }
 
-    /// The wave that opens `device` in `rollout` (`None`: no wave reaches it).
-    pub fn wave_of(&self, rollout: &RolloutId, device: &DeviceId) -> Option<usize> {
+    /// The wave that opens `device` to `release` (`None`: no wave reaches it).
+    pub fn wave_of(&self, release: &ReleaseId, device: &DeviceId) -> Option<usize> {
         if self.canary.contains(device) {
             return Some(0);
         }
-        cohort::wave_of(cohort::bucket(rollout, device), &self.steps_ppm).map(|w| w + self.offset())
+        cohort::wave_of(cohort::bucket(release, device), &self.steps_ppm).map(|w| w + self.offset())
     }
 
     /// Label for people: `canary`, `5%`, ….
@@ -179,10 +179,10 @@ mod tests {
             steps.insert(PPM_FULL);
             let canary: Vec<DeviceId> = canaries.iter().map(|i| dev(&format!("d{i}"))).collect();
             let plan = WavePlan::new(canary.clone(), steps.into_iter().collect()).unwrap();
-            let rollout = RolloutId::new("prop").unwrap();
+            let release = ReleaseId([0x5a; 32]);
             let d = dev(&format!("d{n}"));
-            let planned = plan.wave_of(&rollout, &d).unwrap();
-            let b = cohort::bucket(&rollout, &d);
+            let planned = plan.wave_of(&release, &d).unwrap();
+            let b = cohort::bucket(&release, &d);
             for k in 0..plan.wave_count() {
                 let ob = plan.open_below(k).unwrap();
                 let device_view = canary.contains(&d) || cohort::is_open(b, ob);

@@ -100,7 +100,10 @@ impl Sim {
     fn is_open(&self, d: &SimDev) -> bool {
         self.state.started
             && (self.spec.plan.canary().contains(&d.id)
-                || cohort::is_open(cohort::bucket(&self.spec.id, &d.id), self.state.open_below))
+                || cohort::is_open(
+                    cohort::bucket(&self.spec.release_id(), &d.id),
+                    self.state.open_below,
+                ))
     }
 
     fn observe(&mut self) -> Observations {
@@ -114,7 +117,11 @@ impl Sim {
             }
             let opened = *d.opened_at.get_or_insert(self.now);
             let since = self.now - d.retried_at.unwrap_or(opened);
-            let w = self.spec.plan.wave_of(&self.spec.id, &d.id).unwrap();
+            let w = self
+                .spec
+                .plan
+                .wave_of(&self.spec.release_id(), &d.id)
+                .unwrap();
             let c = &mut waves[w];
             c.population += 1;
             match d.outcome {
@@ -145,7 +152,7 @@ impl Sim {
                 .devs
                 .iter()
                 .filter(|d| !self.is_open(d))
-                .map(|d| cohort::bucket(&self.spec.id, &d.id))
+                .map(|d| cohort::bucket(&self.spec.release_id(), &d.id))
                 .collect();
             closed.sort_unstable();
             if budget == 0 {
@@ -361,9 +368,9 @@ fn state_late_failure_in_earlier_wave_halts() {
     let mut sim = Sim::new(s, 100, |_| Some((10, true)));
     // Devices of wave 0 fail 200 s after their commit.
     let plan = sim.spec.plan.clone();
-    let id = sim.spec.id.clone();
+    let release = sim.spec.release_id();
     for d in sim.devs.iter_mut() {
-        if plan.wave_of(&id, &d.id) == Some(0) {
+        if plan.wave_of(&release, &d.id) == Some(0) {
             d.late_failure = Some(200);
         }
     }

@@ -436,7 +436,7 @@ impl Store for DiskStore {
         let mut aside = sled::Batch::default();
         let damaged = journal::read_snapshot(&s.dir, |target, key, value| {
             let ok = match target {
-                Target::Devices => postcard::from_bytes::<DeviceRecord>(value)
+                Target::Devices => DeviceRecord::decode(value)
                     .map(|d| out.devices.push(d))
                     .is_ok(),
                 Target::Reports => std::str::from_utf8(key)

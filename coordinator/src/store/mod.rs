@@ -92,11 +92,20 @@ pub struct StoredReport {
     pub phase: Phase,
     /// The envelope `seq` it came in: a replay floor of the device.
     pub seq: u64,
+    /// And its `epoch`, the device's incarnation: a floor only within it.
+    /// Last, so a report stored before it existed reads with 0.
+    pub epoch: u64,
 }
 
 impl StoredReport {
     fn decode(bytes: &[u8]) -> Option<StoredReport> {
-        postcard::from_bytes::<StoredReport>(bytes).ok()
+        postcard::from_bytes::<StoredReport>(bytes)
+            .or_else(|_| {
+                let mut v = bytes.to_vec();
+                v.push(0);
+                postcard::from_bytes::<StoredReport>(&v)
+            })
+            .ok()
     }
 }
 

@@ -45,6 +45,7 @@ fn deleting_a_rollout_removes_its_record_decisions_and_reports_only() {
         release: rec.spec.release_id(),
         phase: swell_protocol::messages::Phase::Committed,
         seq: 1,
+        epoch: 1,
     };
     let dev = DeviceId::new("dev-1").unwrap();
     s.put_report(&rec.spec.id, &dev, &report).unwrap();
@@ -84,6 +85,7 @@ fn store_round_trips_and_survives_reopen() {
                 release: ReleaseId([1; 32]),
                 phase: Phase::Committed,
                 seq: 1,
+                epoch: 1,
             },
         )
         .unwrap();
@@ -129,6 +131,7 @@ fn report(seq: u64) -> StoredReport {
         release: ReleaseId([seq as u8; 32]),
         phase: Phase::Installing,
         seq,
+        epoch: 1,
     }
 }
 

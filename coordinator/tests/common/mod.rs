@@ -20,7 +20,7 @@ use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
 use swell_protocol::topics::Topics;
-use swell_protocol::{DeviceId, FleetId, ReleaseId, RolloutId, SecretKey};
+use swell_protocol::{DeviceId, FleetId, ReleaseId, RolloutId, SecretKey, enroll};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -381,12 +381,13 @@ fn hellos(inner: &Arc<Mutex<DevState>>, topics: &Topics) -> Vec<(String, Vec<u8>
                 labels: dv.labels.clone(),
                 hardware: "sim".into(),
                 agent_version: "test".into(),
-                proto_min: 1,
-                proto_max: 1,
+                proto_min: 3,
+                proto_max: 3,
                 boot: 1,
                 running: None,
                 counter_floor: 0,
-                enrollment_token: Some(TOKEN.into()),
+                incarnation: 1,
+                enrollment_proof: Some(enroll::prove(TOKEN, &dv.id, &fleet(), &dv.key.public())),
             };
             let stamp = Stamp {
                 epoch: 1,
@@ -461,7 +462,7 @@ fn on_manifest(
     let mut outs = Vec::new();
     for i in 0..st.devs.len() {
         let d = &st.devs[i];
-        let bucket = cohort::bucket(&m.rollout, &d.id);
+        let bucket = cohort::bucket(&release_id, &d.id);
         if !m.selector.matches(&d.labels) || !m.opens_for(&d.id, bucket) {
             continue;
         }
@@ -747,13 +748,13 @@ impl Devices {
             .unwrap();
     }
 
-    /// Index of the devices whose planned wave for `rollout` over `steps` is `wave`.
-    pub fn in_wave(&self, rollout: &RolloutId, steps: &[u32], wave: usize) -> Vec<usize> {
+    /// Index of the devices whose planned wave for `release` over `steps` is `wave`.
+    pub fn in_wave(&self, release: &ReleaseId, steps: &[u32], wave: usize) -> Vec<usize> {
         let st = self.inner.lock().unwrap();
         st.devs
             .iter()
             .enumerate()
-            .filter(|(_, d)| cohort::wave_of(cohort::bucket(rollout, &d.id), steps) == Some(wave))
+            .filter(|(_, d)| cohort::wave_of(cohort::bucket(release, &d.id), steps) == Some(wave))
             .map(|(i, _)| i)
             .collect()
     }

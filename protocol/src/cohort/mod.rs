@@ -1,10 +1,16 @@
 //! Who is in which wave.
 //!
-//! A device's position in a rollout is `bucket(rollout, device)`, a uniformly
-//! spread u64 both sides compute. Waves are cumulative fractions of the bucket
-//! space, expressed in parts per million (ppm) so no floating point reaches the
-//! wire; a manifest carries `open_below`, and a device whose bucket is below it is in
-//! an open wave. `open_below == u64::MAX` is the one special value: everyone.
+//! A device's position in a rollout is `bucket(release, device)`, a uniformly
+//! spread u64 both sides compute. It depends only on the release (whose id is
+//! the hash of what the release keys signed) and the device, never on
+//! anything the coordinator chooses: a stolen coordinator key cannot search
+//! for a rollout id that puts a chosen device under an exposure cap (ROLL-3).
+//! Waves are cumulative fractions of the bucket space, expressed in parts per
+//! million (ppm) so no floating point reaches the wire; a manifest carries
+//! `open_below`, and a device whose bucket is below it is in an open wave.
+//! `open_below == u64::MAX` is the one special value: everyone. The release's
+//! exposure cap is a fraction of the same space, so a wave and a cap of the
+//! same size name the same devices.
 
 mod selector;
 
@@ -13,19 +19,19 @@ pub use selector::{
     validate_label_value,
 };
 
-use crate::ids::{DeviceId, RolloutId};
+use crate::ids::{DeviceId, ReleaseId};
 use sha2::{Digest as _, Sha256};
 
 /// One million: 100 % in ppm.
 pub const PPM_FULL: u32 = 1_000_000;
 
-/// SHA-256("swell/bucket/v1" ‖ rollout ‖ device), first 8 bytes, big-endian.
-/// No separators: both ids come from a charset without NUL, and within one rollout
-/// the device id alone varies, so the concatenation is unambiguous.
-pub fn bucket(rollout: &RolloutId, device: &DeviceId) -> u64 {
+/// SHA-256("swell/bucket/release/v3" ‖ release id[32] ‖ device), first 8
+/// bytes, big-endian. The release id has a fixed length, so the
+/// concatenation is unambiguous.
+pub fn bucket(release: &ReleaseId, device: &DeviceId) -> u64 {
     let mut h = Sha256::new();
-    h.update(b"swell/bucket/v1");
-    h.update(rollout.as_str().as_bytes());
+    h.update(b"swell/bucket/release/v3");
+    h.update(release.as_bytes());
     h.update(device.as_str().as_bytes());
     let d = h.finalize();
     let mut first = [0u8; 8];
@@ -148,28 +154,33 @@ mod tests {
     fn cohort_bucket_vectors() {
         // Pinned: a change here is a protocol change (see docs/protocol.md).
         for (r, d, want) in BUCKET_VECTORS {
-            let r = RolloutId::new(*r).unwrap();
+            let r = ReleaseId::from_hex(r).unwrap();
             assert_eq!(bucket(&r, &id(d)), *want, "{r}/{d}");
-            assert_eq!(bucket_ref(r.as_str(), d), *want);
+            assert_eq!(bucket_ref(r.as_bytes(), d), *want);
         }
     }
 
     // Computed independently with Python's hashlib.
     const BUCKET_VECTORS: &[(&str, &str, u64)] = &[
-        ("fw-2-3", "dev-0001", 0xe5c1_b566_20d6_8dac),
-        ("fw-2-3", "dev-0002", 0x34e6_1c3e_874f_ec87),
-        ("r", "d", 0xa9c9_709a_14be_cb18),
+        (ZERO, "dev-0001", 0x06bf_99c3_a8c7_1864),
+        (ZERO, "dev-0002", 0x73d5_060f_3feb_6d98),
         (
-            "rollout-with.a_long-name",
+            "abababababababababababababababababababababababababababababababab",
+            "d",
+            0x5e84_7bfc_5cc2_e72e,
+        ),
+        (
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-            0x800c_b82f_27b9_371a,
+            0xb5fa_287e_2483_74cb,
         ),
     ];
+    const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
     // Reference computation written out longhand, independent of `bucket`.
-    fn bucket_ref(r: &str, d: &str) -> u64 {
-        let mut input = b"swell/bucket/v1".to_vec();
-        input.extend_from_slice(r.as_bytes());
+    fn bucket_ref(r: &[u8], d: &str) -> u64 {
+        let mut input = b"swell/bucket/release/v3".to_vec();
+        input.extend_from_slice(r);
         input.extend_from_slice(d.as_bytes());
         let digest = Sha256::digest(&input);
         digest[..8]

@@ -7,11 +7,14 @@ use super::{check_count, check_text};
 use crate::codec::{self, CodecError};
 use crate::cohort::{Label, MAX_LABELS, validate_label_key, validate_label_value};
 use crate::crypto::PublicKey;
+use crate::enroll::EnrollmentProof;
 use crate::envelope::{EnvelopeError, Message, MessageKind, UnverifiedEnvelope, Verified};
 use crate::ids::{DeviceId, FleetId, ReleaseId, RolloutId, validate_id};
 use serde::{Deserialize, Serialize};
 
-/// Announces a device: its key, labels, hardware, what it runs, what it speaks.
+/// Announces a device: its key, labels, hardware, what it runs, what it
+/// speaks, its incarnation and (when it enrolls by token) its proof.
+/// Protocol 3.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub device: DeviceId,
@@ -30,8 +33,14 @@ pub struct Hello {
     pub running: Option<ReleaseId>,
     /// Its release counter floor (VER-1).
     pub counter_floor: u64,
-    /// Enrollment token, when enrolling by token.
-    pub enrollment_token: Option<String>,
+    /// Which life of the device's trust state this is (STATE-3): chosen when
+    /// the trust state is created, above any incarnation the coordinator
+    /// confirmed for this key before; every message the device signs carries
+    /// it as the header `epoch`. Never 0.
+    pub incarnation: u64,
+    /// [`crate::enroll::prove`] with the fleet's enrollment token, when the
+    /// device enrolls by token (ENROLL-2): the token itself never travels.
+    pub enrollment_proof: Option<EnrollmentProof>,
 }
 
 impl Message for Hello {
@@ -50,8 +59,8 @@ impl Message for Hello {
         if self.proto_min > self.proto_max {
             return Err("proto_min is above proto_max".into());
         }
-        if let Some(t) = &self.enrollment_token {
-            check_text("enrollment token", t, 128)?;
+        if self.incarnation == 0 {
+            return Err("incarnation 0".into());
         }
         Ok(())
     }

@@ -1,8 +1,10 @@
-//! Coordinator → devices: manifests, beacons, per-device directives; and the
-//! `Unsupported` answer either side sends for a kind or version it cannot read.
+//! Coordinator → devices: manifests, beacons, per-device directives and
+//! enrollment confirmations; and the `Unsupported` answer either side sends
+//! for a kind or version it cannot read.
 
 use super::check_count;
 use crate::cohort::{self, Selector};
+use crate::crypto::PublicKey;
 use crate::envelope::{Message, MessageKind};
 use crate::ids::{DeviceId, FleetId, ReleaseId, RolloutId};
 use crate::threshold::ThresholdSigned;
@@ -24,7 +26,7 @@ pub struct Manifest {
     pub canary: Vec<DeviceId>,
     /// Index of the newest opened wave (0 = the canary wave when there is one).
     pub wave: u16,
-    /// Devices with `bucket(rollout, device) < open_below` are in an open wave
+    /// Devices with `bucket(release, device) < open_below` are in an open wave
     /// (`u64::MAX` = every selected device).
     pub open_below: u64,
     pub state: ManifestState,
@@ -114,6 +116,29 @@ impl Message for DeviceDirective {
     const KIND: MessageKind = MessageKind::Directive;
     const MAX_PAYLOAD: usize = 256;
     const EXPIRY_REQUIRED: bool = true;
+}
+
+/// The coordinator's confirmation that `device` is enrolled with `key` in
+/// its `incarnation` (ENROLL-3, protocol 3): retained on the device's
+/// `enrolled` topic, published on every admission and cleared when the
+/// device is rejected. A device acts on fleet manifests and sends reports only
+/// while it holds one for its own key and incarnation; one for its key with a
+/// higher incarnation tells a device that lost its trust state where to go on
+/// from (STATE-3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub device: DeviceId,
+    pub fleet: FleetId,
+    pub key: PublicKey,
+    pub incarnation: u64,
+}
+
+impl Message for Enrolled {
+    const KIND: MessageKind = MessageKind::Enrolled;
+    const MAX_PAYLOAD: usize = 256;
+    // It stays true until the coordinator clears it; a replay can only repeat
+    // what was once confirmed for this very key and incarnation.
+    const EXPIRY_REQUIRED: bool = false;
 }
 
 /// "I cannot read that": the kind and protocol version that were refused, and the

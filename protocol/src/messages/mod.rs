@@ -8,7 +8,9 @@ mod keylist;
 mod release;
 
 pub use device::{Hello, Metrics, Phase, ProbeResult, Reason, Report, SessionNote, reason};
-pub use fleet::{Beacon, DeviceDirective, MAX_CANARY, Manifest, ManifestState, Unsupported};
+pub use fleet::{
+    Beacon, DeviceDirective, Enrolled, MAX_CANARY, Manifest, ManifestState, Unsupported,
+};
 pub use keylist::{KeyList, KeyListError, RootOfTrust};
 pub use release::{
     Artifact, ArtifactKind, ConfigBlob, ExposureSchedule, ExposureStep, Release, RollbackOf,

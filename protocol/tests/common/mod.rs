@@ -9,7 +9,7 @@ use swell_protocol::envelope::{Audience, Stamp, seal};
 use swell_protocol::messages::*;
 use swell_protocol::testkeys::test_key;
 use swell_protocol::threshold::ThresholdSigned;
-use swell_protocol::{DeviceId, Digest, FleetId, ReleaseId, RolloutId, SecretKey};
+use swell_protocol::{DeviceId, Digest, FleetId, ReleaseId, RolloutId, SecretKey, enroll};
 
 /// 2026-11-26T00:00:00Z.
 pub const T0: u64 = 1_795_651_200;
@@ -193,13 +193,40 @@ pub fn hello_body() -> Hello {
         ],
         hardware: "rpi4".into(),
         agent_version: "0.1.0".into(),
-        proto_min: 1,
-        proto_max: 1,
+        proto_min: 3,
+        proto_max: 3,
         boot: 5,
         running: Some(ReleaseId([0x11; 32])),
         counter_floor: 22,
-        enrollment_token: None,
+        incarnation: 5,
+        enrollment_proof: Some(enroll::prove(
+            ENROLLMENT_TOKEN,
+            &dev("rpi-0042"),
+            &fleet(),
+            &device_key(42).public(),
+        )),
     }
+}
+
+/// The fleet token the golden Hello's proof is made with.
+pub const ENROLLMENT_TOKEN: &str = "golden-enrollment-token";
+
+pub fn enrolled_body() -> Enrolled {
+    Enrolled {
+        device: dev("rpi-0042"),
+        fleet: fleet(),
+        key: device_key(42).public(),
+        incarnation: 5,
+    }
+}
+
+/// Retained, so it has no expiry.
+pub fn enrolled() -> Vec<u8> {
+    let stamp = Stamp {
+        expires_at: 0,
+        ..coord_stamp(10, Audience::Device(dev("rpi-0042")))
+    };
+    seal(&coordinator_key(), stamp, &enrolled_body()).unwrap()
 }
 
 pub fn device_stamp(seq: u64) -> Stamp {
