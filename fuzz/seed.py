@@ -80,6 +80,7 @@ for name, text in [
     ("pause", '{"op":"pause","rollout":"fw-1","id":"7","reply_to":"swell-ops/ann/cli/replies"}'),
     ("devices", '{"op":"devices","selector":"region in (eu,us)","online":true,"limit":5}'),
     ("approve", '{"op":"approve","device":"rpi-0042","key":"c06988fc2e7a9448"}'),
+    ("reject", '{"op":"reject","pending":true}'),
     ("create", '{"op":"create","spec":{"rollout":"fw-1","release":"00","waves":["5%","100%"],'
                '"selector":"hw=rpi4","bake":"1m","install_timeout":"10m","policy":"rollback",'
                '"maintenance":{"tz":"Europe/Berlin","windows":["02:00-04:00"]}}}'),

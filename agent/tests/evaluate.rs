@@ -583,8 +583,14 @@ fn roll_3_no_rollout_id_moves_a_device_under_the_exposure_cap() {
     let rel = signed(&body, &["release-0", "release-1"]);
     let cap = cohort::open_below(10_000);
     let id = |i: u32| DeviceId::new(format!("rpi-{i:04}")).unwrap();
-    let over = (0..).map(id).find(|d| cohort::bucket(&rel.id(), d) >= cap).unwrap();
-    let under = (0..).map(id).find(|d| cohort::bucket(&rel.id(), d) < cap).unwrap();
+    let over = (0..)
+        .map(id)
+        .find(|d| cohort::bucket(&rel.id(), d) >= cap)
+        .unwrap();
+    let under = (0..)
+        .map(id)
+        .find(|d| cohort::bucket(&rel.id(), d) < cap)
+        .unwrap();
     for i in 0..2_000 {
         let rollout: &'static str = Box::leak(format!("grind-{i}").into_boxed_str());
         let m = manifest(M {
@@ -597,7 +603,13 @@ fn roll_3_no_rollout_id_moves_a_device_under_the_exposure_cap() {
                 id: dev.clone(),
                 ..ctx()
             };
-            let v = evaluate(&m, &device(&c), &keys(), &mut TrustState::default(), NOW + 10);
+            let v = evaluate(
+                &m,
+                &device(&c),
+                &keys(),
+                &mut TrustState::default(),
+                NOW + 10,
+            );
             if capped {
                 assert_eq!(code(&v), reason::EXPOSURE_CAP, "{rollout}: {v:?}");
             } else {

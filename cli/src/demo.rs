@@ -238,6 +238,7 @@ async fn demo(args: DemoArgs, bake: Duration) -> Result<()> {
         enrollment_tokens: vec!["demo-enrollment-token".into()],
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),
+        pending_expiry: Duration::from_secs(3 * 86_400),
     };
     let cancel = CancellationToken::new();
     let _stop = StopOnDrop(cancel.clone());

@@ -82,6 +82,20 @@ pub struct DeviceFilter {
     limit: usize,
 }
 
+impl DeviceFilter {
+    /// Every device pending approval (`swell device pending`).
+    pub fn pending(limit: usize) -> Self {
+        DeviceFilter {
+            selector: None,
+            release: None,
+            online: false,
+            offline: false,
+            pending: true,
+            limit,
+        }
+    }
+}
+
 /// `swell fleet devices`.
 pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
     runtime()?.block_on(async move {
@@ -141,6 +155,30 @@ pub fn devices(f: DeviceFilter, c: Conn) -> Result<ExitCode> {
             println!("({shown} of {matched} shown; raise --limit)");
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `swell device reject`.
+pub fn reject(
+    device: Option<String>,
+    key: Option<String>,
+    pending: bool,
+    c: Conn,
+) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut ops = connect(&c).await?;
+        let mut cmd = json!({"op": "reject"});
+        if let Some(d) = device {
+            cmd["device"] = json!(d);
+        }
+        if let Some(k) = key {
+            cmd["key"] = json!(k);
+        }
+        if pending {
+            cmd["pending"] = json!(true);
+        }
+        let reply = ops.command(cmd, timeout(&c)?).await?;
+        show(&c, &reply).map(code)
     })
 }
 

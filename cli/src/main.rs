@@ -62,7 +62,7 @@ enum Command {
         #[command(flatten)]
         conn: conn::Conn,
     },
-    /// Approve a device waiting for enrollment.
+    /// Devices waiting for enrollment: list, approve, reject.
     Device {
         #[command(subcommand)]
         cmd: DeviceCmd,
@@ -110,6 +110,25 @@ enum DeviceCmd {
         #[arg(long)]
         key: Option<String>,
     },
+    /// Devices pending approval, with the key each is pending with.
+    Pending {
+        /// At most this many rows.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Remove a device's record (a squatter's pending binding, or a device
+    /// that is gone), or with `--pending` every pending device; a device a
+    /// rollout counts is not removed. A removed device may say Hello again.
+    Reject {
+        #[arg(required_unless_present = "pending", conflicts_with = "pending")]
+        device: Option<String>,
+        /// The key id it must be bound to (`swell device pending -o json`).
+        #[arg(long, requires = "device")]
+        key: Option<String>,
+        /// Every device pending approval.
+        #[arg(long)]
+        pending: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -139,6 +158,19 @@ fn main() -> ExitCode {
             cmd: DeviceCmd::Approve { device, key },
             conn,
         } => fleet::approve(device, key, conn),
+        Command::Device {
+            cmd: DeviceCmd::Pending { limit },
+            conn,
+        } => fleet::devices(fleet::DeviceFilter::pending(limit), conn),
+        Command::Device {
+            cmd:
+                DeviceCmd::Reject {
+                    device,
+                    key,
+                    pending,
+                },
+            conn,
+        } => fleet::reject(device, key, pending, conn),
         Command::Events { count, conn } => rollout::events(count, conn),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;

@@ -69,6 +69,7 @@ async fn cli_signs_commands_with_the_operator_key() {
         enrollment_tokens: vec![],
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),
+        pending_expiry: Duration::from_secs(3 * 86_400),
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let (tx, _rx) = tokio::sync::watch::channel(false);

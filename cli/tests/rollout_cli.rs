@@ -71,6 +71,7 @@ async fn cli_rollout_commands_against_a_coordinator() {
         enrollment_tokens: vec!["tok".into()],
         beacon_ttl: Duration::from_secs(3),
         manifest_ttl: Duration::from_secs(3_600),
+        pending_expiry: Duration::from_secs(3 * 86_400),
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let (tx, _rx) = tokio::sync::watch::channel(false);
@@ -236,6 +237,21 @@ async fn cli_rollout_commands_against_a_coordinator() {
         assert!(out.contains("[####################]"), "{out}");
         let o = swell(&["rollout", "watch", "no-such"], &b);
         assert_eq!(o.status.code(), Some(1));
+        // Enrollment (ENROLL-4): nobody pending; a device the rollout counts
+        // is not removed; a purge of no pending device is a plain success.
+        let o = swell(&["device", "pending", "-o", "json"], &b);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["status"]["matched"], 0, "{v}");
+        let o = swell(&["device", "reject", "d-00001"], &b);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}{err}");
+        assert!(err.contains("takes part in rollout cli-1"), "{err}");
+        let o = swell(&["device", "reject", "--pending", "-o", "json"], &b);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["status"]["removed"], json!([]), "{v}");
+        let o = swell(&["device", "reject"], &b);
+        assert_eq!(o.status.code(), Some(2), "a device or --pending is required");
     })
     .await
     .unwrap();

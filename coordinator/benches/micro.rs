@@ -195,6 +195,7 @@ fn registry(c: &mut Criterion) {
         enrollment_tokens: vec!["t".into()],
         beacon_ttl: Duration::from_secs(60),
         manifest_ttl: Duration::from_secs(3600),
+        pending_expiry: Duration::from_secs(3 * 86_400),
     };
     let (mut engine, _) = Engine::start(settings, store, NOW).unwrap();
     let t = Topics::default();

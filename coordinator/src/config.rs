@@ -43,6 +43,7 @@ pub(crate) struct FileConfig {
     enrollment_tokens: Option<Vec<String>>,
     beacon_interval: Option<String>,
     manifest_ttl: Option<String>,
+    pending_expiry: Option<String>,
     tick: Option<String>,
     verify_threads: Option<usize>,
     db_cache_mib: Option<u64>,
@@ -299,6 +300,11 @@ pub(crate) fn config(cli: Cli) -> Result<Config> {
                 "--manifest-ttl",
                 cli.manifest_ttl.or(file.manifest_ttl),
                 "7d",
+            )?,
+            pending_expiry: dur(
+                "--pending-expiry",
+                cli.pending_expiry.or(file.pending_expiry),
+                "3d",
             )?,
         },
         loop_cfg: LoopConfig {

@@ -92,6 +92,10 @@ struct Cli {
     /// Manifest validity; manifests are re-signed at half of it.
     #[arg(long, env = "SWELL_MANIFEST_TTL")]
     manifest_ttl: Option<String>,
+    /// A device pending approval that has said nothing for this long is
+    /// removed (ENROLL-4); it may say Hello again.
+    #[arg(long, env = "SWELL_PENDING_EXPIRY")]
+    pending_expiry: Option<String>,
     /// How often rollouts are evaluated.
     #[arg(long, env = "SWELL_TICK")]
     tick: Option<String>,

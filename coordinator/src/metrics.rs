@@ -63,6 +63,8 @@ pub struct Metrics {
     hellos: Counter,
     takeovers: Counter,
     possible_freezes: Counter,
+    new_incarnations: Counter,
+    devices_removed: Family<ReasonLabel, Counter>,
     manifests: Counter,
     commands: Family<ResultLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
@@ -116,6 +118,8 @@ impl Metrics {
             hellos: Counter::default(),
             takeovers: Counter::default(),
             possible_freezes: Counter::default(),
+            new_incarnations: Counter::default(),
+            devices_removed: Family::default(),
             manifests: Counter::default(),
             commands: Family::default(),
             rejected: Family::default(),
@@ -160,6 +164,16 @@ impl Metrics {
             "device_possible_freezes",
             "Reports of devices that their last beacon expired and no fresh one came (FRESH-3): the beacon is not reaching them",
             m.possible_freezes.clone(),
+        );
+        r.register(
+            "device_new_incarnations",
+            "Hellos that started a device's new incarnation after its trust state was rebuilt (STATE-3)",
+            m.new_incarnations.clone(),
+        );
+        r.register(
+            "devices_removed",
+            "Devices removed from the registry, by reason: rejected by an operator, or pending and silent too long (ENROLL-4)",
+            m.devices_removed.clone(),
         );
         r.register(
             "manifests_published",
@@ -332,6 +346,18 @@ impl Metrics {
             .inc_by(c.takeovers.saturating_sub(last.takeovers));
         self.possible_freezes
             .inc_by(c.possible_freezes.saturating_sub(last.possible_freezes));
+        self.new_incarnations
+            .inc_by(c.new_incarnations.saturating_sub(last.new_incarnations));
+        for (reason, now, before) in [
+            ("rejected", c.devices_rejected, last.devices_rejected),
+            ("expired", c.pending_expired, last.pending_expired),
+        ] {
+            self.devices_removed
+                .get_or_create(&ReasonLabel {
+                    reason: reason.into(),
+                })
+                .inc_by(now.saturating_sub(before));
+        }
         self.manifests
             .inc_by(c.manifests.saturating_sub(last.manifests));
         self.commands

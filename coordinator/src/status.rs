@@ -194,6 +194,8 @@ pub enum Answer {
     Rollouts(Vec<RolloutStatus>),
     /// `approve`.
     Device { device: String },
+    /// `reject`: the devices removed.
+    Removed { removed: Vec<String> },
     /// `fleet`.
     Fleet(FleetSummary),
     /// `devices`.

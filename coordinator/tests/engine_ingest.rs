@@ -1626,3 +1626,136 @@ fn engine_answers_an_older_agent_with_unsupported() {
     assert!(deliver(&mut e, now + 30, topic.clone(), &golden).is_empty());
     assert!(!deliver(&mut e, now + 61, topic, &golden).is_empty());
 }
+
+/// ENROLL-4: a squatter's pending binding is removed by `reject` (the genuine
+/// device's id is free again), `reject` with `pending` purges every pending
+/// device (a flood of fresh ids no longer blocks approval for good), a device
+/// a rollout counts is not removed, and the removal survives a restart and
+/// the store's fold.
+#[test]
+fn engine_enroll_4_pending_devices_are_rejected_and_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |now: u64| {
+        let store = Arc::new(DiskStore::open(&dir.path().join("db")).unwrap());
+        Engine::start(settings(1), store, now).unwrap().0
+    };
+    let now = unix_now();
+    let squatter = test_key("squatter");
+    {
+        let mut e = open(now);
+        deliver(
+            &mut e,
+            now,
+            topic_hello(5),
+            &hello(5, &squatter, 50, None, "plant-7"),
+        );
+        for i in 100..140 {
+            deliver(
+                &mut e,
+                now,
+                topic_hello(i),
+                &hello(i, &key(i), 1, None, "plant-7"),
+            );
+        }
+        assert_eq!(e.gauges().pending, 41);
+        // Another key named: refused, nothing removed.
+        let cmd = format!(
+            r#"{{"op":"reject","device":"{}","key":"{}","reply_to":"replies"}}"#,
+            dev(5),
+            key(5).key_id()
+        );
+        assert_eq!(ask(&mut e, now, cmd.as_bytes())["reason"], "key_mismatch");
+        let cmd = format!(
+            r#"{{"op":"reject","device":"{}","key":"{}","reply_to":"replies"}}"#,
+            dev(5),
+            squatter.key_id()
+        );
+        let topic = e.topics().ops_cmd(e.fleet());
+        let out = deliver(&mut e, now, topic, cmd.as_bytes());
+        let reply: Value =
+            serde_json::from_slice(&out.iter().find(|o| o.topic == "replies").unwrap().payload)
+                .unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert_eq!(reply["status"]["removed"], json!([dev(5).to_string()]));
+        // Its enrollment confirmation, if it had one, is withdrawn.
+        assert!(
+            out.iter()
+                .any(|o| o.topic == format!("swell/v1/dev/{}/enrolled", dev(5))
+                    && o.retain
+                    && o.payload.is_empty())
+        );
+        assert!(e.device(&dev(5)).is_none());
+        assert_eq!(e.counters.devices_rejected, 1);
+        // An approved device a rollout counts stays.
+        enroll(&mut e, now, 1);
+        let rel = release(2, "2.0.0");
+        create(&mut e, now, "r", &rel, &["100%"], json!({"bake": "1h"}));
+        let cmd = format!(
+            r#"{{"op":"reject","device":"{}","reply_to":"replies"}}"#,
+            dev(1)
+        );
+        assert_eq!(ask(&mut e, now, cmd.as_bytes())["reason"], "in_rollout");
+        // The flood, purged at once.
+        let r = ask(
+            &mut e,
+            now,
+            br#"{"op":"reject","pending":true,"reply_to":"replies"}"#,
+        );
+        assert_eq!(r["status"]["removed"].as_array().unwrap().len(), 40, "{r}");
+        assert_eq!(e.gauges().pending, 0);
+        // The genuine device takes its id with the token.
+        deliver(
+            &mut e,
+            now,
+            topic_hello(5),
+            &hello(5, &key(5), 1, Some(TOKEN), "plant-7"),
+        );
+        assert_eq!(
+            e.device(&dev(5)).map(|d| (d.enrollment, d.key)),
+            Some((Enrollment::Approved, key(5).public()))
+        );
+    }
+    // Across a restart (the fold drops the tombstones), twice.
+    for _ in 0..2 {
+        let e = open(now);
+        assert_eq!(e.gauges().pending, 0);
+        assert_eq!(e.gauges().approved + e.gauges().pending, 2);
+        assert!(e.device(&dev(120)).is_none());
+        assert_eq!(e.device(&dev(5)).map(|d| d.key), Some(key(5).public()));
+    }
+}
+
+/// ENROLL-4: pending devices silent for `pending_expiry` are removed by the
+/// engine's tick; approved devices and recent pending ones stay.
+#[test]
+fn engine_enroll_4_pending_devices_expire() {
+    let now = unix_now();
+    let mut s = settings(1);
+    s.pending_expiry = std::time::Duration::from_secs(3_600);
+    let mut e = Engine::start(s, Arc::new(MemoryStore::new()), now)
+        .unwrap()
+        .0;
+    deliver(
+        &mut e,
+        now,
+        topic_hello(7),
+        &hello(7, &key(7), 1, None, "plant-7"),
+    );
+    enroll(&mut e, now, 8);
+    deliver(
+        &mut e,
+        now + 3_000,
+        topic_hello(9),
+        &hello(9, &key(9), 1, None, "plant-7"),
+    );
+    e.tick(now + 3_000).unwrap();
+    assert_eq!(e.gauges().pending, 2);
+    let out = e.tick(now + 3_700).unwrap();
+    assert!(e.device(&dev(7)).is_none(), "silent for more than an hour");
+    assert!(e.device(&dev(8)).is_some() && e.device(&dev(9)).is_some());
+    assert_eq!(e.counters.pending_expired, 1);
+    assert!(
+        out.iter()
+            .any(|o| o.topic.ends_with(&format!("{}/enrolled", dev(7))))
+    );
+}

@@ -95,6 +95,7 @@ pub(super) async fn child(a: ChildArgs) -> Result<()> {
         enrollment_tokens: vec!["bench-enrollment-token".into()],
         beacon_ttl: Duration::from_secs(30),
         manifest_ttl: Duration::from_secs(3_600),
+        pending_expiry: Duration::from_secs(3 * 86_400),
     };
     let cache = match a.db_cache_mib {
         None => DEFAULT_CACHE_BYTES,

@@ -221,6 +221,11 @@ impl Engine {
                 allow_overlap,
             } => return self.create(*spec, allow_overlap, now),
             Op::Approve { device, key } => return self.approve(&device, key, now),
+            Op::Reject {
+                device,
+                key,
+                pending,
+            } => return self.reject_devices(device.as_ref(), key, pending),
             Op::Status { rollout } => match rollout {
                 Some(r) => {
                     let l = self
@@ -329,6 +334,78 @@ impl Engine {
             answer: Answer::Device {
                 device: device.to_string(),
             },
+        })
+    }
+
+    /// `reject`: one device, or every pending one (ENROLL-4).
+    fn reject_devices(
+        &mut self,
+        device: Option<&swell_protocol::DeviceId>,
+        key: Option<swell_protocol::KeyId>,
+        all_pending: bool,
+    ) -> Result<Accepted, Refusal> {
+        let slots: Vec<usize> = match (device, all_pending) {
+            (Some(device), false) => {
+                let slot = self.devices.slot(device).ok_or_else(|| {
+                    refuse(
+                        "unknown_device",
+                        format!("device {device} has not said hello"),
+                    )
+                })?;
+                let bound = self.devices.at(slot).map(|d| d.key.key_id());
+                if let (Some(k), Some(b)) = (key, bound)
+                    && k != b
+                {
+                    return Err(refuse(
+                        "key_mismatch",
+                        format!("device {device} is bound to key {b}, not {k}; look again"),
+                    ));
+                }
+                if let Some(r) = self.counted_in(slot) {
+                    return Err(refuse(
+                        "in_rollout",
+                        format!(
+                            "device {device} takes part in rollout {r}; reject it once that rollout is over"
+                        ),
+                    ));
+                }
+                vec![slot]
+            }
+            (None, true) => self
+                .devices
+                .slots()
+                .filter(|(_, d)| d.enrollment == Enrollment::Pending)
+                .map(|(slot, _)| slot)
+                .filter(|&slot| self.counted_in(slot).is_none())
+                .collect(),
+            _ => {
+                return Err(refuse(
+                    "invalid",
+                    "reject takes a device or \"pending\": true".into(),
+                ));
+            }
+        };
+        let mut out = Vec::new();
+        let mut removed = Vec::new();
+        let store = |e: crate::store::StoreError| refuse("store", e.to_string());
+        for slot in slots {
+            if let Some(o) = self.forget_device(slot).map_err(store)? {
+                removed.push(o.0);
+                out.push(o.1);
+            }
+        }
+        // Answered as done: durable first.
+        self.store.flush().map_err(store)?;
+        self.counters.devices_rejected += removed.len() as u64;
+        let message = match removed.as_slice() {
+            [one] => format!("device {one} removed"),
+            many => format!("{} pending devices removed", many.len()),
+        };
+        info!(devices = removed.len(), "{message}");
+        Ok(Accepted {
+            out,
+            message,
+            answer: Answer::Removed { removed },
         })
     }
 

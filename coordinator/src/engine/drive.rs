@@ -321,6 +321,7 @@ impl Engine {
             }
         }
         out.extend(self.settle(now));
+        out.extend(self.expire_pending(now)?);
         Ok(out)
     }
 

@@ -59,7 +59,7 @@ impl Engine {
                 let release = l.rec.spec.release.id();
                 let (mut running, mut joined) = (0u64, 0u64);
                 // Registry slots are the positions of its records.
-                for (slot, d) in self.devices.values().enumerate() {
+                for (slot, d) in self.devices.slots() {
                     if d.running.as_deref() == Some(&release) {
                         running += 1;
                         joined += u64::from(!l.tracker.is_member(slot));
@@ -90,7 +90,7 @@ impl Engine {
     ) -> DeviceList {
         let release = release.map(str::to_ascii_lowercase);
         let limit = limit.unwrap_or(DEFAULT_ROWS).min(MAX_ROWS);
-        let mut sorted: Vec<(usize, &DeviceRecord)> = self.devices.values().enumerate().collect();
+        let mut sorted: Vec<(usize, &DeviceRecord)> = self.devices.slots().collect();
         sorted.sort_by(|a, b| a.1.id.cmp(&b.1.id));
         let mut matched = 0usize;
         let mut devices = Vec::new();

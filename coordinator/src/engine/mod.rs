@@ -18,6 +18,7 @@ mod commands;
 mod drive;
 mod ingest;
 mod inventory;
+mod roster;
 
 pub use commands::Refusal;
 
@@ -61,6 +62,8 @@ pub struct Settings {
     pub enrollment_tokens: Vec<String>,
     pub beacon_ttl: Duration,
     pub manifest_ttl: Duration,
+    /// Pending devices silent this long are removed (ENROLL-4).
+    pub pending_expiry: Duration,
 }
 
 /// One message to publish.
@@ -122,6 +125,10 @@ pub struct Counters {
     pub possible_freezes: u64,
     /// Hellos that started a device's new incarnation (STATE-3).
     pub new_incarnations: u64,
+    /// Devices removed by an operator's `reject` (ENROLL-4).
+    pub devices_rejected: u64,
+    /// Pending devices removed for saying nothing for `pending_expiry`.
+    pub pending_expired: u64,
 }
 
 struct Live {
@@ -156,6 +163,8 @@ pub struct Engine {
     forwarded: Vec<Forwarded>,
     /// When each device whose Hello could not be read was last answered.
     unsupported_answered: HashMap<DeviceId, u64>,
+    /// When pending devices were last checked for expiry.
+    pending_swept: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -242,6 +251,7 @@ impl Engine {
             forward_rollout_ops: false,
             forwarded: Vec::new(),
             unsupported_answered: HashMap::new(),
+            pending_swept: 0,
         };
         let mut skipped = 0u64;
         for mut d in loaded.devices {
@@ -319,7 +329,7 @@ impl Engine {
             rec.spec.gate.critical_reasons.clone(),
             rec.spec.hardware.clone(),
         );
-        for (slot, d) in self.devices.values().enumerate() {
+        for (slot, d) in self.devices.slots() {
             if d.enrollment == Enrollment::Approved && d.fleet() == &rec.spec.fleet {
                 t.consider(slot, &d.id, d.labels(), d.hardware(), d.online);
             }

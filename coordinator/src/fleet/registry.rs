@@ -133,51 +133,55 @@ pub struct Registry {
     /// Keyed like std's HashMap, so device-chosen ids cannot force collisions.
     hasher: RandomState,
     index: HashTable<u32>,
-    records: Vec<DeviceRecord>,
+    /// By slot; `None` where a device was removed (same size: the record's
+    /// `Arc` gives `Option` a niche).
+    records: Vec<Option<DeviceRecord>>,
+    /// Slots of removed records, used again first.
+    free: Vec<u32>,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Registry {{ {} devices }}", self.records.len())
+        write!(f, "Registry {{ {} devices }}", self.len())
     }
 }
 
 impl Registry {
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.records.len() - self.free.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
     }
 
     /// Where `id`'s record is, for [`Self::at`] and [`Self::at_mut`]: one hash
     /// lookup for several uses (at a million devices each lookup is a few
-    /// cache misses). A slot stays valid: records are never removed.
+    /// cache misses). A slot names its record until [`Self::remove`].
     pub fn slot(&self, id: &DeviceId) -> Option<usize> {
         let records = &self.records;
         self.index
             .find(self.hasher.hash_one(id), |&i| {
-                records.get(i as usize).is_some_and(|r| r.id == *id)
+                record(records, i).is_some_and(|r| r.id == *id)
             })
             .map(|&i| i as usize)
     }
 
     pub fn get(&self, id: &DeviceId) -> Option<&DeviceRecord> {
-        self.slot(id).and_then(|i| self.records.get(i))
+        self.slot(id).and_then(|i| self.at(i))
     }
 
     pub fn get_mut(&mut self, id: &DeviceId) -> Option<&mut DeviceRecord> {
-        self.slot(id).and_then(|i| self.records.get_mut(i))
+        self.slot(id).and_then(|i| self.at_mut(i))
     }
 
     /// The record in `slot` (from [`Self::slot`]).
     pub fn at(&self, slot: usize) -> Option<&DeviceRecord> {
-        self.records.get(slot)
+        self.records.get(slot).and_then(Option::as_ref)
     }
 
     pub fn at_mut(&mut self, slot: usize) -> Option<&mut DeviceRecord> {
-        self.records.get_mut(slot)
+        self.records.get_mut(slot).and_then(Option::as_mut)
     }
 
     /// Adds `rec`, or replaces the record with its id; its slot, or `None`
@@ -187,36 +191,64 @@ impl Registry {
             hasher,
             index,
             records,
+            free,
         } = self;
         let entry = index.entry(
             hasher.hash_one(&rec.id),
-            |&i| records.get(i as usize).is_some_and(|r| r.id == rec.id),
-            // Positions in the table always name a record (none is removed).
-            |&i| {
-                records
-                    .get(i as usize)
-                    .map_or(0, |r| hasher.hash_one(&r.id))
-            },
+            |&i| record(records, i).is_some_and(|r| r.id == rec.id),
+            // Positions in the table always name a record (a removed one
+            // leaves the table first).
+            |&i| record(records, i).map_or(0, |r| hasher.hash_one(&r.id)),
         );
         match entry {
             Entry::Occupied(e) => {
                 let slot = *e.get() as usize;
-                *records.get_mut(slot)? = rec;
+                *records.get_mut(slot)? = Some(rec);
                 Some(slot)
             }
             Entry::Vacant(e) => {
+                if let Some(slot) = free.pop() {
+                    e.insert(slot);
+                    *records.get_mut(slot as usize)? = Some(rec);
+                    return Some(slot as usize);
+                }
                 let slot = records.len();
                 e.insert(u32::try_from(slot).ok()?);
-                records.push(rec);
+                records.push(Some(rec));
                 Some(slot)
             }
         }
     }
 
-    /// In enrollment order.
-    pub fn values(&self) -> std::slice::Iter<'_, DeviceRecord> {
-        self.records.iter()
+    /// Removes the record in `slot` (ENROLL-4); the slot may name another
+    /// device later, so the caller removes it from anything keyed by slot
+    /// first (the engine removes only devices no rollout counts).
+    pub fn remove(&mut self, slot: usize) -> Option<DeviceRecord> {
+        let rec = self.records.get_mut(slot)?.take()?;
+        let hash = self.hasher.hash_one(&rec.id);
+        if let Ok(e) = self.index.find_entry(hash, |&i| i as usize == slot) {
+            e.remove();
+        }
+        self.free.push(u32::try_from(slot).ok()?);
+        Some(rec)
     }
+
+    /// In slot order (enrollment order, removed devices' slots reused).
+    pub fn values(&self) -> impl Iterator<Item = &DeviceRecord> {
+        self.records.iter().flatten()
+    }
+
+    /// Slots and records, in slot order.
+    pub fn slots(&self) -> impl Iterator<Item = (usize, &DeviceRecord)> {
+        self.records
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Some((i, r.as_ref()?)))
+    }
+}
+
+fn record(records: &[Option<DeviceRecord>], i: u32) -> Option<&DeviceRecord> {
+    records.get(i as usize).and_then(Option::as_ref)
 }
 
 /// Why a device message was not accepted into the registry.
@@ -454,6 +486,31 @@ mod tests {
         let order: Vec<_> = r.values().map(|d| d.id.to_string()).collect();
         assert_eq!(order[0], "d0");
         assert_eq!(order[999], "d999");
+    }
+
+    /// ENROLL-4: a removed device is gone from every lookup, the others keep
+    /// their slots, and its slot names the next new device.
+    #[test]
+    fn registry_removes_and_reuses_a_slot() {
+        let mut shared = Interner::default();
+        let mut r = Registry::default();
+        for n in 0..100 {
+            r.insert(record(n, &mut shared));
+        }
+        let gone = DeviceId::new("d40").unwrap();
+        let slot = r.slot(&gone).unwrap();
+        let kept = r.slot(&DeviceId::new("d41").unwrap()).unwrap();
+        assert_eq!(r.remove(slot).map(|d| d.id), Some(gone.clone()));
+        assert!(r.remove(slot).is_none());
+        assert_eq!(r.len(), 99);
+        assert!(r.get(&gone).is_none() && r.at(slot).is_none());
+        assert_eq!(r.values().count(), 99);
+        assert!(r.slots().all(|(i, _)| i != slot));
+        assert_eq!(r.slot(&DeviceId::new("d41").unwrap()), Some(kept));
+        assert_eq!(r.insert(record(500, &mut shared)), Some(slot));
+        assert_eq!(r.at(slot).map(|d| d.id.as_str()), Some("d500"));
+        assert_eq!(r.insert(record(40, &mut shared)), Some(100));
+        assert_eq!(r.len(), 101);
     }
 
     // The stored form is the record as it was before the facts were shared:

@@ -78,6 +78,18 @@ pub enum Op {
         #[serde(default)]
         key: Option<KeyId>,
     },
+    /// Remove a device's record (ENROLL-4): `device` (with `key`, only
+    /// while it is bound to that key), or with `pending: true` every device
+    /// pending approval. A device a rollout counts is not removed. A removed
+    /// device may say Hello again and is then new.
+    Reject {
+        #[serde(default)]
+        device: Option<DeviceId>,
+        #[serde(default)]
+        key: Option<KeyId>,
+        #[serde(default)]
+        pending: bool,
+    },
     Status {
         rollout: Option<RolloutId>,
     },
@@ -112,6 +124,7 @@ impl Op {
             Op::Rollback { .. } => "rollback",
             Op::Retry { .. } => "retry",
             Op::Approve { .. } => "approve",
+            Op::Reject { .. } => "reject",
             Op::Status { .. } => "status",
             Op::Fleet => "fleet",
             Op::Devices { .. } => "devices",

@@ -436,6 +436,8 @@ impl Store for DiskStore {
         let mut aside = sled::Batch::default();
         let damaged = journal::read_snapshot(&s.dir, |target, key, value| {
             let ok = match target {
+                // A tombstone the fold kept (it drops them): nothing.
+                Target::Devices if value.is_empty() => true,
                 Target::Devices => DeviceRecord::decode(value)
                     .map(|d| out.devices.push(d))
                     .is_ok(),
@@ -531,6 +533,13 @@ impl Store for DiskStore {
             rec.id.as_str().as_bytes(),
             &post("device", rec)?,
         )
+    }
+
+    /// An empty value is the device's tombstone: the next fold drops the
+    /// key (a record is never empty).
+    fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError> {
+        self.inner
+            .push(Target::Devices, id.as_str().as_bytes(), &[])
     }
 
     fn put_report(

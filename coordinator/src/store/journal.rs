@@ -337,6 +337,10 @@ impl Blocks {
         if self.leave.out(sort_key) {
             return Ok(false);
         }
+        // A device's tombstone (an empty value) removes its key.
+        if target == Target::Devices && value.is_empty() {
+            return Ok(false);
+        }
         self.block.push(target, key, value)?;
         if self.block.bytes() >= BLOCK_BYTES {
             self.cut()?;

@@ -14,8 +14,22 @@ use swell_protocol::{DeviceId, KeyId, RolloutId};
 
 #[derive(Debug, Default, Clone)]
 struct Records {
-    devices: BTreeMap<DeviceId, DeviceRecord>,
+    /// `None`: removed (only among the records not flushed yet).
+    devices: BTreeMap<DeviceId, Option<DeviceRecord>>,
     reports: BTreeMap<(RolloutId, DeviceId), StoredReport>,
+}
+
+impl Records {
+    /// Makes `pending` durable here.
+    fn apply(&mut self, pending: Records) {
+        for (id, rec) in pending.devices {
+            match rec {
+                Some(r) => self.devices.insert(id, Some(r)),
+                None => self.devices.remove(&id),
+            };
+        }
+        self.reports.extend(pending.reports);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -59,7 +73,7 @@ impl MemoryStore {
 
     /// The durable record of a device, if any.
     pub fn durable_device(&self, id: &DeviceId) -> Option<DeviceRecord> {
-        self.lock().durable.devices.get(id).cloned()
+        self.lock().durable.devices.get(id).cloned().flatten()
     }
 }
 
@@ -68,7 +82,7 @@ impl Store for MemoryStore {
         let s = self.lock();
         Ok(Loaded {
             rollouts: s.rollouts.values().cloned().collect(),
-            devices: s.durable.devices.values().cloned().collect(),
+            devices: s.durable.devices.values().flatten().cloned().collect(),
             reports: s
                 .durable
                 .reports
@@ -116,7 +130,12 @@ impl Store for MemoryStore {
         self.lock()
             .pending
             .devices
-            .insert(rec.id.clone(), rec.clone());
+            .insert(rec.id.clone(), Some(rec.clone()));
+        Ok(())
+    }
+
+    fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError> {
+        self.lock().pending.devices.insert(id.clone(), None);
         Ok(())
     }
 
@@ -139,8 +158,7 @@ impl Store for MemoryStore {
         s.decisions.remove(rollout);
         // Durable at once, like the disk store: flush what came before it.
         let pending = std::mem::take(&mut s.pending);
-        s.durable.devices.extend(pending.devices);
-        s.durable.reports.extend(pending.reports);
+        s.durable.apply(pending);
         s.durable.reports.retain(|(r, _), _| r != rollout);
         Ok(())
     }
@@ -152,8 +170,7 @@ impl Store for MemoryStore {
             return Ok(());
         }
         s.flushes += 1;
-        s.durable.devices.extend(pending.devices);
-        s.durable.reports.extend(pending.reports);
+        s.durable.apply(pending);
         Ok(())
     }
 }

@@ -149,6 +149,8 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     fn decisions(&self, rollout: &RolloutId) -> Result<Vec<DecisionEntry>, StoreError>;
     fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError>;
+    /// Removes a device's record (ENROLL-4); durable with the next flush.
+    fn remove_device(&self, id: &DeviceId) -> Result<(), StoreError>;
     fn put_report(
         &self,
         rollout: &RolloutId,

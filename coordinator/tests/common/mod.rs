@@ -76,6 +76,7 @@ pub fn settings(epoch: u64) -> Settings {
         enrollment_tokens: vec![TOKEN.into()],
         beacon_ttl: Duration::from_secs(30),
         manifest_ttl: Duration::from_secs(3_600),
+        pending_expiry: Duration::from_secs(3 * 86_400),
     }
 }
 
