@@ -91,6 +91,7 @@ fn envelope_code(e: &EnvelopeError) -> u16 {
 #[derive(Debug)]
 pub struct CheckedManifest {
     manifest: Manifest,
+    signer: swell_protocol::KeyId,
     epoch: u64,
     seq: u64,
     issued_at: u64,
@@ -117,6 +118,7 @@ pub fn check_manifest(bytes: &[u8], keys: &KeyList, now: u64) -> Result<CheckedM
     };
     match env.verify::<Manifest>(key, now) {
         Ok(v) => Ok(CheckedManifest {
+            signer: v.header.key_id,
             epoch: v.header.epoch,
             seq: v.header.seq,
             issued_at: v.header.issued_at,
@@ -169,7 +171,7 @@ pub fn evaluate_checked(
         }
         Freshness::New => {}
     }
-    trust.accept_manifest(&m.rollout, epoch, seq);
+    trust.accept_manifest(&m.rollout, c.signer, epoch, seq);
     trust.observe_time(c.issued_at);
     let release_id = m.release_id();
     // SIG-1: the coordinator key alone cannot name content.
@@ -319,8 +321,7 @@ pub fn verify_directive(
         Freshness::Stale => return Err(fail(reason::REPLAYED, "older directive".into())),
         Freshness::Duplicate | Freshness::New => {}
     }
-    trust.directive_floor = (v.header.epoch, v.header.seq);
-    trust.epoch_floor = trust.epoch_floor.max(v.header.epoch);
+    trust.accept_directive(v.header.key_id, v.header.epoch, v.header.seq);
     trust.observe_time(v.header.issued_at);
     Ok(v.body)
 }

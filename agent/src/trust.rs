@@ -6,9 +6,18 @@
 //! the journal must not lower any floor held here (VER-2).
 //!
 //! File layout: `b"SWTRUST2"` ‖ SHA-256(body) ‖ body, body = postcard(TrustState).
-//! A `SWTRUST1` file (before protocol 3) is the same without the last two
-//! fields, and reads with incarnation 0 (a new one is chosen) and no
+//! A `SWTRUST1` file (before protocol 3) is read as [`TrustStateV1`]: its
+//! floors keep holding, recorded as signed by no key in particular
+//! ([`UNKNOWN_SIGNER`]), with incarnation 0 (a new one is chosen) and no
 //! enrollment confirmation (the next Hello brings one).
+//!
+//! TIME-2: every coordinator floor remembers the key that signed the message
+//! that raised it, and a key list that drops that key drops the floor. A
+//! stolen coordinator key can raise floors as far as it likes (an epoch near
+//! 2^64 locks the real coordinator out while the key is trusted), but only
+//! until the root key holders rotate it out: then the new key's messages are
+//! heard again. Floors of keys still in the list keep ordering messages
+//! across keys (a deposed leader stays deposed whichever key it signs with).
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -16,10 +25,48 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use swell_protocol::codec;
-use swell_protocol::{PublicKey, RolloutId};
+use swell_protocol::{KeyId, PublicKey, RolloutId};
+
+/// [`TrustState`] as `SWTRUST1` files hold it.
+#[derive(Serialize, Deserialize)]
+struct TrustStateV1 {
+    key_list_version: u64,
+    counter_floor: u64,
+    time_floor: u64,
+    epoch_floor: u64,
+    manifest_floor: BTreeMap<RolloutId, (u64, u64)>,
+    directive_floor: (u64, u64),
+    report_seq: u64,
+}
+
+impl From<TrustStateV1> for TrustState {
+    fn from(v: TrustStateV1) -> Self {
+        TrustState {
+            key_list_version: v.key_list_version,
+            counter_floor: v.counter_floor,
+            time_floor: v.time_floor,
+            epoch_floors: BTreeMap::from([(UNKNOWN_SIGNER, v.epoch_floor)]),
+            manifest_floor: v
+                .manifest_floor
+                .into_iter()
+                .map(|(r, (e, s))| (r, (e, s, UNKNOWN_SIGNER)))
+                .collect(),
+            directive_floor: Some(v.directive_floor)
+                .filter(|f| *f != (0, 0))
+                .map(|(e, s)| (e, s, UNKNOWN_SIGNER)),
+            report_seq: v.report_seq,
+            incarnation: 0,
+            enrolled_key: None,
+        }
+    }
+}
 
 const MAGIC: &[u8; 8] = b"SWTRUST2";
 const MAGIC_V1: &[u8; 8] = b"SWTRUST1";
+
+/// The signer of a floor recorded before signers were (a `SWTRUST1` file):
+/// no key has this id, so the next key rotation drops those floors.
+pub const UNKNOWN_SIGNER: KeyId = KeyId([0; 8]);
 /// Largest trust file read (it holds one entry per rollout ever seen, pruned).
 pub const MAX_TRUST_FILE: usize = 256 * 1024;
 /// Most rollouts whose replay floor is remembered; the oldest are pruned.
@@ -47,12 +94,13 @@ pub struct TrustState {
     pub counter_floor: u64,
     /// Latest trusted time seen, Unix seconds (FRESH-2).
     pub time_floor: u64,
-    /// Highest coordinator epoch seen (ROLL-4).
-    pub epoch_floor: u64,
-    /// Last accepted (epoch, seq) per rollout manifest (FRESH-1).
-    pub manifest_floor: BTreeMap<RolloutId, (u64, u64)>,
-    /// Last accepted (epoch, seq) of this device's directive.
-    pub directive_floor: (u64, u64),
+    /// Highest coordinator epoch seen per signing key (ROLL-4, TIME-2).
+    pub epoch_floors: BTreeMap<KeyId, u64>,
+    /// Last accepted (epoch, seq) per rollout manifest, and its signer
+    /// (FRESH-1).
+    pub manifest_floor: BTreeMap<RolloutId, (u64, u64, KeyId)>,
+    /// Last accepted (epoch, seq) of this device's directive, and its signer.
+    pub directive_floor: Option<(u64, u64, KeyId)>,
     /// The device's own report counter (MQTT-6); the next report uses this + 1.
     pub report_seq: u64,
     /// Which life of this trust state this is (STATE-3): every message the
@@ -102,18 +150,46 @@ fn compare(floor: Option<(u64, u64)>, epoch: u64, seq: u64) -> Freshness {
 }
 
 impl TrustState {
-    /// Checks a manifest's (epoch, seq) for `rollout` against the floors.
-    pub fn manifest_freshness(&self, rollout: &RolloutId, epoch: u64, seq: u64) -> Freshness {
-        if epoch < self.epoch_floor {
-            return Freshness::Stale;
-        }
-        compare(self.manifest_floor.get(rollout).copied(), epoch, seq)
+    /// The highest coordinator epoch seen under any key still trusted.
+    pub fn epoch_floor(&self) -> u64 {
+        self.epoch_floors.values().copied().max().unwrap_or(0)
     }
 
-    /// Records an accepted manifest. Call only for [`Freshness::New`].
-    pub fn accept_manifest(&mut self, rollout: &RolloutId, epoch: u64, seq: u64) {
-        self.epoch_floor = self.epoch_floor.max(epoch);
-        self.manifest_floor.insert(rollout.clone(), (epoch, seq));
+    /// Records a verified coordinator message's epoch under its signer.
+    pub fn raise_epoch(&mut self, signer: KeyId, epoch: u64) {
+        let f = self.epoch_floors.entry(signer).or_insert(0);
+        *f = (*f).max(epoch);
+    }
+
+    /// TIME-2: forgets the floors raised by keys that are not coordinator
+    /// keys any more (a new key list rotated them out).
+    pub fn keep_signers(&mut self, coordinator_keys: &[KeyId]) {
+        let kept = |k: &KeyId| coordinator_keys.contains(k);
+        self.epoch_floors.retain(|k, _| kept(k));
+        self.manifest_floor.retain(|_, f| kept(&f.2));
+        if self.directive_floor.is_some_and(|f| !kept(&f.2)) {
+            self.directive_floor = None;
+        }
+    }
+
+    /// Checks a manifest's (epoch, seq) for `rollout` against the floors.
+    pub fn manifest_freshness(&self, rollout: &RolloutId, epoch: u64, seq: u64) -> Freshness {
+        if epoch < self.epoch_floor() {
+            return Freshness::Stale;
+        }
+        compare(
+            self.manifest_floor.get(rollout).map(|f| (f.0, f.1)),
+            epoch,
+            seq,
+        )
+    }
+
+    /// Records an accepted manifest signed by `signer`. Call only for
+    /// [`Freshness::New`].
+    pub fn accept_manifest(&mut self, rollout: &RolloutId, signer: KeyId, epoch: u64, seq: u64) {
+        self.raise_epoch(signer, epoch);
+        self.manifest_floor
+            .insert(rollout.clone(), (epoch, seq, signer));
         while self.manifest_floor.len() > MAX_ROLLOUT_FLOORS {
             // Drop the rollout with the oldest floor; its manifests are long gone.
             let oldest = self
@@ -130,14 +206,16 @@ impl TrustState {
 
     /// Checks a directive's (epoch, seq).
     pub fn directive_freshness(&self, epoch: u64, seq: u64) -> Freshness {
-        if epoch < self.epoch_floor {
+        if epoch < self.epoch_floor() {
             return Freshness::Stale;
         }
-        compare(
-            Some(self.directive_floor).filter(|f| *f != (0, 0)),
-            epoch,
-            seq,
-        )
+        compare(self.directive_floor.map(|f| (f.0, f.1)), epoch, seq)
+    }
+
+    /// Records an accepted directive signed by `signer`.
+    pub fn accept_directive(&mut self, signer: KeyId, epoch: u64, seq: u64) {
+        self.raise_epoch(signer, epoch);
+        self.directive_floor = Some((epoch, seq, signer));
     }
 
     /// The device's clock, never earlier than the persisted floor (FRESH-2).
@@ -226,12 +304,12 @@ impl TrustFile {
         if Sha256::digest(body).as_slice() != sum {
             return Err(self.corrupt("checksum mismatch"));
         }
-        let mut body = std::borrow::Cow::Borrowed(body);
         if v1 {
-            // incarnation 0, enrolled_key None.
-            body.to_mut().extend_from_slice(&[0, 0]);
+            return codec::decode_exact::<TrustStateV1>("trust state", body, MAX_TRUST_FILE)
+                .map(|v| Some(v.into()))
+                .map_err(|e| self.corrupt(e.to_string()));
         }
-        codec::decode_exact("trust state", &body, MAX_TRUST_FILE)
+        codec::decode_exact("trust state", body, MAX_TRUST_FILE)
             .map(Some)
             .map_err(|e| self.corrupt(e.to_string()))
     }
@@ -274,9 +352,12 @@ mod tests {
             time_floor: 1_795_651_200,
             ..TrustState::default()
         };
-        s.accept_manifest(&rollout("fw-2-3"), 4, 17);
+        s.accept_manifest(&rollout("fw-2-3"), K1, 4, 17);
         s
     }
+
+    const K1: KeyId = KeyId([1; 8]);
+    const K2: KeyId = KeyId([2; 8]);
 
     #[test]
     fn trust_round_trips_through_the_file() {
@@ -294,17 +375,34 @@ mod tests {
     fn trust_reads_a_file_from_before_protocol_3() {
         let dir = tempfile::tempdir().unwrap();
         let f = TrustFile::new(dir.path().join("trust.bin"));
+        let old = TrustStateV1 {
+            key_list_version: 3,
+            counter_floor: 22,
+            time_floor: 1_795_651_200,
+            epoch_floor: 4,
+            manifest_floor: BTreeMap::from([(rollout("fw-2-3"), (4, 17))]),
+            directive_floor: (0, 0),
+            report_seq: 9,
+        };
+        let old = codec::encode("trust state", &old).unwrap();
+        let mut bytes = MAGIC_V1.to_vec();
+        bytes.extend_from_slice(&Sha256::digest(&old));
+        bytes.extend_from_slice(&old);
+        fs::write(f.path(), &bytes).unwrap();
+        let read = f.load().unwrap().unwrap();
+        assert_eq!(read.epoch_floor(), 4);
+        assert_eq!(
+            read.manifest_freshness(&rollout("fw-2-3"), 4, 17),
+            Freshness::Duplicate
+        );
+        assert_eq!(read.directive_floor, None);
+        assert_eq!(
+            (read.report_seq, read.incarnation, read.enrolled_key),
+            (9, 0, None)
+        );
         let mut state = sample();
         state.incarnation = 7;
         state.enrolled_key = Some(PublicKey([3; 32]));
-        let body = codec::encode("trust state", &sample()).unwrap();
-        // The old layout: everything up to `report_seq`.
-        let old = &body[..body.len() - 2];
-        let mut bytes = MAGIC_V1.to_vec();
-        bytes.extend_from_slice(&Sha256::digest(old));
-        bytes.extend_from_slice(old);
-        fs::write(f.path(), &bytes).unwrap();
-        assert_eq!(f.load().unwrap(), Some(sample()));
         f.store(&state).unwrap();
         assert!(fs::read(f.path()).unwrap().starts_with(MAGIC));
         assert_eq!(f.load().unwrap(), Some(state));
@@ -346,14 +444,36 @@ mod tests {
             s.manifest_freshness(&rollout("other"), 4, 1),
             Freshness::New
         );
-        // A newer leader epoch fences every older message, of any rollout (ROLL-4).
-        s.accept_manifest(&r, 6, 1);
+        // A newer leader epoch fences every older message, of any rollout
+        // and whichever trusted key signs it (ROLL-4).
+        s.accept_manifest(&r, K2, 6, 1);
         assert_eq!(
             s.manifest_freshness(&rollout("other"), 5, 99),
             Freshness::Stale
         );
         assert_eq!(s.directive_freshness(5, 99), Freshness::Stale);
         assert_eq!(s.directive_freshness(6, 1), Freshness::New);
+    }
+
+    /// TIME-2: floors a key raised go when a key list drops that key; the
+    /// others stay.
+    #[test]
+    fn time_2_a_rotated_out_key_takes_its_floors_with_it() {
+        let mut s = TrustState::default();
+        s.accept_manifest(&rollout("a"), K1, u64::MAX - 1, 1);
+        s.accept_manifest(&rollout("b"), K2, 3, 5);
+        s.accept_directive(K1, u64::MAX - 1, 2);
+        assert_eq!(s.epoch_floor(), u64::MAX - 1);
+        assert_eq!(s.manifest_freshness(&rollout("b"), 4, 1), Freshness::Stale);
+        s.keep_signers(&[K2]);
+        assert_eq!(s.epoch_floor(), 3);
+        assert_eq!(s.manifest_freshness(&rollout("a"), 4, 1), Freshness::New);
+        assert_eq!(
+            s.manifest_freshness(&rollout("b"), 3, 5),
+            Freshness::Duplicate
+        );
+        assert_eq!(s.directive_floor, None);
+        assert_eq!(s.directive_freshness(4, 1), Freshness::New);
     }
 
     #[test]
@@ -372,7 +492,7 @@ mod tests {
     fn trust_rollout_floors_are_bounded() {
         let mut s = TrustState::default();
         for i in 0..(MAX_ROLLOUT_FLOORS + 10) {
-            s.accept_manifest(&rollout(&format!("r{i}")), 1, i as u64);
+            s.accept_manifest(&rollout(&format!("r{i}")), K1, 1, i as u64);
         }
         assert_eq!(s.manifest_floor.len(), MAX_ROLLOUT_FLOORS);
         assert!(!s.manifest_floor.contains_key(&rollout("r0")));

@@ -251,7 +251,11 @@ async fn cli_rollout_commands_against_a_coordinator() {
         assert_eq!(v["ok"], true, "{v}");
         assert_eq!(v["status"]["removed"], json!([]), "{v}");
         let o = swell(&["device", "reject"], &b);
-        assert_eq!(o.status.code(), Some(2), "a device or --pending is required");
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "a device or --pending is required"
+        );
     })
     .await
     .unwrap();

@@ -67,6 +67,9 @@ impl DeviceCore {
             Ok(list) => {
                 out.push(Effect::StoreKeyList(payload.to_vec()));
                 self.trust.key_list_version = list.version;
+                // TIME-2: what a rotated-out coordinator key raised goes too.
+                let signers: Vec<_> = list.coordinator_keys.iter().map(|k| k.key_id()).collect();
+                self.trust.keep_signers(&signers);
                 self.persist_trust(out);
                 info!(version = list.version, "key list accepted");
                 let first = self.keys.is_none();
@@ -140,11 +143,11 @@ impl DeviceCore {
         clock: Clock,
         out: &mut Vec<Effect>,
     ) {
-        if v.header.epoch < self.trust.epoch_floor {
+        if v.header.epoch < self.trust.epoch_floor() {
             self.counters.rejected_beacons += 1;
             warn!(
                 epoch = v.header.epoch,
-                floor = self.trust.epoch_floor,
+                floor = self.trust.epoch_floor(),
                 "beacon from a deposed coordinator"
             );
             return;
@@ -158,12 +161,19 @@ impl DeviceCore {
                 "newer key list announced"
             );
         }
-        let old_floor = (self.trust.time_floor, self.trust.epoch_floor);
+        let old_floor = (
+            self.trust.time_floor,
+            self.trust.epoch_floors.get(&v.header.key_id).copied(),
+        );
         let before = self.trust.time_floor;
         self.trust.observe_time(v.header.issued_at);
         self.trust.hold_time_floor(before, self.time_ceiling(clock));
-        self.trust.epoch_floor = self.trust.epoch_floor.max(v.header.epoch);
-        if (self.trust.time_floor, self.trust.epoch_floor) != old_floor {
+        self.trust.raise_epoch(v.header.key_id, v.header.epoch);
+        let new_floor = (
+            self.trust.time_floor,
+            self.trust.epoch_floors.get(&v.header.key_id).copied(),
+        );
+        if new_floor != old_floor {
             self.persist_trust(out);
         }
         if v.header.epoch > self.epoch_seen {

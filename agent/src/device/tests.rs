@@ -786,3 +786,51 @@ fn device_counts_the_coordinators_unsupported_answer() {
     assert_eq!(r.core.counters().unsupported_by_coordinator, 1);
     assert_eq!(r.core.counters().rejected_directives, 0);
 }
+
+/// TIME-2 with a stolen coordinator key: messages dated at an epoch near
+/// 2^64 lock the real coordinator out while that key is trusted; once the
+/// root key holders rotate it out (a new key list), the new key's messages
+/// are heard again. (Before, the device's one epoch floor stayed at 2^64 − 1
+/// for good.)
+#[test]
+fn time_2_a_rotated_out_key_no_longer_locks_the_fleet_out() {
+    let mut r = Rig::new();
+    r.beacon_of(2, false);
+    // The thief's beacon, signed with the coordinator's own key.
+    r.beacon_of(u64::MAX - 1, false);
+    let rejected = r.core.counters().rejected_beacons;
+    r.beacon_of(3, false);
+    assert_eq!(
+        r.core.counters().rejected_beacons,
+        rejected + 1,
+        "locked out"
+    );
+    // Key list 2: coordinator-1 replaces coordinator-0.
+    let mut list = fixtures::key_list(T0);
+    list.version = 2;
+    list.coordinator_keys = vec![test_key("coordinator-1").public()];
+    let mut signed = ThresholdSigned::new(&list).unwrap();
+    signed.sign(&test_key("root-0")).unwrap();
+    let mut out = Vec::new();
+    let clock = r.clock();
+    r.core
+        .on_key_list(&signed.encode().unwrap(), clock, &mut out);
+    assert_eq!(r.core.trust().key_list_version, 2);
+    assert_eq!(r.core.trust().epoch_floor(), 0);
+    // The real coordinator, with its new key.
+    r.seq += 1;
+    let stamp = fixtures::stamp(4, r.seq, r.unix, 600, &fleet());
+    let b = swell_protocol::envelope::seal(
+        &test_key("coordinator-1"),
+        stamp,
+        &swell_protocol::messages::Beacon {
+            fleet: fleet(),
+            key_list_version: 2,
+        },
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    r.core.on_beacon("b", &b, false, clock, &mut out);
+    assert_eq!(r.core.counters().rejected_beacons, rejected + 1);
+    assert_eq!(r.core.trust().epoch_floor(), 4);
+}
