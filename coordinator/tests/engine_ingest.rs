@@ -1405,9 +1405,10 @@ fn engine_enroll_2_a_copied_proof_enrolls_no_one_else() {
     );
 }
 
-/// ENROLL-3: the coordinator confirms an enrollment with a signed, retained
-/// message on the device's `enrolled` topic, on every Hello of an approved
-/// device and on approval; a pending device gets none.
+/// ENROLL-3: the coordinator answers every Hello on the device's `enrolled`
+/// topic, not retained: a signed confirmation for an approved device (also
+/// on approval), an empty message for a pending one; a Hello of an earlier
+/// incarnation is answered with the present one's confirmation.
 #[test]
 fn engine_enroll_3_confirms_enrollment_for_the_key_and_incarnation() {
     let now = unix_now();
@@ -1418,7 +1419,10 @@ fn engine_enroll_3_confirms_enrollment_for_the_key_and_incarnation() {
         let o = out
             .iter()
             .find(|o| o.topic == format!("swell/v1/dev/{}/enrolled", dev(i)))?;
-        assert!(o.retain);
+        assert!(!o.retain);
+        if o.payload.is_empty() {
+            return None;
+        }
         let env = swell_protocol::envelope::UnverifiedEnvelope::parse(&o.payload).unwrap();
         Some(
             env.verify::<Enrolled>(&test_key("coordinator-0").public(), now)
@@ -1443,7 +1447,12 @@ fn engine_enroll_3_confirms_enrollment_for_the_key_and_incarnation() {
         topic_hello(2),
         &hello(2, &key(2), 1, None, "plant-7"),
     );
-    assert!(confirmation(&out, 2).is_none(), "pending: no confirmation");
+    assert!(
+        out.iter()
+            .any(|o| o.topic.ends_with(&format!("{}/enrolled", dev(2))) && o.payload.is_empty()),
+        "pending: told so"
+    );
+    assert!(confirmation(&out, 2).is_none());
     let cmd = format!(
         r#"{{"op":"approve","device":"{}","reply_to":"replies"}}"#,
         dev(2)
@@ -1452,6 +1461,19 @@ fn engine_enroll_3_confirms_enrollment_for_the_key_and_incarnation() {
     let out = deliver(&mut e, now, topic, cmd.as_bytes());
     let c = confirmation(&out, 2).expect("a confirmation on approval");
     assert_eq!((c.key, c.incarnation), (key(2).public(), 1));
+    // An earlier incarnation's Hello (a trust state rebuilt with a clock
+    // behind): refused, and answered with where to go on from.
+    let out = deliver(
+        &mut e,
+        now,
+        topic_hello(1),
+        &hello_in(1, &key(1), 3, 1, Some(TOKEN), "plant-7"),
+    );
+    assert_eq!(confirmation(&out, 1).map(|c| c.incarnation), Some(7));
+    assert_eq!(
+        e.counters.rejected.get("stale_incarnation").copied(),
+        Some(1)
+    );
 }
 
 /// STATE-3: a device whose trust state was rebuilt starts a new incarnation
@@ -1681,7 +1703,7 @@ fn engine_enroll_4_pending_devices_are_rejected_and_purged() {
         assert!(
             out.iter()
                 .any(|o| o.topic == format!("swell/v1/dev/{}/enrolled", dev(5))
-                    && o.retain
+                    && !o.retain
                     && o.payload.is_empty())
         );
         assert!(e.device(&dev(5)).is_none());

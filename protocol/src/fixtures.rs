@@ -131,7 +131,7 @@ pub fn beacon(fleet: &FleetId, stamp: Stamp) -> Vec<u8> {
 }
 
 /// The coordinator's confirmation that `device` is enrolled with `key` in
-/// `incarnation` (retained, so no expiry).
+/// `incarnation` (kept by the device, so no expiry).
 pub fn enrolled(
     device: &DeviceId,
     fleet: &FleetId,

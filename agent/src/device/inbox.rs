@@ -228,7 +228,7 @@ impl DeviceCore {
         self.evaluate_manifest(payload, Some(checked), clock, false, out);
     }
 
-    /// The coordinator's retained confirmation of this device's enrollment
+    /// The coordinator's confirmation of this device's enrollment
     /// (ENROLL-3), received on `topic`; empty when the coordinator withdrew
     /// it. Checked like a directive (a coordinator key of the key list);
     /// only one for this device, fleet and key counts.

@@ -291,6 +291,13 @@ impl DeviceCore {
             };
             self.report(None, release, Phase::Rejected(reason), true, clock, out);
         }
+        // ENROLL-3: no answer to the Hello yet; say it again.
+        if self.connected
+            && !self.enrolled()
+            && self.hello_again.is_some_and(|(at, _)| clock.mono_ms >= at)
+        {
+            self.hello(clock, out);
+        }
         if let Some(every) = self.s.heartbeat_ms
             && clock.mono_ms.saturating_sub(self.last_heartbeat_ms) >= every
         {
@@ -318,6 +325,12 @@ impl DeviceCore {
         // Not the beacon's expiry: a simulated fleet of a million would wake
         // every device at each one; the agent ticks every 250 ms anyway.
         let mut at: Option<u64> = self.s.heartbeat_ms.map(|e| self.last_heartbeat_ms + e);
+        if self.connected
+            && !self.enrolled()
+            && let Some((again, _)) = self.hello_again
+        {
+            at = Some(at.map_or(again, |a| a.min(again)));
+        }
         if let Some(Job {
             stage:
                 Stage::Probation {

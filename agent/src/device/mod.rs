@@ -196,6 +196,14 @@ pub struct Counters {
     pub possible_freezes: u64,
 }
 
+/// The first wait before an unconfirmed device says Hello again, doubling
+/// to the last (ENROLL-3). Long: an answer is rarely lost (the device
+/// subscribes before it says Hello, and a coordinator that comes back says
+/// so with a beacon of a new epoch, which brings a Hello), and a million
+/// devices enrolling take minutes; a shorter wait would multiply that load.
+const FIRST_HELLO_AGAIN_MS: u64 = 300_000;
+const LAST_HELLO_AGAIN_MS: u64 = 1_800_000;
+
 /// One device's decisions.
 #[derive(Debug)]
 pub struct DeviceCore {
@@ -237,6 +245,10 @@ pub struct DeviceCore {
     /// Connections taken over since the start, and when the latest was
     /// (boxed: rarely set, and a simulated fleet holds a million cores).
     takeovers: Option<Box<(u32, u64)>>,
+    /// While the enrollment is not confirmed: when (monotonic ms) to say
+    /// Hello again, and the wait after that one (ENROLL-3: an answer lost,
+    /// or a coordinator that was down, must not leave the device mute).
+    hello_again: Option<(u64, u64)>,
     counters: Counters,
 }
 
@@ -290,6 +302,7 @@ impl DeviceCore {
             last_probe_ms: clock.mono_ms,
             last_heartbeat_ms: clock.mono_ms,
             takeovers: None,
+            hello_again: None,
             counters: Counters::default(),
         }
     }
@@ -319,6 +332,7 @@ impl DeviceCore {
     /// A connection to the broker: say Hello.
     pub fn connected(&mut self, clock: Clock, out: &mut Vec<Effect>) {
         self.connected = true;
+        self.hello_again = None;
         self.hello(clock, out);
     }
 
@@ -496,6 +510,12 @@ impl DeviceCore {
         match seal(&self.key, stamp, &h) {
             Ok(bytes) => out.push(Effect::Send(Outgoing::Hello { seq, bytes })),
             Err(e) => tracing::error!(error = %e, "hello could not be sealed"),
+        }
+        if !self.enrolled() {
+            let wait = self.hello_again.map_or(FIRST_HELLO_AGAIN_MS, |(_, w)| {
+                (w * 2).min(LAST_HELLO_AGAIN_MS)
+            });
+            self.hello_again = Some((clock.mono_ms + wait, wait));
         }
         if let Some(&(takeovers, last_takeover)) = self.takeovers.as_deref() {
             let stamp = self.next_stamp(clock, out);

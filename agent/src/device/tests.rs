@@ -677,7 +677,7 @@ fn enroll_3_device_acts_on_manifests_only_after_a_signed_confirmation() {
 }
 
 /// STATE-3: a device whose trust state was rebuilt with a clock behind
-/// learns from the retained confirmation that the coordinator knows a later
+/// learns from the confirmation answering its Hello that the coordinator knows a later
 /// incarnation of its key, goes on after it and says Hello again; every
 /// message it signs carries the incarnation as `epoch`.
 #[test]
@@ -833,4 +833,35 @@ fn time_2_a_rotated_out_key_no_longer_locks_the_fleet_out() {
     r.core.on_beacon("b", &b, false, clock, &mut out);
     assert_eq!(r.core.counters().rejected_beacons, rejected + 1);
     assert_eq!(r.core.trust().epoch_floor(), 4);
+}
+
+/// ENROLL-3: a device whose Hello went unanswered (the coordinator was down,
+/// or the answer was lost) says it again, after 5 min, then 10, … at most
+/// every 30 min, until its enrollment is confirmed; then no more.
+#[test]
+fn enroll_3_an_unanswered_hello_is_said_again_with_backoff() {
+    let mut r = Rig::unconfirmed(Restored {
+        keys: Some(Arc::new(fixtures::key_list(T0))),
+        ..Restored::default()
+    });
+    let mut waits = Vec::new();
+    let mut last = 0;
+    for _ in 0..7 {
+        let mut n = 0;
+        loop {
+            r.advance_secs(30);
+            n += 30;
+            if hellos(&r.tick()) == 1 {
+                break;
+            }
+        }
+        waits.push(n);
+        last = n;
+    }
+    assert_eq!(waits, [300, 600, 1200, 1800, 1800, 1800, 1800]);
+    assert_eq!(last, 1800);
+    assert!(r.core.wake_at(r.clock()).is_some());
+    r.enrolled();
+    r.advance_secs(3_600);
+    assert_eq!(hellos(&r.tick()), 0, "confirmed: no more");
 }

@@ -335,7 +335,7 @@ impl Control {
                                 let _ = sub.try_publish(
                                     topics.enrolled(&v.body.device),
                                     QoS::AtLeastOnce,
-                                    true,
+                                    false,
                                     confirmation,
                                 );
                                 hellos

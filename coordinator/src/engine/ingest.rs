@@ -290,7 +290,14 @@ impl Engine {
                             h.device, h.incarnation, d.incarnation
                         );
                         self.reject("stale_incarnation", "hello", &why);
-                        return Ok(vec![]);
+                        // Signed by its key: the device itself, whose trust
+                        // state was rebuilt with a clock behind. The
+                        // confirmation of its present incarnation tells it
+                        // where to go on from.
+                        return match self.devices.at(slot) {
+                            Some(rec) => Ok(vec![self.enrolled(rec, now)?]),
+                            None => Ok(vec![]),
+                        };
                     }
                     // STATE-3: its trust state was rebuilt and its counter
                     // started again. Signed by its enrolled key; re-admitted
@@ -361,10 +368,9 @@ impl Engine {
         // Disjoint fields: the record is read in place, not copied.
         if let Some(rec) = self.devices.at(slot) {
             self.store.put_device(rec)?;
+            // ENROLL-3: every Hello is answered, yes or no.
+            out.push(self.enrolled(rec, now)?);
             if rec.enrollment == Enrollment::Approved {
-                // ENROLL-3: on every Hello, so a confirmation the broker lost
-                // is back after the device's next connection.
-                out.push(self.enrolled(rec, now)?);
                 if newly_approved {
                     info!(device = %rec.id, "device enrolled");
                 }
@@ -381,9 +387,21 @@ impl Engine {
         Ok(out)
     }
 
-    /// The retained confirmation that `rec` is enrolled with its key in its
-    /// incarnation (ENROLL-3).
+    /// The confirmation that `rec` is enrolled with its key in its
+    /// incarnation (ENROLL-3), or for a device that is not (pending) the
+    /// empty message that withdraws any: the answer to each of its Hellos,
+    /// not retained (a confirmation per device would sit in the broker's
+    /// memory; the device keeps it in its trust file instead).
     pub(super) fn enrolled(&self, rec: &DeviceRecord, now: u64) -> Result<Out, EngineError> {
+        if rec.enrollment != Enrollment::Approved {
+            return Ok(Out {
+                topic: self.s.topics.enrolled(&rec.id),
+                payload: Vec::new(),
+                retain: false,
+                correlation: None,
+                event: None,
+            });
+        }
         let stamp = Stamp {
             epoch: self.s.epoch,
             seq: now,
@@ -400,7 +418,7 @@ impl Engine {
         Ok(Out {
             topic: self.s.topics.enrolled(&rec.id),
             payload: seal(&self.s.key, stamp, &body)?,
-            retain: true,
+            retain: false,
             correlation: None,
             event: None,
         })

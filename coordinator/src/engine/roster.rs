@@ -22,8 +22,9 @@ impl Engine {
     }
 
     /// Removes the device in `slot` from the registry and the store; its id
-    /// and the withdrawal of its enrollment confirmation (an empty retained
-    /// message on its `enrolled` topic).
+    /// and the withdrawal of its enrollment confirmation (an empty message on
+    /// its `enrolled` topic; a device offline now hears it in answer to its
+    /// next Hello).
     pub(super) fn forget_device(
         &mut self,
         slot: usize,
@@ -39,7 +40,7 @@ impl Engine {
         let withdraw = Out {
             topic: self.s.topics.enrolled(&rec.id),
             payload: Vec::new(),
-            retain: true,
+            retain: false,
             correlation: None,
             event: None,
         };

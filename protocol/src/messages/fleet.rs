@@ -119,12 +119,12 @@ impl Message for DeviceDirective {
 }
 
 /// The coordinator's confirmation that `device` is enrolled with `key` in
-/// its `incarnation` (ENROLL-3, protocol 3): retained on the device's
-/// `enrolled` topic, published on every admission and cleared when the
-/// device is rejected. A device acts on fleet manifests and sends reports only
-/// while it holds one for its own key and incarnation; one for its key with a
-/// higher incarnation tells a device that lost its trust state where to go on
-/// from (STATE-3).
+/// its `incarnation` (ENROLL-3, protocol 3): the answer to the device's
+/// Hello on its `enrolled` topic (an empty message when it is not enrolled),
+/// not retained; the device keeps it. A device acts on fleet manifests and
+/// sends reports only while it holds one for its own key and incarnation;
+/// one for its key with a higher incarnation tells a device that lost its
+/// trust state where to go on from (STATE-3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrolled {
     pub device: DeviceId,
@@ -136,8 +136,8 @@ pub struct Enrolled {
 impl Message for Enrolled {
     const KIND: MessageKind = MessageKind::Enrolled;
     const MAX_PAYLOAD: usize = 256;
-    // It stays true until the coordinator clears it; a replay can only repeat
-    // what was once confirmed for this very key and incarnation.
+    // The device keeps it until the coordinator withdraws it; a replay can
+    // only repeat what was once confirmed for this very key and incarnation.
     const EXPIRY_REQUIRED: bool = false;
 }
 
