@@ -419,6 +419,26 @@ impl System {
         reply["status"].clone()
     }
 
+    /// `device`'s row in `swell fleet devices -o json`, if it is listed.
+    pub fn device_row(&self, device: &str) -> Option<serde_json::Value> {
+        let o = self.cli(&[
+            "fleet",
+            "devices",
+            "-o",
+            "json",
+            "--broker",
+            &self.broker,
+            "--timeout",
+            "10s",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v["status"]["devices"]
+            .as_array()?
+            .iter()
+            .find(|d| d["device"] == device)
+            .cloned()
+    }
+
     /// Polls [`System::status`] until it satisfies `pred`; that status.
     pub fn wait_status(
         &self,

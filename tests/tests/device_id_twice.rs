@@ -22,22 +22,7 @@ fn choice() -> BrokerChoice {
 
 /// `swell fleet devices -o json`: the takeovers of `device`.
 fn takeovers(sys: &System, device: &str) -> Option<u64> {
-    let o = sys.cli(&[
-        "fleet",
-        "devices",
-        "-o",
-        "json",
-        "--broker",
-        &sys.broker,
-        "--timeout",
-        "10s",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-    v["status"]["devices"]
-        .as_array()?
-        .iter()
-        .find(|d| d["device"] == device)?["takeovers"]
-        .as_u64()
+    sys.device_row(device)?["takeovers"].as_u64()
 }
 
 #[test]

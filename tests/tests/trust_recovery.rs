@@ -19,31 +19,11 @@ fn choice() -> BrokerChoice {
     }
 }
 
-/// `swell fleet devices -o json`: `device`'s row.
-fn device(sys: &System, device: &str) -> Option<serde_json::Value> {
-    let o = sys.cli(&[
-        "fleet",
-        "devices",
-        "-o",
-        "json",
-        "--broker",
-        &sys.broker,
-        "--timeout",
-        "10s",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-    v["status"]["devices"]
-        .as_array()?
-        .iter()
-        .find(|d| d["device"] == device)
-        .cloned()
-}
-
 #[test]
 fn e2e_state_3_a_device_that_lost_its_trust_file_is_readmitted() {
     let mut sys = System::start(2, choice());
     let d = sys.dir().to_path_buf();
-    let first = device(&sys, "e2e-1").expect("e2e-1 listed");
+    let first = sys.device_row("e2e-1").expect("e2e-1 listed");
     let before = first["incarnation"].as_u64().unwrap();
     assert!(before > 0, "{first}");
 
@@ -86,7 +66,7 @@ fn e2e_state_3_a_device_that_lost_its_trust_file_is_readmitted() {
 
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let row = device(&sys, "e2e-1");
+        let row = sys.device_row("e2e-1");
         if row.as_ref().is_some_and(|r| {
             r["incarnation"].as_u64().is_some_and(|n| n != before)
                 && r["enrollment"] == "approved"
