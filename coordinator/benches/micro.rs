@@ -220,6 +220,7 @@ fn registry(c: &mut Criterion) {
             &fleet,
             &key.public(),
         )),
+        confirmed: false,
     };
     let h = seal(&key, stamp(1), &hello).unwrap();
     engine

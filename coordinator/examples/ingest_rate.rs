@@ -99,6 +99,7 @@ fn main() {
                 &fleet,
                 &keys[i].public(),
             )),
+            confirmed: false,
         };
         let b = seal(
             &keys[i],

@@ -110,6 +110,7 @@ fn main() {
             counter_floor: 0,
             incarnation: 1,
             enrollment_proof: None,
+            confirmed: false,
         };
         let mut rec = DeviceRecord::from_hello(
             &hello,

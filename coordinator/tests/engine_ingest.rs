@@ -66,6 +66,7 @@ fn hello_in(
                 &k.public(),
             )
         }),
+        confirmed: false,
     };
     seal(
         k,
@@ -1405,10 +1406,12 @@ fn engine_enroll_2_a_copied_proof_enrolls_no_one_else() {
     );
 }
 
-/// ENROLL-3: the coordinator answers every Hello on the device's `enrolled`
-/// topic, not retained: a signed confirmation for an approved device (also
-/// on approval), an empty message for a pending one; a Hello of an earlier
-/// incarnation is answered with the present one's confirmation.
+/// ENROLL-3: the coordinator answers a Hello on the device's `enrolled`
+/// topic, not retained, when the device's `confirmed` is not the truth: a
+/// signed confirmation for an approved device that lacks one (also on
+/// approval), an empty message for a pending one that thinks it is enrolled;
+/// a Hello of an earlier incarnation is answered with the present one's
+/// confirmation.
 #[test]
 fn engine_enroll_3_confirms_enrollment_for_the_key_and_incarnation() {
     let now = unix_now();
@@ -1448,11 +1451,9 @@ fn engine_enroll_3_confirms_enrollment_for_the_key_and_incarnation() {
         &hello(2, &key(2), 1, None, "plant-7"),
     );
     assert!(
-        out.iter()
-            .any(|o| o.topic.ends_with(&format!("{}/enrolled", dev(2))) && o.payload.is_empty()),
-        "pending: told so"
+        !out.iter().any(|o| o.topic.ends_with("/enrolled")),
+        "pending, and it does not think otherwise: nothing to say"
     );
-    assert!(confirmation(&out, 2).is_none());
     let cmd = format!(
         r#"{{"op":"approve","device":"{}","reply_to":"replies"}}"#,
         dev(2)
@@ -1473,6 +1474,39 @@ fn engine_enroll_3_confirms_enrollment_for_the_key_and_incarnation() {
     assert_eq!(
         e.counters.rejected.get("stale_incarnation").copied(),
         Some(1)
+    );
+    // A device that holds its confirmation is not answered (a fleet
+    // reconnecting at once); one that believes it is enrolled while it is
+    // pending is told it is not.
+    let confirmed = |i: u32, seq: u64| {
+        let env_bytes = hello_in(i, &key(i), 1, seq, None, "plant-7");
+        let env = swell_protocol::envelope::UnverifiedEnvelope::parse(&env_bytes).unwrap();
+        let mut h = Hello::verify_self_signed(&env, now).unwrap().body;
+        h.confirmed = true;
+        let stamp = Stamp {
+            epoch: 1,
+            seq,
+            issued_at: now,
+            expires_at: 0,
+            audience: Audience::Any,
+        };
+        seal(&key(i), stamp, &h).unwrap()
+    };
+    let out = deliver(&mut e, now, topic_hello(2), &confirmed(2, 5));
+    assert!(
+        !out.iter().any(|o| o.topic.ends_with("/enrolled")),
+        "{out:?}"
+    );
+    deliver(
+        &mut e,
+        now,
+        topic_hello(4),
+        &hello(4, &key(4), 1, None, "plant-7"),
+    );
+    let out = deliver(&mut e, now, topic_hello(4), &confirmed(4, 2));
+    assert!(
+        out.iter()
+            .any(|o| o.topic.ends_with(&format!("{}/enrolled", dev(4))) && o.payload.is_empty())
     );
 }
 

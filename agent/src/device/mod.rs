@@ -506,6 +506,7 @@ impl DeviceCore {
             enrollment_proof: self.s.enrollment_token.as_deref().map(|t| {
                 swell_protocol::enroll::prove(t, &self.id, &self.s.fleet, &self.key.public())
             }),
+            confirmed: self.enrolled(),
         };
         match seal(&self.key, stamp, &h) {
             Ok(bytes) => out.push(Effect::Send(Outgoing::Hello { seq, bytes })),

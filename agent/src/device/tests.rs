@@ -864,4 +864,17 @@ fn enroll_3_an_unanswered_hello_is_said_again_with_backoff() {
     r.enrolled();
     r.advance_secs(3_600);
     assert_eq!(hellos(&r.tick()), 0, "confirmed: no more");
+    // Its next Hello says it holds the confirmation (so it is not answered).
+    let mut out = Vec::new();
+    let clock = r.clock();
+    r.core.connected(clock, &mut out);
+    let Some(Effect::Send(Outgoing::Hello { bytes, .. })) = out
+        .iter()
+        .find(|e| matches!(e, Effect::Send(Outgoing::Hello { .. })))
+    else {
+        panic!("{out:?}");
+    };
+    let env = swell_protocol::envelope::UnverifiedEnvelope::parse(bytes).unwrap();
+    let h = swell_protocol::messages::Hello::verify_self_signed(&env, r.unix).unwrap();
+    assert!(h.body.confirmed);
 }

@@ -368,8 +368,12 @@ impl Engine {
         // Disjoint fields: the record is read in place, not copied.
         if let Some(rec) = self.devices.at(slot) {
             self.store.put_device(rec)?;
-            // ENROLL-3: every Hello is answered, yes or no.
-            out.push(self.enrolled(rec, now)?);
+            // ENROLL-3: answered when the device's belief is not the truth
+            // (a confirmation it lacks, or one it must drop); a fleet of
+            // confirmed devices reconnecting at once costs nothing.
+            if (rec.enrollment == Enrollment::Approved) != h.confirmed {
+                out.push(self.enrolled(rec, now)?);
+            }
             if rec.enrollment == Enrollment::Approved {
                 if newly_approved {
                     info!(device = %rec.id, "device enrolled");
@@ -389,9 +393,9 @@ impl Engine {
 
     /// The confirmation that `rec` is enrolled with its key in its
     /// incarnation (ENROLL-3), or for a device that is not (pending) the
-    /// empty message that withdraws any: the answer to each of its Hellos,
-    /// not retained (a confirmation per device would sit in the broker's
-    /// memory; the device keeps it in its trust file instead).
+    /// empty message that withdraws any: the answer to a Hello that believes
+    /// otherwise, not retained (a confirmation per device would sit in the
+    /// broker's memory; the device keeps it in its trust file instead).
     pub(super) fn enrolled(&self, rec: &DeviceRecord, now: u64) -> Result<Out, EngineError> {
         if rec.enrollment != Enrollment::Approved {
             return Ok(Out {

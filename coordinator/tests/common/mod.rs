@@ -389,6 +389,7 @@ fn hellos(inner: &Arc<Mutex<DevState>>, topics: &Topics) -> Vec<(String, Vec<u8>
                 counter_floor: 0,
                 incarnation: 1,
                 enrollment_proof: Some(enroll::prove(TOKEN, &dv.id, &fleet(), &dv.key.public())),
+                confirmed: false,
             };
             let stamp = Stamp {
                 epoch: 1,

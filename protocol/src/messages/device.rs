@@ -41,6 +41,11 @@ pub struct Hello {
     /// [`crate::enroll::prove`] with the fleet's enrollment token, when the
     /// device enrolls by token (ENROLL-2): the token itself never travels.
     pub enrollment_proof: Option<EnrollmentProof>,
+    /// Whether the device holds the coordinator's confirmation of its
+    /// enrollment for this key and incarnation (ENROLL-3): the coordinator
+    /// answers a Hello only when its answer would change something, so a
+    /// fleet that reconnects all at once is not answered a million times.
+    pub confirmed: bool,
 }
 
 impl Message for Hello {

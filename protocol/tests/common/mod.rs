@@ -205,6 +205,7 @@ pub fn hello_body() -> Hello {
             &fleet(),
             &device_key(42).public(),
         )),
+        confirmed: false,
     }
 }
 
