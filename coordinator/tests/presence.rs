@@ -149,6 +149,9 @@ async fn presence_a_live_instance_keeps_its_fleet() {
     let (imp, mut rx) = impostor(&b).await;
     let alive = other(State::Online, 1);
     say(&imp, &alive).await;
+    // Retained at the broker before the starter looks (a publish call only
+    // queues it; under load the starter could otherwise claim first).
+    heard(&mut rx, |p| p.instance == alive.instance).await;
     let r = start(&b, LONG);
     // Answer the starter as an active coordinator does.
     let starting = heard(&mut rx, |p| p.state == State::Starting).await;
