@@ -43,10 +43,12 @@ fn restart(sys: &mut System, how: Restart) {
         .unwrap_or_else(|e| panic!("mosquitto did not start again: {e:?}"));
 }
 
-/// A wave at or past `k` is open and the rollout is not over: a restart now
-/// happens during it.
+/// A wave at or past `k` is open (installing, or baking) and the rollout is
+/// not over: a restart now happens during it. Which devices a wave holds
+/// follows the release's id (ROLL-3), new in every run: a wave may have no
+/// device and go from open to baking at once.
 fn at_wave(s: &serde_json::Value, k: u64) -> bool {
-    s["wave"].as_u64() >= Some(k) && s["phase"] == "wave_open"
+    s["wave"].as_u64() >= Some(k) && (s["phase"] == "wave_open" || s["phase"] == "baking")
 }
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
