@@ -142,6 +142,26 @@ pub enum BrokerChoice {
     Mosquitto { persistence: bool },
 }
 
+impl BrokerChoice {
+    /// The shipped Mosquitto (persistence off) when the run requires it
+    /// (`SWELL_TEST_MOSQUITTO=required`), else the embedded broker.
+    pub fn from_env() -> BrokerChoice {
+        if mosquitto::required() {
+            BrokerChoice::Mosquitto { persistence: false }
+        } else {
+            BrokerChoice::Embedded
+        }
+    }
+}
+
+/// Healthy devices over every wave of a rollout status.
+pub fn healthy(status: &serde_json::Value) -> u64 {
+    status["waves"]
+        .as_array()
+        .map(|ws| ws.iter().map(|w| w["healthy"].as_u64().unwrap_or(0)).sum())
+        .unwrap_or(0)
+}
+
 /// A running system.
 #[derive(Debug)]
 pub struct System {

@@ -142,12 +142,7 @@ fn broker_restart_with_persistence_changes_no_outcome() {
     );
     sys.wait_status("good", 180, |s| s["phase"] == "completed");
     let s = sys.status("good");
-    let healthy: u64 = s["waves"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["healthy"].as_u64().unwrap_or(0))
-        .sum();
+    let healthy = swell_e2e::system::healthy(&s);
     assert_eq!(healthy, 4, "every device counted: {s:#}");
     let until = Instant::now() + Duration::from_secs(30);
     while devices

@@ -8,16 +8,11 @@
 
 use std::process::Command;
 use std::time::{Duration, Instant};
-use swell_e2e::mosquitto;
 use swell_e2e::procs::{Proc, bin};
 use swell_e2e::system::{BrokerChoice, System};
 
 fn choice() -> BrokerChoice {
-    if mosquitto::required() {
-        BrokerChoice::Mosquitto { persistence: false }
-    } else {
-        BrokerChoice::Embedded
-    }
+    BrokerChoice::from_env()
 }
 
 /// `swell fleet devices -o json`: the takeovers of `device`.

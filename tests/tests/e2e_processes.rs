@@ -11,11 +11,7 @@ use swell_e2e::mosquitto;
 use swell_e2e::system::{BrokerChoice, System, bundle, ok};
 
 fn choice() -> BrokerChoice {
-    if mosquitto::required() {
-        BrokerChoice::Mosquitto { persistence: false }
-    } else {
-        BrokerChoice::Embedded
-    }
+    BrokerChoice::from_env()
 }
 
 #[test]

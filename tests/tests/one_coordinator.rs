@@ -7,16 +7,11 @@
 //! `SWELL_TEST_MOSQUITTO=required`.
 
 use std::time::{Duration, Instant};
-use swell_e2e::mosquitto;
 use swell_e2e::procs::Proc;
 use swell_e2e::system::{BrokerChoice, System};
 
 fn choice() -> BrokerChoice {
-    if mosquitto::required() {
-        BrokerChoice::Mosquitto { persistence: false }
-    } else {
-        BrokerChoice::Embedded
-    }
+    BrokerChoice::from_env()
 }
 
 /// Waits for `p` to exit; its exit code.

@@ -7,16 +7,11 @@
 
 use std::process::Command;
 use std::time::{Duration, Instant};
-use swell_e2e::mosquitto;
 use swell_e2e::procs::{Proc, bin};
 use swell_e2e::system::{BrokerChoice, System, bundle, ok};
 
 fn choice() -> BrokerChoice {
-    if mosquitto::required() {
-        BrokerChoice::Mosquitto { persistence: false }
-    } else {
-        BrokerChoice::Embedded
-    }
+    BrokerChoice::from_env()
 }
 
 #[test]
@@ -119,12 +114,7 @@ fn e2e_state_3_a_device_that_lost_its_trust_file_is_readmitted() {
         &sys.broker,
     ]));
     let s = sys.wait_status("app-v3", 120, |s| s["phase"] == "completed");
-    let healthy: u64 = s["waves"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["healthy"].as_u64().unwrap_or(0))
-        .sum();
+    let healthy = swell_e2e::system::healthy(&s);
     assert_eq!(healthy, 2, "{s:#}");
     assert_eq!(sys.fleet.running("e2e-1"), Some(bundle("3.0.0", false)));
 }
