@@ -398,13 +398,7 @@ impl Engine {
     /// broker's memory; the device keeps it in its trust file instead).
     pub(super) fn enrolled(&self, rec: &DeviceRecord, now: u64) -> Result<Out, EngineError> {
         if rec.enrollment != Enrollment::Approved {
-            return Ok(Out {
-                topic: self.s.topics.enrolled(&rec.id),
-                payload: Vec::new(),
-                retain: false,
-                correlation: None,
-                event: None,
-            });
+            return Ok(self.to_enrolled_topic(&rec.id, Vec::new()));
         }
         let stamp = Stamp {
             epoch: self.s.epoch,
@@ -419,13 +413,18 @@ impl Engine {
             key: rec.key,
             incarnation: rec.incarnation,
         };
-        Ok(Out {
-            topic: self.s.topics.enrolled(&rec.id),
-            payload: seal(&self.s.key, stamp, &body)?,
+        Ok(self.to_enrolled_topic(&rec.id, seal(&self.s.key, stamp, &body)?))
+    }
+
+    /// A message on `device`'s `enrolled` topic (never retained).
+    pub(super) fn to_enrolled_topic(&self, device: &DeviceId, payload: Vec<u8>) -> Out {
+        Out {
+            topic: self.s.topics.enrolled(device),
+            payload,
             retain: false,
             correlation: None,
             event: None,
-        })
+        }
     }
 
     /// Tells a device whose Hello this coordinator cannot read which

@@ -37,13 +37,7 @@ impl Engine {
         }
         self.takeovers.remove(&slot);
         self.store.remove_device(&rec.id)?;
-        let withdraw = Out {
-            topic: self.s.topics.enrolled(&rec.id),
-            payload: Vec::new(),
-            retain: false,
-            correlation: None,
-            event: None,
-        };
+        let withdraw = self.to_enrolled_topic(&rec.id, Vec::new());
         Ok(Some((rec.id.to_string(), withdraw)))
     }
 
